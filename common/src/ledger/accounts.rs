@@ -1,0 +1,116 @@
+//! Accounts: create, grant credits, read balances.
+
+use serde::Serialize;
+
+use super::{Ledger, LedgerError, Result};
+
+/// An account's credits. `available = balance - held`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Account {
+    pub id: String,
+    pub balance: i64,
+    pub held: i64,
+    pub available: i64,
+    pub open_holds: i64,
+}
+
+fn valid_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.chars().count() > 128 || id.chars().any(char::is_control) {
+        return Err(LedgerError::Invalid(
+            "account id must be 1 to 128 printable characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Ledger {
+    /// Create an account with a zero balance; `AccountExists` if it is there.
+    pub async fn create_account(&self, id: &str) -> Result<Account> {
+        valid_id(id)?;
+        self.retrying("create account", || async {
+            let client = self.pool.get().await?;
+            let n = client
+                .execute(
+                    "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+                    &[&id],
+                )
+                .await?;
+            if n == 0 {
+                return Err(LedgerError::AccountExists(id.into()));
+            }
+            Ok(())
+        })
+        .await?;
+        self.account(id).await
+    }
+
+    /// Add `amount` posted credits (journal kind `grant`), creating the account
+    /// if `create` is set and it does not exist.
+    pub async fn grant(&self, id: &str, amount: i64, note: Option<&str>, create: bool) -> Result<Account> {
+        valid_id(id)?;
+        if amount <= 0 {
+            return Err(LedgerError::Invalid(format!(
+                "a grant must be a positive number of credits, got {amount}"
+            )));
+        }
+        self.retrying("grant", || async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            if create {
+                tx.execute("INSERT INTO accounts (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", &[&id])
+                    .await?;
+            }
+            let n = tx
+                .execute(
+                    "UPDATE accounts SET balance = balance + $2, updated_at = now() WHERE id = $1",
+                    &[&id, &amount],
+                )
+                .await
+                .map_err(|e| match e.code() {
+                    Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => {
+                        LedgerError::Invalid("the balance would overflow".into())
+                    }
+                    _ => e.into(),
+                })?;
+            if n == 0 {
+                return Err(LedgerError::UnknownAccount(id.into()));
+            }
+            tx.execute(
+                "INSERT INTO journal (account_id, kind, amount, balance_delta, note)
+                 VALUES ($1, 'grant', $2, $2, $3)",
+                &[&id, &amount, &note],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await?;
+        crate::telemetry::record::granted(amount);
+        self.account(id).await
+    }
+
+    /// Balances of one account.
+    pub async fn account(&self, id: &str) -> Result<Account> {
+        self.retrying("read account", || async {
+            let client = self.pool.get().await?;
+            let row = client
+                .query_opt(
+                    "SELECT a.id, a.balance, a.held,
+                            (SELECT count(*) FROM holds h WHERE h.account_id = a.id AND h.state = 'open')
+                     FROM accounts a WHERE a.id = $1",
+                    &[&id],
+                )
+                .await?
+                .ok_or_else(|| LedgerError::UnknownAccount(id.into()))?;
+            let (balance, held): (i64, i64) = (row.get(1), row.get(2));
+            Ok(Account {
+                id: row.get(0),
+                balance,
+                held,
+                available: balance - held,
+                open_holds: row.get(3),
+            })
+        })
+        .await
+    }
+}

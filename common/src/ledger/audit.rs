@@ -1,0 +1,99 @@
+//! The audit: recompute every balance and hold from the journal and the items,
+//! and name whatever disagrees.
+
+use serde::Serialize;
+
+use super::{Ledger, Result};
+
+/// One disagreement between the ledger's state and what the journal implies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    /// `account <id>`, `hold <id> (batch <id>)` or `batch <id>`.
+    pub subject: String,
+    pub problem: String,
+}
+
+/// Each check: a query returning (subject, problem) for every violation.
+const CHECKS: &[&str] = &[
+    // Balances and held equal the sums of the journal's deltas.
+    "SELECT 'account ' || a.id,
+            format('balance %s, held %s, but the journal sums to balance %s, held %s',
+                   a.balance, a.held, COALESCE(j.b, 0), COALESCE(j.h, 0))
+     FROM accounts a
+     LEFT JOIN (SELECT account_id, sum(balance_delta) b, sum(held_delta) h FROM journal GROUP BY account_id) j
+       ON j.account_id = a.id
+     WHERE a.balance <> COALESCE(j.b, 0) OR a.held <> COALESCE(j.h, 0)",
+    // Held equals the open holds.
+    "SELECT 'account ' || a.id, format('held %s, but its open holds total %s', a.held, COALESCE(o.s, 0))
+     FROM accounts a
+     LEFT JOIN (SELECT account_id, sum(amount) s FROM holds WHERE state = 'open' GROUP BY account_id) o
+       ON o.account_id = a.id
+     WHERE a.held <> COALESCE(o.s, 0)",
+    // Each hold: amount = its hold entry; captured = its capture entries = its items' captures;
+    // released = its release/expire entries; once resolved, settle entries = captured.
+    "SELECT 'hold ' || h.id || COALESCE(' (batch ' || b.id || ')', ''),
+            format('amount %s captured %s released %s state %s; journal: hold %s capture %s release %s settle %s; items captured %s',
+                   h.amount, h.captured, h.released, h.state,
+                   COALESCE(j.hold, 0), COALESCE(j.capture, 0), COALESCE(j.release, 0), COALESCE(j.settle, 0),
+                   COALESCE(i.captured, 0))
+     FROM holds h
+     LEFT JOIN batches b ON b.hold_id = h.id
+     LEFT JOIN (SELECT hold_id,
+                       sum(amount) FILTER (WHERE kind = 'hold') AS hold,
+                       sum(amount) FILTER (WHERE kind = 'capture') AS capture,
+                       sum(amount) FILTER (WHERE kind IN ('release', 'expire')) AS release,
+                       sum(amount) FILTER (WHERE kind = 'settle') AS settle
+                FROM journal WHERE hold_id IS NOT NULL GROUP BY hold_id) j ON j.hold_id = h.id
+     LEFT JOIN (SELECT batch_id, sum(captured) AS captured FROM items GROUP BY batch_id) i ON i.batch_id = b.id
+     WHERE COALESCE(j.hold, 0) <> h.amount
+        OR COALESCE(j.capture, 0) <> h.captured
+        OR (b.id IS NOT NULL AND COALESCE(i.captured, 0) <> h.captured)
+        OR COALESCE(j.release, 0) <> h.released
+        OR (h.state <> 'open' AND COALESCE(j.settle, 0) <> h.captured)
+        OR (h.state = 'open' AND COALESCE(j.settle, 0) <> 0)",
+    // Batch counters agree with the items; a closed batch has nothing pending and a resolved hold.
+    "SELECT 'batch ' || b.id,
+            format('state %s, run %s succeeded %s failed %s; items: pending %s succeeded %s failed %s; hold %s',
+                   b.state, b.run_count, b.succeeded, b.failed,
+                   COALESCE(i.pending, 0), COALESCE(i.succeeded, 0), COALESCE(i.failed, 0), h.state)
+     FROM batches b
+     JOIN holds h ON h.id = b.hold_id
+     LEFT JOIN (SELECT batch_id,
+                       count(*) FILTER (WHERE state = 'pending') AS pending,
+                       count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+                       count(*) FILTER (WHERE state = 'failed') AS failed
+                FROM items GROUP BY batch_id) i ON i.batch_id = b.id
+     WHERE COALESCE(i.succeeded, 0) <> b.succeeded
+        OR COALESCE(i.failed, 0) <> b.failed
+        OR COALESCE(i.pending, 0) + b.succeeded + b.failed <> b.run_count
+        OR (b.state IN ('completed', 'expired', 'cancelled') AND (COALESCE(i.pending, 0) <> 0 OR h.state = 'open'))
+        OR (b.state IN ('granted', 'dispatched') AND h.state <> 'open')",
+];
+
+impl Ledger {
+    /// Every drift found; empty means the ledger is exact.
+    pub async fn audit(&self) -> Result<Vec<Drift>> {
+        let drift = self
+            .retrying("audit", || async {
+                let mut client = self.pool.get().await?;
+                // One snapshot for every check, so a concurrent settle cannot look like drift.
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                let mut drift = Vec::new();
+                for check in CHECKS {
+                    for row in tx.query(*check, &[]).await? {
+                        drift.push(Drift { subject: row.get(0), problem: row.get(1) });
+                    }
+                }
+                tx.commit().await?;
+                Ok(drift)
+            })
+            .await?;
+        crate::telemetry::record::drift(drift.len());
+        Ok(drift)
+    }
+}

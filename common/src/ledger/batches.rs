@@ -1,0 +1,155 @@
+//! Reading batches: what to dispatch, and what a person sees in `batch show`.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{Ledger, LedgerError, Result};
+use crate::messages::BatchFigures;
+
+/// An item job still to be (re-)published.
+#[derive(Clone, Debug)]
+pub struct PendingJob {
+    pub item_id: String,
+    pub reserved: i64,
+    pub payload: Value,
+}
+
+/// One item as `batch show` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ItemView {
+    pub item_id: String,
+    pub state: String,
+    pub estimated_cost: i64,
+    pub reserved: i64,
+    pub captured: i64,
+    pub overrun: i64,
+    pub reason: Option<String>,
+}
+
+/// A batch with its hold and items.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchView {
+    pub batch_id: String,
+    pub account_id: String,
+    pub mode: String,
+    pub state: String,
+    pub hold_id: Option<String>,
+    pub hold_state: Option<String>,
+    pub created_at: String,
+    pub deadline_at: Option<String>,
+    pub closed_at: Option<String>,
+    pub figures: BatchFigures,
+    pub decision: Value,
+    pub items: Vec<ItemView>,
+}
+
+impl Ledger {
+    /// The items of `batch_id` still pending, in request order, with the account.
+    pub async fn pending_jobs(&self, batch_id: &str) -> Result<(String, Vec<PendingJob>)> {
+        self.retrying("pending jobs", || async {
+            let client = self.pool.get().await?;
+            let account: String = client
+                .query_opt("SELECT account_id FROM batches WHERE id = $1", &[&batch_id])
+                .await?
+                .ok_or_else(|| LedgerError::Invalid(format!("no batch `{batch_id}`")))?
+                .get(0);
+            let jobs = client
+                .query(
+                    "SELECT item_id, reserved, payload FROM items
+                     WHERE batch_id = $1 AND state = 'pending' ORDER BY position",
+                    &[&batch_id],
+                )
+                .await?
+                .iter()
+                .map(|r| PendingJob { item_id: r.get(0), reserved: r.get(1), payload: r.get(2) })
+                .collect();
+            Ok((account, jobs))
+        })
+        .await
+    }
+
+    /// Record that the broker confirmed every job of `batch_id`.
+    pub async fn mark_dispatched(&self, batch_id: &str) -> Result<()> {
+        self.retrying("mark dispatched", || async {
+            let client = self.pool.get().await?;
+            client
+                .execute(
+                    "UPDATE batches SET state = 'dispatched', dispatched_at = now(), dispatch_lease = NULL
+                     WHERE id = $1 AND state = 'granted'",
+                    &[&batch_id],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// One batch with its hold, figures and items; `None` if unknown.
+    pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchView>> {
+        self.retrying("read batch", || async {
+            let client = self.pool.get().await?;
+            let Some(r) = client
+                .query_opt(
+                    "SELECT b.id, b.account_id, b.mode, b.state, h.id::text, h.state,
+                            to_char(b.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                            to_char(b.deadline_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                            to_char(b.closed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                            b.item_count, b.run_count, b.succeeded, b.failed,
+                            COALESCE(h.amount, 0), COALESCE(h.captured, 0), COALESCE(h.released, 0),
+                            b.decision
+                     FROM batches b LEFT JOIN holds h ON h.id = b.hold_id WHERE b.id = $1",
+                    &[&batch_id],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let items: Vec<ItemView> = client
+                .query(
+                    "SELECT item_id, state, estimated_cost, reserved, captured, overrun, reason
+                     FROM items WHERE batch_id = $1 ORDER BY position",
+                    &[&batch_id],
+                )
+                .await?
+                .iter()
+                .map(|i| ItemView {
+                    item_id: i.get(0),
+                    state: i.get(1),
+                    estimated_cost: i.get(2),
+                    reserved: i.get(3),
+                    captured: i.get(4),
+                    overrun: i.get(5),
+                    reason: i.get(6),
+                })
+                .collect();
+            let (count, run, succeeded, failed): (i32, i32, i32, i32) = (r.get(9), r.get(10), r.get(11), r.get(12));
+            let figures = BatchFigures {
+                items_total: count.into(),
+                run: run.into(),
+                succeeded: succeeded.into(),
+                failed: failed.into(),
+                skipped: (count - run).into(),
+                pending: (run - succeeded - failed).into(),
+                reserved: r.get(13),
+                captured: r.get(14),
+                released: r.get(15),
+                overrun: items.iter().map(|i| i.overrun).sum(),
+            };
+            Ok(Some(BatchView {
+                batch_id: r.get(0),
+                account_id: r.get(1),
+                mode: r.get(2),
+                state: r.get(3),
+                hold_id: r.get(4),
+                hold_state: r.get(5),
+                created_at: r.get(6),
+                deadline_at: r.get(7),
+                closed_at: r.get(8),
+                figures,
+                decision: r.get(16),
+                items,
+            }))
+        })
+        .await
+    }
+}

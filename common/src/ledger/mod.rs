@@ -1,0 +1,147 @@
+//! The credit ledger in PostgreSQL, the source of truth.
+//!
+//! Operations and their guarantees (see docs/state-machines.md):
+//! - [`Ledger::grant`] adds posted credits.
+//! - [`Ledger::reserve`] prices a batch under the account's row lock and either
+//!   takes one hold for everything that runs or records a denial. Idempotent on
+//!   the batch id.
+//! - [`Ledger::settle`] captures item costs (capped at each item's reservation)
+//!   or fails items, in one transaction for many items, and closes the batches
+//!   whose last item it settled.
+//! - closing a batch releases the unused remainder of its hold exactly once.
+//! - [`Ledger::audit`] recomputes balances and holds from the journal.
+//!
+//! Lock order, everywhere: batch rows (by id), then hold rows, then account
+//! rows (by id). Reserve locks only its account and inserts new rows, so no
+//! cycle can form.
+
+mod accounts;
+mod audit;
+mod batches;
+mod reconcile;
+mod reserve;
+mod settle;
+
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use deadpool_postgres::Pool;
+use tokio_postgres::error::SqlState;
+
+pub use accounts::Account;
+pub use audit::Drift;
+pub use batches::{BatchView, ItemView, PendingJob};
+pub use reserve::{ReserveInput, Reserved};
+pub use settle::{ClosedBatch, ItemOutcome, Settled, Settlement, SettleReport};
+
+/// What went wrong in the ledger, and what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// PostgreSQL is unreachable or the transaction lost a race: retry later.
+    #[error("ledger temporarily unavailable: {0}")]
+    Unavailable(String),
+    /// The account does not exist: reject the request.
+    #[error("unknown account `{0}`")]
+    UnknownAccount(String),
+    /// The account exists already (create).
+    #[error("account `{0}` already exists")]
+    AccountExists(String),
+    /// The batch id was used before with a different request body: reject.
+    #[error("batch `{0}` was already submitted with a different request")]
+    Conflict(String),
+    /// The request itself is not acceptable to the ledger: reject.
+    #[error("{0}")]
+    Invalid(String),
+    /// A bug or a refused invariant: do not retry blindly.
+    #[error("ledger error: {0}")]
+    Database(#[source] tokio_postgres::Error),
+}
+
+impl LedgerError {
+    /// True when the same call may succeed later (connection loss, deadlock, serialisation).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LedgerError::Unavailable(_))
+    }
+}
+
+impl From<tokio_postgres::Error> for LedgerError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let transient = match e.code() {
+            None => true, // connection closed, I/O error
+            Some(code) => {
+                let c = code.code();
+                // 08: connection exceptions, 40001/40P01: serialisation and
+                // deadlock, 57P: operator intervention (shutdown, restart), 53: resources.
+                c.starts_with("08")
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || c.starts_with("57P")
+                    || c.starts_with("53")
+            }
+        };
+        if transient {
+            LedgerError::Unavailable(e.to_string())
+        } else {
+            LedgerError::Database(e)
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for LedgerError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        LedgerError::Unavailable(e.to_string())
+    }
+}
+
+pub type Result<T, E = LedgerError> = std::result::Result<T, E>;
+
+/// The ledger: a handle on the PostgreSQL pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    pool: Pool,
+    retry: ExponentialBuilder,
+}
+
+impl Ledger {
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            retry: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(8)
+                .with_jitter(),
+        }
+    }
+
+    /// Change how transient failures are retried (tests shorten it).
+    pub fn with_retry(mut self, retry: ExponentialBuilder) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Run `op` again with backoff while it fails transiently.
+    async fn retrying<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        op.retry(self.retry)
+            .when(LedgerError::is_transient)
+            .notify(|e, after| tracing::warn!(error = %e, ?after, "{what}: retrying"))
+            .await
+    }
+
+    /// True when PostgreSQL answers.
+    pub async fn ping(&self) -> bool {
+        match self.pool.get().await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The JSON wire contract. docs/messages.md shows each type with a complete
+//! example; field names here are that contract, so rename nothing lightly.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// How much of a batch may run when the credits do not cover all of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every item runs, or none does (the default).
+    #[default]
+    AllOrNothing,
+    /// The longest prefix of the items, in request order, that fits.
+    FirstFit,
+    /// The longest prefix by descending priority (ties keep request order) that fits.
+    PriorityFit,
+    /// Exactly the items named in `item_ids`, all or nothing.
+    Selected,
+    /// Reserve and run chunk by chunk, stopping cleanly when a chunk no longer fits.
+    Sequential,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 5] = [
+        Mode::AllOrNothing,
+        Mode::FirstFit,
+        Mode::PriorityFit,
+        Mode::Selected,
+        Mode::Sequential,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::AllOrNothing => "all_or_nothing",
+            Mode::FirstFit => "first_fit",
+            Mode::PriorityFit => "priority_fit",
+            Mode::Selected => "selected",
+            Mode::Sequential => "sequential",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// One item of a batch request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemRequest {
+    pub item_id: String,
+    /// Estimated cost in the account's smallest credit unit; reserved for the item.
+    pub estimated_cost: i64,
+    /// Higher runs first under `priority_fit`.
+    #[serde(default)]
+    pub priority: i32,
+    /// Opaque to Holdfast; handed to the generator.
+    #[serde(default)]
+    pub payload: Value,
+}
+
+/// A producer's "Generate All": one message for the whole batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchRequest {
+    /// The producer's idempotency key.
+    pub batch_id: String,
+    pub account_id: String,
+    pub items: Vec<ItemRequest>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// With `mode: selected`: the items to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_ids: Option<Vec<String>>,
+    /// A soft hold to consume instead of reserving anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<String>,
+}
+
+impl BatchRequest {
+    /// SHA-256 of the canonical body: the same batch id with another body is a conflict.
+    /// Serialising the parsed struct makes whitespace and key order irrelevant.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let canonical = serde_json::to_vec(self).expect("a parsed request serialises");
+        Sha256::digest(&canonical).to_vec()
+    }
+}
+
+/// Why an item of a granted batch does not run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeftOut {
+    pub item_id: String,
+    /// `did_not_fit` (first_fit, priority_fit) or `not_selected` (selected).
+    pub reason: String,
+}
+
+/// The batch was reserved in full and its jobs are (being) dispatched.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Granted {
+    pub batch_id: String,
+    pub account_id: String,
+    pub mode: Mode,
+    pub hold_id: String,
+    /// Credits held for the items that run.
+    pub reserved: i64,
+    pub items_total: usize,
+    /// Items that run, in request order.
+    pub item_ids: Vec<String>,
+    /// Items that do not run, and why. Never silent.
+    pub left_out: Vec<LeftOut>,
+    /// Past this instant the reconciler fails unsettled items and releases the rest.
+    pub deadline_at: String,
+}
+
+/// A subset of the items that the available credits cover.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FitSet {
+    pub count: usize,
+    pub cost: i64,
+    pub item_ids: Vec<String>,
+}
+
+/// One thing a person can do about an insufficient batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// `generate_first_fit`, `select_items` or `add_credits`.
+    pub action: String,
+    pub label: String,
+    /// For `generate_first_fit`: the request to send (same items, `mode: first_fit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_count: Option<usize>,
+    /// For `generate_first_fit`: its cost; for `add_credits`: the shortfall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<i64>,
+}
+
+/// Nothing was held and nothing runs; the person decides what happens next.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Insufficient {
+    pub batch_id: String,
+    pub account_id: String,
+    pub mode: Mode,
+    /// Cost of what the request asked to run.
+    pub total_cost: i64,
+    pub available: i64,
+    pub shortfall: i64,
+    /// Items the request asked to run (N of "k out of N").
+    pub items_total: usize,
+    /// k of "k out of N": the first-fit count.
+    pub fit_count: usize,
+    pub first_fit: FitSet,
+    pub priority_fit: FitSet,
+    /// "You have enough credits to generate 8 out of 10 items."
+    pub message: String,
+    /// "This action costs 120 credits. You have 100 credits available (20 short)."
+    pub detail: String,
+    pub options: Vec<Choice>,
+}
+
+/// One problem with a request, naming the field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// A JSON path such as `items[3].estimated_cost`, or `body` for the message itself.
+    pub field: String,
+    pub reason: String,
+}
+
+/// The request could not be decided as sent; it was parked in the dead-letter queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// Absent when the body did not even carry a readable batch id.
+    pub batch_id: Option<String>,
+    pub account_id: Option<String>,
+    /// A one-line summary of `errors`.
+    pub reason: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl Rejected {
+    pub fn new(batch_id: Option<String>, errors: Vec<FieldError>) -> Self {
+        let reason = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self { batch_id, account_id: None, reason, errors }
+    }
+
+    pub fn one(batch_id: Option<String>, field: &str, reason: impl Into<String>) -> Self {
+        Self::new(batch_id, vec![FieldError { field: field.into(), reason: reason.into() }])
+    }
+}
+
+/// The coordinator's answer to a batch request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    Granted(Granted),
+    Insufficient(Insufficient),
+    Rejected(Rejected),
+}
+
+impl Decision {
+    /// `granted`, `insufficient` or `rejected`: the metric label and event routing key suffix.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Decision::Granted(_) => "granted",
+            Decision::Insufficient(_) => "insufficient",
+            Decision::Rejected(_) => "rejected",
+        }
+    }
+
+    pub fn batch_id(&self) -> Option<&str> {
+        match self {
+            Decision::Granted(g) => Some(&g.batch_id),
+            Decision::Insufficient(i) => Some(&i.batch_id),
+            Decision::Rejected(r) => r.batch_id.as_deref(),
+        }
+    }
+}
+
+/// One item to generate (coordinator → jobs queue). `message_id` is `batch_id:item_id`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemJob {
+    pub batch_id: String,
+    pub item_id: String,
+    pub account_id: String,
+    /// The most this item may be charged.
+    pub reserved: i64,
+    #[serde(default)]
+    pub payload: Value,
+    /// 1 for the first dispatch, higher when a reconciler re-dispatched it.
+    pub attempt: u32,
+}
+
+impl ItemJob {
+    pub fn message_id(&self) -> String {
+        format!("{}:{}", self.batch_id, self.item_id)
+    }
+}
+
+/// Counts and credits of a batch, as in progress and completed events.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchFigures {
+    pub items_total: i64,
+    pub run: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub skipped: i64,
+    pub pending: i64,
+    pub reserved: i64,
+    pub captured: i64,
+    pub released: i64,
+    pub overrun: i64,
+}
+
+/// Events on the topic exchange `<namespace>.events`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Routing key `decision.<granted|insufficient|rejected>`; the body is the decision.
+    Decision(Decision),
+    /// Routing key `batch.progress`, coalesced: at most one per batch per interval.
+    Progress {
+        batch_id: String,
+        account_id: String,
+        #[serde(flatten)]
+        figures: BatchFigures,
+    },
+    /// Routing key `batch.completed`: the batch closed and its hold resolved.
+    Completed {
+        batch_id: String,
+        account_id: String,
+        /// `completed`, `expired` or `cancelled`.
+        state: String,
+        #[serde(flatten)]
+        figures: BatchFigures,
+    },
+}
+
+impl Event {
+    pub fn routing_key(&self) -> String {
+        match self {
+            Event::Decision(d) => format!("decision.{}", d.kind()),
+            Event::Progress { .. } => "batch.progress".into(),
+            Event::Completed { .. } => "batch.completed".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_ignores_key_order_and_whitespace() {
+        let a: BatchRequest = serde_json::from_str(
+            r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"1","estimated_cost":5,"payload":{"x":1,"y":2}}]}"#,
+        )
+        .unwrap();
+        let b: BatchRequest = serde_json::from_str(
+            r#"{ "items": [ {"payload":{"y":2,"x":1}, "estimated_cost":5, "item_id":"1"} ], "account_id":"a", "batch_id":"b" }"#,
+        )
+        .unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mut c = a.clone();
+        c.items[0].estimated_cost = 6;
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn decisions_are_tagged() {
+        let d = Decision::Rejected(Rejected::one(None, "body", "not JSON"));
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["decision"], "rejected");
+        assert_eq!(v["reason"], "body: not JSON");
+        assert_eq!(serde_json::from_value::<Decision>(v).unwrap(), d);
+    }
+}

@@ -1,0 +1,276 @@
+//! Pricing a batch against the credits available: which items run, which fit,
+//! and what to tell a person when they do not. Pure functions, so the preview
+//! and the reservation answer the same question the same way.
+
+use crate::messages::{BatchRequest, Choice, FitSet, ItemRequest, LeftOut, Mode};
+
+/// What the request asks to run, before credits are considered: indices into `items`.
+pub fn requested(req: &BatchRequest) -> Vec<usize> {
+    match (req.mode, &req.item_ids) {
+        (Mode::Selected, Some(ids)) => req
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(_, it)| ids.iter().any(|id| id == &it.item_id))
+            .map(|(i, _)| i)
+            .collect(),
+        _ => (0..req.items.len()).collect(),
+    }
+}
+
+/// Sum of the estimated costs of `indices`. Validation bounds costs and counts,
+/// so this cannot overflow for an accepted request; saturate to stay total.
+pub fn cost_of(items: &[ItemRequest], indices: &[usize]) -> i64 {
+    indices
+        .iter()
+        .fold(0i64, |acc, &i| acc.saturating_add(items[i].estimated_cost))
+}
+
+/// The longest prefix of `order` whose cost fits `available`.
+fn prefix_fit(items: &[ItemRequest], order: &[usize], available: i64) -> Vec<usize> {
+    let mut spent = 0i64;
+    let mut taken = Vec::new();
+    for &i in order {
+        let next = spent.saturating_add(items[i].estimated_cost);
+        if next > available {
+            break;
+        }
+        spent = next;
+        taken.push(i);
+    }
+    taken
+}
+
+/// Items in request order: the first ones that fit.
+pub fn first_fit(items: &[ItemRequest], candidates: &[usize], available: i64) -> Vec<usize> {
+    prefix_fit(items, candidates, available)
+}
+
+/// Items by descending priority (stable: ties keep request order) that fit,
+/// returned in request order.
+pub fn priority_fit(items: &[ItemRequest], candidates: &[usize], available: i64) -> Vec<usize> {
+    let mut order = candidates.to_vec();
+    order.sort_by_key(|&i| std::cmp::Reverse(items[i].priority));
+    let mut taken = prefix_fit(items, &order, available);
+    taken.sort_unstable();
+    taken
+}
+
+fn fit_set(items: &[ItemRequest], indices: &[usize]) -> FitSet {
+    FitSet {
+        count: indices.len(),
+        cost: cost_of(items, indices),
+        item_ids: indices.iter().map(|&i| items[i].item_id.clone()).collect(),
+    }
+}
+
+/// The outcome of pricing a request against `available` credits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// Hold `total` and run `run`; `left_out` are the other items, with the reason.
+    Run {
+        run: Vec<usize>,
+        left_out: Vec<LeftOut>,
+        total: i64,
+    },
+    /// Hold nothing, run nothing.
+    Short(Shortfall),
+}
+
+/// Everything an insufficient decision tells a person.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shortfall {
+    pub total_cost: i64,
+    pub available: i64,
+    pub shortfall: i64,
+    pub items_total: usize,
+    pub first_fit: FitSet,
+    pub priority_fit: FitSet,
+    pub message: String,
+    pub detail: String,
+    pub options: Vec<Choice>,
+}
+
+/// Price `req` against `available` credits according to its mode.
+pub fn plan(req: &BatchRequest, available: i64) -> Plan {
+    let items = &req.items;
+    let wanted = requested(req);
+    let total = cost_of(items, &wanted);
+    let available = available.max(0);
+    let chosen = match req.mode {
+        Mode::AllOrNothing | Mode::Selected | Mode::Sequential => {
+            (total <= available).then(|| wanted.clone())
+        }
+        Mode::FirstFit => Some(first_fit(items, &wanted, available)).filter(|v| !v.is_empty()),
+        Mode::PriorityFit => Some(priority_fit(items, &wanted, available)).filter(|v| !v.is_empty()),
+    };
+    match chosen {
+        Some(run) => {
+            let reason = if req.mode == Mode::Selected { "not_selected" } else { "did_not_fit" };
+            let left_out = (0..items.len())
+                .filter(|i| run.binary_search(i).is_err())
+                .map(|i| LeftOut { item_id: items[i].item_id.clone(), reason: reason.into() })
+                .collect();
+            let total = cost_of(items, &run);
+            Plan::Run { run, left_out, total }
+        }
+        None => Plan::Short(shortfall(items, &wanted, total, available)),
+    }
+}
+
+fn shortfall(items: &[ItemRequest], wanted: &[usize], total: i64, available: i64) -> Shortfall {
+    let first = fit_set(items, &first_fit(items, wanted, available));
+    let by_priority = fit_set(items, &priority_fit(items, wanted, available));
+    let n = wanted.len();
+    let short = total - available;
+    let message = match first.count {
+        0 => format!(
+            "You don't have enough credits to generate any of the {n} {}.",
+            plural(n, "item", "items")
+        ),
+        k => format!(
+            "You have enough credits to generate {k} out of {n} {}.",
+            plural(n, "item", "items")
+        ),
+    };
+    let detail = format!(
+        "This action costs {} credits. You have {} credits available ({} short).",
+        thousands(total),
+        thousands(available),
+        thousands(short)
+    );
+    let mut options = Vec::new();
+    if first.count > 0 {
+        options.push(Choice {
+            action: "generate_first_fit".into(),
+            label: format!("Generate the first {}", first.count),
+            item_count: Some(first.count),
+            credits: Some(first.cost),
+        });
+    }
+    options.push(Choice {
+        action: "select_items".into(),
+        label: "Select items manually".into(),
+        item_count: None,
+        credits: None,
+    });
+    options.push(Choice {
+        action: "add_credits".into(),
+        label: format!("Add {} credits", thousands(short)),
+        item_count: None,
+        credits: Some(short),
+    });
+    Shortfall {
+        total_cost: total,
+        available,
+        shortfall: short,
+        items_total: n,
+        first_fit: first,
+        priority_fit: by_priority,
+        message,
+        detail,
+        options,
+    }
+}
+
+fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+/// `12345` → `12,345`: numbers people read.
+pub fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(costs: &[(i64, i32)], mode: Mode) -> BatchRequest {
+        BatchRequest {
+            batch_id: "b".into(),
+            account_id: "a".into(),
+            items: costs
+                .iter()
+                .enumerate()
+                .map(|(i, &(c, p))| ItemRequest {
+                    item_id: format!("i{i}"),
+                    estimated_cost: c,
+                    priority: p,
+                    payload: serde_json::Value::Null,
+                })
+                .collect(),
+            mode,
+            item_ids: None,
+            reservation_id: None,
+        }
+    }
+
+    #[test]
+    fn all_or_nothing_short_reports_k_of_n() {
+        let r = req(&[(12, 0); 10], Mode::AllOrNothing);
+        let Plan::Short(s) = plan(&r, 100) else { panic!("should be short") };
+        assert_eq!(s.total_cost, 120);
+        assert_eq!(s.shortfall, 20);
+        assert_eq!(s.first_fit.count, 8);
+        assert_eq!(s.message, "You have enough credits to generate 8 out of 10 items.");
+        assert_eq!(
+            s.detail,
+            "This action costs 120 credits. You have 100 credits available (20 short)."
+        );
+        let actions: Vec<_> = s.options.iter().map(|o| o.action.as_str()).collect();
+        assert_eq!(actions, ["generate_first_fit", "select_items", "add_credits"]);
+    }
+
+    #[test]
+    fn first_fit_is_a_prefix_and_priority_fit_sorts() {
+        let r = req(&[(5, 0), (50, 9), (5, 1), (5, 5)], Mode::PriorityFit);
+        assert_eq!(first_fit(&r.items, &[0, 1, 2, 3], 20), vec![0]);
+        // priority order 1 (50, too big) stops the prefix at once
+        assert_eq!(priority_fit(&r.items, &[0, 1, 2, 3], 20), Vec::<usize>::new());
+        assert_eq!(priority_fit(&r.items, &[0, 1, 2, 3], 60), vec![1, 3]);
+    }
+
+    #[test]
+    fn first_fit_mode_runs_the_fitting_prefix_and_names_the_rest() {
+        let r = req(&[(10, 0), (10, 0), (10, 0)], Mode::FirstFit);
+        let Plan::Run { run, left_out, total } = plan(&r, 25) else { panic!() };
+        assert_eq!(run, vec![0, 1]);
+        assert_eq!(total, 20);
+        assert_eq!(left_out, vec![LeftOut { item_id: "i2".into(), reason: "did_not_fit".into() }]);
+        assert!(matches!(plan(&r, 5), Plan::Short(s) if s.first_fit.count == 0
+            && s.message == "You don't have enough credits to generate any of the 3 items."));
+    }
+
+    #[test]
+    fn selected_prices_only_the_named_items() {
+        let mut r = req(&[(10, 0), (30, 0), (10, 0)], Mode::Selected);
+        r.item_ids = Some(vec!["i2".into(), "i0".into()]);
+        let Plan::Run { run, left_out, total } = plan(&r, 20) else { panic!() };
+        assert_eq!((run, total), (vec![0, 2], 20));
+        assert_eq!(left_out[0].reason, "not_selected");
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(-1234567), "-1,234,567");
+    }
+}

@@ -1,0 +1,130 @@
+//! Logs and metrics. Every metric is recorded through [`record`], named as in
+//! the design (`holdfast_*`), with low-cardinality labels only.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{fmt, EnvFilter};
+
+/// Install the tracing subscriber: plain text, or JSON when `json` is set.
+/// `RUST_LOG` (or `HOLDFAST_LOG`) filters; the default is `info`.
+pub fn init_logging(json: bool) {
+    let filter = std::env::var("HOLDFAST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info,lapin=warn"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the Prometheus recorder once per process and return its handle
+/// (render it for `/metrics`).
+pub fn metrics() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let fast = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+            let slow = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full("holdfast_reservation_seconds".into()), &fast)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("holdfast_item_seconds".into()), &slow))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("holdfast_batch_seconds".into()), &slow))
+                .expect("bucket lists are non-empty")
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+/// Where outcomes are counted. Call after the commit that decided them.
+pub mod record {
+    use std::time::Duration;
+
+    use metrics::{counter, gauge, histogram};
+
+    use crate::ledger::{ClosedBatch, SettleReport, Settled, Settlement};
+    use crate::messages::Decision;
+
+    pub fn granted(amount: i64) {
+        counter!("holdfast_credits_granted_total").increment(amount.max(0) as u64);
+    }
+
+    pub fn decided(decision: &Decision, took: Duration) {
+        counter!("holdfast_batches_total", "decision" => decision.kind()).increment(1);
+        if let Decision::Granted(g) = decision {
+            counter!("holdfast_credits_reserved_total").increment(g.reserved.max(0) as u64);
+        }
+        histogram!("holdfast_reservation_seconds").record(took.as_secs_f64());
+    }
+
+    /// A request rejected before reaching the ledger.
+    pub fn rejected() {
+        counter!("holdfast_batches_total", "decision" => "rejected").increment(1);
+    }
+
+    pub fn settled(items: &[Settlement], report: &SettleReport) {
+        let mut captured = 0u64;
+        let mut overrun = 0u64;
+        for (_, result) in items.iter().zip(&report.results) {
+            let outcome = match result {
+                Settled::Captured { captured: c, overrun: o } => {
+                    captured += *c as u64;
+                    overrun += *o as u64;
+                    "succeeded"
+                }
+                Settled::Failed => "failed",
+                Settled::AlreadySettled { .. } => "duplicate",
+                Settled::Unknown => "unknown",
+            };
+            counter!("holdfast_items_total", "outcome" => outcome).increment(1);
+        }
+        counter!("holdfast_credits_captured_total").increment(captured);
+        if overrun > 0 {
+            counter!("holdfast_overrun_credits_total").increment(overrun);
+        }
+        closed(&report.closed);
+    }
+
+    pub fn closed(batches: &[ClosedBatch]) {
+        for b in batches {
+            let reason = match b.state.as_str() {
+                "expired" => "deadline",
+                "cancelled" => "cancelled",
+                _ => "completed",
+            };
+            counter!("holdfast_credits_released_total", "reason" => reason)
+                .increment(b.figures.released.max(0) as u64);
+            counter!("holdfast_batches_closed_total", "state" => b.state.clone()).increment(1);
+            histogram!("holdfast_batch_seconds").record(b.seconds);
+        }
+    }
+
+    pub fn item_seconds(took: Duration) {
+        histogram!("holdfast_item_seconds").record(took.as_secs_f64());
+    }
+
+    pub fn held(credits: i64, holds: i64) {
+        gauge!("holdfast_credits_held").set(credits as f64);
+        gauge!("holdfast_holds_open").set(holds as f64);
+    }
+
+    pub fn dispatch_backlog(items: i64) {
+        gauge!("holdfast_dispatch_backlog").set(items as f64);
+    }
+
+    pub fn drift(count: usize) {
+        gauge!("holdfast_ledger_drift").set(count as f64);
+    }
+
+    /// A message parked in a dead-letter queue by Holdfast itself.
+    pub fn dead_lettered(queue: &'static str) {
+        counter!("holdfast_dead_lettered_total", "queue" => queue).increment(1);
+    }
+
+    /// An ack or reject that reached no broker (channel gone): the message comes back.
+    pub fn ack_lost() {
+        counter!("holdfast_acks_lost_total").increment(1);
+    }
+}

@@ -1,0 +1,270 @@
+//! AMQP names, declarations, and a publisher that waits for confirms.
+//!
+//! Every name starts with the namespace (default `holdfast`):
+//! - `<ns>.requests`: quorum queue of batch requests (producers publish here
+//!   through the default exchange);
+//! - `<ns>.jobs`: quorum queue of item jobs;
+//! - `<ns>.events`: topic exchange of decisions, progress and completions;
+//! - `<ns>.dead`: direct exchange receiving dead letters, routed to
+//!   `<ns>.requests.dead` and `<ns>.jobs.dead`.
+//!
+//! Declarations are idempotent and every role makes them at start, so the
+//! roles may start in any order. Their arguments must agree everywhere: a
+//! queue declared with other arguments makes RabbitMQ close the channel.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::{Confirmation, PublisherConfirm};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::QueueSettings;
+
+/// The names of one namespace.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self { namespace: namespace.into() }
+    }
+    pub fn requests(&self) -> String {
+        format!("{}.requests", self.namespace)
+    }
+    pub fn jobs(&self) -> String {
+        format!("{}.jobs", self.namespace)
+    }
+    pub fn events(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.namespace)
+    }
+    pub fn requests_dead(&self) -> String {
+        format!("{}.requests.dead", self.namespace)
+    }
+    pub fn jobs_dead(&self) -> String {
+        format!("{}.jobs.dead", self.namespace)
+    }
+}
+
+/// What can go wrong talking to RabbitMQ.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ refused the message (nack) on {0}")]
+    Nacked(String),
+    #[error("RabbitMQ could not route the message to {0}: {1}")]
+    Unroutable(String, String),
+}
+
+/// `host:port/vhost` of an AMQP URL, for messages: never the password.
+pub fn describe(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+    rest.split('?').next().unwrap_or(rest).to_string()
+}
+
+/// Connect, retrying with backoff for about a minute while the broker is away.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = (|| Connection::connect(url, props.clone()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(20),
+        )
+        .notify(|e, after| {
+            tracing::warn!(error = %e, ?after, broker = %describe(url), "connecting to RabbitMQ: retrying")
+        })
+        .await?;
+    Ok(conn)
+}
+
+fn quorum_args(names: &Names, dead_key: &str, delivery_limit: u32) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    t.insert("x-delivery-limit".into(), AMQPValue::LongInt(delivery_limit as i32));
+    t.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(names.dead_exchange())),
+    );
+    t.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(LongString::from(dead_key)));
+    // At-least-once dead-lettering: a dead letter is not lost if the DLQ is busy.
+    t.insert("x-dead-letter-strategy".into(), AMQPValue::LongString(LongString::from("at-least-once")));
+    t.insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
+    t
+}
+
+fn plain_quorum() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    t
+}
+
+/// Declare every exchange and queue of `names`. Idempotent.
+pub async fn declare(channel: &Channel, names: &Names, settings: &QueueSettings) -> Result<(), BrokerError> {
+    let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel
+        .exchange_declare(names.dead_exchange().into(), ExchangeKind::Direct, durable_exchange, FieldTable::default())
+        .await?;
+    channel
+        .exchange_declare(names.events().into(), ExchangeKind::Topic, durable_exchange, FieldTable::default())
+        .await?;
+    for (queue, key) in [(names.requests_dead(), "requests"), (names.jobs_dead(), "jobs")] {
+        channel.queue_declare(queue.clone().into(), durable_queue, plain_quorum()).await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                names.dead_exchange().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    channel
+        .queue_declare(
+            names.requests().into(),
+            durable_queue,
+            quorum_args(names, "requests", settings.request_delivery_limit),
+        )
+        .await?;
+    channel
+        .queue_declare(names.jobs().into(), durable_queue, quorum_args(names, "jobs", settings.job_delivery_limit))
+        .await?;
+    Ok(())
+}
+
+/// Delete every queue and exchange of `names` (tests clean up with this).
+pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
+    for q in [names.requests(), names.jobs(), names.requests_dead(), names.jobs_dead()] {
+        channel.queue_delete(q.into(), QueueDeleteOptions::default()).await?;
+    }
+    for x in [names.events(), names.dead_exchange()] {
+        channel.exchange_delete(x.into(), ExchangeDeleteOptions::default()).await?;
+    }
+    Ok(())
+}
+
+/// Properties of a persistent JSON message.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}
+
+/// A channel in confirm mode. Publish, then await the confirm (or a window of them).
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection) -> Result<Self, BrokerError> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publish without waiting; `mandatory`, so an unroutable message comes back in its confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, BrokerError> {
+        Ok(self
+            .channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                properties,
+            )
+            .await?)
+    }
+
+    /// Await one confirm: Ok only for a routed, acknowledged message.
+    pub async fn confirmed(confirm: PublisherConfirm, target: &str) -> Result<(), BrokerError> {
+        match confirm.await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => {
+                Err(BrokerError::Unroutable(target.into(), returned.reply_text.to_string()))
+            }
+            Confirmation::Nack(_) => Err(BrokerError::Nacked(target.into())),
+            Confirmation::NotRequested => Ok(()),
+        }
+    }
+
+    /// Publish and wait for the broker's confirm.
+    pub async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let confirm = self.publish(exchange, routing_key, body, properties).await?;
+        let target = if exchange.is_empty() { routing_key } else { exchange };
+        Self::confirmed(confirm, target).await
+    }
+
+    /// Publish to a topic exchange where no binding is fine (nobody listening).
+    pub async fn publish_event(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), BrokerError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions::default(),
+                body,
+                json_properties(),
+            )
+            .await?;
+        Self::confirmed(confirm, exchange).await
+    }
+}
+
+/// How many times RabbitMQ delivered this message before (quorum queues count
+/// in `x-delivery-count`; absent on the first delivery).
+pub fn delivery_count(properties: &BasicProperties) -> u32 {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => Some(n as u32),
+            AMQPValue::LongInt(n) => Some(n as u32),
+            AMQPValue::LongUInt(n) => Some(n),
+            AMQPValue::ShortInt(n) => Some(n as u32),
+            AMQPValue::ShortShortInt(n) => Some(n as u32),
+            AMQPValue::ShortShortUInt(n) => Some(n as u32),
+            AMQPValue::ShortUInt(n) => Some(n as u32),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Headers that say why Holdfast parked a message in a dead-letter queue.
+pub fn parked_headers(reason: &str) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-holdfast-reason".into(), AMQPValue::LongString(LongString::from(reason)));
+    t
+}
