@@ -4,12 +4,14 @@
 //! - [`messages`]: the JSON wire types exchanged over RabbitMQ.
 //! - [`pricing`]: which items of a batch fit the credits available, and the human sentence.
 //! - [`topology`]: AMQP names, declarations and a confirming publisher.
+//! - [`events`]: publishing decisions, progress and completions to producers.
 //! - [`config`]: settings from flags, `HOLDFAST_*` variables and local defaults.
 //! - [`telemetry`]: logs and the Prometheus metrics, recorded in one place.
 //! - [`faults`]: named crash points used by the fault-injection tests.
 
 pub mod config;
 pub mod database;
+pub mod events;
 pub mod faults;
 pub mod ledger;
 pub mod messages;

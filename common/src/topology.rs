@@ -268,3 +268,43 @@ pub fn parked_headers(reason: &str) -> FieldTable {
     t.insert("x-holdfast-reason".into(), AMQPValue::LongString(LongString::from(reason)));
     t
 }
+
+/// Run `session` until `shutdown`, starting it again with backoff whenever it
+/// fails (the broker restarted, the connection dropped). Each session builds
+/// its own connection, channels, QoS and consumers from scratch, so nothing
+/// depends on a client library re-applying state after a reconnect.
+pub async fn supervise<F, Fut>(role: &str, shutdown: tokio_util::sync::CancellationToken, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut delay = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
+        match session().await {
+            Ok(()) => return,
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    delay = Duration::from_millis(200);
+                }
+                tracing::warn!(role, error = format!("{e:#}"), ?delay, "session ended; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// True when RabbitMQ accepts a connection (for readiness probes).
+pub async fn ping(url: &str) -> bool {
+    match tokio::time::timeout(Duration::from_secs(3), Connection::connect(url, ConnectionProperties::default())).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close(200, "ping".into()).await;
+            true
+        }
+        _ => false,
+    }
+}

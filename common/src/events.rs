@@ -1,0 +1,77 @@
+//! Telling producers what happened: decisions and batch summaries go to the
+//! request's `reply_to` (with its `correlation_id`) and to the events exchange.
+
+use lapin::types::ShortString;
+
+use crate::ledger::ClosedBatch;
+use crate::messages::{BatchFigures, Decision, Event};
+use crate::topology::{json_properties, BrokerError, Names, Publisher};
+
+/// Where to answer a request.
+#[derive(Clone, Debug, Default)]
+pub struct ReplyTo {
+    pub queue: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+async fn reply(publisher: &Publisher, to: &ReplyTo, body: &[u8]) -> Result<(), BrokerError> {
+    let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) else {
+        return Ok(());
+    };
+    let mut props = json_properties();
+    if let Some(c) = &to.correlation_id {
+        props = props.with_correlation_id(ShortString::from(c.as_str()));
+    }
+    match publisher.publish_confirmed("", queue, body, props).await {
+        // The producer went away (its reply queue is gone): the event still goes out.
+        Err(BrokerError::Unroutable(q, why)) => {
+            tracing::info!(reply_to = %q, %why, "reply queue gone; answer sent as an event only");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Send `decision` to the reply queue (if any) and as a `decision.<kind>` event.
+pub async fn decision(publisher: &Publisher, names: &Names, to: &ReplyTo, decision: &Decision) -> Result<(), BrokerError> {
+    let event = Event::Decision(decision.clone());
+    let body = serde_json::to_vec(&event).expect("events serialise");
+    reply(publisher, to, &body).await?;
+    publisher.publish_event(&names.events(), &event.routing_key(), &body).await
+}
+
+/// Announce closed batches: `batch.completed` events, and the summary to each reply queue.
+pub async fn completed(publisher: &Publisher, names: &Names, closed: &[ClosedBatch]) -> Result<(), BrokerError> {
+    for b in closed {
+        let event = Event::Completed {
+            batch_id: b.batch_id.clone(),
+            account_id: b.account_id.clone(),
+            state: b.state.clone(),
+            figures: b.figures.clone(),
+        };
+        let body = serde_json::to_vec(&event).expect("events serialise");
+        let to = ReplyTo { queue: b.reply_to.clone(), correlation_id: b.correlation_id.clone() };
+        reply(publisher, &to, &body).await?;
+        publisher.publish_event(&names.events(), &event.routing_key(), &body).await?;
+        tracing::info!(batch_id = %b.batch_id, state = %b.state, captured = b.figures.captured,
+            released = b.figures.released, "batch closed");
+    }
+    Ok(())
+}
+
+/// One coalesced `batch.progress` event.
+pub async fn progress(
+    publisher: &Publisher,
+    names: &Names,
+    batch_id: &str,
+    account_id: &str,
+    figures: &BatchFigures,
+) -> Result<(), BrokerError> {
+    let event = Event::Progress {
+        batch_id: batch_id.into(),
+        account_id: account_id.into(),
+        figures: figures.clone(),
+    };
+    let body = serde_json::to_vec(&event).expect("events serialise");
+    publisher.publish_event(&names.events(), &event.routing_key(), &body).await
+}

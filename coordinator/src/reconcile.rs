@@ -1,0 +1,123 @@
+//! The reconciler: the safety net that makes every hold resolve.
+//!
+//! Each sweep closes batches whose items are all settled, closes batches past
+//! their execution deadline (unsettled items fail, the rest is released),
+//! re-dispatches batches whose coordinator died before the broker confirmed
+//! every job, refreshes the gauges, and now and then audits the ledger.
+//! Several reconcilers may run: each claim is `FOR UPDATE SKIP LOCKED`.
+
+use holdfast_common::config::{CoordinatorSettings, QueueSettings, ReconcilerSettings};
+use holdfast_common::events;
+use holdfast_common::ledger::Ledger;
+use holdfast_common::telemetry::record;
+use holdfast_common::topology::{self, Names, Publisher};
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::dispatch;
+
+/// Everything the reconciler role needs.
+#[derive(Clone, Debug)]
+pub struct ReconcilerConfig {
+    pub amqp_url: String,
+    pub names: Names,
+    pub queues: QueueSettings,
+    pub settings: ReconcilerSettings,
+    pub coordinator: CoordinatorSettings,
+    /// Audit the ledger every this many sweeps (0: never).
+    pub audit_every: u64,
+}
+
+/// What one sweep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub closed: usize,
+    pub expired: usize,
+    pub redispatched: usize,
+    /// Drift found, when this sweep audited.
+    pub drift: Option<usize>,
+}
+
+const CLAIM_LIMIT: i64 = 100;
+
+/// One reconciler: a ledger, a publisher and a sweep counter.
+pub struct Reconciler {
+    ledger: Ledger,
+    publisher: Publisher,
+    config: ReconcilerConfig,
+    sweeps: u64,
+}
+
+impl Reconciler {
+    pub fn new(ledger: Ledger, publisher: Publisher, config: ReconcilerConfig) -> Self {
+        Self { ledger, publisher, config, sweeps: 0 }
+    }
+
+    /// One pass over everything the reconciler looks after.
+    pub async fn sweep_once(&mut self) -> anyhow::Result<SweepReport> {
+        let mut report = SweepReport::default();
+        let names = &self.config.names;
+        loop {
+            let closed = self.ledger.close_finished(CLAIM_LIMIT).await?;
+            report.closed += closed.len();
+            events::completed(&self.publisher, names, &closed).await?;
+            if (closed.len() as i64) < CLAIM_LIMIT {
+                break;
+            }
+        }
+        loop {
+            let expired = self.ledger.expire_overdue(CLAIM_LIMIT).await?;
+            report.expired += expired.len();
+            for b in &expired {
+                tracing::warn!(batch_id = %b.batch_id, failed = b.figures.failed, released = b.figures.released,
+                    "batch passed its execution deadline; unsettled items failed");
+            }
+            events::completed(&self.publisher, names, &expired).await?;
+            if (expired.len() as i64) < CLAIM_LIMIT {
+                break;
+            }
+        }
+        let lease = self.config.settings.dispatch_grace();
+        for batch_id in self.ledger.claim_undispatched(lease, CLAIM_LIMIT).await? {
+            tracing::warn!(%batch_id, "batch granted but not fully dispatched; dispatching again");
+            dispatch(&self.ledger, &self.publisher, names, &batch_id, 2, self.config.coordinator.confirm_window)
+                .await?;
+            report.redispatched += 1;
+        }
+        let (held, holds) = self.ledger.held_totals().await?;
+        record::held(held, holds);
+        self.sweeps += 1;
+        if self.config.audit_every > 0 && self.sweeps % self.config.audit_every == 1 % self.config.audit_every {
+            let drift = self.ledger.audit().await?;
+            for d in &drift {
+                tracing::error!(subject = %d.subject, problem = %d.problem, "ledger drift");
+            }
+            report.drift = Some(drift.len());
+        }
+        Ok(report)
+    }
+}
+
+/// Run the reconciler role until `shutdown`, one sweep per interval.
+pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: CancellationToken) {
+    topology::supervise("reconciler", shutdown.clone(), || async {
+        let conn = topology::connect(&config.amqp_url, "holdfast-reconciler").await?;
+        let channel = conn.create_channel().await?;
+        topology::declare(&channel, &config.names, &config.queues).await?;
+        let mut reconciler = Reconciler::new(ledger.clone(), Publisher::new(&conn).await?, config.clone());
+        let mut tick = tokio::time::interval(config.settings.sweep_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => break,
+            }
+            let report = reconciler.sweep_once().await?;
+            if report != SweepReport::default() && report != (SweepReport { drift: Some(0), ..Default::default() }) {
+                tracing::info!(?report, "sweep");
+            }
+        }
+        let _ = conn.close(200, "shutdown".into()).await;
+        Ok(())
+    })
+    .await;
+}
