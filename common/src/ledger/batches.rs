@@ -68,6 +68,22 @@ impl Ledger {
         .await
     }
 
+    /// The state of one item (`pending`, `succeeded`, `failed`, `skipped`), if it exists.
+    /// Workers look before they run: a duplicate job must not pay for the work twice.
+    pub async fn item_state(&self, batch_id: &str, item_id: &str) -> Result<Option<String>> {
+        self.retrying("item state", || async {
+            let client = self.pool.get().await?;
+            Ok(client
+                .query_opt(
+                    "SELECT state FROM items WHERE batch_id = $1 AND item_id = $2",
+                    &[&batch_id, &item_id],
+                )
+                .await?
+                .map(|r| r.get(0)))
+        })
+        .await
+    }
+
     /// Record that the broker confirmed every job of `batch_id`.
     pub async fn mark_dispatched(&self, batch_id: &str) -> Result<()> {
         self.retrying("mark dispatched", || async {

@@ -1,0 +1,392 @@
+//! The worker role: consume item jobs, run the generator, capture the actual
+//! cost, and acknowledge only after the capture is committed.
+//!
+//! Each delivery runs in its own task (at most `worker_prefetch` at once, the
+//! broker's QoS bounds it). Finished items go to one settler task that
+//! captures whatever has accumulated in one transaction, then acks each job:
+//! under load many items share a commit, idle there is no added wait.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use clap::Args;
+use futures::StreamExt;
+use holdfast_common::config::QueueSettings;
+use holdfast_common::events;
+use holdfast_common::faults::crash_point;
+use holdfast_common::ledger::{ItemOutcome, Ledger, Settled, Settlement};
+use holdfast_common::messages::{BatchFigures, ItemJob};
+use holdfast_common::telemetry::record;
+use holdfast_common::topology::{self, delivery_count, json_properties, parked_headers, Names, Publisher};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::generator::{Generated, Generator, GeneratorError};
+
+/// Worker settings.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerSettings {
+    /// Unacknowledged jobs one worker holds, which is also how many run at once.
+    #[arg(long, env = "HOLDFAST_WORKER_PREFETCH", default_value_t = 64)]
+    pub worker_prefetch: u16,
+    /// Most items captured in one transaction.
+    #[arg(long, env = "HOLDFAST_SETTLE_BATCH", default_value_t = 128)]
+    pub settle_batch: usize,
+    /// Tries of a transient generator failure before the item fails.
+    #[arg(long, env = "HOLDFAST_GENERATOR_RETRIES", default_value_t = 3)]
+    pub generator_retries: usize,
+    /// First retry delay, in milliseconds (doubles each time, with jitter).
+    #[arg(long, env = "HOLDFAST_GENERATOR_RETRY_MS", default_value_t = 200)]
+    pub generator_retry_ms: u64,
+    /// Seconds in-flight items get to finish after a shutdown signal.
+    #[arg(long, env = "HOLDFAST_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+    /// At most one progress event per batch per this many milliseconds.
+    #[arg(long, env = "HOLDFAST_PROGRESS_INTERVAL_MS", default_value_t = 1_000)]
+    pub progress_interval_ms: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            worker_prefetch: 64,
+            settle_batch: 128,
+            generator_retries: 3,
+            generator_retry_ms: 200,
+            shutdown_timeout_secs: 30,
+            progress_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Everything the worker role needs.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub amqp_url: String,
+    pub names: Names,
+    pub queues: QueueSettings,
+    pub settings: WorkerSettings,
+}
+
+/// A finished item waiting for its capture and ack.
+struct Finished {
+    settlement: Settlement,
+    delivery: Delivery,
+}
+
+/// Run the worker role until `shutdown`, reconnecting when the broker goes away.
+pub async fn run(ledger: Ledger, config: WorkerConfig, generator: Arc<dyn Generator>, shutdown: CancellationToken) {
+    topology::supervise("worker", shutdown.clone(), || session(&ledger, &config, &generator, &shutdown)).await;
+}
+
+async fn session(
+    ledger: &Ledger,
+    config: &WorkerConfig,
+    generator: &Arc<dyn Generator>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let conn = topology::connect(&config.amqp_url, "holdfast-worker").await?;
+    let channel = conn.create_channel().await?;
+    topology::declare(&channel, &config.names, &config.queues).await?;
+    // QoS is applied on every (re)connection: a fresh channel has none.
+    channel.basic_qos(config.settings.worker_prefetch, BasicQosOptions::default()).await?;
+    let publisher = Publisher::new(&conn).await?;
+    let mut consumer = channel
+        .basic_consume(config.names.jobs().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let tag = consumer.tag();
+    tracing::info!(queue = %config.names.jobs(), generator = generator.name(), "worker consuming");
+
+    let (tx, rx) = mpsc::channel::<Finished>(usize::from(config.settings.worker_prefetch).max(1) * 2);
+    let settler = tokio::spawn(settle_loop(ledger.clone(), rx, publisher.clone(), config.clone()));
+    let tasks = TaskTracker::new();
+    let result = loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => d,
+            _ = shutdown.cancelled() => break Ok(()),
+        };
+        match delivery {
+            Some(Ok(delivery)) => {
+                let item = Item {
+                    ledger: ledger.clone(),
+                    generator: generator.clone(),
+                    publisher: publisher.clone(),
+                    config: config.clone(),
+                    done: tx.clone(),
+                };
+                tasks.spawn(item.work(delivery));
+            }
+            Some(Err(e)) => break Err(anyhow::Error::from(e)),
+            None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
+        }
+    };
+    // Stop taking jobs, let the running ones finish, capture and ack.
+    let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
+    tasks.close();
+    let grace = Duration::from_secs(config.settings.shutdown_timeout_secs);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(?grace, "items still running at the shutdown timeout; they will be redelivered");
+    }
+    drop(tx);
+    if tokio::time::timeout(grace, settler).await.is_err() {
+        tracing::warn!("captures still pending at the shutdown timeout; their jobs will be redelivered");
+    }
+    let _ = channel.close(200, "shutdown".into()).await;
+    let _ = conn.close(200, "shutdown".into()).await;
+    result
+}
+
+/// One delivery's worth of context.
+struct Item {
+    ledger: Ledger,
+    generator: Arc<dyn Generator>,
+    publisher: Publisher,
+    config: WorkerConfig,
+    done: mpsc::Sender<Finished>,
+}
+
+/// The generator either answered or crashed (panicked).
+enum Ran {
+    Answered(Result<Generated, GeneratorError>),
+    Crashed(String),
+}
+
+impl Item {
+    async fn work(self, delivery: Delivery) {
+        if let Err(e) = self.try_work(delivery).await {
+            tracing::warn!(error = format!("{e:#}"), "job not settled; it will be redelivered");
+        }
+    }
+
+    async fn try_work(self, delivery: Delivery) -> anyhow::Result<()> {
+        let job: ItemJob = match serde_json::from_slice(&delivery.data) {
+            Ok(job) => job,
+            Err(e) => return self.park(&delivery, &format!("not an item job: {e}")).await,
+        };
+        let span = tracing::info_span!("item", batch_id = %job.batch_id, item_id = %job.item_id);
+        self.run_job(delivery, job).instrument(span).await
+    }
+
+    async fn run_job(self, delivery: Delivery, job: ItemJob) -> anyhow::Result<()> {
+        // Look before running: a duplicate job must not pay for the work twice.
+        match self.ledger.item_state(&job.batch_id, &job.item_id).await {
+            Ok(Some(state)) if state == "pending" => {}
+            Ok(Some(state)) => {
+                tracing::debug!(%state, "already settled; acknowledging the duplicate");
+                counter_duplicate();
+                ack(&delivery).await?;
+                return Ok(());
+            }
+            Ok(None) => return self.park(&delivery, "no such item in the ledger").await,
+            Err(e) => {
+                tracing::warn!(error = %e, "ledger unavailable; returning the job");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                return Ok(());
+            }
+        }
+        let started = Instant::now();
+        let outcome = match self.generate(&job).await {
+            Ran::Answered(Ok(generated)) => ItemOutcome::Succeeded { actual_cost: cost_of(&job, generated) },
+            Ran::Answered(Err(e)) => {
+                tracing::info!(error = %e, "item failed; not charged");
+                ItemOutcome::Failed { reason: e.to_string() }
+            }
+            Ran::Crashed(why) => {
+                let deliveries = delivery_count(&delivery.properties) + 1;
+                if deliveries > self.config.queues.job_delivery_limit {
+                    // The last delivery RabbitMQ allows: fail the item (uncharged) and park the job.
+                    tracing::error!(%why, deliveries, "generator crashed on every delivery; failing the item");
+                    self.park_copy(&delivery, &format!("generator crashed {deliveries} times: {why}")).await?;
+                    ItemOutcome::Failed { reason: format!("generator crashed {deliveries} times: {why}") }
+                } else {
+                    tracing::warn!(%why, deliveries, "generator crashed; returning the job");
+                    delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                    return Ok(());
+                }
+            }
+        };
+        record::item_seconds(started.elapsed());
+        crash_point("worker.before_capture");
+        let settlement = Settlement { batch_id: job.batch_id, item_id: job.item_id, outcome };
+        self.done
+            .send(Finished { settlement, delivery })
+            .await
+            .map_err(|_| anyhow::anyhow!("the settler stopped"))?;
+        Ok(())
+    }
+
+    /// Run the generator, retrying transient failures with backoff. A panic
+    /// is caught (the generator runs in its own task) and reported as a crash.
+    async fn generate(&self, job: &ItemJob) -> Ran {
+        enum Failure {
+            Generator(GeneratorError),
+            Crash(String),
+        }
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.config.settings.generator_retry_ms))
+            .with_max_delay(Duration::from_secs(10))
+            .with_max_times(self.config.settings.generator_retries)
+            .with_jitter();
+        let attempt = || {
+            let (generator, job) = (self.generator.clone(), job.clone());
+            async move {
+                match tokio::spawn(async move { generator.generate(&job).await }).await {
+                    Ok(result) => result.map_err(Failure::Generator),
+                    Err(e) if e.is_panic() => Err(Failure::Crash(panic_message(e))),
+                    Err(e) => Err(Failure::Crash(e.to_string())),
+                }
+            }
+        };
+        let result = attempt
+            .retry(policy)
+            .when(|f| matches!(f, Failure::Generator(e) if e.is_transient()))
+            .notify(|f, after| {
+                if let Failure::Generator(e) = f {
+                    tracing::info!(error = %e, ?after, "generator: retrying");
+                }
+            })
+            .await;
+        match result {
+            Ok(g) => Ran::Answered(Ok(g)),
+            Err(Failure::Generator(e)) => Ran::Answered(Err(e)),
+            Err(Failure::Crash(why)) => Ran::Crashed(why),
+        }
+    }
+
+    /// Park the job in the jobs dead-letter queue with the reason, then ack it.
+    async fn park(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+        tracing::warn!(%reason, "parking job in the dead-letter queue");
+        self.park_copy(delivery, reason).await?;
+        ack(delivery).await
+    }
+
+    async fn park_copy(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+        let mut props = json_properties().with_headers(parked_headers(reason));
+        if let Some(id) = delivery.properties.message_id() {
+            props = props.with_message_id(id.clone());
+        }
+        self.publisher
+            .publish_confirmed(&self.config.names.dead_exchange(), "jobs", &delivery.data, props)
+            .await?;
+        record::dead_lettered("jobs");
+        Ok(())
+    }
+}
+
+/// The cost to capture: a negative report is a generator bug; charge the reservation.
+fn cost_of(job: &ItemJob, generated: Generated) -> Option<i64> {
+    match generated.actual_cost {
+        Some(c) if c < 0 => {
+            tracing::warn!(reported = c, "generator reported a negative cost; charging the reservation");
+            None
+        }
+        other => other,
+    }
+    .inspect(|&c| {
+        if c > job.reserved {
+            tracing::warn!(actual = c, reserved = job.reserved, "actual cost above the reservation; capped");
+        }
+    })
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn counter_duplicate() {
+    metrics::counter!("holdfast_items_total", "outcome" => "duplicate").increment(1);
+}
+
+async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
+    if !delivery.acker.ack(BasicAckOptions::default()).await? {
+        record::ack_lost();
+    }
+    Ok(())
+}
+
+/// Capture finished items in batches, ack them after the commit, announce
+/// closed batches, and publish coalesced progress.
+async fn settle_loop(ledger: Ledger, mut rx: mpsc::Receiver<Finished>, publisher: Publisher, config: WorkerConfig) {
+    let names = &config.names;
+    let max = config.settings.settle_batch.max(1);
+    let mut progress: std::collections::HashMap<String, (String, BatchFigures)> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(config.settings.progress_interval_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+            _ = tick.tick() => {
+                publish_progress(&publisher, names, &mut progress).await;
+                continue;
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let settlements: Vec<Settlement> = batch.iter().map(|f| f.settlement.clone()).collect();
+        let report = match ledger.settle(&settlements).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The work is done but not captured: return the jobs; the
+                // redelivery captures them (each at most once).
+                tracing::error!(error = %e, items = batch.len(), "capture failed; returning the jobs");
+                for f in &batch {
+                    let _ = f.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                }
+                continue;
+            }
+        };
+        crash_point("worker.after_capture");
+        for (f, result) in batch.iter().zip(&report.results) {
+            if *result == Settled::Unknown {
+                tracing::warn!(batch_id = %f.settlement.batch_id, item_id = %f.settlement.item_id,
+                    "captured nothing: no such pending item");
+            }
+            match f.delivery.acker.ack(BasicAckOptions::default()).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => record::ack_lost(),
+            }
+        }
+        for (batch_id, account_id, figures) in report.progress {
+            progress.insert(batch_id, (account_id, figures));
+        }
+        for closed in &report.closed {
+            progress.remove(&closed.batch_id);
+        }
+        if let Err(e) = events::completed(&publisher, names, &report.closed).await {
+            tracing::warn!(error = %e, "could not announce a closed batch");
+        }
+    }
+    publish_progress(&publisher, names, &mut progress).await;
+}
+
+async fn publish_progress(
+    publisher: &Publisher,
+    names: &Names,
+    progress: &mut std::collections::HashMap<String, (String, BatchFigures)>,
+) {
+    for (batch_id, (account_id, figures)) in progress.drain() {
+        if let Err(e) = events::progress(publisher, names, &batch_id, &account_id, &figures).await {
+            tracing::debug!(error = %e, "progress event not sent");
+        }
+    }
+}
