@@ -82,10 +82,15 @@ async fn batch(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     }
 }
 
-/// Serve until `shutdown`.
+/// Serve on `addr` until `shutdown`.
 pub async fn serve(state: ApiState, addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "HTTP API listening");
+    serve_on(state, listener, shutdown).await
+}
+
+/// Serve on a bound listener until `shutdown`.
+pub async fn serve_on(state: ApiState, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

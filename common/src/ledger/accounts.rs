@@ -14,6 +14,20 @@ pub struct Account {
     pub open_holds: i64,
 }
 
+/// One journal row, as `account show` and the demo print it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JournalEntry {
+    pub id: i64,
+    pub at: String,
+    pub kind: String,
+    pub amount: i64,
+    pub balance_delta: i64,
+    pub held_delta: i64,
+    pub batch_id: Option<String>,
+    pub item_id: Option<String>,
+    pub note: Option<String>,
+}
+
 fn valid_id(id: &str) -> Result<()> {
     if id.is_empty() || id.chars().count() > 128 || id.chars().any(char::is_control) {
         return Err(LedgerError::Invalid(
@@ -110,6 +124,35 @@ impl Ledger {
                 available: balance - held,
                 open_holds: row.get(3),
             })
+        })
+        .await
+    }
+
+    /// The journal of one account, oldest first.
+    pub async fn journal(&self, id: &str) -> Result<Vec<JournalEntry>> {
+        self.retrying("read journal", || async {
+            let client = self.pool.get().await?;
+            Ok(client
+                .query(
+                    "SELECT id, to_char(at AT TIME ZONE 'UTC', 'HH24:MI:SS.MS'), kind, amount, balance_delta,
+                            held_delta, batch_id, item_id, note
+                     FROM journal WHERE account_id = $1 ORDER BY id",
+                    &[&id],
+                )
+                .await?
+                .iter()
+                .map(|r| JournalEntry {
+                    id: r.get(0),
+                    at: r.get(1),
+                    kind: r.get(2),
+                    amount: r.get(3),
+                    balance_delta: r.get(4),
+                    held_delta: r.get(5),
+                    batch_id: r.get(6),
+                    item_id: r.get(7),
+                    note: r.get(8),
+                })
+                .collect())
         })
         .await
     }

@@ -29,7 +29,7 @@ use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
 
-pub use accounts::Account;
+pub use accounts::{Account, JournalEntry};
 pub use audit::Drift;
 pub use batches::{BatchView, ItemView, PendingJob};
 pub use reserve::{ReserveInput, Reserved};

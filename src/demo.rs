@@ -1,0 +1,139 @@
+//! `holdfast demo`: a scripted Generate All story on the local services.
+//! A granted batch, an insufficient one with its "k of N" choice, the choice
+//! taken, and the ledger before and after each step.
+
+use std::time::Duration;
+
+use holdfast_common::config::Connections;
+use holdfast_common::database;
+use holdfast_common::ledger::Ledger;
+use holdfast_common::messages::{Decision, Event};
+use holdfast_common::pricing::thousands;
+use serde_json::{json, Value};
+
+use crate::fleet::{Fleet, FleetSettings, Roles};
+use crate::producer::Producer;
+use crate::report;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn items(prefix: &str, n: usize, cost: i64, cheaper: &[usize]) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            // Some images turn out cheaper than estimated: the difference is released.
+            let simulate = if cheaper.contains(&i) {
+                json!({"latency_ms": 120, "actual_cost": cost - 2})
+            } else {
+                json!({"latency_ms": 120})
+            };
+            json!({"item_id": format!("{prefix}-{:02}", i + 1), "estimated_cost": cost,
+                   "priority": (n - i) as i64, "payload": {"prompt": format!("product photo {}", i + 1), "simulate": simulate}})
+        })
+        .collect()
+}
+
+async fn ledger_line(ledger: &Ledger, account: &str) -> anyhow::Result<()> {
+    let a = ledger.account(account).await?;
+    println!(
+        "   ledger: balance {}, held {}, available {}",
+        thousands(a.balance),
+        thousands(a.held),
+        thousands(a.available)
+    );
+    Ok(())
+}
+
+async fn run_batch(producer: &mut Producer, request: &Value) -> anyhow::Result<Decision> {
+    let id = request["batch_id"].as_str().unwrap_or_default().to_string();
+    let decision = producer.submit(request.to_string().as_bytes(), &id, WAIT).await?;
+    print!("   ");
+    report::decision(&decision);
+    if let Decision::Granted(_) = decision {
+        println!("   ... generating ...");
+        let done = producer.completed_for(&id, WAIT).await?;
+        print!("   ");
+        report::completed(&done);
+        if let Event::Completed { figures, .. } = &done {
+            anyhow::ensure!(figures.pending == 0, "batch finished with pending items");
+        }
+    }
+    Ok(decision)
+}
+
+/// Run the story; returns the process exit code.
+pub async fn run(conn: &Connections, settings: &FleetSettings) -> anyhow::Result<i32> {
+    println!("Holdfast demo: never start what you can't finish.\n");
+    database::migrate(&conn.database_url).await?;
+    let mut settings = settings.clone();
+    settings.http_addr = None;
+    settings.reconciler.sweep_interval_ms = settings.reconciler.sweep_interval_ms.min(1_000);
+    let fleet = Fleet::start(conn, &settings, Roles::ALL).await?;
+    println!(
+        "Fleet started in this process (coordinator, worker, reconciler) on {} and {}, namespace `{}`.",
+        database::describe(&conn.database_url),
+        holdfast_common::topology::describe(&conn.amqp_url),
+        conn.namespace
+    );
+    let result = story(conn, &settings, &fleet.ledger).await;
+    fleet.stop().await;
+    result
+}
+
+async fn story(conn: &Connections, settings: &FleetSettings, ledger: &Ledger) -> anyhow::Result<i32> {
+    let stamp = chrono::Utc::now().format("%H%M%S%3f").to_string();
+    let account = format!("demo-studio-{stamp}");
+    let mut producer = Producer::connect(&conn.amqp_url, &holdfast_common::topology::Names::new(conn.namespace.clone()), &settings.queues).await?;
+
+    println!("\n0. A customer account with 200 credits.");
+    ledger.grant(&account, 200, Some("demo top-up"), true).await?;
+    ledger_line(ledger, &account).await?;
+
+    println!("\n1. The person clicks \"Generate All\" for 10 product photos, estimated 12 credits each.");
+    let first = json!({"batch_id": format!("{account}-spring"), "account_id": account,
+                       "items": items("spring", 10, 12, &[2, 5, 8])});
+    run_batch(&mut producer, &first).await?;
+    println!("   (three photos cost 10 instead of 12: their difference went back to the account)");
+    ledger_line(ledger, &account).await?;
+
+    println!("\n2. \"Generate All\" again for 10 summer photos: 120 credits, more than is left.");
+    let second_items = items("summer", 10, 12, &[]);
+    let second = json!({"batch_id": format!("{account}-summer"), "account_id": account, "items": second_items});
+    let decision = run_batch(&mut producer, &second).await?;
+    ledger_line(ledger, &account).await?;
+    let Decision::Insufficient(short) = decision else {
+        anyhow::bail!("expected an insufficient decision, got {}", decision.kind());
+    };
+
+    let k = short.first_fit.count;
+    println!("\n3. The person picks \"Generate the first {k}\": a new request, mode first_fit.");
+    let third = json!({"batch_id": format!("{account}-summer-first-{k}"), "account_id": account,
+                       "mode": "first_fit", "items": second_items});
+    run_batch(&mut producer, &third).await?;
+    ledger_line(ledger, &account).await?;
+
+    println!("\n4. The account's journal (every credit movement, append-only):");
+    println!("   {:>5} {:<8} {:>7} {:>8} {:>8}  batch / item", "entry", "kind", "amount", "balance", "held");
+    let journal = ledger.journal(&account).await?;
+    for e in journal.iter().filter(|e| e.kind != "capture") {
+        println!(
+            "   {:>5} {:<8} {:>7} {:>+8} {:>+8}  {}{}",
+            e.id,
+            e.kind,
+            e.amount,
+            e.balance_delta,
+            e.held_delta,
+            e.batch_id.as_deref().unwrap_or(e.note.as_deref().unwrap_or("")),
+            e.item_id.as_deref().map(|i| format!(" / {i}")).unwrap_or_default()
+        );
+    }
+    let captures = journal.iter().filter(|e| e.kind == "capture").count();
+    println!("   (+ {captures} per-item capture entries; `holdfast batch show <id>` lists them per item)");
+
+    println!("\n5. The audit recomputes every balance and hold from the journal:");
+    let drift = ledger.audit().await?;
+    print!("   ");
+    report::audit(&drift);
+    producer.close().await;
+    println!("\nTry it yourself: `holdfast account show {account}`, `holdfast batch show {account}-spring`.");
+    Ok(if drift.is_empty() { 0 } else { 1 })
+}

@@ -1,0 +1,145 @@
+//! Starting roles in one process. `holdfast run` starts them all; the single
+//! role commands start one; tests start a fleet per test on their own
+//! database and namespace.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Args;
+use holdfast_common::config::{Connections, CoordinatorSettings, Limits, QueueSettings, ReconcilerSettings};
+use holdfast_common::database;
+use holdfast_common::ledger::Ledger;
+use holdfast_common::telemetry;
+use holdfast_common::topology::Names;
+use holdfast_coordinator::api::{self, ApiState};
+use holdfast_coordinator::reconcile::{self, ReconcilerConfig};
+use holdfast_coordinator::requests::{self, CoordinatorConfig};
+use holdfast_worker::consume::{self, WorkerConfig, WorkerSettings};
+use holdfast_worker::{GeneratorSettings, Generator};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Every setting of every role.
+#[derive(Args, Clone, Debug, Default)]
+pub struct FleetSettings {
+    #[command(flatten)]
+    pub limits: Limits,
+    #[command(flatten)]
+    pub queues: QueueSettings,
+    #[command(flatten)]
+    pub coordinator: CoordinatorSettings,
+    #[command(flatten)]
+    pub reconciler: ReconcilerSettings,
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+    #[command(flatten)]
+    pub generator: GeneratorSettings,
+    /// Address of the HTTP API (health, metrics, views).
+    #[arg(long, env = "HOLDFAST_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: Option<SocketAddr>,
+    /// Audit the ledger every this many reconciler sweeps (0: never).
+    #[arg(long, env = "HOLDFAST_AUDIT_EVERY", default_value_t = 12)]
+    pub audit_every: u64,
+}
+
+/// Which roles a process runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Roles {
+    pub coordinator: bool,
+    pub worker: bool,
+    pub reconciler: bool,
+    pub api: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { coordinator: true, worker: true, reconciler: true, api: true };
+}
+
+/// A running set of roles; stop it with [`Fleet::stop`].
+pub struct Fleet {
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    pub ledger: Ledger,
+    pub names: Names,
+}
+
+impl Fleet {
+    /// Start `roles` with the built-in generator of `settings`.
+    pub async fn start(conn: &Connections, settings: &FleetSettings, roles: Roles) -> anyhow::Result<Fleet> {
+        let generator = holdfast_worker::build_generator(&settings.generator)?;
+        Self::start_with(conn, settings, roles, generator).await
+    }
+
+    /// Start `roles`, the workers running `generator`.
+    pub async fn start_with(
+        conn: &Connections,
+        settings: &FleetSettings,
+        roles: Roles,
+        generator: Arc<dyn Generator>,
+    ) -> anyhow::Result<Fleet> {
+        let pool = database::pool(&conn.database_url, conn.db_pool_size)?;
+        let ledger = Ledger::new(pool);
+        let names = Names::new(conn.namespace.clone());
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        if roles.coordinator {
+            let config = CoordinatorConfig {
+                amqp_url: conn.amqp_url.clone(),
+                names: names.clone(),
+                queues: settings.queues.clone(),
+                limits: settings.limits.clone(),
+                settings: settings.coordinator.clone(),
+                dispatch_grace: settings.reconciler.dispatch_grace(),
+            };
+            tasks.spawn(requests::run(ledger.clone(), config, shutdown.clone()));
+        }
+        if roles.worker {
+            let config = WorkerConfig {
+                amqp_url: conn.amqp_url.clone(),
+                names: names.clone(),
+                queues: settings.queues.clone(),
+                settings: settings.worker.clone(),
+            };
+            tasks.spawn(consume::run(ledger.clone(), config, generator, shutdown.clone()));
+        }
+        if roles.reconciler {
+            let config = ReconcilerConfig {
+                amqp_url: conn.amqp_url.clone(),
+                names: names.clone(),
+                queues: settings.queues.clone(),
+                settings: settings.reconciler.clone(),
+                coordinator: settings.coordinator.clone(),
+                audit_every: settings.audit_every,
+            };
+            tasks.spawn(reconcile::run(ledger.clone(), config, shutdown.clone()));
+        }
+        if let (true, Some(addr)) = (roles.api, settings.http_addr) {
+            let state = ApiState { ledger: ledger.clone(), metrics: telemetry::metrics(), amqp_url: conn.amqp_url.clone() };
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = api::serve_on(state, listener, token).await {
+                    tracing::error!(error = format!("{e:#}"), "HTTP API stopped");
+                }
+            });
+        }
+        tasks.close();
+        Ok(Fleet { shutdown, tasks, ledger, names })
+    }
+
+    /// A token that stops the fleet when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Wait until every role has stopped (after the token is cancelled).
+    pub async fn wait(&self) {
+        self.tasks.wait().await
+    }
+
+    /// Stop every role: consumers stop, in-flight items finish and are acked.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+    }
+}

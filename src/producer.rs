@@ -1,0 +1,113 @@
+//! A producer client: publish batch requests the way any AMQP client would
+//! (default exchange, routing key `<ns>.requests`, `reply_to` + `correlation_id`)
+//! and read the answers from a private reply queue. `holdfast submit` and the
+//! tests use it.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use futures::StreamExt;
+use holdfast_common::config::QueueSettings;
+use holdfast_common::messages::{Decision, Event};
+use holdfast_common::topology::{self, json_properties, Names, Publisher};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Connection, Consumer};
+
+/// A connection with a reply queue.
+pub struct Producer {
+    conn: Connection,
+    publisher: Publisher,
+    names: Names,
+    reply_queue: String,
+    replies: Consumer,
+    pending: HashMap<String, VecDeque<Event>>,
+}
+
+impl Producer {
+    /// Connect, make sure the topology exists, and open an exclusive reply queue.
+    pub async fn connect(amqp_url: &str, names: &Names, queues: &QueueSettings) -> anyhow::Result<Self> {
+        let conn = topology::connect(amqp_url, "holdfast-producer").await?;
+        let channel = conn.create_channel().await?;
+        topology::declare(&channel, names, queues).await?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let reply_queue = queue.name().to_string();
+        let replies = channel
+            .basic_consume(
+                reply_queue.clone().into(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let publisher = Publisher::new(&conn).await?;
+        Ok(Self { conn, publisher, names: names.clone(), reply_queue, replies, pending: HashMap::new() })
+    }
+
+    /// Publish one request body (any bytes: the coordinator validates) and wait for the broker's confirm.
+    pub async fn send(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
+        let props = json_properties()
+            .with_reply_to(ShortString::from(self.reply_queue.as_str()))
+            .with_correlation_id(ShortString::from(correlation_id));
+        self.publisher
+            .publish_confirmed("", &self.names.requests(), body, props)
+            .await?;
+        Ok(())
+    }
+
+    /// The next answer for `correlation_id`, buffering answers to other requests.
+    pub async fn next_for(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Event> {
+        if let Some(e) = self.pending.get_mut(correlation_id).and_then(VecDeque::pop_front) {
+            return Ok(e);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.replies.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer for `{correlation_id}` within {timeout:?}"))?;
+            let delivery = next.ok_or_else(|| anyhow::anyhow!("reply queue closed"))??;
+            let corr = delivery.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default();
+            let event: Event = serde_json::from_slice(&delivery.data)?;
+            if corr == correlation_id {
+                return Ok(event);
+            }
+            self.pending.entry(corr).or_default().push_back(event);
+        }
+    }
+
+    /// Send `body` and wait for its decision.
+    pub async fn submit(&mut self, body: &[u8], correlation_id: &str, timeout: Duration) -> anyhow::Result<Decision> {
+        self.send(body, correlation_id).await?;
+        self.decision_for(correlation_id, timeout).await
+    }
+
+    /// Wait for the decision answering `correlation_id`.
+    pub async fn decision_for(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Decision> {
+        loop {
+            match self.next_for(correlation_id, timeout).await? {
+                Event::Decision(d) => return Ok(d),
+                other => tracing::debug!(?other, "answer before the decision; skipped"),
+            }
+        }
+    }
+
+    /// Wait for the `completed` summary of a granted batch sent with `correlation_id`.
+    pub async fn completed_for(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Event> {
+        loop {
+            match self.next_for(correlation_id, timeout).await? {
+                e @ Event::Completed { .. } => return Ok(e),
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}

@@ -1,0 +1,119 @@
+//! Printing decisions, accounts, batches and audits for people (or as JSON).
+
+use holdfast_common::ledger::{Account, BatchView, Drift};
+use holdfast_common::messages::{Decision, Event};
+use holdfast_common::pricing::thousands;
+
+/// Print `value` as pretty JSON.
+pub fn json<T: serde::Serialize>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+}
+
+pub fn account(a: &Account) {
+    println!(
+        "account {:<20} balance {:>10}  held {:>10}  available {:>10}  open holds {}",
+        a.id,
+        thousands(a.balance),
+        thousands(a.held),
+        thousands(a.available),
+        a.open_holds
+    );
+}
+
+pub fn decision(d: &Decision) {
+    match d {
+        Decision::Granted(g) => {
+            println!(
+                "GRANTED  batch {}: {} credits held for {} of {} items (hold {})",
+                g.batch_id,
+                thousands(g.reserved),
+                g.item_ids.len(),
+                g.items_total,
+                g.hold_id
+            );
+            if !g.left_out.is_empty() {
+                let ids: Vec<_> = g.left_out.iter().map(|l| format!("{} ({})", l.item_id, l.reason)).collect();
+                println!("         left out: {}", ids.join(", "));
+            }
+        }
+        Decision::Insufficient(i) => {
+            println!("INSUFFICIENT  batch {}: nothing was held, nothing started.", i.batch_id);
+            println!("  {}", i.message);
+            println!("  {}", i.detail);
+            println!(
+                "  fits first: {} item(s) for {} credits; by priority: {} item(s) for {} credits",
+                i.first_fit.count,
+                thousands(i.first_fit.cost),
+                i.priority_fit.count,
+                thousands(i.priority_fit.cost)
+            );
+            for o in &i.options {
+                println!("  [{}] {}", o.action, o.label);
+            }
+        }
+        Decision::Rejected(r) => {
+            println!("REJECTED  batch {}: {}", r.batch_id.as_deref().unwrap_or("?"), r.reason);
+        }
+    }
+}
+
+pub fn completed(e: &Event) {
+    if let Event::Completed { batch_id, state, figures: f, .. } = e {
+        println!(
+            "{}  batch {}: {} succeeded, {} failed, {} skipped; reserved {}, captured {}, released {}{}",
+            state.to_uppercase(),
+            batch_id,
+            f.succeeded,
+            f.failed,
+            f.skipped,
+            thousands(f.reserved),
+            thousands(f.captured),
+            thousands(f.released),
+            if f.overrun > 0 { format!(", overrun {} (not charged)", thousands(f.overrun)) } else { String::new() }
+        );
+    }
+}
+
+pub fn batch(b: &BatchView) {
+    let f = &b.figures;
+    println!("batch {}  account {}  mode {}  state {}", b.batch_id, b.account_id, b.mode, b.state);
+    if let Some(h) = &b.hold_id {
+        println!("  hold {} ({})", h, b.hold_state.as_deref().unwrap_or("?"));
+    }
+    println!(
+        "  items {}: run {}, succeeded {}, failed {}, skipped {}, pending {}",
+        f.items_total, f.run, f.succeeded, f.failed, f.skipped, f.pending
+    );
+    println!(
+        "  credits: reserved {}, captured {}, released {}, overrun {}",
+        thousands(f.reserved),
+        thousands(f.captured),
+        thousands(f.released),
+        thousands(f.overrun)
+    );
+    if !b.items.is_empty() {
+        println!("  {:<16} {:<10} {:>9} {:>9} {:>9}  reason", "item", "state", "reserved", "captured", "overrun");
+        for i in &b.items {
+            println!(
+                "  {:<16} {:<10} {:>9} {:>9} {:>9}  {}",
+                i.item_id,
+                i.state,
+                thousands(i.reserved),
+                thousands(i.captured),
+                thousands(i.overrun),
+                i.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+}
+
+pub fn audit(drift: &[Drift]) {
+    if drift.is_empty() {
+        println!("audit: the ledger is exact (balances, holds and items agree with the journal)");
+    } else {
+        println!("audit: {} problem(s)", drift.len());
+        for d in drift {
+            println!("  {}: {}", d.subject, d.problem);
+        }
+    }
+}
