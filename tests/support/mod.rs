@@ -78,7 +78,7 @@ pub struct TestFleet {
     pub settings: FleetSettings,
     pub ledger: Ledger,
     pub names: Names,
-    pub fleet: Option<Fleet>,
+    pub fleets: Vec<Fleet>,
     pub producer: Producer,
     _cleanup: Cleanup,
 }
@@ -97,7 +97,7 @@ impl TestFleet {
         let names = Names::new(conn.namespace.clone());
         let ledger = Ledger::new(database::pool(&conn.database_url, 4).unwrap());
         let producer = Producer::connect(&conn.amqp_url, &names, &settings.queues).await.expect("producer connects");
-        let mut fleet = Self { conn, settings, ledger, names, fleet: None, producer, _cleanup: cleanup };
+        let mut fleet = Self { conn, settings, ledger, names, fleets: Vec::new(), producer, _cleanup: cleanup };
         if roles.coordinator || roles.worker || roles.reconciler || roles.api {
             fleet.start_roles(roles, generator).await;
         }
@@ -111,13 +111,12 @@ impl TestFleet {
             None => holdfast_worker::build_generator(&self.settings.generator).unwrap(),
         };
         let fleet = Fleet::start_with(&self.conn, &self.settings, roles, generator).await.expect("fleet starts");
-        assert!(self.fleet.is_none(), "one in-process fleet per test");
-        self.fleet = Some(fleet);
+        self.fleets.push(fleet);
     }
 
     /// Stop the in-process roles (graceful: in-flight items finish).
     pub async fn stop_roles(&mut self) {
-        if let Some(f) = self.fleet.take() {
+        for f in self.fleets.drain(..) {
             f.stop().await;
         }
     }

@@ -111,8 +111,11 @@ impl Ledger {
             if !batches.contains_key(&s.batch_id) {
                 continue;
             }
-            if first.insert((&s.batch_id, &s.item_id), i).is_some() {
-                continue;
+            match first.entry((&s.batch_id, &s.item_id)) {
+                std::collections::hash_map::Entry::Occupied(_) => continue,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
             }
             b.push(s.batch_id.as_str());
             it.push(s.item_id.as_str());
