@@ -65,7 +65,7 @@ pub async fn run(conn: &Connections, settings: &FleetSettings) -> anyhow::Result
     println!("Holdfast demo: never start what you can't finish.\n");
     database::migrate(&conn.database_url).await?;
     let mut settings = settings.clone();
-    settings.http_addr = None;
+    settings.http_addr = crate::fleet::HttpAddr(None);
     settings.reconciler.sweep_interval_ms = settings.reconciler.sweep_interval_ms.min(1_000);
     let fleet = Fleet::start(conn, &settings, Roles::ALL).await?;
     println!(

@@ -34,12 +34,29 @@ pub struct FleetSettings {
     pub worker: WorkerSettings,
     #[command(flatten)]
     pub generator: GeneratorSettings,
-    /// Address of the HTTP API (health, metrics, views).
+    /// Address of the HTTP API (health, metrics, views), or `off`.
     #[arg(long, env = "HOLDFAST_HTTP_ADDR", default_value = "127.0.0.1:8080")]
-    pub http_addr: Option<SocketAddr>,
+    pub http_addr: HttpAddr,
     /// Audit the ledger every this many reconciler sweeps (0: never).
     #[arg(long, env = "HOLDFAST_AUDIT_EVERY", default_value_t = 12)]
     pub audit_every: u64,
+}
+
+/// Where the HTTP API listens; `off` for nowhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HttpAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "off" | "none" => Ok(HttpAddr(None)),
+            a => a
+                .parse()
+                .map(|a| HttpAddr(Some(a)))
+                .map_err(|e| format!("`{a}` is not an address like 127.0.0.1:8080 (or `off`): {e}")),
+        }
+    }
 }
 
 /// Which roles a process runs.
@@ -113,7 +130,7 @@ impl Fleet {
             };
             tasks.spawn(reconcile::run(ledger.clone(), config, shutdown.clone()));
         }
-        if let (true, Some(addr)) = (roles.api, settings.http_addr) {
+        if let (true, HttpAddr(Some(addr))) = (roles.api, settings.http_addr) {
             let state = ApiState { ledger: ledger.clone(), metrics: telemetry::metrics(), amqp_url: conn.amqp_url.clone() };
             let listener = tokio::net::TcpListener::bind(addr).await?;
             let token = shutdown.clone();

@@ -36,7 +36,7 @@ pub fn unique_connections() -> Connections {
 /// Settings that make a test fast: quick sweeps, short grace periods.
 pub fn fast_settings() -> FleetSettings {
     let mut s = FleetSettings::default();
-    s.http_addr = None;
+    s.http_addr = holdfast::fleet::HttpAddr(None);
     s.reconciler.sweep_interval_ms = 200;
     s.reconciler.dispatch_grace_secs = 2;
     s.worker.generator_retry_ms = 10;
