@@ -45,7 +45,9 @@ async fn ledger_line(ledger: &Ledger, account: &str) -> anyhow::Result<()> {
 
 async fn run_batch(producer: &mut Producer, request: &Value) -> anyhow::Result<Decision> {
     let id = request["batch_id"].as_str().unwrap_or_default().to_string();
-    let decision = producer.submit(request.to_string().as_bytes(), &id, WAIT).await?;
+    let decision = producer
+        .submit(request.to_string().as_bytes(), &id, WAIT)
+        .await?;
     print!("   ");
     report::decision(&decision);
     if let Decision::Granted(_) = decision {
@@ -79,16 +81,29 @@ pub async fn run(conn: &Connections, settings: &FleetSettings) -> anyhow::Result
     result
 }
 
-async fn story(conn: &Connections, settings: &FleetSettings, ledger: &Ledger) -> anyhow::Result<i32> {
+async fn story(
+    conn: &Connections,
+    settings: &FleetSettings,
+    ledger: &Ledger,
+) -> anyhow::Result<i32> {
     let stamp = chrono::Utc::now().format("%H%M%S%3f").to_string();
     let account = format!("demo-studio-{stamp}");
-    let mut producer = Producer::connect(&conn.amqp_url, &holdfast_common::topology::Names::new(conn.namespace.clone()), &settings.queues).await?;
+    let mut producer = Producer::connect(
+        &conn.amqp_url,
+        &holdfast_common::topology::Names::new(conn.namespace.clone()),
+        &settings.queues,
+    )
+    .await?;
 
     println!("\n0. A customer account with 200 credits.");
-    ledger.grant(&account, 200, Some("demo top-up"), true).await?;
+    ledger
+        .grant(&account, 200, Some("demo top-up"), true)
+        .await?;
     ledger_line(ledger, &account).await?;
 
-    println!("\n1. The person clicks \"Generate All\" for 10 product photos, estimated 12 credits each.");
+    println!(
+        "\n1. The person clicks \"Generate All\" for 10 product photos, estimated 12 credits each."
+    );
     let first = json!({"batch_id": format!("{account}-spring"), "account_id": account,
                        "items": items("spring", 10, 12, &[2, 5, 8])});
     run_batch(&mut producer, &first).await?;
@@ -112,7 +127,10 @@ async fn story(conn: &Connections, settings: &FleetSettings, ledger: &Ledger) ->
     ledger_line(ledger, &account).await?;
 
     println!("\n4. The account's journal (every credit movement, append-only):");
-    println!("   {:>5} {:<8} {:>7} {:>8} {:>8}  batch / item", "entry", "kind", "amount", "balance", "held");
+    println!(
+        "   {:>5} {:<8} {:>7} {:>8} {:>8}  batch / item",
+        "entry", "kind", "amount", "balance", "held"
+    );
     let journal = ledger.journal(&account).await?;
     for e in journal.iter().filter(|e| e.kind != "capture") {
         println!(
@@ -122,8 +140,13 @@ async fn story(conn: &Connections, settings: &FleetSettings, ledger: &Ledger) ->
             e.amount,
             e.balance_delta,
             e.held_delta,
-            e.batch_id.as_deref().unwrap_or(e.note.as_deref().unwrap_or("")),
-            e.item_id.as_deref().map(|i| format!(" / {i}")).unwrap_or_default()
+            e.batch_id
+                .as_deref()
+                .unwrap_or(e.note.as_deref().unwrap_or("")),
+            e.item_id
+                .as_deref()
+                .map(|i| format!(" / {i}"))
+                .unwrap_or_default()
         );
     }
     let captures = journal.iter().filter(|e| e.kind == "capture").count();

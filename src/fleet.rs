@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Args;
-use holdfast_common::config::{Connections, CoordinatorSettings, Limits, QueueSettings, ReconcilerSettings};
+use holdfast_common::config::{
+    Connections, CoordinatorSettings, Limits, QueueSettings, ReconcilerSettings,
+};
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::telemetry;
@@ -15,7 +17,7 @@ use holdfast_coordinator::api::{self, ApiState};
 use holdfast_coordinator::reconcile::{self, ReconcilerConfig};
 use holdfast_coordinator::requests::{self, CoordinatorConfig};
 use holdfast_worker::consume::{self, WorkerConfig, WorkerSettings};
-use holdfast_worker::{GeneratorSettings, Generator};
+use holdfast_worker::{Generator, GeneratorSettings};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,10 +53,9 @@ impl std::str::FromStr for HttpAddr {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim() {
             "" | "off" | "none" => Ok(HttpAddr(None)),
-            a => a
-                .parse()
-                .map(|a| HttpAddr(Some(a)))
-                .map_err(|e| format!("`{a}` is not an address like 127.0.0.1:8080 (or `off`): {e}")),
+            a => a.parse().map(|a| HttpAddr(Some(a))).map_err(|e| {
+                format!("`{a}` is not an address like 127.0.0.1:8080 (or `off`): {e}")
+            }),
         }
     }
 }
@@ -69,7 +70,12 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { coordinator: true, worker: true, reconciler: true, api: true };
+    pub const ALL: Roles = Roles {
+        coordinator: true,
+        worker: true,
+        reconciler: true,
+        api: true,
+    };
 }
 
 /// A running set of roles; stop it with [`Fleet::stop`].
@@ -82,7 +88,11 @@ pub struct Fleet {
 
 impl Fleet {
     /// Start `roles` with the built-in generator of `settings`.
-    pub async fn start(conn: &Connections, settings: &FleetSettings, roles: Roles) -> anyhow::Result<Fleet> {
+    pub async fn start(
+        conn: &Connections,
+        settings: &FleetSettings,
+        roles: Roles,
+    ) -> anyhow::Result<Fleet> {
         let generator = holdfast_worker::build_generator(&settings.generator)?;
         Self::start_with(conn, settings, roles, generator).await
     }
@@ -117,7 +127,12 @@ impl Fleet {
                 queues: settings.queues.clone(),
                 settings: settings.worker.clone(),
             };
-            tasks.spawn(consume::run(ledger.clone(), config, generator, shutdown.clone()));
+            tasks.spawn(consume::run(
+                ledger.clone(),
+                config,
+                generator,
+                shutdown.clone(),
+            ));
         }
         if roles.reconciler {
             let config = ReconcilerConfig {
@@ -131,7 +146,11 @@ impl Fleet {
             tasks.spawn(reconcile::run(ledger.clone(), config, shutdown.clone()));
         }
         if let (true, HttpAddr(Some(addr))) = (roles.api, settings.http_addr) {
-            let state = ApiState { ledger: ledger.clone(), metrics: telemetry::metrics(), amqp_url: conn.amqp_url.clone() };
+            let state = ApiState {
+                ledger: ledger.clone(),
+                metrics: telemetry::metrics(),
+                amqp_url: conn.amqp_url.clone(),
+            };
             let listener = tokio::net::TcpListener::bind(addr).await?;
             let token = shutdown.clone();
             tasks.spawn(async move {
@@ -141,7 +160,12 @@ impl Fleet {
             });
         }
         tasks.close();
-        Ok(Fleet { shutdown, tasks, ledger, names })
+        Ok(Fleet {
+            shutdown,
+            tasks,
+            ledger,
+            names,
+        })
     }
 
     /// A token that stops the fleet when cancelled.

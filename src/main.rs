@@ -17,7 +17,11 @@ use holdfast_common::topology::Names;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "holdfast", version, about = "Credit quotas for Generate All batches: one hold per batch, jobs only when granted.")]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Credit quotas for Generate All batches: one hold per batch, jobs only when granted."
+)]
 struct Cli {
     #[command(flatten)]
     conn: Connections,
@@ -64,6 +68,8 @@ enum AccountCommand {
     /// Add credits to an account.
     Grant {
         id: String,
+        /// Credits to add, in the smallest unit (a positive whole number).
+        #[arg(allow_negative_numbers = true)]
         amount: i64,
         /// A reference stored in the journal (invoice, reason).
         #[arg(long)]
@@ -99,7 +105,10 @@ struct SubmitArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo tells its own story on stdout; keep the logs to warnings unless asked.
-    if matches!(cli.command, Command::Demo(_)) && std::env::var_os("HOLDFAST_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+    if matches!(cli.command, Command::Demo(_))
+        && std::env::var_os("HOLDFAST_LOG").is_none()
+        && std::env::var_os("RUST_LOG").is_none()
+    {
         std::env::set_var("HOLDFAST_LOG", "warn");
     }
     telemetry::init_logging(cli.log_json);
@@ -122,7 +131,12 @@ fn on_signal(token: CancellationToken) {
     });
 }
 
-async fn serve(conn: &Connections, settings: &FleetSettings, roles: Roles, migrate: bool) -> anyhow::Result<i32> {
+async fn serve(
+    conn: &Connections,
+    settings: &FleetSettings,
+    roles: Roles,
+    migrate: bool,
+) -> anyhow::Result<i32> {
     if migrate {
         database::migrate(&conn.database_url)
             .await
@@ -149,10 +163,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .with_context(|| format!("migrating {}", database::describe(&conn.database_url)))?;
             if cli.json {
-                report::json(&serde_json::json!({"created_database": r.created_database, "applied": r.applied}));
+                report::json(
+                    &serde_json::json!({"created_database": r.created_database, "applied": r.applied}),
+                );
             } else {
                 if r.created_database {
-                    println!("created database {}", database::describe(&conn.database_url));
+                    println!(
+                        "created database {}",
+                        database::describe(&conn.database_url)
+                    );
                 }
                 match r.applied.len() {
                     0 => println!("migrations: up to date"),
@@ -162,16 +181,55 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(s) => serve(conn, &s, Roles::ALL, true).await,
-        Command::Coordinator(s) => serve(conn, &s, Roles { coordinator: true, api: true, ..Default::default() }, false).await,
-        Command::Worker(s) => serve(conn, &s, Roles { worker: true, api: true, ..Default::default() }, false).await,
-        Command::Reconciler(s) => serve(conn, &s, Roles { reconciler: true, api: true, ..Default::default() }, false).await,
+        Command::Coordinator(s) => {
+            serve(
+                conn,
+                &s,
+                Roles {
+                    coordinator: true,
+                    api: true,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+        }
+        Command::Worker(s) => {
+            serve(
+                conn,
+                &s,
+                Roles {
+                    worker: true,
+                    api: true,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+        }
+        Command::Reconciler(s) => {
+            serve(
+                conn,
+                &s,
+                Roles {
+                    reconciler: true,
+                    api: true,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+        }
         Command::Account(cmd) => {
             let ledger = ledger(conn)?;
             let account = match cmd {
                 AccountCommand::Create { id } => ledger.create_account(&id).await?,
-                AccountCommand::Grant { id, amount, note, create } => {
-                    ledger.grant(&id, amount, note.as_deref(), create).await?
-                }
+                AccountCommand::Grant {
+                    id,
+                    amount,
+                    note,
+                    create,
+                } => ledger.grant(&id, amount, note.as_deref(), create).await?,
                 AccountCommand::Show { id } => ledger.account(&id).await?,
             };
             if cli.json {

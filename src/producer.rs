@@ -26,14 +26,22 @@ pub struct Producer {
 
 impl Producer {
     /// Connect, make sure the topology exists, and open an exclusive reply queue.
-    pub async fn connect(amqp_url: &str, names: &Names, queues: &QueueSettings) -> anyhow::Result<Self> {
+    pub async fn connect(
+        amqp_url: &str,
+        names: &Names,
+        queues: &QueueSettings,
+    ) -> anyhow::Result<Self> {
         let conn = topology::connect(amqp_url, "holdfast-producer").await?;
         let channel = conn.create_channel().await?;
         topology::declare(&channel, names, queues).await?;
         let queue = channel
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
@@ -42,12 +50,22 @@ impl Producer {
             .basic_consume(
                 reply_queue.clone().into(),
                 "".into(),
-                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
         let publisher = Publisher::new(&conn).await?;
-        Ok(Self { conn, publisher, names: names.clone(), reply_queue, replies, pending: HashMap::new() })
+        Ok(Self {
+            conn,
+            publisher,
+            names: names.clone(),
+            reply_queue,
+            replies,
+            pending: HashMap::new(),
+        })
     }
 
     /// Publish one request body (any bytes: the coordinator validates) and wait for the broker's confirm.
@@ -62,17 +80,32 @@ impl Producer {
     }
 
     /// The next answer for `correlation_id`, buffering answers to other requests.
-    pub async fn next_for(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Event> {
-        if let Some(e) = self.pending.get_mut(correlation_id).and_then(VecDeque::pop_front) {
+    pub async fn next_for(
+        &mut self,
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Event> {
+        if let Some(e) = self
+            .pending
+            .get_mut(correlation_id)
+            .and_then(VecDeque::pop_front)
+        {
             return Ok(e);
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let next = tokio::time::timeout_at(deadline, self.replies.next())
                 .await
-                .map_err(|_| anyhow::anyhow!("no answer for `{correlation_id}` within {timeout:?}"))?;
+                .map_err(|_| {
+                    anyhow::anyhow!("no answer for `{correlation_id}` within {timeout:?}")
+                })?;
             let delivery = next.ok_or_else(|| anyhow::anyhow!("reply queue closed"))??;
-            let corr = delivery.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default();
+            let corr = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
             let event: Event = serde_json::from_slice(&delivery.data)?;
             if corr == correlation_id {
                 return Ok(event);
@@ -82,13 +115,22 @@ impl Producer {
     }
 
     /// Send `body` and wait for its decision.
-    pub async fn submit(&mut self, body: &[u8], correlation_id: &str, timeout: Duration) -> anyhow::Result<Decision> {
+    pub async fn submit(
+        &mut self,
+        body: &[u8],
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Decision> {
         self.send(body, correlation_id).await?;
         self.decision_for(correlation_id, timeout).await
     }
 
     /// Wait for the decision answering `correlation_id`.
-    pub async fn decision_for(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Decision> {
+    pub async fn decision_for(
+        &mut self,
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Decision> {
         loop {
             match self.next_for(correlation_id, timeout).await? {
                 Event::Decision(d) => return Ok(d),
@@ -98,7 +140,11 @@ impl Producer {
     }
 
     /// Wait for the `completed` summary of a granted batch sent with `correlation_id`.
-    pub async fn completed_for(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Event> {
+    pub async fn completed_for(
+        &mut self,
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Event> {
         loop {
             match self.next_for(correlation_id, timeout).await? {
                 e @ Event::Completed { .. } => return Ok(e),

@@ -6,7 +6,10 @@ use holdfast_common::pricing::thousands;
 
 /// Print `value` as pretty JSON.
 pub fn json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serialisable")
+    );
 }
 
 pub fn account(a: &Account) {
@@ -32,12 +35,19 @@ pub fn decision(d: &Decision) {
                 g.hold_id
             );
             if !g.left_out.is_empty() {
-                let ids: Vec<_> = g.left_out.iter().map(|l| format!("{} ({})", l.item_id, l.reason)).collect();
+                let ids: Vec<_> = g
+                    .left_out
+                    .iter()
+                    .map(|l| format!("{} ({})", l.item_id, l.reason))
+                    .collect();
                 println!("         left out: {}", ids.join(", "));
             }
         }
         Decision::Insufficient(i) => {
-            println!("INSUFFICIENT  batch {}: nothing was held, nothing started.", i.batch_id);
+            println!(
+                "INSUFFICIENT  batch {}: nothing was held, nothing started.",
+                i.batch_id
+            );
             println!("  {}", i.message);
             println!("  {}", i.detail);
             println!(
@@ -52,13 +62,23 @@ pub fn decision(d: &Decision) {
             }
         }
         Decision::Rejected(r) => {
-            println!("REJECTED  batch {}: {}", r.batch_id.as_deref().unwrap_or("?"), r.reason);
+            println!(
+                "REJECTED  batch {}: {}",
+                r.batch_id.as_deref().unwrap_or("?"),
+                r.reason
+            );
         }
     }
 }
 
 pub fn completed(e: &Event) {
-    if let Event::Completed { batch_id, state, figures: f, .. } = e {
+    if let Event::Completed {
+        batch_id,
+        state,
+        figures: f,
+        ..
+    } = e
+    {
         println!(
             "{}  batch {}: {} succeeded, {} failed, {} skipped; reserved {}, captured {}, released {}{}",
             state.to_uppercase(),
@@ -76,7 +96,10 @@ pub fn completed(e: &Event) {
 
 pub fn batch(b: &BatchView) {
     let f = &b.figures;
-    println!("batch {}  account {}  mode {}  state {}", b.batch_id, b.account_id, b.mode, b.state);
+    println!(
+        "batch {}  account {}  mode {}  state {}",
+        b.batch_id, b.account_id, b.mode, b.state
+    );
     if let Some(h) = &b.hold_id {
         println!("  hold {} ({})", h, b.hold_state.as_deref().unwrap_or("?"));
     }
@@ -92,7 +115,10 @@ pub fn batch(b: &BatchView) {
         thousands(f.overrun)
     );
     if !b.items.is_empty() {
-        println!("  {:<16} {:<10} {:>9} {:>9} {:>9}  reason", "item", "state", "reserved", "captured", "overrun");
+        println!(
+            "  {:<16} {:<10} {:>9} {:>9} {:>9}  reason",
+            "item", "state", "reserved", "captured", "overrun"
+        );
         for i in &b.items {
             println!(
                 "  {:<16} {:<10} {:>9} {:>9} {:>9}  {}",

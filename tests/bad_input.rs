@@ -14,7 +14,15 @@ async fn every_class_of_bad_input_is_rejected_parked_and_harmless() {
     settings.limits.max_items = 5;
     settings.limits.max_payload_bytes = 64;
     settings.limits.max_item_cost = 1_000;
-    let mut t = TestFleet::start_with(settings, Roles { api: false, ..Roles::ALL }, None).await;
+    let mut t = TestFleet::start_with(
+        settings,
+        Roles {
+            api: false,
+            ..Roles::ALL
+        },
+        None,
+    )
+    .await;
     t.grant("acme", 1_000).await;
     let item = |id: &str, cost: i64| json!({"item_id": id, "estimated_cost": cost});
     let body = |v: serde_json::Value| v.to_string().into_bytes();
@@ -24,31 +32,123 @@ async fn every_class_of_bad_input_is_rejected_parked_and_harmless() {
         (b"{not json".to_vec(), "body", "not valid JSON"),
         (b"\xff\xfe\x00garbage".to_vec(), "body", "not valid JSON"),
         (body(json!([1, 2, 3])), "body", "must be a JSON object"),
-        (body(json!({"account_id": "acme", "items": [item("a", 1)]})), "batch_id", "is required"),
-        (body(json!({"batch_id": "m2", "items": [item("a", 1)]})), "account_id", "is required"),
-        (body(json!({"batch_id": "m3", "account_id": "acme"})), "items", "is required"),
-        (body(json!({"batch_id": "m4", "account_id": "acme", "items": [{"item_id": "a"}]})), "items[0].estimated_cost", "is required"),
-        (body(json!({"batch_id": "u1", "account_id": "ghost", "items": [item("a", 1)]})), "account_id", "unknown account `ghost`"),
-        (body(json!({"batch_id": "c0", "account_id": "acme", "items": [item("a", 0)]})), "items[0].estimated_cost", "greater than zero"),
-        (body(json!({"batch_id": "c1", "account_id": "acme", "items": [item("a", 5), item("b", -3)]})), "items[1].estimated_cost", "greater than zero"),
-        (body(json!({"batch_id": "c2", "account_id": "acme", "items": [item("a", 1_001)]})), "items[0].estimated_cost", "exceeds the per-item limit"),
-        (body(json!({"batch_id": "c3", "account_id": "acme", "items": [{"item_id": "a", "estimated_cost": 1.5}]})), "items[0].estimated_cost", "whole number"),
-        (body(json!({"batch_id": "c4", "account_id": "acme", "items": [{"item_id": "a", "estimated_cost": 1e30}]})), "items[0].estimated_cost", ""),
-        (body(json!({"batch_id": "e1", "account_id": "acme", "items": []})), "items", "at least one item"),
-        (body(json!({"batch_id": "d1", "account_id": "acme", "items": [item("a", 1), item("a", 2)]})), "items[1].item_id", "duplicate item id `a`"),
-        (body(json!({"batch_id": "l1", "account_id": "acme", "items": (0..6).map(|i| item(&format!("x{i}"), 1)).collect::<Vec<_>>()})), "items", "the limit is 5"),
-        (body(json!({"batch_id": "p1", "account_id": "acme", "items": [{"item_id": "a", "estimated_cost": 1, "payload": {"prompt": "x".repeat(100)}}]})), "items[0].payload", "the limit is 64"),
-        (body(json!({"batch_id": "s1", "account_id": "acme", "mode": "selected", "item_ids": ["a", "zz"], "items": [item("a", 1)]})), "item_ids[1]", "`zz` is not an item of this batch"),
-        (body(json!({"batch_id": "s2", "account_id": "acme", "mode": "selected", "items": [item("a", 1)]})), "item_ids", "is required with mode `selected`"),
-        (body(json!({"batch_id": "md", "account_id": "acme", "mode": "most", "items": [item("a", 1)]})), "mode", "unknown mode `most`"),
-        (body(json!({"batch_id": "", "account_id": "acme", "items": [item("a", 1)]})), "batch_id", "must not be empty"),
+        (
+            body(json!({"account_id": "acme", "items": [item("a", 1)]})),
+            "batch_id",
+            "is required",
+        ),
+        (
+            body(json!({"batch_id": "m2", "items": [item("a", 1)]})),
+            "account_id",
+            "is required",
+        ),
+        (
+            body(json!({"batch_id": "m3", "account_id": "acme"})),
+            "items",
+            "is required",
+        ),
+        (
+            body(json!({"batch_id": "m4", "account_id": "acme", "items": [{"item_id": "a"}]})),
+            "items[0].estimated_cost",
+            "is required",
+        ),
+        (
+            body(json!({"batch_id": "u1", "account_id": "ghost", "items": [item("a", 1)]})),
+            "account_id",
+            "unknown account `ghost`",
+        ),
+        (
+            body(json!({"batch_id": "c0", "account_id": "acme", "items": [item("a", 0)]})),
+            "items[0].estimated_cost",
+            "greater than zero",
+        ),
+        (
+            body(
+                json!({"batch_id": "c1", "account_id": "acme", "items": [item("a", 5), item("b", -3)]}),
+            ),
+            "items[1].estimated_cost",
+            "greater than zero",
+        ),
+        (
+            body(json!({"batch_id": "c2", "account_id": "acme", "items": [item("a", 1_001)]})),
+            "items[0].estimated_cost",
+            "exceeds the per-item limit",
+        ),
+        (
+            body(
+                json!({"batch_id": "c3", "account_id": "acme", "items": [{"item_id": "a", "estimated_cost": 1.5}]}),
+            ),
+            "items[0].estimated_cost",
+            "whole number",
+        ),
+        (
+            body(
+                json!({"batch_id": "c4", "account_id": "acme", "items": [{"item_id": "a", "estimated_cost": 1e30}]}),
+            ),
+            "items[0].estimated_cost",
+            "",
+        ),
+        (
+            body(json!({"batch_id": "e1", "account_id": "acme", "items": []})),
+            "items",
+            "at least one item",
+        ),
+        (
+            body(
+                json!({"batch_id": "d1", "account_id": "acme", "items": [item("a", 1), item("a", 2)]}),
+            ),
+            "items[1].item_id",
+            "duplicate item id `a`",
+        ),
+        (
+            body(
+                json!({"batch_id": "l1", "account_id": "acme", "items": (0..6).map(|i| item(&format!("x{i}"), 1)).collect::<Vec<_>>()}),
+            ),
+            "items",
+            "the limit is 5",
+        ),
+        (
+            body(
+                json!({"batch_id": "p1", "account_id": "acme", "items": [{"item_id": "a", "estimated_cost": 1, "payload": {"prompt": "x".repeat(100)}}]}),
+            ),
+            "items[0].payload",
+            "the limit is 64",
+        ),
+        (
+            body(
+                json!({"batch_id": "s1", "account_id": "acme", "mode": "selected", "item_ids": ["a", "zz"], "items": [item("a", 1)]}),
+            ),
+            "item_ids[1]",
+            "`zz` is not an item of this batch",
+        ),
+        (
+            body(
+                json!({"batch_id": "s2", "account_id": "acme", "mode": "selected", "items": [item("a", 1)]}),
+            ),
+            "item_ids",
+            "is required with mode `selected`",
+        ),
+        (
+            body(
+                json!({"batch_id": "md", "account_id": "acme", "mode": "most", "items": [item("a", 1)]}),
+            ),
+            "mode",
+            "unknown mode `most`",
+        ),
+        (
+            body(json!({"batch_id": "", "account_id": "acme", "items": [item("a", 1)]})),
+            "batch_id",
+            "must not be empty",
+        ),
     ];
 
     for (i, (bytes, field, words)) in cases.iter().enumerate() {
         let d = t.submit_raw(bytes).await;
         let r = rejected(&d);
         assert!(
-            r.errors.iter().any(|e| e.field == *field && e.reason.contains(words)),
+            r.errors
+                .iter()
+                .any(|e| e.field == *field && e.reason.contains(words)),
             "case {i}: expected `{field}` ~ `{words}`, got {:?}",
             r.errors
         );
@@ -61,14 +161,25 @@ async fn every_class_of_bad_input_is_rejected_parked_and_harmless() {
     assert_eq!(dead.len(), cases.len(), "each bad request is parked once");
     for ((body, _, _), (parked, reason)) in cases.iter().zip(&dead) {
         assert_eq!(body, parked, "the original bytes are kept");
-        assert!(!reason.is_empty(), "the reason travels with the parked message");
+        assert!(
+            !reason.is_empty(),
+            "the reason travels with the parked message"
+        );
     }
     for i in 0..cases.len() {
         t.wait_closed(&format!("ok-{i}")).await;
     }
     let a = t.ledger.account("acme").await.unwrap();
-    assert_eq!((a.open_holds, a.held), (0, 0), "no bad request holds anything");
-    assert_eq!(a.balance, 1_000 - cases.len() as i64, "only the valid requests were charged");
+    assert_eq!(
+        (a.open_holds, a.held),
+        (0, 0),
+        "no bad request holds anything"
+    );
+    assert_eq!(
+        a.balance,
+        1_000 - cases.len() as i64,
+        "only the valid requests were charged"
+    );
     assert_eq!(t.ledger.batch("u1").await.unwrap().map(|b| b.state), None);
     t.assert_exact().await;
     t.stop().await;

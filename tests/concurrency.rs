@@ -19,7 +19,15 @@ async fn racing_producers_on_one_account_never_overspend() {
     const GRANTED: i64 = 3_000;
     let mut settings = fast_settings();
     settings.coordinator.coordinator_consumers = 4;
-    let t = TestFleet::start_with(settings, holdfast::fleet::Roles { api: false, ..holdfast::fleet::Roles::ALL }, None).await;
+    let t = TestFleet::start_with(
+        settings,
+        holdfast::fleet::Roles {
+            api: false,
+            ..holdfast::fleet::Roles::ALL
+        },
+        None,
+    )
+    .await;
     t.grant("hot", GRANTED).await;
 
     // Sample `available` throughout: it must never go below zero.
@@ -83,14 +91,26 @@ async fn racing_producers_on_one_account_never_overspend() {
     let mut captured = 0;
     for id in &granted_ids {
         let b = t.ledger.batch(id).await.unwrap().unwrap();
-        assert_eq!(b.figures.reserved, b.figures.captured + b.figures.released, "batch {id}");
+        assert_eq!(
+            b.figures.reserved,
+            b.figures.captured + b.figures.released,
+            "batch {id}"
+        );
         assert!(b.items.iter().all(|i| i.captured <= i.reserved));
         captured += b.figures.captured;
     }
     assert_eq!(a.held, 0);
-    assert_eq!(a.balance, GRANTED - captured, "balance = granted - captured");
+    assert_eq!(
+        a.balance,
+        GRANTED - captured,
+        "balance = granted - captured"
+    );
     assert!(captured <= GRANTED);
-    assert!(!granted_ids.is_empty() && denied > 0, "credits ran out mid-way: {} granted, {denied} denied", granted_ids.len());
+    assert!(
+        !granted_ids.is_empty() && denied > 0,
+        "credits ran out mid-way: {} granted, {denied} denied",
+        granted_ids.len()
+    );
     assert!(samples > 10);
     t.assert_exact().await;
     t.stop().await;

@@ -13,21 +13,47 @@ async fn granted_batch_captures_every_item_once_and_closes_its_hold() {
     t.grant("acme", 500).await;
     let d = t.submit(&request("b1", "acme", 10, 12)).await;
     let g = granted(&d);
-    assert_eq!((g.reserved, g.item_ids.len(), g.left_out.len()), (120, 10, 0));
+    assert_eq!(
+        (g.reserved, g.item_ids.len(), g.left_out.len()),
+        (120, 10, 0)
+    );
 
-    let Event::Completed { state, figures, .. } = t.completed("b1").await else { unreachable!() };
+    let Event::Completed { state, figures, .. } = t.completed("b1").await else {
+        unreachable!()
+    };
     assert_eq!(state, "completed");
-    assert_eq!((figures.succeeded, figures.failed, figures.pending), (10, 0, 0));
-    assert_eq!((figures.reserved, figures.captured, figures.released), (120, 120, 0));
+    assert_eq!(
+        (figures.succeeded, figures.failed, figures.pending),
+        (10, 0, 0)
+    );
+    assert_eq!(
+        (figures.reserved, figures.captured, figures.released),
+        (120, 120, 0)
+    );
 
     let b = t.wait_closed("b1").await;
     assert_eq!(b.hold_state.as_deref(), Some("closed"));
-    assert!(b.items.iter().all(|i| i.state == "succeeded" && i.captured == 12));
+    assert!(b
+        .items
+        .iter()
+        .all(|i| i.state == "succeeded" && i.captured == 12));
     let a = t.ledger.account("acme").await.unwrap();
-    assert_eq!((a.balance, a.held, a.available, a.open_holds), (380, 0, 380, 0));
+    assert_eq!(
+        (a.balance, a.held, a.available, a.open_holds),
+        (380, 0, 380, 0)
+    );
     let journal = t.ledger.journal("acme").await.unwrap();
     let kinds = |k: &str| journal.iter().filter(|e| e.kind == k).count();
-    assert_eq!((kinds("grant"), kinds("hold"), kinds("capture"), kinds("settle"), kinds("release")), (1, 1, 10, 1, 1));
+    assert_eq!(
+        (
+            kinds("grant"),
+            kinds("hold"),
+            kinds("capture"),
+            kinds("settle"),
+            kinds("release")
+        ),
+        (1, 1, 10, 1, 1)
+    );
     t.assert_exact().await;
     t.stop().await;
 }
@@ -45,10 +71,25 @@ async fn insufficient_holds_nothing_and_first_fit_then_runs_exactly_k_items() {
     let s = insufficient(&d);
     assert_eq!((s.total_cost, s.available, s.shortfall), (120, 100, 20));
     assert_eq!((s.items_total, s.fit_count), (10, 8));
-    assert_eq!(s.first_fit.item_ids, (0..8).map(|i| format!("i{i}")).collect::<Vec<_>>());
-    assert_eq!(s.priority_fit.item_ids, (2..10).map(|i| format!("i{i}")).collect::<Vec<_>>());
-    assert_eq!(s.message, "You have enough credits to generate 8 out of 10 items.");
-    assert_eq!(s.options.iter().map(|o| o.action.as_str()).collect::<Vec<_>>(), ["generate_first_fit", "select_items", "add_credits"]);
+    assert_eq!(
+        s.first_fit.item_ids,
+        (0..8).map(|i| format!("i{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        s.priority_fit.item_ids,
+        (2..10).map(|i| format!("i{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        s.message,
+        "You have enough credits to generate 8 out of 10 items."
+    );
+    assert_eq!(
+        s.options
+            .iter()
+            .map(|o| o.action.as_str())
+            .collect::<Vec<_>>(),
+        ["generate_first_fit", "select_items", "add_credits"]
+    );
     // Nothing held, nothing dispatched, nothing stored to run.
     let a = t.ledger.account("acme").await.unwrap();
     assert_eq!((a.held, a.available, a.open_holds), (0, 100, 0));
@@ -63,10 +104,20 @@ async fn insufficient_holds_nothing_and_first_fit_then_runs_exactly_k_items() {
     let g = granted(&d);
     assert_eq!(g.mode, Mode::FirstFit);
     assert_eq!((g.reserved, g.item_ids.len()), (96, 8));
-    assert_eq!(g.left_out.iter().map(|l| (l.item_id.as_str(), l.reason.as_str())).collect::<Vec<_>>(),
-        [("i8", "did_not_fit"), ("i9", "did_not_fit")]);
+    assert_eq!(
+        g.left_out
+            .iter()
+            .map(|l| (l.item_id.as_str(), l.reason.as_str()))
+            .collect::<Vec<_>>(),
+        [("i8", "did_not_fit"), ("i9", "did_not_fit")]
+    );
     let b = t.wait_closed("short-first-fit").await;
-    let ran: Vec<_> = b.items.iter().filter(|i| i.state == "succeeded").map(|i| i.item_id.clone()).collect();
+    let ran: Vec<_> = b
+        .items
+        .iter()
+        .filter(|i| i.state == "succeeded")
+        .map(|i| i.item_id.clone())
+        .collect();
     assert_eq!(ran, g.item_ids);
     assert_eq!(b.items.iter().filter(|i| i.state == "skipped").count(), 2);
     assert_eq!(t.ledger.account("acme").await.unwrap().balance, 4);
@@ -86,19 +137,37 @@ async fn priority_fit_and_selected_run_exactly_their_items() {
     let d = t.submit(&req).await;
     assert_eq!(granted(&d).item_ids, ["low", "high", "mid"]);
     let b = t.wait_closed("prio").await;
-    let states: Vec<_> = b.items.iter().map(|i| (i.item_id.as_str(), i.state.as_str())).collect();
-    assert_eq!(states, [("low", "succeeded"), ("high", "succeeded"), ("mid", "succeeded"), ("lowest", "skipped")]);
+    let states: Vec<_> = b
+        .items
+        .iter()
+        .map(|i| (i.item_id.as_str(), i.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("low", "succeeded"),
+            ("high", "succeeded"),
+            ("mid", "succeeded"),
+            ("lowest", "skipped")
+        ]
+    );
 
     t.grant("acme", 100).await;
     let req = json!({"batch_id": "pick", "account_id": "acme", "mode": "selected", "item_ids": ["c", "a"], "items": [
         {"item_id": "a", "estimated_cost": 7}, {"item_id": "b", "estimated_cost": 50}, {"item_id": "c", "estimated_cost": 3}]});
     let d = t.submit(&req).await;
     let g = granted(&d);
-    assert_eq!((g.reserved, g.item_ids.clone()), (10, vec!["a".to_string(), "c".to_string()]));
+    assert_eq!(
+        (g.reserved, g.item_ids.clone()),
+        (10, vec!["a".to_string(), "c".to_string()])
+    );
     assert_eq!(g.left_out[0].reason, "not_selected");
     let b = t.wait_closed("pick").await;
     assert_eq!(b.figures.captured, 10);
-    assert_eq!(b.items.iter().find(|i| i.item_id == "b").unwrap().state, "skipped");
+    assert_eq!(
+        b.items.iter().find(|i| i.item_id == "b").unwrap().state,
+        "skipped"
+    );
     assert_eq!(t.ledger.account("acme").await.unwrap().balance, 90);
     t.assert_exact().await;
     t.stop().await;
@@ -119,7 +188,16 @@ async fn the_same_request_twice_makes_one_batch_and_a_changed_body_is_a_conflict
     assert_eq!(rejected(&r).errors[0].field, "batch_id");
     let a = t.ledger.account("acme").await.unwrap();
     assert_eq!((a.balance, a.held), (70, 0), "charged once");
-    assert_eq!(t.ledger.journal("acme").await.unwrap().iter().filter(|e| e.kind == "hold").count(), 1);
+    assert_eq!(
+        t.ledger
+            .journal("acme")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "hold")
+            .count(),
+        1
+    );
     t.assert_exact().await;
     t.stop().await;
 }

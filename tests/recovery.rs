@@ -33,8 +33,14 @@ fn holdfast(t: &TestFleet, role: &str, failpoint: &str) -> tokio::process::Child
 }
 
 async fn crashed(mut child: tokio::process::Child) {
-    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the process crashes").unwrap();
-    assert!(!status.success(), "the process should have aborted, got {status}");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the process crashes")
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the process should have aborted, got {status}"
+    );
 }
 
 fn capture_count(journal: &[holdfast_common::ledger::JournalEntry]) -> usize {
@@ -46,22 +52,52 @@ async fn coordinator_killed_after_reserving_still_runs_the_batch_once() {
     let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
     t.grant("acme", 100).await;
     let coordinator = holdfast(&t, "coordinator", "coordinator.after_reserve");
-    t.producer.send(request("crash1", "acme", 5, 10).to_string().as_bytes(), "crash1").await.unwrap();
+    t.producer
+        .send(
+            request("crash1", "acme", 5, 10).to_string().as_bytes(),
+            "crash1",
+        )
+        .await
+        .unwrap();
     crashed(coordinator).await;
 
     // Reserved and committed, nothing dispatched.
-    let b = t.ledger.batch("crash1").await.unwrap().expect("the reservation was committed");
-    assert_eq!((b.state.as_str(), b.hold_state.as_deref()), ("granted", Some("open")));
+    let b = t
+        .ledger
+        .batch("crash1")
+        .await
+        .unwrap()
+        .expect("the reservation was committed");
+    assert_eq!(
+        (b.state.as_str(), b.hold_state.as_deref()),
+        ("granted", Some("open"))
+    );
     assert_eq!(t.ledger.account("acme").await.unwrap().held, 50);
 
     // A healthy fleet takes over: the unacknowledged request comes back.
-    t.start_roles(Roles { api: false, ..Roles::ALL }, None).await;
+    t.start_roles(
+        Roles {
+            api: false,
+            ..Roles::ALL
+        },
+        None,
+    )
+    .await;
     let d = t.producer.decision_for("crash1", WAIT).await.unwrap();
     assert_eq!(granted(&d).reserved, 50);
-    let Event::Completed { figures, .. } = t.completed("crash1").await else { unreachable!() };
-    assert_eq!((figures.succeeded, figures.captured, figures.released), (5, 50, 0));
+    let Event::Completed { figures, .. } = t.completed("crash1").await else {
+        unreachable!()
+    };
+    assert_eq!(
+        (figures.succeeded, figures.captured, figures.released),
+        (5, 50, 0)
+    );
     let journal = t.ledger.journal("acme").await.unwrap();
-    assert_eq!(journal.iter().filter(|e| e.kind == "hold").count(), 1, "one hold");
+    assert_eq!(
+        journal.iter().filter(|e| e.kind == "hold").count(),
+        1,
+        "one hold"
+    );
     assert_eq!(capture_count(&journal), 5, "each item captured once");
     t.assert_exact().await;
     t.stop().await;
@@ -72,12 +108,25 @@ async fn coordinator_killed_mid_dispatch_does_not_charge_twice() {
     let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
     t.grant("acme", 100).await;
     let coordinator = holdfast(&t, "coordinator", "coordinator.mid_dispatch");
-    t.producer.send(request("crash2", "acme", 6, 10).to_string().as_bytes(), "crash2").await.unwrap();
+    t.producer
+        .send(
+            request("crash2", "acme", 6, 10).to_string().as_bytes(),
+            "crash2",
+        )
+        .await
+        .unwrap();
     crashed(coordinator).await;
     granted(&t.producer.decision_for("crash2", WAIT).await.unwrap());
 
     // Two jobs made it to the queue before the crash; all six are sent again.
-    t.start_roles(Roles { api: false, ..Roles::ALL }, None).await;
+    t.start_roles(
+        Roles {
+            api: false,
+            ..Roles::ALL
+        },
+        None,
+    )
+    .await;
     let b = t.wait_closed("crash2").await;
     assert_eq!((b.figures.succeeded, b.figures.captured), (6, 60));
     assert_eq!(capture_count(&t.ledger.journal("acme").await.unwrap()), 6);
@@ -89,20 +138,47 @@ async fn coordinator_killed_mid_dispatch_does_not_charge_twice() {
 #[tokio::test]
 async fn worker_killed_before_or_after_capture_loses_nothing_and_charges_once() {
     for point in ["worker.before_capture", "worker.after_capture"] {
-        let mut t = TestFleet::start_with(fast_settings(), Roles { coordinator: true, ..Default::default() }, None).await;
+        let mut t = TestFleet::start_with(
+            fast_settings(),
+            Roles {
+                coordinator: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
         t.grant("acme", 100).await;
         granted(&t.submit(&request("w", "acme", 3, 10)).await);
         crashed(holdfast(&t, "worker", point)).await;
         let settled = t.ledger.batch("w").await.unwrap().unwrap().figures;
         if point == "worker.after_capture" {
-            assert!(settled.succeeded >= 1, "the capture committed before the crash");
+            assert!(
+                settled.succeeded >= 1,
+                "the capture committed before the crash"
+            );
         } else {
             assert_eq!(settled.succeeded, 0, "{point}");
         }
-        t.start_roles(Roles { worker: true, reconciler: true, ..Default::default() }, None).await;
+        t.start_roles(
+            Roles {
+                worker: true,
+                reconciler: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
         let b = t.wait_closed("w").await;
-        assert_eq!((b.figures.succeeded, b.figures.captured), (3, 30), "{point}");
-        assert_eq!(capture_count(&t.ledger.journal("acme").await.unwrap()), 3, "{point}");
+        assert_eq!(
+            (b.figures.succeeded, b.figures.captured),
+            (3, 30),
+            "{point}"
+        );
+        assert_eq!(
+            capture_count(&t.ledger.journal("acme").await.unwrap()),
+            3,
+            "{point}"
+        );
         t.assert_exact().await;
         t.stop().await;
     }
@@ -124,17 +200,40 @@ async fn two_reconcilers_redispatch_stranded_batches_exactly_once() {
     t.grant("acme", 10_000).await;
     // Granted and committed by a coordinator that then vanished (its request acknowledged or lost).
     for i in 0..20 {
-        let req: BatchRequest = serde_json::from_value(request(&format!("stranded-{i}"), "acme", 3, 10)).unwrap();
-        t.ledger.reserve(&reserve_input(&req, Duration::from_secs(60))).await.unwrap();
+        let req: BatchRequest =
+            serde_json::from_value(request(&format!("stranded-{i}"), "acme", 3, 10)).unwrap();
+        t.ledger
+            .reserve(&reserve_input(&req, Duration::from_secs(60)))
+            .await
+            .unwrap();
     }
-    t.start_roles(Roles { reconciler: true, ..Default::default() }, None).await;
-    t.start_roles(Roles { reconciler: true, worker: true, ..Default::default() }, None).await;
+    t.start_roles(
+        Roles {
+            reconciler: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    t.start_roles(
+        Roles {
+            reconciler: true,
+            worker: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
     for i in 0..20 {
         let b = t.wait_closed(&format!("stranded-{i}")).await;
         assert_eq!((b.state.as_str(), b.figures.captured), ("completed", 30));
     }
     let journal = t.ledger.journal("acme").await.unwrap();
-    assert_eq!(journal.iter().filter(|e| e.kind == "settle").count(), 20, "each batch closed once");
+    assert_eq!(
+        journal.iter().filter(|e| e.kind == "settle").count(),
+        20,
+        "each batch closed once"
+    );
     assert_eq!(capture_count(&journal), 60);
     t.assert_exact().await;
     t.stop().await;
@@ -144,17 +243,47 @@ async fn two_reconcilers_redispatch_stranded_batches_exactly_once() {
 async fn a_batch_past_its_deadline_fails_unsettled_items_and_releases_the_rest() {
     let mut settings = fast_settings();
     settings.coordinator.execution_timeout_secs = 1;
-    let mut t = TestFleet::start_with(settings, Roles { api: false, ..Roles::ALL }, None).await;
+    let mut t = TestFleet::start_with(
+        settings,
+        Roles {
+            api: false,
+            ..Roles::ALL
+        },
+        None,
+    )
+    .await;
     t.grant("acme", 100).await;
     let req = json!({"batch_id": "late", "account_id": "acme", "items": [
         {"item_id": "quick", "estimated_cost": 10},
         {"item_id": "slow", "estimated_cost": 30, "payload": {"simulate": {"latency_ms": 2500}}}]});
     granted(&t.submit(&req).await);
-    let Event::Completed { state, figures, .. } = t.completed("late").await else { unreachable!() };
+    let Event::Completed { state, figures, .. } = t.completed("late").await else {
+        unreachable!()
+    };
     assert_eq!(state, "expired");
-    assert_eq!((figures.succeeded, figures.failed, figures.captured, figures.released), (1, 1, 10, 30));
-    let slow = t.ledger.batch("late").await.unwrap().unwrap().items.into_iter().find(|i| i.item_id == "slow").unwrap();
-    assert_eq!((slow.state.as_str(), slow.reason.as_deref()), ("failed", Some("deadline")));
+    assert_eq!(
+        (
+            figures.succeeded,
+            figures.failed,
+            figures.captured,
+            figures.released
+        ),
+        (1, 1, 10, 30)
+    );
+    let slow = t
+        .ledger
+        .batch("late")
+        .await
+        .unwrap()
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|i| i.item_id == "slow")
+        .unwrap();
+    assert_eq!(
+        (slow.state.as_str(), slow.reason.as_deref()),
+        ("failed", Some("deadline"))
+    );
     // The slow item finishes after the deadline: its capture changes nothing.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let a = t.ledger.account("acme").await.unwrap();

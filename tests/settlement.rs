@@ -36,7 +36,11 @@ async fn failures_savings_overruns_and_silence_are_each_charged_right() {
     ]});
     granted(&t.submit(&req).await);
     let b = t.wait_closed("mixed").await;
-    let got: Vec<_> = b.items.iter().map(|i| (i.item_id.as_str(), i.state.as_str(), i.captured, i.overrun)).collect();
+    let got: Vec<_> = b
+        .items
+        .iter()
+        .map(|i| (i.item_id.as_str(), i.state.as_str(), i.captured, i.overrun))
+        .collect();
     assert_eq!(
         got,
         [
@@ -49,12 +53,34 @@ async fn failures_savings_overruns_and_silence_are_each_charged_right() {
             ("free", "succeeded", 0, 0),
         ]
     );
-    assert_eq!((b.figures.reserved, b.figures.captured, b.figures.released, b.figures.overrun), (70, 40, 30, 15));
+    assert_eq!(
+        (
+            b.figures.reserved,
+            b.figures.captured,
+            b.figures.released,
+            b.figures.overrun
+        ),
+        (70, 40, 30, 15)
+    );
     let a = t.ledger.account("acme").await.unwrap();
     assert_eq!((a.balance, a.held), (960, 0));
-    let overruns: Vec<_> = t.ledger.journal("acme").await.unwrap().into_iter().filter(|e| e.kind == "overrun").collect();
+    let overruns: Vec<_> = t
+        .ledger
+        .journal("acme")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "overrun")
+        .collect();
     assert_eq!(overruns.len(), 1);
-    assert_eq!((overruns[0].amount, overruns[0].balance_delta, overruns[0].item_id.as_deref()), (15, 0, Some("dearer")));
+    assert_eq!(
+        (
+            overruns[0].amount,
+            overruns[0].balance_delta,
+            overruns[0].item_id.as_deref()
+        ),
+        (15, 0, Some("dearer"))
+    );
     t.assert_exact().await;
     t.stop().await;
 }
@@ -62,29 +88,64 @@ async fn failures_savings_overruns_and_silence_are_each_charged_right() {
 #[tokio::test]
 async fn the_same_job_delivered_twice_is_captured_once() {
     // Coordinator only: the jobs wait in the queue.
-    let mut t = TestFleet::start_with(fast_settings(), Roles { coordinator: true, ..Default::default() }, None).await;
+    let mut t = TestFleet::start_with(
+        fast_settings(),
+        Roles {
+            coordinator: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
     t.grant("acme", 100).await;
     granted(&t.submit(&request("dup", "acme", 4, 5)).await);
     // Take the four jobs and put each back three times.
-    let conn = lapin::Connection::connect(&t.conn.amqp_url, Default::default()).await.unwrap();
+    let conn = lapin::Connection::connect(&t.conn.amqp_url, Default::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let mut jobs = Vec::new();
     while jobs.len() < 4 {
-        if let Some(m) = ch.basic_get(t.names.jobs().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        if let Some(m) = ch
+            .basic_get(t.names.jobs().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
             jobs.push(m.delivery.data.clone());
         }
     }
     for body in &jobs {
         for _ in 0..3 {
-            ch.basic_publish("".into(), t.names.jobs().into(), BasicPublishOptions::default(), body, Default::default())
-                .await
-                .unwrap();
+            ch.basic_publish(
+                "".into(),
+                t.names.jobs().into(),
+                BasicPublishOptions::default(),
+                body,
+                Default::default(),
+            )
+            .await
+            .unwrap();
         }
     }
-    t.start_roles(Roles { worker: true, reconciler: true, ..Default::default() }, None).await;
+    t.start_roles(
+        Roles {
+            worker: true,
+            reconciler: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
     let b = t.wait_closed("dup").await;
     assert_eq!((b.figures.succeeded, b.figures.captured), (4, 20));
-    let captures = t.ledger.journal("acme").await.unwrap().into_iter().filter(|e| e.kind == "capture").count();
+    let captures = t
+        .ledger
+        .journal("acme")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "capture")
+        .count();
     assert_eq!(captures, 4);
     assert_eq!(t.ledger.account("acme").await.unwrap().balance, 80);
     t.assert_exact().await;
@@ -108,14 +169,26 @@ async fn settle_reports_duplicates_and_unknown_items_without_charging() {
     let s = |item: &str, cost| Settlement {
         batch_id: "direct".into(),
         item_id: item.into(),
-        outcome: ItemOutcome::Succeeded { actual_cost: Some(cost) },
+        outcome: ItemOutcome::Succeeded {
+            actual_cost: Some(cost),
+        },
     };
-    let report = t.ledger.settle(&[s("i0", 7), s("i0", 9), s("nope", 1)]).await.unwrap();
+    let report = t
+        .ledger
+        .settle(&[s("i0", 7), s("i0", 9), s("nope", 1)])
+        .await
+        .unwrap();
     assert_eq!(
         report.results,
         [
-            Settled::Captured { captured: 7, overrun: 0 },
-            Settled::AlreadySettled { state: "succeeded".into(), captured: 7 },
+            Settled::Captured {
+                captured: 7,
+                overrun: 0
+            },
+            Settled::AlreadySettled {
+                state: "succeeded".into(),
+                captured: 7
+            },
             Settled::Unknown
         ]
     );
@@ -123,10 +196,25 @@ async fn settle_reports_duplicates_and_unknown_items_without_charging() {
     let report = t.ledger.settle(&[s("i0", 10), s("i1", 12)]).await.unwrap();
     assert_eq!(
         report.results,
-        [Settled::AlreadySettled { state: "succeeded".into(), captured: 7 }, Settled::Captured { captured: 10, overrun: 2 }]
+        [
+            Settled::AlreadySettled {
+                state: "succeeded".into(),
+                captured: 7
+            },
+            Settled::Captured {
+                captured: 10,
+                overrun: 2
+            }
+        ]
     );
     assert_eq!(report.closed.len(), 1, "the last item closes the batch");
-    assert_eq!((report.closed[0].figures.captured, report.closed[0].figures.released), (17, 3));
+    assert_eq!(
+        (
+            report.closed[0].figures.captured,
+            report.closed[0].figures.released
+        ),
+        (17, 3)
+    );
     assert_eq!(t.ledger.account("acme").await.unwrap().balance, 83);
     t.assert_exact().await;
 }
@@ -141,12 +229,19 @@ async fn http_generator_retries_5xx_fails_4xx_and_reads_the_cost() {
             let counter = counter.clone();
             async move {
                 match job["item_id"].as_str().unwrap_or("") {
-                    "flaky" if counter.fetch_add(1, Ordering::SeqCst) < 2 => {
-                        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "busy"})))
-                    }
+                    "flaky" if counter.fetch_add(1, Ordering::SeqCst) < 2 => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({"error": "busy"})),
+                    ),
                     "flaky" => (StatusCode::OK, Json(json!({"actual_cost": 5}))),
-                    "refused" => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": "bad prompt"}))),
-                    "nocost" => (StatusCode::OK, Json(json!({"url": "https://example.invalid/x.png"}))),
+                    "refused" => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        Json(json!({"error": "bad prompt"})),
+                    ),
+                    "nocost" => (
+                        StatusCode::OK,
+                        Json(json!({"url": "https://example.invalid/x.png"})),
+                    ),
                     _ => (StatusCode::OK, Json(json!({"actual_cost": 3}))),
                 }
             }
@@ -158,15 +253,35 @@ async fn http_generator_retries_5xx_fails_4xx_and_reads_the_cost() {
 
     let generator: Arc<dyn holdfast_worker::Generator> =
         Arc::new(holdfast_worker::http::Http::new(url, std::time::Duration::from_secs(5)).unwrap());
-    let mut t = TestFleet::start_with(fast_settings(), Roles { api: false, ..Roles::ALL }, Some(generator)).await;
+    let mut t = TestFleet::start_with(
+        fast_settings(),
+        Roles {
+            api: false,
+            ..Roles::ALL
+        },
+        Some(generator),
+    )
+    .await;
     t.grant("acme", 100).await;
     let req = json!({"batch_id": "web", "account_id": "acme", "items": [
         {"item_id": "ok", "estimated_cost": 10}, {"item_id": "flaky", "estimated_cost": 10},
         {"item_id": "refused", "estimated_cost": 10}, {"item_id": "nocost", "estimated_cost": 10}]});
     granted(&t.submit(&req).await);
     let b = t.wait_closed("web").await;
-    let got: Vec<_> = b.items.iter().map(|i| (i.item_id.as_str(), i.state.as_str(), i.captured)).collect();
-    assert_eq!(got, [("ok", "succeeded", 3), ("flaky", "succeeded", 5), ("refused", "failed", 0), ("nocost", "succeeded", 10)]);
+    let got: Vec<_> = b
+        .items
+        .iter()
+        .map(|i| (i.item_id.as_str(), i.state.as_str(), i.captured))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("ok", "succeeded", 3),
+            ("flaky", "succeeded", 5),
+            ("refused", "failed", 0),
+            ("nocost", "succeeded", 10)
+        ]
+    );
     assert_eq!(flaky.load(Ordering::SeqCst), 3, "two 503s, then success");
     assert!(b.items[2].reason.as_deref().unwrap().contains("422"));
     t.assert_exact().await;
@@ -178,7 +293,15 @@ async fn http_generator_retries_5xx_fails_4xx_and_reads_the_cost() {
 async fn a_poison_job_is_dead_lettered_and_its_item_failed_uncharged() {
     let mut settings = fast_settings();
     settings.queues.job_delivery_limit = 2;
-    let mut t = TestFleet::start_with(settings, Roles { api: false, ..Roles::ALL }, None).await;
+    let mut t = TestFleet::start_with(
+        settings,
+        Roles {
+            api: false,
+            ..Roles::ALL
+        },
+        None,
+    )
+    .await;
     t.grant("acme", 100).await;
     let req = json!({"batch_id": "poison", "account_id": "acme", "items": [
         item("fine", 10, json!({})), item("crash", 10, json!({"panic": true})), item("fine2", 10, json!({}))]});
@@ -186,7 +309,11 @@ async fn a_poison_job_is_dead_lettered_and_its_item_failed_uncharged() {
     let b = t.wait_closed("poison").await;
     let crash = b.items.iter().find(|i| i.item_id == "crash").unwrap();
     assert_eq!((crash.state.as_str(), crash.captured), ("failed", 0));
-    assert!(crash.reason.as_deref().unwrap().contains("crashed 3 times"), "{:?}", crash.reason);
+    assert!(
+        crash.reason.as_deref().unwrap().contains("crashed 3 times"),
+        "{:?}",
+        crash.reason
+    );
     assert_eq!((b.figures.captured, b.figures.released), (20, 10));
     let dead = t.dead_letters("jobs").await;
     assert_eq!(dead.len(), 1);

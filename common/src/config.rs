@@ -9,16 +9,36 @@ use clap::Args;
 #[derive(Args, Clone, Debug)]
 pub struct Connections {
     /// PostgreSQL URL of the ledger database (created by `migrate` if missing).
-    #[arg(long, env = "HOLDFAST_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/holdfast", global = true)]
+    #[arg(
+        long,
+        env = "HOLDFAST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/holdfast",
+        global = true
+    )]
     pub database_url: String,
     /// RabbitMQ URL.
-    #[arg(long, env = "HOLDFAST_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
+    #[arg(
+        long,
+        env = "HOLDFAST_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        global = true
+    )]
     pub amqp_url: String,
     /// Prefix of every queue and exchange name, so tenants and tests isolate.
-    #[arg(long, env = "HOLDFAST_NAMESPACE", default_value = "holdfast", global = true)]
+    #[arg(
+        long,
+        env = "HOLDFAST_NAMESPACE",
+        default_value = "holdfast",
+        global = true
+    )]
     pub namespace: String,
     /// Maximum PostgreSQL connections per process.
-    #[arg(long, env = "HOLDFAST_DB_POOL_SIZE", default_value_t = 16, global = true)]
+    #[arg(
+        long,
+        env = "HOLDFAST_DB_POOL_SIZE",
+        default_value_t = 16,
+        global = true
+    )]
     pub db_pool_size: usize,
 }
 
@@ -74,7 +94,10 @@ pub struct QueueSettings {
 
 impl Default for QueueSettings {
     fn default() -> Self {
-        Self { request_delivery_limit: 20, job_delivery_limit: 5 }
+        Self {
+            request_delivery_limit: 20,
+            job_delivery_limit: 5,
+        }
     }
 }
 
@@ -125,7 +148,10 @@ pub struct ReconcilerSettings {
 
 impl Default for ReconcilerSettings {
     fn default() -> Self {
-        Self { sweep_interval_ms: 5_000, dispatch_grace_secs: 30 }
+        Self {
+            sweep_interval_ms: 5_000,
+            dispatch_grace_secs: 30,
+        }
     }
 }
 

@@ -17,13 +17,16 @@ pub enum DatabaseError {
     Url(#[source] tokio_postgres::Error),
     #[error("the database URL names no database")]
     NoDatabaseName,
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    #[error(
+        "cannot connect to PostgreSQL at {target}: {}",
+        crate::ledger::pg_message(source)
+    )]
     Connect {
         target: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("PostgreSQL refused a statement: {0}")]
+    #[error("PostgreSQL refused a statement: {}", crate::ledger::pg_message(.0))]
     Statement(#[from] tokio_postgres::Error),
     #[error("applying migrations failed: {0}")]
     Migrate(#[from] refinery::Error),
@@ -51,7 +54,9 @@ pub fn describe(url: &str) -> String {
     }
 }
 
-async fn connect_one(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn connect_one(
+    cfg: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = cfg.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -65,13 +70,18 @@ async fn connect_one(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Cli
 /// `postgres` maintenance database of the same server). Safe to call concurrently.
 pub async fn create_if_missing(url: &str) -> Result<bool, DatabaseError> {
     let cfg = tokio_postgres::Config::from_str(url).map_err(DatabaseError::Url)?;
-    let name = cfg.get_dbname().ok_or(DatabaseError::NoDatabaseName)?.to_owned();
+    let name = cfg
+        .get_dbname()
+        .ok_or(DatabaseError::NoDatabaseName)?
+        .to_owned();
     let mut admin = cfg.clone();
     admin.dbname("postgres");
-    let client = connect_one(&admin).await.map_err(|source| DatabaseError::Connect {
-        target: describe(url),
-        source,
-    })?;
+    let client = connect_one(&admin)
+        .await
+        .map_err(|source| DatabaseError::Connect {
+            target: describe(url),
+            source,
+        })?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?
@@ -81,10 +91,15 @@ pub async fn create_if_missing(url: &str) -> Result<bool, DatabaseError> {
     }
     // CREATE DATABASE takes no parameters: quote the identifier ourselves.
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-    match client.batch_execute(&format!("CREATE DATABASE {quoted}")).await {
+    match client
+        .batch_execute(&format!("CREATE DATABASE {quoted}"))
+        .await
+    {
         Ok(()) => Ok(true),
         // Another process created it between our check and our CREATE.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => Ok(false),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -92,13 +107,18 @@ pub async fn create_if_missing(url: &str) -> Result<bool, DatabaseError> {
 /// Drop the database named in `url` (tests use this to clean up).
 pub async fn drop_database(url: &str) -> Result<(), DatabaseError> {
     let cfg = tokio_postgres::Config::from_str(url).map_err(DatabaseError::Url)?;
-    let name = cfg.get_dbname().ok_or(DatabaseError::NoDatabaseName)?.to_owned();
+    let name = cfg
+        .get_dbname()
+        .ok_or(DatabaseError::NoDatabaseName)?
+        .to_owned();
     let mut admin = cfg.clone();
     admin.dbname("postgres");
-    let client = connect_one(&admin).await.map_err(|source| DatabaseError::Connect {
-        target: describe(url),
-        source,
-    })?;
+    let client = connect_one(&admin)
+        .await
+        .map_err(|source| DatabaseError::Connect {
+            target: describe(url),
+            source,
+        })?;
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     client
         .batch_execute(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
@@ -119,14 +139,20 @@ pub struct MigrationReport {
 pub async fn migrate(url: &str) -> Result<MigrationReport, DatabaseError> {
     let created_database = create_if_missing(url).await?;
     let cfg = tokio_postgres::Config::from_str(url).map_err(DatabaseError::Url)?;
-    let mut client = connect_one(&cfg).await.map_err(|source| DatabaseError::Connect {
-        target: describe(url),
-        source,
-    })?;
+    let mut client = connect_one(&cfg)
+        .await
+        .map_err(|source| DatabaseError::Connect {
+            target: describe(url),
+            source,
+        })?;
     const MIGRATION_LOCK: i64 = 0x484f_4c44_4641_5354; // "HOLDFAST"
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
     let result = embedded::migrations::runner().run_async(&mut client).await;
-    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await?;
     let report = result?;
     Ok(MigrationReport {
         created_database,
@@ -144,7 +170,9 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DatabaseError> {
     let manager = Manager::from_config(
         cfg,
         NoTls,
-        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
     );
     Pool::builder(manager)
         .max_size(size.max(1))

@@ -33,15 +33,26 @@ async fn reply(publisher: &Publisher, to: &ReplyTo, body: &[u8]) -> Result<(), B
 }
 
 /// Send `decision` to the reply queue (if any) and as a `decision.<kind>` event.
-pub async fn decision(publisher: &Publisher, names: &Names, to: &ReplyTo, decision: &Decision) -> Result<(), BrokerError> {
+pub async fn decision(
+    publisher: &Publisher,
+    names: &Names,
+    to: &ReplyTo,
+    decision: &Decision,
+) -> Result<(), BrokerError> {
     let event = Event::Decision(decision.clone());
     let body = serde_json::to_vec(&event).expect("events serialise");
     reply(publisher, to, &body).await?;
-    publisher.publish_event(&names.events(), &event.routing_key(), &body).await
+    publisher
+        .publish_event(&names.events(), &event.routing_key(), &body)
+        .await
 }
 
 /// Announce closed batches: `batch.completed` events, and the summary to each reply queue.
-pub async fn completed(publisher: &Publisher, names: &Names, closed: &[ClosedBatch]) -> Result<(), BrokerError> {
+pub async fn completed(
+    publisher: &Publisher,
+    names: &Names,
+    closed: &[ClosedBatch],
+) -> Result<(), BrokerError> {
     for b in closed {
         let event = Event::Completed {
             batch_id: b.batch_id.clone(),
@@ -50,9 +61,14 @@ pub async fn completed(publisher: &Publisher, names: &Names, closed: &[ClosedBat
             figures: b.figures.clone(),
         };
         let body = serde_json::to_vec(&event).expect("events serialise");
-        let to = ReplyTo { queue: b.reply_to.clone(), correlation_id: b.correlation_id.clone() };
+        let to = ReplyTo {
+            queue: b.reply_to.clone(),
+            correlation_id: b.correlation_id.clone(),
+        };
         reply(publisher, &to, &body).await?;
-        publisher.publish_event(&names.events(), &event.routing_key(), &body).await?;
+        publisher
+            .publish_event(&names.events(), &event.routing_key(), &body)
+            .await?;
         tracing::info!(batch_id = %b.batch_id, state = %b.state, captured = b.figures.captured,
             released = b.figures.released, "batch closed");
     }
@@ -73,5 +89,7 @@ pub async fn progress(
         figures: figures.clone(),
     };
     let body = serde_json::to_vec(&event).expect("events serialise");
-    publisher.publish_event(&names.events(), &event.routing_key(), &body).await
+    publisher
+        .publish_event(&names.events(), &event.routing_key(), &body)
+        .await
 }

@@ -183,11 +183,22 @@ impl Rejected {
             .map(|e| format!("{}: {}", e.field, e.reason))
             .collect::<Vec<_>>()
             .join("; ");
-        Self { batch_id, account_id: None, reason, errors }
+        Self {
+            batch_id,
+            account_id: None,
+            reason,
+            errors,
+        }
     }
 
     pub fn one(batch_id: Option<String>, field: &str, reason: impl Into<String>) -> Self {
-        Self::new(batch_id, vec![FieldError { field: field.into(), reason: reason.into() }])
+        Self::new(
+            batch_id,
+            vec![FieldError {
+                field: field.into(),
+                reason: reason.into(),
+            }],
+        )
     }
 }
 

@@ -102,17 +102,30 @@ pub fn plan(req: &BatchRequest, available: i64) -> Plan {
             (total <= available).then(|| wanted.clone())
         }
         Mode::FirstFit => Some(first_fit(items, &wanted, available)).filter(|v| !v.is_empty()),
-        Mode::PriorityFit => Some(priority_fit(items, &wanted, available)).filter(|v| !v.is_empty()),
+        Mode::PriorityFit => {
+            Some(priority_fit(items, &wanted, available)).filter(|v| !v.is_empty())
+        }
     };
     match chosen {
         Some(run) => {
-            let reason = if req.mode == Mode::Selected { "not_selected" } else { "did_not_fit" };
+            let reason = if req.mode == Mode::Selected {
+                "not_selected"
+            } else {
+                "did_not_fit"
+            };
             let left_out = (0..items.len())
                 .filter(|i| run.binary_search(i).is_err())
-                .map(|i| LeftOut { item_id: items[i].item_id.clone(), reason: reason.into() })
+                .map(|i| LeftOut {
+                    item_id: items[i].item_id.clone(),
+                    reason: reason.into(),
+                })
                 .collect();
             let total = cost_of(items, &run);
-            Plan::Run { run, left_out, total }
+            Plan::Run {
+                run,
+                left_out,
+                total,
+            }
         }
         None => Plan::Short(shortfall(items, &wanted, total, available)),
     }
@@ -186,7 +199,7 @@ pub fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -224,17 +237,25 @@ mod tests {
     #[test]
     fn all_or_nothing_short_reports_k_of_n() {
         let r = req(&[(12, 0); 10], Mode::AllOrNothing);
-        let Plan::Short(s) = plan(&r, 100) else { panic!("should be short") };
+        let Plan::Short(s) = plan(&r, 100) else {
+            panic!("should be short")
+        };
         assert_eq!(s.total_cost, 120);
         assert_eq!(s.shortfall, 20);
         assert_eq!(s.first_fit.count, 8);
-        assert_eq!(s.message, "You have enough credits to generate 8 out of 10 items.");
+        assert_eq!(
+            s.message,
+            "You have enough credits to generate 8 out of 10 items."
+        );
         assert_eq!(
             s.detail,
             "This action costs 120 credits. You have 100 credits available (20 short)."
         );
         let actions: Vec<_> = s.options.iter().map(|o| o.action.as_str()).collect();
-        assert_eq!(actions, ["generate_first_fit", "select_items", "add_credits"]);
+        assert_eq!(
+            actions,
+            ["generate_first_fit", "select_items", "add_credits"]
+        );
     }
 
     #[test]
@@ -242,26 +263,53 @@ mod tests {
         let r = req(&[(5, 0), (50, 9), (5, 1), (5, 5)], Mode::PriorityFit);
         assert_eq!(first_fit(&r.items, &[0, 1, 2, 3], 20), vec![0]);
         // priority order 1 (50, too big) stops the prefix at once
-        assert_eq!(priority_fit(&r.items, &[0, 1, 2, 3], 20), Vec::<usize>::new());
-        assert_eq!(priority_fit(&r.items, &[0, 1, 2, 3], 60), vec![1, 3]);
+        assert_eq!(
+            priority_fit(&r.items, &[0, 1, 2, 3], 20),
+            Vec::<usize>::new()
+        );
+        // 50 (p9) + 5 (p5) + 5 (p1) = 60: three fit, returned in request order
+        assert_eq!(priority_fit(&r.items, &[0, 1, 2, 3], 60), vec![1, 2, 3]);
+        assert_eq!(priority_fit(&r.items, &[0, 1, 2, 3], 59), vec![1, 3]);
     }
 
     #[test]
     fn first_fit_mode_runs_the_fitting_prefix_and_names_the_rest() {
         let r = req(&[(10, 0), (10, 0), (10, 0)], Mode::FirstFit);
-        let Plan::Run { run, left_out, total } = plan(&r, 25) else { panic!() };
+        let Plan::Run {
+            run,
+            left_out,
+            total,
+        } = plan(&r, 25)
+        else {
+            panic!()
+        };
         assert_eq!(run, vec![0, 1]);
         assert_eq!(total, 20);
-        assert_eq!(left_out, vec![LeftOut { item_id: "i2".into(), reason: "did_not_fit".into() }]);
-        assert!(matches!(plan(&r, 5), Plan::Short(s) if s.first_fit.count == 0
-            && s.message == "You don't have enough credits to generate any of the 3 items."));
+        assert_eq!(
+            left_out,
+            vec![LeftOut {
+                item_id: "i2".into(),
+                reason: "did_not_fit".into()
+            }]
+        );
+        assert!(
+            matches!(plan(&r, 5), Plan::Short(s) if s.first_fit.count == 0
+            && s.message == "You don't have enough credits to generate any of the 3 items.")
+        );
     }
 
     #[test]
     fn selected_prices_only_the_named_items() {
         let mut r = req(&[(10, 0), (30, 0), (10, 0)], Mode::Selected);
         r.item_ids = Some(vec!["i2".into(), "i0".into()]);
-        let Plan::Run { run, left_out, total } = plan(&r, 20) else { panic!() };
+        let Plan::Run {
+            run,
+            left_out,
+            total,
+        } = plan(&r, 20)
+        else {
+            panic!()
+        };
         assert_eq!((run, total), (vec![0, 2], 20));
         assert_eq!(left_out[0].reason, "not_selected");
     }

@@ -15,7 +15,11 @@ pub fn init_logging(json: bool) {
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info,lapin=warn"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -25,12 +29,20 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let fast = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
-            let slow = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+            let fast = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ];
+            let slow = [
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            ];
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full("holdfast_reservation_seconds".into()), &fast)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("holdfast_item_seconds".into()), &slow))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("holdfast_batch_seconds".into()), &slow))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("holdfast_item_seconds".into()), &slow)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("holdfast_batch_seconds".into()), &slow)
+                })
                 .expect("bucket lists are non-empty")
                 .install_recorder()
                 .expect("the metrics recorder is installed once")
@@ -69,7 +81,10 @@ pub mod record {
         let mut overrun = 0u64;
         for (_, result) in items.iter().zip(&report.results) {
             let outcome = match result {
-                Settled::Captured { captured: c, overrun: o } => {
+                Settled::Captured {
+                    captured: c,
+                    overrun: o,
+                } => {
                     captured += *c as u64;
                     overrun += *o as u64;
                     "succeeded"

@@ -19,9 +19,9 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
 
 use crate::config::QueueSettings;
 
@@ -33,7 +33,9 @@ pub struct Names {
 
 impl Names {
     pub fn new(namespace: impl Into<String>) -> Self {
-        Self { namespace: namespace.into() }
+        Self {
+            namespace: namespace.into(),
+        }
     }
     pub fn requests(&self) -> String {
         format!("{}.requests", self.namespace)
@@ -92,37 +94,80 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
 
 fn quorum_args(names: &Names, dead_key: &str, delivery_limit: u32) -> FieldTable {
     let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
-    t.insert("x-delivery-limit".into(), AMQPValue::LongInt(delivery_limit as i32));
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    t.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(delivery_limit as i32),
+    );
     t.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(names.dead_exchange())),
     );
-    t.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(LongString::from(dead_key)));
+    t.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(dead_key)),
+    );
     // At-least-once dead-lettering: a dead letter is not lost if the DLQ is busy.
-    t.insert("x-dead-letter-strategy".into(), AMQPValue::LongString(LongString::from("at-least-once")));
-    t.insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
+    t.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString(LongString::from("at-least-once")),
+    );
+    t.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
     t
 }
 
 fn plain_quorum() -> FieldTable {
     let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     t
 }
 
 /// Declare every exchange and queue of `names`. Idempotent.
-pub async fn declare(channel: &Channel, names: &Names, settings: &QueueSettings) -> Result<(), BrokerError> {
-    let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+pub async fn declare(
+    channel: &Channel,
+    names: &Names,
+    settings: &QueueSettings,
+) -> Result<(), BrokerError> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
-        .exchange_declare(names.dead_exchange().into(), ExchangeKind::Direct, durable_exchange, FieldTable::default())
+        .exchange_declare(
+            names.dead_exchange().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .exchange_declare(names.events().into(), ExchangeKind::Topic, durable_exchange, FieldTable::default())
+        .exchange_declare(
+            names.events().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
         .await?;
-    for (queue, key) in [(names.requests_dead(), "requests"), (names.jobs_dead(), "jobs")] {
-        channel.queue_declare(queue.clone().into(), durable_queue, plain_quorum()).await?;
+    for (queue, key) in [
+        (names.requests_dead(), "requests"),
+        (names.jobs_dead(), "jobs"),
+    ] {
+        channel
+            .queue_declare(queue.clone().into(), durable_queue, plain_quorum())
+            .await?;
         channel
             .queue_bind(
                 queue.into(),
@@ -141,18 +186,31 @@ pub async fn declare(channel: &Channel, names: &Names, settings: &QueueSettings)
         )
         .await?;
     channel
-        .queue_declare(names.jobs().into(), durable_queue, quorum_args(names, "jobs", settings.job_delivery_limit))
+        .queue_declare(
+            names.jobs().into(),
+            durable_queue,
+            quorum_args(names, "jobs", settings.job_delivery_limit),
+        )
         .await?;
     Ok(())
 }
 
 /// Delete every queue and exchange of `names` (tests clean up with this).
 pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
-    for q in [names.requests(), names.jobs(), names.requests_dead(), names.jobs_dead()] {
-        channel.queue_delete(q.into(), QueueDeleteOptions::default()).await?;
+    for q in [
+        names.requests(),
+        names.jobs(),
+        names.requests_dead(),
+        names.jobs_dead(),
+    ] {
+        channel
+            .queue_delete(q.into(), QueueDeleteOptions::default())
+            .await?;
     }
     for x in [names.events(), names.dead_exchange()] {
-        channel.exchange_delete(x.into(), ExchangeDeleteOptions::default()).await?;
+        channel
+            .exchange_delete(x.into(), ExchangeDeleteOptions::default())
+            .await?;
     }
     Ok(())
 }
@@ -173,7 +231,9 @@ pub struct Publisher {
 impl Publisher {
     pub async fn new(connection: &Connection) -> Result<Self, BrokerError> {
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Self { channel })
     }
 
@@ -194,7 +254,10 @@ impl Publisher {
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 body,
                 properties,
             )
@@ -205,9 +268,10 @@ impl Publisher {
     pub async fn confirmed(confirm: PublisherConfirm, target: &str) -> Result<(), BrokerError> {
         match confirm.await? {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => {
-                Err(BrokerError::Unroutable(target.into(), returned.reply_text.to_string()))
-            }
+            Confirmation::Ack(Some(returned)) => Err(BrokerError::Unroutable(
+                target.into(),
+                returned.reply_text.to_string(),
+            )),
             Confirmation::Nack(_) => Err(BrokerError::Nacked(target.into())),
             Confirmation::NotRequested => Ok(()),
         }
@@ -221,13 +285,24 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let confirm = self.publish(exchange, routing_key, body, properties).await?;
-        let target = if exchange.is_empty() { routing_key } else { exchange };
+        let confirm = self
+            .publish(exchange, routing_key, body, properties)
+            .await?;
+        let target = if exchange.is_empty() {
+            routing_key
+        } else {
+            exchange
+        };
         Self::confirmed(confirm, target).await
     }
 
     /// Publish to a topic exchange where no binding is fine (nobody listening).
-    pub async fn publish_event(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), BrokerError> {
+    pub async fn publish_event(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
         let confirm = self
             .channel
             .basic_publish(
@@ -265,7 +340,10 @@ pub fn delivery_count(properties: &BasicProperties) -> u32 {
 /// Headers that say why Holdfast parked a message in a dead-letter queue.
 pub fn parked_headers(reason: &str) -> FieldTable {
     let mut t = FieldTable::default();
-    t.insert("x-holdfast-reason".into(), AMQPValue::LongString(LongString::from(reason)));
+    t.insert(
+        "x-holdfast-reason".into(),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
     t
 }
 
@@ -273,8 +351,11 @@ pub fn parked_headers(reason: &str) -> FieldTable {
 /// fails (the broker restarted, the connection dropped). Each session builds
 /// its own connection, channels, QoS and consumers from scratch, so nothing
 /// depends on a client library re-applying state after a reconnect.
-pub async fn supervise<F, Fut>(role: &str, shutdown: tokio_util::sync::CancellationToken, mut session: F)
-where
+pub async fn supervise<F, Fut>(
+    role: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut session: F,
+) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
@@ -287,7 +368,12 @@ where
                 if started.elapsed() > Duration::from_secs(30) {
                     delay = Duration::from_millis(200);
                 }
-                tracing::warn!(role, error = format!("{e:#}"), ?delay, "session ended; reconnecting");
+                tracing::warn!(
+                    role,
+                    error = format!("{e:#}"),
+                    ?delay,
+                    "session ended; reconnecting"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return,
@@ -300,7 +386,12 @@ where
 
 /// True when RabbitMQ accepts a connection (for readiness probes).
 pub async fn ping(url: &str) -> bool {
-    match tokio::time::timeout(Duration::from_secs(3), Connection::connect(url, ConnectionProperties::default())).await {
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    {
         Ok(Ok(conn)) => {
             let _ = conn.close(200, "ping".into()).await;
             true

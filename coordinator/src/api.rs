@@ -40,12 +40,19 @@ fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
         "status": status.as_u16(),
         "detail": detail.into(),
     });
-    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn ledger_problem(e: LedgerError) -> Response {
     match e {
-        LedgerError::UnknownAccount(a) => problem(StatusCode::NOT_FOUND, format!("unknown account `{a}`")),
+        LedgerError::UnknownAccount(a) => {
+            problem(StatusCode::NOT_FOUND, format!("unknown account `{a}`"))
+        }
         LedgerError::Invalid(why) => problem(StatusCode::BAD_REQUEST, why),
         e if e.is_transient() => problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         e => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -55,7 +62,11 @@ fn ledger_problem(e: LedgerError) -> Response {
 async fn ready(State(s): State<ApiState>) -> Response {
     let db = s.ledger.ping().await;
     let amqp = holdfast_common::topology::ping(&s.amqp_url).await;
-    let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if db && amqp {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(json!({"postgres": db, "rabbitmq": amqp}))).into_response()
 }
 
@@ -83,13 +94,21 @@ async fn batch(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
 }
 
 /// Serve on `addr` until `shutdown`.
-pub async fn serve(state: ApiState, addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    state: ApiState,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     serve_on(state, listener, shutdown).await
 }
 
 /// Serve on a bound listener until `shutdown`.
-pub async fn serve_on(state: ApiState, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve_on(
+    state: ApiState,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -16,7 +16,10 @@ struct Problems(Vec<FieldError>);
 
 impl Problems {
     fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), reason: reason.into() });
+        self.0.push(FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        });
     }
 }
 
@@ -26,13 +29,21 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>
         return Err(Box::new(Rejected::one(
             None,
             "body",
-            format!("message is {} bytes; the limit is {}", body.len(), limits.max_message_bytes),
+            format!(
+                "message is {} bytes; the limit is {}",
+                body.len(),
+                limits.max_message_bytes
+            ),
         )));
     }
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Box::new(Rejected::one(None, "body", format!("not valid JSON: {e}"))))?;
     let Value::Object(obj) = value else {
-        return Err(Box::new(Rejected::one(None, "body", "must be a JSON object")));
+        return Err(Box::new(Rejected::one(
+            None,
+            "body",
+            "must be a JSON object",
+        )));
     };
     let mut p = Problems::default();
     let batch_id = id_field(&obj, "batch_id", &mut p);
@@ -62,20 +73,25 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>
     let reservation_id = match obj.get("reservation_id") {
         None | Some(Value::Null) => None,
         Some(_) => {
-            p.add("reservation_id", "soft holds are not supported by this version; omit reservation_id");
+            p.add(
+                "reservation_id",
+                "soft holds are not supported by this version; omit reservation_id",
+            );
             None
         }
     };
 
     match (batch_id, account_id, mode, items) {
-        (Some(batch_id), Some(account_id), Some(mode), Some(items)) if p.0.is_empty() => Ok(BatchRequest {
-            batch_id,
-            account_id,
-            items,
-            mode,
-            item_ids,
-            reservation_id,
-        }),
+        (Some(batch_id), Some(account_id), Some(mode), Some(items)) if p.0.is_empty() => {
+            Ok(BatchRequest {
+                batch_id,
+                account_id,
+                items,
+                mode,
+                item_ids,
+                reservation_id,
+            })
+        }
         (batch_id, account_id, ..) => {
             let mut r = Rejected::new(batch_id, p.0);
             r.account_id = account_id;
@@ -116,7 +132,11 @@ fn id_field(obj: &Map<String, Value>, field: &str, p: &mut Problems) -> Option<S
     }
 }
 
-fn items_field(obj: &Map<String, Value>, limits: &Limits, p: &mut Problems) -> Option<Vec<ItemRequest>> {
+fn items_field(
+    obj: &Map<String, Value>,
+    limits: &Limits,
+    p: &mut Problems,
+) -> Option<Vec<ItemRequest>> {
     let list = match obj.get("items") {
         None | Some(Value::Null) => {
             p.add("items", "is required");
@@ -133,7 +153,14 @@ fn items_field(obj: &Map<String, Value>, limits: &Limits, p: &mut Problems) -> O
         return None;
     }
     if list.len() > limits.max_items {
-        p.add("items", format!("has {} items; the limit is {}", list.len(), limits.max_items));
+        p.add(
+            "items",
+            format!(
+                "has {} items; the limit is {}",
+                list.len(),
+                limits.max_items
+            ),
+        );
         return None;
     }
     let before = p.0.len();
@@ -179,16 +206,25 @@ fn items_field(obj: &Map<String, Value>, limits: &Limits, p: &mut Problems) -> O
             }
             Some(Value::Number(n)) => match n.as_i64() {
                 Some(c) if c <= 0 => {
-                    p.add(at("estimated_cost"), format!("must be greater than zero, got {c}"));
+                    p.add(
+                        at("estimated_cost"),
+                        format!("must be greater than zero, got {c}"),
+                    );
                     None
                 }
                 Some(c) if c > limits.max_item_cost => {
-                    p.add(at("estimated_cost"), format!("{c} exceeds the per-item limit of {}", limits.max_item_cost));
+                    p.add(
+                        at("estimated_cost"),
+                        format!("{c} exceeds the per-item limit of {}", limits.max_item_cost),
+                    );
                     None
                 }
                 Some(c) => Some(c),
                 None if n.is_f64() && n.as_f64().is_some_and(|f| f.fract() != 0.0) => {
-                    p.add(at("estimated_cost"), format!("must be a whole number of credit units, got {n}"));
+                    p.add(
+                        at("estimated_cost"),
+                        format!("must be a whole number of credit units, got {n}"),
+                    );
                     None
                 }
                 None => {
@@ -216,9 +252,14 @@ fn items_field(obj: &Map<String, Value>, limits: &Limits, p: &mut Problems) -> O
             }
         };
         let payload = item.get("payload").cloned().unwrap_or(Value::Null);
-        let size = serde_json::to_vec(&payload).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(&payload)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size > limits.max_payload_bytes {
-            p.add(at("payload"), format!("is {size} bytes; the limit is {}", limits.max_payload_bytes));
+            p.add(
+                at("payload"),
+                format!("is {size} bytes; the limit is {}", limits.max_payload_bytes),
+            );
             continue;
         }
         if let (Some(item_id), Some(estimated_cost), Some(priority)) = (item_id, cost, priority) {
@@ -229,7 +270,12 @@ fn items_field(obj: &Map<String, Value>, limits: &Limits, p: &mut Problems) -> O
                     return None;
                 }
             }
-            items.push(ItemRequest { item_id, estimated_cost, priority, payload });
+            items.push(ItemRequest {
+                item_id,
+                estimated_cost,
+                priority,
+                payload,
+            });
         }
     }
     (p.0.len() == before).then_some(items)
@@ -249,22 +295,36 @@ fn selected_ids(
         return None;
     }
     let Some(Value::Array(list)) = raw else {
-        p.add("item_ids", if raw.is_some() { "must be an array of item ids" } else { "is required with mode `selected`" });
+        p.add(
+            "item_ids",
+            if raw.is_some() {
+                "must be an array of item ids"
+            } else {
+                "is required with mode `selected`"
+            },
+        );
         return None;
     };
     if list.is_empty() {
         p.add("item_ids", "must name at least one item");
         return None;
     }
-    let known: HashSet<&str> = items.unwrap_or_default().iter().map(|i| i.item_id.as_str()).collect();
+    let known: HashSet<&str> = items
+        .unwrap_or_default()
+        .iter()
+        .map(|i| i.item_id.as_str())
+        .collect();
     let mut seen = HashSet::new();
     let mut ids = Vec::with_capacity(list.len());
     for (i, v) in list.iter().enumerate() {
         match v {
-            Value::String(s) if !seen.insert(s.as_str()) => p.add(format!("item_ids[{i}]"), format!("duplicate item id `{s}`")),
-            Value::String(s) if items.is_some() && !known.contains(s.as_str()) => {
-                p.add(format!("item_ids[{i}]"), format!("`{s}` is not an item of this batch"))
+            Value::String(s) if !seen.insert(s.as_str()) => {
+                p.add(format!("item_ids[{i}]"), format!("duplicate item id `{s}`"))
             }
+            Value::String(s) if items.is_some() && !known.contains(s.as_str()) => p.add(
+                format!("item_ids[{i}]"),
+                format!("`{s}` is not an item of this batch"),
+            ),
             Value::String(s) => ids.push(s.clone()),
             _ => p.add(format!("item_ids[{i}]"), "must be a string"),
         }
@@ -299,34 +359,64 @@ mod tests {
     fn names_each_problem() {
         assert_eq!(fields(&reject("{nope")), ["body"]);
         assert_eq!(fields(&reject("[1]")), ["body"]);
-        assert_eq!(fields(&reject(r#"{"account_id":"a","items":[{"item_id":"x","estimated_cost":1}]}"#)), ["batch_id"]);
-        let r = reject(r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"x","estimated_cost":0},{"item_id":"x","estimated_cost":-3},{"item_id":"y","estimated_cost":1.5},{"item_id":"z","estimated_cost":99999999999999}]}"#);
+        assert_eq!(
+            fields(&reject(
+                r#"{"account_id":"a","items":[{"item_id":"x","estimated_cost":1}]}"#
+            )),
+            ["batch_id"]
+        );
+        let r = reject(
+            r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"x","estimated_cost":0},{"item_id":"x","estimated_cost":-3},{"item_id":"y","estimated_cost":1.5},{"item_id":"z","estimated_cost":99999999999999}]}"#,
+        );
         assert_eq!(
             fields(&r),
-            ["items[0].estimated_cost", "items[1].item_id", "items[1].estimated_cost", "items[2].estimated_cost", "items[3].estimated_cost"]
+            [
+                "items[0].estimated_cost",
+                "items[1].item_id",
+                "items[1].estimated_cost",
+                "items[2].estimated_cost",
+                "items[3].estimated_cost"
+            ]
         );
         assert_eq!(r.batch_id.as_deref(), Some("b"));
-        assert_eq!(fields(&reject(r#"{"batch_id":"b","account_id":"a","items":[]}"#)), ["items"]);
         assert_eq!(
-            fields(&reject(r#"{"batch_id":"b","account_id":"a","mode":"selected","item_ids":["q"],"items":[{"item_id":"x","estimated_cost":1}]}"#)),
+            fields(&reject(r#"{"batch_id":"b","account_id":"a","items":[]}"#)),
+            ["items"]
+        );
+        assert_eq!(
+            fields(&reject(
+                r#"{"batch_id":"b","account_id":"a","mode":"selected","item_ids":["q"],"items":[{"item_id":"x","estimated_cost":1}]}"#
+            )),
             ["item_ids[0]"]
         );
         assert_eq!(
-            fields(&reject(r#"{"batch_id":"b","account_id":"a","mode":"everything","items":[{"item_id":"x","estimated_cost":1}]}"#)),
+            fields(&reject(
+                r#"{"batch_id":"b","account_id":"a","mode":"everything","items":[{"item_id":"x","estimated_cost":1}]}"#
+            )),
             ["mode"]
         );
     }
 
     #[test]
     fn enforces_size_limits() {
-        let limits = Limits { max_items: 2, max_payload_bytes: 10, ..Limits::default() };
+        let limits = Limits {
+            max_items: 2,
+            max_payload_bytes: 10,
+            ..Limits::default()
+        };
         let many = r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"1","estimated_cost":1},{"item_id":"2","estimated_cost":1},{"item_id":"3","estimated_cost":1}]}"#;
         let r = *parse(many.as_bytes(), &limits).unwrap_err();
         assert_eq!(r.reason, "items: has 3 items; the limit is 2");
         let big = r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"1","estimated_cost":1,"payload":"0123456789abcdef"}]}"#;
         let r = *parse(big.as_bytes(), &limits).unwrap_err();
         assert_eq!(fields(&r), ["items[0].payload"]);
-        let tiny = Limits { max_message_bytes: 5, ..Limits::default() };
-        assert_eq!(fields(&parse(many.as_bytes(), &tiny).unwrap_err()), ["body"]);
+        let tiny = Limits {
+            max_message_bytes: 5,
+            ..Limits::default()
+        };
+        assert_eq!(
+            fields(&parse(many.as_bytes(), &tiny).unwrap_err()),
+            ["body"]
+        );
     }
 }

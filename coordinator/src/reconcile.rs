@@ -49,7 +49,12 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub fn new(ledger: Ledger, publisher: Publisher, config: ReconcilerConfig) -> Self {
-        Self { ledger, publisher, config, sweeps: 0 }
+        Self {
+            ledger,
+            publisher,
+            config,
+            sweeps: 0,
+        }
     }
 
     /// One pass over everything the reconciler looks after.
@@ -79,14 +84,23 @@ impl Reconciler {
         let lease = self.config.settings.dispatch_grace();
         for batch_id in self.ledger.claim_undispatched(lease, CLAIM_LIMIT).await? {
             tracing::warn!(%batch_id, "batch granted but not fully dispatched; dispatching again");
-            dispatch(&self.ledger, &self.publisher, names, &batch_id, 2, self.config.coordinator.confirm_window)
-                .await?;
+            dispatch(
+                &self.ledger,
+                &self.publisher,
+                names,
+                &batch_id,
+                2,
+                self.config.coordinator.confirm_window,
+            )
+            .await?;
             report.redispatched += 1;
         }
         let (held, holds) = self.ledger.held_totals().await?;
         record::held(held, holds);
         self.sweeps += 1;
-        if self.config.audit_every > 0 && self.sweeps % self.config.audit_every == 1 % self.config.audit_every {
+        if self.config.audit_every > 0
+            && self.sweeps % self.config.audit_every == 1 % self.config.audit_every
+        {
             let drift = self.ledger.audit().await?;
             for d in &drift {
                 tracing::error!(subject = %d.subject, problem = %d.problem, "ledger drift");
@@ -103,7 +117,8 @@ pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: Cancellatio
         let conn = topology::connect(&config.amqp_url, "holdfast-reconciler").await?;
         let channel = conn.create_channel().await?;
         topology::declare(&channel, &config.names, &config.queues).await?;
-        let mut reconciler = Reconciler::new(ledger.clone(), Publisher::new(&conn).await?, config.clone());
+        let mut reconciler =
+            Reconciler::new(ledger.clone(), Publisher::new(&conn).await?, config.clone());
         let mut tick = tokio::time::interval(config.settings.sweep_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -112,7 +127,13 @@ pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: Cancellatio
                 _ = shutdown.cancelled() => break,
             }
             let report = reconciler.sweep_once().await?;
-            if report != SweepReport::default() && report != (SweepReport { drift: Some(0), ..Default::default() }) {
+            if report != SweepReport::default()
+                && report
+                    != (SweepReport {
+                        drift: Some(0),
+                        ..Default::default()
+                    })
+            {
                 tracing::info!(?report, "sweep");
             }
         }

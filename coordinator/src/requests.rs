@@ -15,7 +15,9 @@ use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{Ledger, LedgerError, ReserveInput};
 use holdfast_common::messages::{Decision, Rejected};
 use holdfast_common::telemetry::record;
-use holdfast_common::topology::{self, parked_headers, json_properties, BrokerError, Names, Publisher};
+use holdfast_common::topology::{
+    self, json_properties, parked_headers, BrokerError, Names, Publisher,
+};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -40,7 +42,11 @@ pub struct CoordinatorConfig {
 #[derive(Clone, Debug)]
 pub enum Outcome {
     /// Decided (granted or insufficient); `dispatched` jobs were confirmed.
-    Decided { decision: Decision, replayed: bool, dispatched: usize },
+    Decided {
+        decision: Box<Decision>,
+        replayed: bool,
+        dispatched: usize,
+    },
     /// Refused as sent: answered with a `rejected` decision and parked.
     Rejected(Box<Rejected>),
 }
@@ -72,7 +78,11 @@ pub struct Intake {
 
 impl Intake {
     pub fn new(ledger: Ledger, config: CoordinatorConfig, publisher: Publisher) -> Self {
-        Self { ledger, config, publisher }
+        Self {
+            ledger,
+            config,
+            publisher,
+        }
     }
 
     /// Handle one request body: validate, reserve, answer, dispatch. Does not
@@ -92,7 +102,11 @@ impl Intake {
         let reserved = match self.ledger.reserve(&input).await {
             Ok(r) => r,
             Err(LedgerError::UnknownAccount(a)) => {
-                let mut r = Rejected::one(Some(request.batch_id.clone()), "account_id", format!("unknown account `{a}`"));
+                let mut r = Rejected::one(
+                    Some(request.batch_id.clone()),
+                    "account_id",
+                    format!("unknown account `{a}`"),
+                );
                 r.account_id = Some(a);
                 return self.reject(body, reply, Box::new(r)).await;
             }
@@ -113,7 +127,13 @@ impl Intake {
         crash_point("coordinator.after_reserve");
         tracing::info!(batch_id = %request.batch_id, account_id = %request.account_id,
             decision = reserved.decision.kind(), replayed = reserved.replayed, "decided");
-        events::decision(&self.publisher, &self.config.names, reply, &reserved.decision).await?;
+        events::decision(
+            &self.publisher,
+            &self.config.names,
+            reply,
+            &reserved.decision,
+        )
+        .await?;
         let dispatched = if reserved.needs_dispatch {
             let attempt = if reserved.replayed { 2 } else { 1 };
             dispatch(
@@ -128,15 +148,30 @@ impl Intake {
         } else {
             0
         };
-        Ok(Outcome::Decided { decision: reserved.decision, replayed: reserved.replayed, dispatched })
+        Ok(Outcome::Decided {
+            decision: Box::new(reserved.decision),
+            replayed: reserved.replayed,
+            dispatched,
+        })
     }
 
     /// Answer `rejected` and park the original message, with the reason, in the dead-letter queue.
-    async fn reject(&self, body: &[u8], reply: &ReplyTo, rejected: Box<Rejected>) -> Result<Outcome, HandleError> {
+    async fn reject(
+        &self,
+        body: &[u8],
+        reply: &ReplyTo,
+        rejected: Box<Rejected>,
+    ) -> Result<Outcome, HandleError> {
         tracing::warn!(batch_id = rejected.batch_id.as_deref().unwrap_or("-"), reason = %rejected.reason,
             "request rejected");
         record::rejected();
-        events::decision(&self.publisher, &self.config.names, reply, &Decision::Rejected((*rejected).clone())).await?;
+        events::decision(
+            &self.publisher,
+            &self.config.names,
+            reply,
+            &Decision::Rejected((*rejected).clone()),
+        )
+        .await?;
         let props = json_properties().with_headers(parked_headers(&rejected.reason));
         self.publisher
             .publish_confirmed(&self.config.names.dead_exchange(), "requests", body, props)
@@ -148,8 +183,16 @@ impl Intake {
 
 fn reply_of(delivery: &Delivery) -> ReplyTo {
     ReplyTo {
-        queue: delivery.properties.reply_to().as_ref().map(|s| s.to_string()),
-        correlation_id: delivery.properties.correlation_id().as_ref().map(|s| s.to_string()),
+        queue: delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|s| s.to_string()),
+        correlation_id: delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string()),
     }
 }
 
@@ -161,7 +204,10 @@ pub async fn run(ledger: Ledger, config: CoordinatorConfig, shutdown: Cancellati
         let (ledger, config, shutdown) = (ledger.clone(), config.clone(), shutdown.clone());
         tasks.spawn(async move {
             let name = format!("coordinator-{n}");
-            topology::supervise(&name, shutdown.clone(), || consume(&ledger, &config, &shutdown)).await;
+            topology::supervise(&name, shutdown.clone(), || {
+                consume(&ledger, &config, &shutdown)
+            })
+            .await;
         });
     }
     tasks.close();
@@ -169,12 +215,19 @@ pub async fn run(ledger: Ledger, config: CoordinatorConfig, shutdown: Cancellati
 }
 
 /// One consumer session: connect, declare, consume until shutdown or failure.
-async fn consume(ledger: &Ledger, config: &CoordinatorConfig, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn consume(
+    ledger: &Ledger,
+    config: &CoordinatorConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let conn = topology::connect(&config.amqp_url, "holdfast-coordinator").await?;
     let channel = conn.create_channel().await?;
     topology::declare(&channel, &config.names, &config.queues).await?;
     channel
-        .basic_qos(config.settings.coordinator_prefetch, BasicQosOptions::default())
+        .basic_qos(
+            config.settings.coordinator_prefetch,
+            BasicQosOptions::default(),
+        )
         .await?;
     let intake = Intake::new(ledger.clone(), config.clone(), Publisher::new(&conn).await?);
     let mut consumer = channel
@@ -207,7 +260,11 @@ async fn consume(ledger: &Ledger, config: &CoordinatorConfig, shutdown: &Cancell
 /// Handle one delivery and settle it with the broker. A ledger outage is
 /// waited out here with backoff (the request stays ours, unacknowledged): a
 /// valid request is never dead-lettered because PostgreSQL blinked.
-async fn process(intake: &Intake, delivery: &Delivery, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn process(
+    intake: &Intake,
+    delivery: &Delivery,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let reply = reply_of(delivery);
     let mut delay = Duration::from_millis(250);
     loop {
@@ -234,7 +291,13 @@ async fn process(intake: &Intake, delivery: &Delivery, shutdown: &CancellationTo
                 // the deliveries and dead-letter it past the limit.
                 tracing::error!(error = %e, "request could not be decided; returning it to the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
                 return Ok(());
             }
             Err(HandleError::Broker(e)) => return Err(e.into()),

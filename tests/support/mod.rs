@@ -24,10 +24,12 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// Connections for a fresh, uniquely named database and namespace.
 pub fn unique_connections() -> Connections {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let base = std::env::var("HOLDFAST_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let base = std::env::var("HOLDFAST_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     Connections {
         database_url: format!("{base}/hf_test_{}", &id[..16]),
-        amqp_url: std::env::var("HOLDFAST_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        amqp_url: std::env::var("HOLDFAST_TEST_AMQP")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         namespace: format!("hf-test-{}", &id[..16]),
         db_pool_size: 8,
     }
@@ -35,15 +37,17 @@ pub fn unique_connections() -> Connections {
 
 /// Settings that make a test fast: quick sweeps, short grace periods.
 pub fn fast_settings() -> FleetSettings {
-    let mut s = FleetSettings::default();
-    s.http_addr = holdfast::fleet::HttpAddr(None);
+    let mut s = FleetSettings {
+        http_addr: holdfast::fleet::HttpAddr(None),
+        audit_every: 0,
+        ..Default::default()
+    };
     s.reconciler.sweep_interval_ms = 200;
     s.reconciler.dispatch_grace_secs = 2;
     s.worker.generator_retry_ms = 10;
     s.worker.progress_interval_ms = 100;
     s.worker.shutdown_timeout_secs = 5;
     s.coordinator.coordinator_consumers = 2;
-    s.audit_every = 0;
     s
 }
 
@@ -57,9 +61,13 @@ impl Drop for Cleanup {
         let conn = self.conn.clone();
         // Drop cannot await: clean up on a runtime of our own, on another thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
-                if let Ok(c) = lapin::Connection::connect(&conn.amqp_url, Default::default()).await {
+                if let Ok(c) = lapin::Connection::connect(&conn.amqp_url, Default::default()).await
+                {
                     if let Ok(ch) = c.create_channel().await {
                         let _ = topology::delete(&ch, &Names::new(conn.namespace.clone())).await;
                     }
@@ -86,18 +94,42 @@ pub struct TestFleet {
 impl TestFleet {
     /// Every role, the simulate generator, fast settings.
     pub async fn start() -> Self {
-        Self::start_with(fast_settings(), Roles { api: false, ..Roles::ALL }, None).await
+        Self::start_with(
+            fast_settings(),
+            Roles {
+                api: false,
+                ..Roles::ALL
+            },
+            None,
+        )
+        .await
     }
 
     /// Fresh database and namespace; start `roles` (none is fine) with `generator` or the configured one.
-    pub async fn start_with(settings: FleetSettings, roles: Roles, generator: Option<Arc<dyn Generator>>) -> Self {
+    pub async fn start_with(
+        settings: FleetSettings,
+        roles: Roles,
+        generator: Option<Arc<dyn Generator>>,
+    ) -> Self {
         let conn = unique_connections();
         let cleanup = Cleanup { conn: conn.clone() };
-        database::migrate(&conn.database_url).await.expect("migrate the test database");
+        database::migrate(&conn.database_url)
+            .await
+            .expect("migrate the test database");
         let names = Names::new(conn.namespace.clone());
         let ledger = Ledger::new(database::pool(&conn.database_url, 4).unwrap());
-        let producer = Producer::connect(&conn.amqp_url, &names, &settings.queues).await.expect("producer connects");
-        let mut fleet = Self { conn, settings, ledger, names, fleets: Vec::new(), producer, _cleanup: cleanup };
+        let producer = Producer::connect(&conn.amqp_url, &names, &settings.queues)
+            .await
+            .expect("producer connects");
+        let mut fleet = Self {
+            conn,
+            settings,
+            ledger,
+            names,
+            fleets: Vec::new(),
+            producer,
+            _cleanup: cleanup,
+        };
         if roles.coordinator || roles.worker || roles.reconciler || roles.api {
             fleet.start_roles(roles, generator).await;
         }
@@ -110,7 +142,9 @@ impl TestFleet {
             Some(g) => g,
             None => holdfast_worker::build_generator(&self.settings.generator).unwrap(),
         };
-        let fleet = Fleet::start_with(&self.conn, &self.settings, roles, generator).await.expect("fleet starts");
+        let fleet = Fleet::start_with(&self.conn, &self.settings, roles, generator)
+            .await
+            .expect("fleet starts");
         self.fleets.push(fleet);
     }
 
@@ -122,28 +156,44 @@ impl TestFleet {
     }
 
     pub async fn grant(&self, account: &str, amount: i64) {
-        self.ledger.grant(account, amount, Some("test"), true).await.expect("grant");
+        self.ledger
+            .grant(account, amount, Some("test"), true)
+            .await
+            .expect("grant");
     }
 
     pub async fn available(&self, account: &str) -> i64 {
-        self.ledger.account(account).await.expect("account").available
+        self.ledger
+            .account(account)
+            .await
+            .expect("account")
+            .available
     }
 
     /// Publish raw bytes as a request and return its decision.
     pub async fn submit_raw(&mut self, body: &[u8]) -> Decision {
         let corr = uuid::Uuid::new_v4().to_string();
-        self.producer.submit(body, &corr, WAIT).await.expect("a decision")
+        self.producer
+            .submit(body, &corr, WAIT)
+            .await
+            .expect("a decision")
     }
 
     /// Publish a request (its batch_id is the correlation id) and return its decision.
     pub async fn submit(&mut self, request: &Value) -> Decision {
         let corr = request["batch_id"].as_str().unwrap_or("none").to_string();
-        self.producer.submit(request.to_string().as_bytes(), &corr, WAIT).await.expect("a decision")
+        self.producer
+            .submit(request.to_string().as_bytes(), &corr, WAIT)
+            .await
+            .expect("a decision")
     }
 
     /// The `completed` event for a request submitted with [`submit`].
     pub async fn completed(&mut self, batch_id: &str) -> Event {
-        self.producer.completed_for(batch_id, WAIT).await.expect("a completed event")
+        self.producer
+            .completed_for(batch_id, WAIT)
+            .await
+            .expect("a completed event")
     }
 
     /// Poll the ledger until the batch is closed.
@@ -151,11 +201,17 @@ impl TestFleet {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(b) = self.ledger.batch(batch_id).await.unwrap() {
-                if matches!(b.state.as_str(), "completed" | "expired" | "cancelled" | "denied") {
+                if matches!(
+                    b.state.as_str(),
+                    "completed" | "expired" | "cancelled" | "denied"
+                ) {
                     return b;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "batch {batch_id} did not close within {WAIT:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "batch {batch_id} did not close within {WAIT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -168,16 +224,26 @@ impl TestFleet {
 
     /// Messages parked in `<ns>.<queue>.dead`, with their `x-holdfast-reason` (or x-death reason).
     pub async fn dead_letters(&self, queue: &str) -> Vec<(Vec<u8>, String)> {
-        let conn = lapin::Connection::connect(&self.conn.amqp_url, Default::default()).await.unwrap();
+        let conn = lapin::Connection::connect(&self.conn.amqp_url, Default::default())
+            .await
+            .unwrap();
         let ch = conn.create_channel().await.unwrap();
         let name = format!("{}.{queue}.dead", self.names.namespace);
         let mut out = Vec::new();
-        while let Some(m) = ch.basic_get(name.clone().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        while let Some(m) = ch
+            .basic_get(name.clone().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
             let headers = m.delivery.properties.headers().clone().unwrap_or_default();
             let reason = match headers.inner().get("x-holdfast-reason") {
-                Some(lapin::types::AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
                 _ => match headers.inner().get("x-first-death-reason") {
-                    Some(lapin::types::AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    Some(lapin::types::AMQPValue::LongString(s)) => {
+                        String::from_utf8_lossy(s.as_bytes()).into_owned()
+                    }
                     _ => String::new(),
                 },
             };
@@ -194,7 +260,9 @@ impl TestFleet {
 
 /// A request of `n` items costing `cost` each, ids `i0..`, with an optional simulate payload.
 pub fn request(batch_id: &str, account: &str, n: usize, cost: i64) -> Value {
-    let items: Vec<Value> = (0..n).map(|i| json!({"item_id": format!("i{i}"), "estimated_cost": cost})).collect();
+    let items: Vec<Value> = (0..n)
+        .map(|i| json!({"item_id": format!("i{i}"), "estimated_cost": cost}))
+        .collect();
     json!({"batch_id": batch_id, "account_id": account, "items": items})
 }
 

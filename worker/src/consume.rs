@@ -18,9 +18,13 @@ use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{ItemOutcome, Ledger, Settled, Settlement};
 use holdfast_common::messages::{BatchFigures, ItemJob};
 use holdfast_common::telemetry::record;
-use holdfast_common::topology::{self, delivery_count, json_properties, parked_headers, Names, Publisher};
+use holdfast_common::topology::{
+    self, delivery_count, json_properties, parked_headers, Names, Publisher,
+};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -81,8 +85,16 @@ struct Finished {
 }
 
 /// Run the worker role until `shutdown`, reconnecting when the broker goes away.
-pub async fn run(ledger: Ledger, config: WorkerConfig, generator: Arc<dyn Generator>, shutdown: CancellationToken) {
-    topology::supervise("worker", shutdown.clone(), || session(&ledger, &config, &generator, &shutdown)).await;
+pub async fn run(
+    ledger: Ledger,
+    config: WorkerConfig,
+    generator: Arc<dyn Generator>,
+    shutdown: CancellationToken,
+) {
+    topology::supervise("worker", shutdown.clone(), || {
+        session(&ledger, &config, &generator, &shutdown)
+    })
+    .await;
 }
 
 async fn session(
@@ -95,16 +107,29 @@ async fn session(
     let channel = conn.create_channel().await?;
     topology::declare(&channel, &config.names, &config.queues).await?;
     // QoS is applied on every (re)connection: a fresh channel has none.
-    channel.basic_qos(config.settings.worker_prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(config.settings.worker_prefetch, BasicQosOptions::default())
+        .await?;
     let publisher = Publisher::new(&conn).await?;
     let mut consumer = channel
-        .basic_consume(config.names.jobs().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            config.names.jobs().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let tag = consumer.tag();
     tracing::info!(queue = %config.names.jobs(), generator = generator.name(), "worker consuming");
 
-    let (tx, rx) = mpsc::channel::<Finished>(usize::from(config.settings.worker_prefetch).max(1) * 2);
-    let settler = tokio::spawn(settle_loop(ledger.clone(), rx, publisher.clone(), config.clone()));
+    let (tx, rx) =
+        mpsc::channel::<Finished>(usize::from(config.settings.worker_prefetch).max(1) * 2);
+    let settler = tokio::spawn(settle_loop(
+        ledger.clone(),
+        rx,
+        publisher.clone(),
+        config.clone(),
+    ));
     let tasks = TaskTracker::new();
     let result = loop {
         let delivery = tokio::select! {
@@ -127,15 +152,22 @@ async fn session(
         }
     };
     // Stop taking jobs, let the running ones finish, capture and ack.
-    let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
+    let _ = channel
+        .basic_cancel(tag, BasicCancelOptions::default())
+        .await;
     tasks.close();
     let grace = Duration::from_secs(config.settings.shutdown_timeout_secs);
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(?grace, "items still running at the shutdown timeout; they will be redelivered");
+        tracing::warn!(
+            ?grace,
+            "items still running at the shutdown timeout; they will be redelivered"
+        );
     }
     drop(tx);
     if tokio::time::timeout(grace, settler).await.is_err() {
-        tracing::warn!("captures still pending at the shutdown timeout; their jobs will be redelivered");
+        tracing::warn!(
+            "captures still pending at the shutdown timeout; their jobs will be redelivered"
+        );
     }
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
@@ -160,7 +192,10 @@ enum Ran {
 impl Item {
     async fn work(self, delivery: Delivery) {
         if let Err(e) = self.try_work(delivery).await {
-            tracing::warn!(error = format!("{e:#}"), "job not settled; it will be redelivered");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "job not settled; it will be redelivered"
+            );
         }
     }
 
@@ -187,36 +222,65 @@ impl Item {
             Err(e) => {
                 tracing::warn!(error = %e, "ledger unavailable; returning the job");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
                 return Ok(());
             }
         }
         let started = Instant::now();
         let outcome = match self.generate(&job).await {
-            Ran::Answered(Ok(generated)) => ItemOutcome::Succeeded { actual_cost: cost_of(&job, generated) },
+            Ran::Answered(Ok(generated)) => ItemOutcome::Succeeded {
+                actual_cost: cost_of(&job, generated),
+            },
             Ran::Answered(Err(e)) => {
                 tracing::info!(error = %e, "item failed; not charged");
-                ItemOutcome::Failed { reason: e.to_string() }
+                ItemOutcome::Failed {
+                    reason: e.to_string(),
+                }
             }
             Ran::Crashed(why) => {
                 let deliveries = delivery_count(&delivery.properties) + 1;
                 if deliveries > self.config.queues.job_delivery_limit {
                     // The last delivery RabbitMQ allows: fail the item (uncharged) and park the job.
                     tracing::error!(%why, deliveries, "generator crashed on every delivery; failing the item");
-                    self.park_copy(&delivery, &format!("generator crashed {deliveries} times: {why}")).await?;
-                    ItemOutcome::Failed { reason: format!("generator crashed {deliveries} times: {why}") }
+                    self.park_copy(
+                        &delivery,
+                        &format!("generator crashed {deliveries} times: {why}"),
+                    )
+                    .await?;
+                    ItemOutcome::Failed {
+                        reason: format!("generator crashed {deliveries} times: {why}"),
+                    }
                 } else {
                     tracing::warn!(%why, deliveries, "generator crashed; returning the job");
-                    delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await?;
                     return Ok(());
                 }
             }
         };
         record::item_seconds(started.elapsed());
         crash_point("worker.before_capture");
-        let settlement = Settlement { batch_id: job.batch_id, item_id: job.item_id, outcome };
+        let settlement = Settlement {
+            batch_id: job.batch_id,
+            item_id: job.item_id,
+            outcome,
+        };
         self.done
-            .send(Finished { settlement, delivery })
+            .send(Finished {
+                settlement,
+                delivery,
+            })
             .await
             .map_err(|_| anyhow::anyhow!("the settler stopped"))?;
         Ok(())
@@ -230,7 +294,9 @@ impl Item {
             Crash(String),
         }
         let policy = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.config.settings.generator_retry_ms))
+            .with_min_delay(Duration::from_millis(
+                self.config.settings.generator_retry_ms,
+            ))
             .with_max_delay(Duration::from_secs(10))
             .with_max_times(self.config.settings.generator_retries)
             .with_jitter();
@@ -273,7 +339,12 @@ impl Item {
             props = props.with_message_id(id.clone());
         }
         self.publisher
-            .publish_confirmed(&self.config.names.dead_exchange(), "jobs", &delivery.data, props)
+            .publish_confirmed(
+                &self.config.names.dead_exchange(),
+                "jobs",
+                &delivery.data,
+                props,
+            )
             .await?;
         record::dead_lettered("jobs");
         Ok(())
@@ -284,14 +355,21 @@ impl Item {
 fn cost_of(job: &ItemJob, generated: Generated) -> Option<i64> {
     match generated.actual_cost {
         Some(c) if c < 0 => {
-            tracing::warn!(reported = c, "generator reported a negative cost; charging the reservation");
+            tracing::warn!(
+                reported = c,
+                "generator reported a negative cost; charging the reservation"
+            );
             None
         }
         other => other,
     }
     .inspect(|&c| {
         if c > job.reserved {
-            tracing::warn!(actual = c, reserved = job.reserved, "actual cost above the reservation; capped");
+            tracing::warn!(
+                actual = c,
+                reserved = job.reserved,
+                "actual cost above the reservation; capped"
+            );
         }
     })
 }
@@ -318,11 +396,19 @@ async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
 
 /// Capture finished items in batches, ack them after the commit, announce
 /// closed batches, and publish coalesced progress.
-async fn settle_loop(ledger: Ledger, mut rx: mpsc::Receiver<Finished>, publisher: Publisher, config: WorkerConfig) {
+async fn settle_loop(
+    ledger: Ledger,
+    mut rx: mpsc::Receiver<Finished>,
+    publisher: Publisher,
+    config: WorkerConfig,
+) {
     let names = &config.names;
     let max = config.settings.settle_batch.max(1);
-    let mut progress: std::collections::HashMap<String, (String, BatchFigures)> = Default::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(config.settings.progress_interval_ms.max(10)));
+    let mut progress: std::collections::HashMap<String, (String, BatchFigures)> =
+        Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        config.settings.progress_interval_ms.max(10),
+    ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
@@ -350,7 +436,14 @@ async fn settle_loop(ledger: Ledger, mut rx: mpsc::Receiver<Finished>, publisher
                 // redelivery captures them (each at most once).
                 tracing::error!(error = %e, items = batch.len(), "capture failed; returning the jobs");
                 for f in &batch {
-                    let _ = f.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    let _ = f
+                        .delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
                 }
                 continue;
             }

@@ -23,7 +23,10 @@ pub struct Http {
 impl Http {
     pub fn new(url: impl Into<String>, timeout: Duration) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder().timeout(timeout).build()?;
-        Ok(Self { client, url: url.into() })
+        Ok(Self {
+            client,
+            url: url.into(),
+        })
     }
 }
 
@@ -43,12 +46,18 @@ impl Generator for Http {
             .map_err(|e| GeneratorError::Transient(format!("POST {}: {e}", self.url)))?;
         let status = response.status();
         if status.is_server_error() || status.as_u16() == 429 {
-            return Err(GeneratorError::Transient(format!("POST {} answered {status}", self.url)));
+            return Err(GeneratorError::Transient(format!(
+                "POST {} answered {status}",
+                self.url
+            )));
         }
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
             let text: String = text.chars().take(200).collect();
-            return Err(GeneratorError::Permanent(format!("POST {} answered {status}: {text}", self.url)));
+            return Err(GeneratorError::Permanent(format!(
+                "POST {} answered {status}: {text}",
+                self.url
+            )));
         }
         let body: Value = match response.json().await {
             Ok(v) => v,
@@ -59,7 +68,13 @@ impl Generator for Http {
                 Value::Null
             }
         };
-        let actual_cost = body.get("actual_cost").or_else(|| body.get("cost")).and_then(Value::as_i64);
-        Ok(Generated { actual_cost, output: Some(body) })
+        let actual_cost = body
+            .get("actual_cost")
+            .or_else(|| body.get("cost"))
+            .and_then(Value::as_i64);
+        Ok(Generated {
+            actual_cost,
+            output: Some(body),
+        })
     }
 }

@@ -70,11 +70,13 @@ pub fn build_generator(settings: &GeneratorSettings) -> anyhow::Result<Arc<dyn G
             failure_rate: settings.simulate_failure_rate,
         })),
         GeneratorKind::Http => {
-            let url = settings
-                .http_url
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("the http generator needs --http-url (HOLDFAST_HTTP_URL)"))?;
-            Arc::new(http::Http::new(url, Duration::from_secs(settings.http_timeout_secs))?)
+            let url = settings.http_url.clone().ok_or_else(|| {
+                anyhow::anyhow!("the http generator needs --http-url (HOLDFAST_HTTP_URL)")
+            })?;
+            Arc::new(http::Http::new(
+                url,
+                Duration::from_secs(settings.http_timeout_secs),
+            )?)
         }
     })
 }

@@ -32,7 +32,11 @@ pub struct SimulateSettings {
 
 impl Default for SimulateSettings {
     fn default() -> Self {
-        Self { latency: Duration::ZERO, cost_factor: 1.0, failure_rate: 0.0 }
+        Self {
+            latency: Duration::ZERO,
+            cost_factor: 1.0,
+            failure_rate: 0.0,
+        }
     }
 }
 
@@ -44,7 +48,10 @@ pub struct Simulate {
 
 impl Simulate {
     pub fn new(settings: SimulateSettings) -> Self {
-        Self { settings, attempts: Mutex::new(HashMap::new()) }
+        Self {
+            settings,
+            attempts: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -74,26 +81,38 @@ impl Generator for Simulate {
             let seen = attempts.entry(job.message_id()).or_insert(0);
             *seen += 1;
             if u64::from(*seen) <= n {
-                return Err(GeneratorError::Transient(format!("simulated transient failure {seen} of {n}")));
+                return Err(GeneratorError::Transient(format!(
+                    "simulated transient failure {seen} of {n}"
+                )));
             }
         }
         if knob(job, "fail").and_then(Value::as_bool) == Some(true) {
             return Err(GeneratorError::Permanent("simulated failure".into()));
         }
-        let rate = knob(job, "failure_rate").and_then(Value::as_f64).unwrap_or(self.settings.failure_rate);
+        let rate = knob(job, "failure_rate")
+            .and_then(Value::as_f64)
+            .unwrap_or(self.settings.failure_rate);
         if rate > 0.0 && rand::rng().random_bool(rate.clamp(0.0, 1.0)) {
             return Err(GeneratorError::Permanent("simulated random failure".into()));
         }
         if knob(job, "report_cost").and_then(Value::as_bool) == Some(false) {
-            return Ok(Generated { actual_cost: None, output: None });
+            return Ok(Generated {
+                actual_cost: None,
+                output: None,
+            });
         }
         let cost = match knob(job, "actual_cost").and_then(Value::as_i64) {
             Some(c) => c,
             None => {
-                let factor = knob(job, "cost_factor").and_then(Value::as_f64).unwrap_or(self.settings.cost_factor);
+                let factor = knob(job, "cost_factor")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(self.settings.cost_factor);
                 (job.reserved as f64 * factor).round() as i64
             }
         };
-        Ok(Generated { actual_cost: Some(cost), output: None })
+        Ok(Generated {
+            actual_cost: Some(cost),
+            output: None,
+        })
     }
 }

@@ -60,7 +60,13 @@ impl Ledger {
 
     /// Add `amount` posted credits (journal kind `grant`), creating the account
     /// if `create` is set and it does not exist.
-    pub async fn grant(&self, id: &str, amount: i64, note: Option<&str>, create: bool) -> Result<Account> {
+    pub async fn grant(
+        &self,
+        id: &str,
+        amount: i64,
+        note: Option<&str>,
+        create: bool,
+    ) -> Result<Account> {
         valid_id(id)?;
         if amount <= 0 {
             return Err(LedgerError::Invalid(format!(
@@ -71,8 +77,11 @@ impl Ledger {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             if create {
-                tx.execute("INSERT INTO accounts (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", &[&id])
-                    .await?;
+                tx.execute(
+                    "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+                    &[&id],
+                )
+                .await?;
             }
             let n = tx
                 .execute(

@@ -86,7 +86,10 @@ impl Ledger {
                 let mut drift = Vec::new();
                 for check in CHECKS {
                     for row in tx.query(*check, &[]).await? {
-                        drift.push(Drift { subject: row.get(0), problem: row.get(1) });
+                        drift.push(Drift {
+                            subject: row.get(0),
+                            problem: row.get(1),
+                        });
                     }
                 }
                 tx.commit().await?;

@@ -61,7 +61,11 @@ impl Ledger {
                 )
                 .await?
                 .iter()
-                .map(|r| PendingJob { item_id: r.get(0), reserved: r.get(1), payload: r.get(2) })
+                .map(|r| PendingJob {
+                    item_id: r.get(0),
+                    reserved: r.get(1),
+                    payload: r.get(2),
+                })
                 .collect();
             Ok((account, jobs))
         })

@@ -33,7 +33,7 @@ pub use accounts::{Account, JournalEntry};
 pub use audit::Drift;
 pub use batches::{BatchView, ItemView, PendingJob};
 pub use reserve::{ReserveInput, Reserved};
-pub use settle::{ClosedBatch, ItemOutcome, Settled, Settlement, SettleReport};
+pub use settle::{ClosedBatch, ItemOutcome, SettleReport, Settled, Settlement};
 
 /// What went wrong in the ledger, and what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,7 @@ pub enum LedgerError {
     #[error("{0}")]
     Invalid(String),
     /// A bug or a refused invariant: do not retry blindly.
-    #[error("ledger error: {0}")]
+    #[error("ledger error: {}", pg_message(.0))]
     Database(#[source] tokio_postgres::Error),
 }
 
@@ -81,11 +81,32 @@ impl From<tokio_postgres::Error> for LedgerError {
             }
         };
         if transient {
-            LedgerError::Unavailable(e.to_string())
+            LedgerError::Unavailable(pg_message(&e))
         } else {
             LedgerError::Database(e)
         }
     }
+}
+
+/// PostgreSQL's own words for an error: the message, detail and SQLSTATE of a
+/// database error, or the cause chain of a connection error.
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut m = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            m.push_str(": ");
+            m.push_str(detail);
+        }
+        return m;
+    }
+    let mut m = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        m.push_str(": ");
+        m.push_str(&s.to_string());
+        source = s.source();
+    }
+    m
 }
 
 impl From<deadpool_postgres::PoolError> for LedgerError {

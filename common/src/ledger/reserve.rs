@@ -49,8 +49,12 @@ impl Ledger {
                 match self.reserve_once(input, &fingerprint).await {
                     // Another coordinator inserted the same batch id between our
                     // lookup and our insert: go again, and replay its decision.
-                    Err(LedgerError::Database(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                        Err(LedgerError::Unavailable(format!("concurrent insert of the same batch: {e}")))
+                    Err(LedgerError::Database(e))
+                        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        Err(LedgerError::Unavailable(format!(
+                            "concurrent insert of the same batch: {e}"
+                        )))
                     }
                     other => other,
                 }
@@ -82,7 +86,11 @@ impl Ledger {
             let state: String = row.get(2);
             let decision = serde_json::from_value(decision)
                 .map_err(|e| LedgerError::Invalid(format!("stored decision unreadable: {e}")))?;
-            return Ok(Reserved { decision, replayed: true, needs_dispatch: state == "granted" });
+            return Ok(Reserved {
+                decision,
+                replayed: true,
+                needs_dispatch: state == "granted",
+            });
         }
 
         // The account row lock serialises every decision on this account.
@@ -131,9 +139,17 @@ impl Ledger {
                     ],
                 )
                 .await?;
-                Reserved { decision, replayed: false, needs_dispatch: false }
+                Reserved {
+                    decision,
+                    replayed: false,
+                    needs_dispatch: false,
+                }
             }
-            Plan::Run { run, left_out, total } => {
+            Plan::Run {
+                run,
+                left_out,
+                total,
+            } => {
                 let hold_id: Uuid = tx
                     .query_one(
                         "INSERT INTO holds (account_id, amount) VALUES ($1, $2) RETURNING id",
@@ -147,9 +163,11 @@ impl Ledger {
                 )
                 .await?;
                 let deadline = Utc::now()
-                    + chrono::Duration::from_std(input.execution_timeout).unwrap_or(chrono::Duration::days(1));
+                    + chrono::Duration::from_std(input.execution_timeout)
+                        .unwrap_or(chrono::Duration::days(1));
                 let lease = Utc::now()
-                    + chrono::Duration::from_std(input.dispatch_grace).unwrap_or(chrono::Duration::seconds(30));
+                    + chrono::Duration::from_std(input.dispatch_grace)
+                        .unwrap_or(chrono::Duration::seconds(30));
                 let decision = Decision::Granted(Granted {
                     batch_id: req.batch_id.clone(),
                     account_id: req.account_id.clone(),
@@ -191,7 +209,11 @@ impl Ledger {
                     &[&req.account_id, &hold_id, &req.batch_id, &total],
                 )
                 .await?;
-                Reserved { decision, replayed: false, needs_dispatch: true }
+                Reserved {
+                    decision,
+                    replayed: false,
+                    needs_dispatch: true,
+                }
             }
         };
         tx.commit().await?;
@@ -215,7 +237,11 @@ async fn insert_items(
     let mut states = Vec::with_capacity(n);
     let mut reasons: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
-    let skip_reason = if req.mode == crate::messages::Mode::Selected { "not_selected" } else { "did_not_fit" };
+    let skip_reason = if req.mode == crate::messages::Mode::Selected {
+        "not_selected"
+    } else {
+        "did_not_fit"
+    };
     for (i, item) in req.items.iter().enumerate() {
         let runs = run.binary_search(&i).is_ok();
         ids.push(item.item_id.as_str());

@@ -101,12 +101,19 @@ impl Ledger {
             .await?
         {
             let id: String = row.get(0);
-            batches.insert(id, BatchRow { account_id: row.get(1), hold_id: row.get(2) });
+            batches.insert(
+                id,
+                BatchRow {
+                    account_id: row.get(1),
+                    hold_id: row.get(2),
+                },
+            );
         }
 
         // First occurrence of each (batch, item) wins; later ones replay it.
         let mut first: HashMap<(&str, &str), usize> = HashMap::new();
-        let (mut b, mut it, mut ok, mut actual, mut reason) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut b, mut it, mut ok, mut actual, mut reason) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for (i, s) in items.iter().enumerate() {
             if !batches.contains_key(&s.batch_id) {
                 continue;
@@ -160,7 +167,8 @@ impl Ledger {
         let (mut j_acct, mut j_hold, mut j_batch, mut j_item, mut j_kind, mut j_amount) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for row in &rows {
-            let (batch, item, state): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+            let (batch, item, state): (String, String, String) =
+                (row.get(0), row.get(1), row.get(2));
             let (captured, overrun): (i64, i64) = (row.get(3), row.get(4));
             let meta = &batches[&batch];
             let entry = per_batch.entry(batch.clone()).or_default();
@@ -222,7 +230,11 @@ impl Ledger {
                 .collect();
             finished.sort();
             report.closed = close_batches(&tx, &finished, "completed", "completed").await?;
-            let running: Vec<&str> = ids.iter().copied().filter(|id| !finished.iter().any(|f| f == id)).collect();
+            let running: Vec<&str> = ids
+                .iter()
+                .copied()
+                .filter(|id| !finished.iter().any(|f| f == id))
+                .collect();
             report.progress = figures_of(&tx, &running).await?;
         }
 
@@ -232,7 +244,10 @@ impl Ledger {
             .collect();
         let mut earlier: HashMap<(String, String), Settled> = HashMap::new();
         if !missing.is_empty() {
-            let mb: Vec<&str> = missing.iter().map(|&i| items[i].batch_id.as_str()).collect();
+            let mb: Vec<&str> = missing
+                .iter()
+                .map(|&i| items[i].batch_id.as_str())
+                .collect();
             let mi: Vec<&str> = missing.iter().map(|&i| items[i].item_id.as_str()).collect();
             for row in tx
                 .query(
@@ -259,15 +274,22 @@ impl Ledger {
             .enumerate()
             .map(|(i, s)| {
                 let key = (s.batch_id.clone(), s.item_id.clone());
-                match (first.get(&(s.batch_id.as_str(), s.item_id.as_str())), done.get(&key)) {
+                match (
+                    first.get(&(s.batch_id.as_str(), s.item_id.as_str())),
+                    done.get(&key),
+                ) {
                     // The first occurrence in this call changed the item.
                     (Some(&f), Some(r)) if f == i => r.clone(),
                     // A later duplicate in the same call: the first result stands.
                     (Some(_), Some(r)) => match r {
-                        Settled::Captured { captured, .. } => {
-                            Settled::AlreadySettled { state: "succeeded".into(), captured: *captured }
-                        }
-                        _ => Settled::AlreadySettled { state: "failed".into(), captured: 0 },
+                        Settled::Captured { captured, .. } => Settled::AlreadySettled {
+                            state: "succeeded".into(),
+                            captured: *captured,
+                        },
+                        _ => Settled::AlreadySettled {
+                            state: "failed".into(),
+                            captured: 0,
+                        },
                     },
                     _ => earlier.get(&key).cloned().unwrap_or(Settled::Unknown),
                 }
@@ -347,7 +369,11 @@ pub(super) async fn close_batches(
         &[&closed_ids, &final_state],
     )
     .await?;
-    let figures = figures_of(tx, &closed_ids.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    let figures = figures_of(
+        tx,
+        &closed_ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
     let extra: HashMap<String, (Option<String>, Option<String>, f64)> = tx
         .query(
             "SELECT id, reply_to, correlation_id, extract(epoch FROM now() - created_at)::float8
@@ -361,7 +387,8 @@ pub(super) async fn close_batches(
     Ok(figures
         .into_iter()
         .map(|(batch_id, account_id, figures)| {
-            let (reply_to, correlation_id, seconds) = extra.get(&batch_id).cloned().unwrap_or_default();
+            let (reply_to, correlation_id, seconds) =
+                extra.get(&batch_id).cloned().unwrap_or_default();
             ClosedBatch {
                 batch_id,
                 account_id,
@@ -396,7 +423,8 @@ pub(super) async fn figures_of(
     Ok(rows
         .iter()
         .map(|r| {
-            let (items, run, succeeded, failed): (i32, i32, i32, i32) = (r.get(2), r.get(3), r.get(4), r.get(5));
+            let (items, run, succeeded, failed): (i32, i32, i32, i32) =
+                (r.get(2), r.get(3), r.get(4), r.get(5));
             let figures = BatchFigures {
                 items_total: items.into(),
                 run: run.into(),

@@ -1,0 +1,156 @@
+//! The command line as an operator uses it: migrate (twice), accounts,
+//! submit --wait, batch show, and audit's exit code on drift.
+
+mod support;
+
+use std::process::Output;
+
+use holdfast::fleet::Roles;
+use support::*;
+use tokio::process::Command;
+
+async fn holdfast(t: &TestFleet, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(args)
+        .env("HOLDFAST_DATABASE_URL", &t.conn.database_url)
+        .env("HOLDFAST_AMQP_URL", &t.conn.amqp_url)
+        .env("HOLDFAST_NAMESPACE", &t.conn.namespace)
+        .env("HOLDFAST_LOG", "warn")
+        .output()
+        .await
+        .expect("run holdfast")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn migrate_creates_the_database_and_is_safe_to_repeat() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    // A database that does not exist yet, on the same server.
+    let fresh = format!("{}_fresh", t.conn.database_url);
+    let run = |url: String| async move {
+        Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["migrate", "--json"])
+            .env("HOLDFAST_DATABASE_URL", &url)
+            .env("HOLDFAST_LOG", "warn")
+            .output()
+            .await
+            .unwrap()
+    };
+    let first = run(fresh.clone()).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(v["created_database"], true);
+    assert_eq!(v["applied"].as_array().unwrap().len(), 1);
+    let second = run(fresh.clone()).await;
+    let v: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(
+        (
+            v["created_database"].as_bool(),
+            v["applied"].as_array().unwrap().len()
+        ),
+        (Some(false), 0)
+    );
+    holdfast_common::database::drop_database(&fresh)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn accounts_submit_wait_batch_show_and_audit() {
+    let t = TestFleet::start().await;
+    let created = holdfast(
+        &t,
+        &["account", "grant", "studio", "50", "--create", "--json"],
+    )
+    .await;
+    assert!(created.status.success());
+    let a: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    assert_eq!(
+        (a["balance"].as_i64(), a["available"].as_i64()),
+        (Some(50), Some(50))
+    );
+    let bad = holdfast(&t, &["account", "grant", "studio", "-5"]).await;
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("positive"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    let dir = std::env::temp_dir().join(format!("{}.json", t.conn.namespace));
+    std::fs::write(&dir, request("cli-1", "studio", 4, 10).to_string()).unwrap();
+    let out = holdfast(&t, &["submit", dir.to_str().unwrap(), "--wait"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("GRANTED") && text.contains("COMPLETED"),
+        "{text}"
+    );
+    assert!(text.contains("captured 40, released 0"), "{text}");
+
+    std::fs::write(&dir, request("cli-2", "studio", 4, 10).to_string()).unwrap();
+    let out = holdfast(&t, &["submit", dir.to_str().unwrap(), "--json"]).await;
+    assert_eq!(out.status.code(), Some(2), "insufficient exits 2");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["decision"], "insufficient");
+    assert_eq!(
+        v[0]["message"],
+        "You have enough credits to generate 1 out of 4 items."
+    );
+    let _ = std::fs::remove_file(&dir);
+
+    let show = holdfast(&t, &["batch", "show", "cli-1", "--json"]).await;
+    let b: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(
+        (b["state"].as_str(), b["items"].as_array().unwrap().len()),
+        (Some("completed"), 4)
+    );
+    assert_eq!(
+        holdfast(&t, &["batch", "show", "nope"]).await.status.code(),
+        Some(1)
+    );
+
+    let audit = holdfast(&t, &["audit"]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
+    // Tamper with a balance behind the ledger's back: the audit names the account.
+    let (client, conn) = tokio_postgres::connect(&t.conn.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE accounts SET balance = balance + 7 WHERE id = 'studio'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let audit = holdfast(&t, &["audit"]).await;
+    assert_eq!(audit.status.code(), Some(1));
+    assert!(
+        stdout(&audit).contains("account studio"),
+        "{}",
+        stdout(&audit)
+    );
+    // And the journal refuses to be rewritten.
+    let err = client
+        .execute("DELETE FROM journal", &[])
+        .await
+        .unwrap_err();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("append-only"), "{err:?}");
+    t.stop().await;
+}
