@@ -31,7 +31,8 @@ impl Producer {
         names: &Names,
         queues: &QueueSettings,
     ) -> anyhow::Result<Self> {
-        let conn = topology::connect(amqp_url, "holdfast-producer").await?;
+        let conn =
+            topology::connect(amqp_url, &format!("holdfast-producer/{}", names.namespace)).await?;
         let channel = conn.create_channel().await?;
         topology::declare(&channel, names, queues).await?;
         let queue = channel

@@ -66,6 +66,8 @@ pub enum BrokerError {
     Nacked(String),
     #[error("RabbitMQ could not route the message to {0}: {1}")]
     Unroutable(String, String),
+    #[error("the connection to RabbitMQ closed")]
+    Closed,
 }
 
 /// `host:port/vhost` of an AMQP URL, for messages: never the password.
@@ -129,6 +131,26 @@ fn plain_quorum() -> FieldTable {
         AMQPValue::LongString(LongString::from("quorum")),
     );
     t
+}
+
+/// Resolves when `conn` fails (closed by the broker, network error). Every
+/// session waits on this beside its own work and starts over when it fires:
+/// a consumer's stream ends on its own, but a role that only publishes (the
+/// reconciler) would otherwise notice only at its next publish.
+pub fn watch(conn: &Connection) -> impl std::future::Future<Output = BrokerError> + Send + 'static {
+    use futures::StreamExt;
+    // Boxed as a 'static trait object: the listener owns its channel, but its
+    // opaque type still mentions the connection's borrow.
+    let mut events: std::pin::Pin<Box<dyn futures::Stream<Item = lapin::Event> + Send>> =
+        Box::pin(conn.events_listener());
+    async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(e) = event {
+                return BrokerError::Amqp(e);
+            }
+        }
+        BrokerError::Closed
+    }
 }
 
 /// Declare every exchange and queue of `names`. Idempotent.

@@ -114,7 +114,13 @@ impl Reconciler {
 /// Run the reconciler role until `shutdown`, one sweep per interval.
 pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: CancellationToken) {
     topology::supervise("reconciler", shutdown.clone(), || async {
-        let conn = topology::connect(&config.amqp_url, "holdfast-reconciler").await?;
+        let conn = topology::connect(
+            &config.amqp_url,
+            &format!("holdfast-reconciler/{}", config.names.namespace),
+        )
+        .await?;
+        let lost = topology::watch(&conn);
+        tokio::pin!(lost);
         let channel = conn.create_channel().await?;
         topology::declare(&channel, &config.names, &config.queues).await?;
         let mut reconciler =
@@ -124,6 +130,7 @@ pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: Cancellatio
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                e = &mut lost => return Err(e.into()),
                 _ = shutdown.cancelled() => break,
             }
             let report = reconciler.sweep_once().await?;

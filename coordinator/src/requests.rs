@@ -220,7 +220,13 @@ async fn consume(
     config: &CoordinatorConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let conn = topology::connect(&config.amqp_url, "holdfast-coordinator").await?;
+    let conn = topology::connect(
+        &config.amqp_url,
+        &format!("holdfast-coordinator/{}", config.names.namespace),
+    )
+    .await?;
+    let lost = topology::watch(&conn);
+    tokio::pin!(lost);
     let channel = conn.create_channel().await?;
     topology::declare(&channel, &config.names, &config.queues).await?;
     channel
@@ -242,6 +248,7 @@ async fn consume(
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => d,
+            e = &mut lost => return Err(e.into()),
             _ = shutdown.cancelled() => break,
         };
         let delivery = match delivery {

@@ -111,6 +111,9 @@ impl TestFleet {
         roles: Roles,
         generator: Option<Arc<dyn Generator>>,
     ) -> Self {
+        if std::env::var_os("HOLDFAST_LOG").is_some() {
+            holdfast_common::telemetry::init_logging(false);
+        }
         let conn = unique_connections();
         let cleanup = Cleanup { conn: conn.clone() };
         database::migrate(&conn.database_url)

@@ -103,7 +103,13 @@ async fn session(
     generator: &Arc<dyn Generator>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let conn = topology::connect(&config.amqp_url, "holdfast-worker").await?;
+    let conn = topology::connect(
+        &config.amqp_url,
+        &format!("holdfast-worker/{}", config.names.namespace),
+    )
+    .await?;
+    let lost = topology::watch(&conn);
+    tokio::pin!(lost);
     let channel = conn.create_channel().await?;
     topology::declare(&channel, &config.names, &config.queues).await?;
     // QoS is applied on every (re)connection: a fresh channel has none.
@@ -134,6 +140,7 @@ async fn session(
     let result = loop {
         let delivery = tokio::select! {
             d = consumer.next() => d,
+            e = &mut lost => break Err(e.into()),
             _ = shutdown.cancelled() => break Ok(()),
         };
         match delivery {
