@@ -191,6 +191,7 @@ fn reserve_input(req: &BatchRequest, timeout: Duration) -> ReserveInput<'_> {
         correlation_id: None,
         execution_timeout: timeout,
         dispatch_grace: Duration::from_millis(500),
+        chunk_size: 10,
     }
 }
 

@@ -164,6 +164,7 @@ async fn settle_reports_duplicates_and_unknown_items_without_charging() {
         correlation_id: None,
         execution_timeout: std::time::Duration::from_secs(60),
         dispatch_grace: std::time::Duration::from_secs(60),
+        chunk_size: 10,
     };
     t.ledger.reserve(&input).await.unwrap();
     let s = |item: &str, cost| Settlement {

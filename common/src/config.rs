@@ -116,6 +116,12 @@ pub struct CoordinatorSettings {
     /// Seconds a granted batch may run before the reconciler closes it.
     #[arg(long, env = "HOLDFAST_EXECUTION_TIMEOUT_SECS", default_value_t = 3600)]
     pub execution_timeout_secs: u64,
+    /// Sequential mode: items reserved per chunk.
+    #[arg(long, env = "HOLDFAST_SEQUENTIAL_CHUNK", default_value_t = 10)]
+    pub sequential_chunk: usize,
+    /// Longest TTL a soft hold may ask for, in seconds.
+    #[arg(long, env = "HOLDFAST_MAX_RESERVATION_TTL_SECS", default_value_t = 900)]
+    pub max_reservation_ttl_secs: u64,
 }
 
 impl Default for CoordinatorSettings {
@@ -125,6 +131,8 @@ impl Default for CoordinatorSettings {
             coordinator_consumers: 4,
             confirm_window: 500,
             execution_timeout_secs: 3600,
+            sequential_chunk: 10,
+            max_reservation_ttl_secs: 900,
         }
     }
 }

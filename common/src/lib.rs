@@ -5,12 +5,14 @@
 //! - [`pricing`]: which items of a batch fit the credits available, and the human sentence.
 //! - [`topology`]: AMQP names, declarations and a confirming publisher.
 //! - [`events`]: publishing decisions, progress and completions to producers.
+//! - [`dispatch`]: publishing a batch's item jobs with publisher confirms.
 //! - [`config`]: settings from flags, `HOLDFAST_*` variables and local defaults.
 //! - [`telemetry`]: logs and the Prometheus metrics, recorded in one place.
 //! - [`faults`]: named crash points used by the fault-injection tests.
 
 pub mod config;
 pub mod database;
+pub mod dispatch;
 pub mod events;
 pub mod faults;
 pub mod ledger;

@@ -110,6 +110,9 @@ pub struct Granted {
     pub left_out: Vec<LeftOut>,
     /// Past this instant the reconciler fails unsettled items and releases the rest.
     pub deadline_at: String,
+    /// Sequential mode: items reserved per chunk (`reserved` is the first chunk's cost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<usize>,
 }
 
 /// A subset of the items that the available credits cover.
@@ -230,6 +233,44 @@ impl Decision {
     }
 }
 
+/// "What would this cost, and what fits?" Holds nothing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Preview {
+    pub account_id: String,
+    pub mode: Mode,
+    /// Cost of what the request asks to run.
+    pub total_cost: i64,
+    pub available: i64,
+    /// True when the request would be granted as it stands.
+    pub fits: bool,
+    pub items_total: usize,
+    /// k of "k out of N": the first-fit count (N when everything fits).
+    pub fit_count: usize,
+    pub first_fit: FitSet,
+    pub priority_fit: FitSet,
+    /// Credits missing for everything (0 when it fits).
+    pub shortfall: i64,
+    /// "This action will cost ~120 credits. You have 95 credits."
+    pub message: String,
+    /// When short: "You have enough credits to generate 7 out of 10 items."
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advice: Option<String>,
+}
+
+/// A soft hold: credits set aside for a batch that has not started yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub reservation_id: String,
+    pub account_id: String,
+    pub amount: i64,
+    /// `open`, `closed` (cancelled, or consumed by a batch that finished) or `expired`.
+    pub state: String,
+    /// When the hold expires unless a batch consumes it; `None` once consumed.
+    pub expires_at: Option<String>,
+    /// The batch that consumed the hold, if any.
+    pub batch_id: Option<String>,
+}
+
 /// One item to generate (coordinator → jobs queue). `message_id` is `batch_id:item_id`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ItemJob {
@@ -257,6 +298,10 @@ pub struct BatchFigures {
     pub run: i64,
     pub succeeded: i64,
     pub failed: i64,
+    /// Never started because the batch was cancelled (not charged).
+    #[serde(default)]
+    pub cancelled: i64,
+    /// Never held: left out by the mode, or (sequential) not reserved.
     pub skipped: i64,
     pub pending: i64,
     pub reserved: i64,

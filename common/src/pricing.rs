@@ -2,7 +2,7 @@
 //! and what to tell a person when they do not. Pure functions, so the preview
 //! and the reservation answer the same question the same way.
 
-use crate::messages::{BatchRequest, Choice, FitSet, ItemRequest, LeftOut, Mode};
+use crate::messages::{BatchRequest, Choice, FitSet, ItemRequest, LeftOut, Mode, Preview};
 
 /// What the request asks to run, before credits are considered: indices into `items`.
 pub fn requested(req: &BatchRequest) -> Vec<usize> {
@@ -91,6 +91,76 @@ pub struct Shortfall {
     pub options: Vec<Choice>,
 }
 
+/// What a preview tells a person before they click: the cost, what they
+/// have, and what fits. Uses the same rules as [`plan`].
+pub fn preview(req: &BatchRequest, available: i64, chunk_size: usize) -> Preview {
+    let items = &req.items;
+    let wanted = requested(req);
+    let total = cost_of(items, &wanted);
+    let available = available.max(0);
+    let fits = match plan_chunked(req, available, chunk_size) {
+        Plan::Run { .. } => true,
+        Plan::Short(_) => false,
+    };
+    let first = fit_set(items, &first_fit(items, &wanted, available));
+    let by_priority = fit_set(items, &priority_fit(items, &wanted, available));
+    let n = wanted.len();
+    let advice = (total > available).then(|| k_of_n(first.count, n));
+    Preview {
+        account_id: req.account_id.clone(),
+        mode: req.mode,
+        total_cost: total,
+        available,
+        fits,
+        items_total: n,
+        fit_count: first.count,
+        first_fit: first,
+        priority_fit: by_priority,
+        shortfall: (total - available).max(0),
+        message: format!(
+            "This action will cost ~{} credits. You have {} credits.",
+            thousands(total),
+            thousands(available)
+        ),
+        advice,
+    }
+}
+
+fn k_of_n(k: usize, n: usize) -> String {
+    match k {
+        0 => format!(
+            "You don't have enough credits to generate any of the {n} {}.",
+            plural(n, "item", "items")
+        ),
+        k => format!(
+            "You have enough credits to generate {k} out of {n} {}.",
+            plural(n, "item", "items")
+        ),
+    }
+}
+
+/// Like [`plan`], and for `sequential` requests only the first chunk of
+/// `chunk_size` items must fit (the rest is reserved chunk by chunk later).
+pub fn plan_chunked(req: &BatchRequest, available: i64, chunk_size: usize) -> Plan {
+    if req.mode != Mode::Sequential {
+        return plan(req, available);
+    }
+    let items = &req.items;
+    let first: Vec<usize> = (0..items.len().min(chunk_size.max(1))).collect();
+    let cost = cost_of(items, &first);
+    if cost <= available.max(0) {
+        Plan::Run {
+            run: first,
+            left_out: vec![],
+            total: cost,
+        }
+    } else {
+        let wanted = requested(req);
+        let total = cost_of(items, &wanted);
+        Plan::Short(shortfall(items, &wanted, total, available.max(0)))
+    }
+}
+
 /// Price `req` against `available` credits according to its mode.
 pub fn plan(req: &BatchRequest, available: i64) -> Plan {
     let items = &req.items;
@@ -136,16 +206,7 @@ fn shortfall(items: &[ItemRequest], wanted: &[usize], total: i64, available: i64
     let by_priority = fit_set(items, &priority_fit(items, wanted, available));
     let n = wanted.len();
     let short = total - available;
-    let message = match first.count {
-        0 => format!(
-            "You don't have enough credits to generate any of the {n} {}.",
-            plural(n, "item", "items")
-        ),
-        k => format!(
-            "You have enough credits to generate {k} out of {n} {}.",
-            plural(n, "item", "items")
-        ),
-    };
+    let message = k_of_n(first.count, n);
     let detail = format!(
         "This action costs {} credits. You have {} credits available ({} short).",
         thousands(total),

@@ -90,6 +90,7 @@ pub mod record {
                     "succeeded"
                 }
                 Settled::Failed => "failed",
+                Settled::Cancelled => "cancelled",
                 Settled::AlreadySettled { .. } => "duplicate",
                 Settled::Unknown => "unknown",
             };
@@ -116,6 +117,11 @@ pub mod record {
         }
     }
 
+    /// A sequential batch reserved its next chunk.
+    pub fn chunk_reserved(credits: i64) {
+        counter!("holdfast_credits_reserved_total").increment(credits.max(0) as u64);
+    }
+
     pub fn item_seconds(took: Duration) {
         histogram!("holdfast_item_seconds").record(took.as_secs_f64());
     }
@@ -131,6 +137,15 @@ pub mod record {
 
     pub fn drift(count: usize) {
         gauge!("holdfast_ledger_drift").set(count as f64);
+    }
+
+    /// A soft hold reserved, cancelled or expired (`credits` counted when known).
+    pub fn soft_hold(event: &'static str, credits: i64) {
+        counter!("holdfast_soft_holds_total", "event" => event).increment(1);
+        if credits > 0 && event != "reserved" {
+            counter!("holdfast_credits_released_total", "reason" => event)
+                .increment(credits as u64);
+        }
     }
 
     /// A message parked in a dead-letter queue by Holdfast itself.

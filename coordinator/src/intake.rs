@@ -51,15 +51,14 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>
     let mode = match obj.get("mode") {
         None | Some(Value::Null) => Some(Mode::AllOrNothing),
         Some(Value::String(s)) => match Mode::parse(s) {
-            Some(Mode::Sequential) => {
-                p.add("mode", "sequential is not supported by this version; use all_or_nothing, first_fit, priority_fit or selected");
-                None
-            }
             Some(m) => Some(m),
             None => {
-                p.add("mode", format!(
-                    "unknown mode `{s}`; expected all_or_nothing, first_fit, priority_fit or selected"
-                ));
+                p.add(
+                    "mode",
+                    format!(
+                        "unknown mode `{s}`; expected all_or_nothing, first_fit, priority_fit, selected or sequential"
+                    ),
+                );
                 None
             }
         },
@@ -72,10 +71,11 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>
     let item_ids = selected_ids(&obj, mode, items.as_deref(), &mut p);
     let reservation_id = match obj.get("reservation_id") {
         None | Some(Value::Null) => None,
+        Some(Value::String(r)) if !r.is_empty() && r.len() <= MAX_ID_CHARS => Some(r.clone()),
         Some(_) => {
             p.add(
                 "reservation_id",
-                "soft holds are not supported by this version; omit reservation_id",
+                "must be the reservation_id string returned when the credits were reserved",
             );
             None
         }

@@ -3,12 +3,10 @@
 //!
 //! - [`intake`]: bytes → validated request, or a rejection naming each field.
 //! - [`requests`]: the coordinator role (consume, decide, answer, dispatch, ack).
-//! - [`dispatch`]: publishing a batch's jobs with publisher confirms.
 //! - [`reconcile`]: the reconciler role.
 //! - [`api`]: the HTTP API role.
 
 pub mod api;
-pub mod dispatch;
 pub mod intake;
 pub mod reconcile;
 pub mod requests;

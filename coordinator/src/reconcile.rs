@@ -1,6 +1,7 @@
 //! The reconciler: the safety net that makes every hold resolve.
 //!
-//! Each sweep closes batches whose items are all settled, closes batches past
+//! Each sweep expires soft holds past their TTL, closes batches whose items
+//! are all settled (or reserves a sequential batch's next chunk), closes batches past
 //! their execution deadline (unsettled items fail, the rest is released),
 //! re-dispatches batches whose coordinator died before the broker confirmed
 //! every job, refreshes the gauges, and now and then audits the ledger.
@@ -13,7 +14,7 @@ use holdfast_common::telemetry::record;
 use holdfast_common::topology::{self, Names, Publisher};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::dispatch;
+use holdfast_common::dispatch::dispatch;
 
 /// Everything the reconciler role needs.
 #[derive(Clone, Debug)]
@@ -33,6 +34,8 @@ pub struct SweepReport {
     pub closed: usize,
     pub expired: usize,
     pub redispatched: usize,
+    /// Soft holds expired (their TTL passed with no batch consuming them).
+    pub expired_holds: usize,
     /// Drift found, when this sweep audited.
     pub drift: Option<usize>,
 }
@@ -62,13 +65,18 @@ impl Reconciler {
         let mut report = SweepReport::default();
         let names = &self.config.names;
         loop {
-            let closed = self.ledger.close_finished(CLAIM_LIMIT).await?;
+            let (closed, advanced) = self.ledger.close_finished(CLAIM_LIMIT).await?;
             report.closed += closed.len();
             events::completed(&self.publisher, names, &closed).await?;
-            if (closed.len() as i64) < CLAIM_LIMIT {
+            for batch_id in &advanced {
+                let window = self.config.coordinator.confirm_window;
+                dispatch(&self.ledger, &self.publisher, names, batch_id, 1, window).await?;
+            }
+            if ((closed.len() + advanced.len()) as i64) < CLAIM_LIMIT {
                 break;
             }
         }
+        report.expired_holds = self.ledger.expire_soft_holds(CLAIM_LIMIT).await?;
         loop {
             let expired = self.ledger.expire_overdue(CLAIM_LIMIT).await?;
             report.expired += expired.len();

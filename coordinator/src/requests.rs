@@ -23,8 +23,8 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{dispatch, DispatchError};
 use crate::intake;
+use holdfast_common::dispatch::{dispatch, DispatchError};
 
 /// Everything the coordinator role needs.
 #[derive(Clone, Debug)]
@@ -98,6 +98,7 @@ impl Intake {
             correlation_id: reply.correlation_id.clone(),
             execution_timeout: self.config.settings.execution_timeout(),
             dispatch_grace: self.config.dispatch_grace,
+            chunk_size: self.config.settings.sequential_chunk,
         };
         let reserved = match self.ledger.reserve(&input).await {
             Ok(r) => r,
@@ -116,6 +117,10 @@ impl Intake {
                     "batch_id",
                     "already used for a different request; send a new batch_id for a new attempt",
                 );
+                return self.reject(body, reply, Box::new(r)).await;
+            }
+            Err(LedgerError::Reservation(why)) => {
+                let r = Rejected::one(Some(request.batch_id.clone()), "reservation_id", why);
                 return self.reject(body, reply, Box::new(r)).await;
             }
             Err(LedgerError::Invalid(why)) => {

@@ -13,6 +13,7 @@ use backon::{ExponentialBuilder, Retryable};
 use clap::Args;
 use futures::StreamExt;
 use holdfast_common::config::QueueSettings;
+use holdfast_common::dispatch::dispatch;
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{ItemOutcome, Ledger, Settled, Settlement};
@@ -32,6 +33,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::generator::{Generated, Generator, GeneratorError};
+
+/// Jobs of a sequential batch's next chunk published per confirm wait.
+const CHUNK_CONFIRM_WINDOW: usize = 500;
 
 /// Worker settings.
 #[derive(Args, Clone, Debug)]
@@ -218,9 +222,19 @@ impl Item {
     async fn run_job(self, delivery: Delivery, job: ItemJob) -> anyhow::Result<()> {
         // Look before running: a duplicate job must not pay for the work twice.
         match self.ledger.item_state(&job.batch_id, &job.item_id).await {
-            Ok(Some(state)) if state == "pending" => {}
-            Ok(Some(state)) => {
-                tracing::debug!(%state, "already settled; acknowledging the duplicate");
+            Ok(Some((item, batch))) if item == "pending" && batch == "cancelling" => {
+                // The batch was cancelled before this item started: settle it
+                // uncharged, without running the generator.
+                let settlement = Settlement {
+                    batch_id: job.batch_id,
+                    item_id: job.item_id,
+                    outcome: ItemOutcome::Cancelled,
+                };
+                return self.finished(settlement, delivery).await;
+            }
+            Ok(Some((item, _))) if item == "pending" => {}
+            Ok(Some((item, _))) => {
+                tracing::debug!(state = %item, "already settled; acknowledging the duplicate");
                 counter_duplicate();
                 ack(&delivery).await?;
                 return Ok(());
@@ -283,14 +297,18 @@ impl Item {
             item_id: job.item_id,
             outcome,
         };
+        self.finished(settlement, delivery).await
+    }
+
+    /// Hand a settled item to the settler, which captures it and then acks.
+    async fn finished(&self, settlement: Settlement, delivery: Delivery) -> anyhow::Result<()> {
         self.done
             .send(Finished {
                 settlement,
                 delivery,
             })
             .await
-            .map_err(|_| anyhow::anyhow!("the settler stopped"))?;
-        Ok(())
+            .map_err(|_| anyhow::anyhow!("the settler stopped"))
     }
 
     /// Run the generator, retrying transient failures with backoff. A panic
@@ -474,6 +492,22 @@ async fn settle_loop(
         }
         if let Err(e) = events::completed(&publisher, names, &report.closed).await {
             tracing::warn!(error = %e, "could not announce a closed batch");
+        }
+        // Sequential batches whose next chunk this settle reserved: send its jobs
+        // (a reconciler does it after the lease if this fails).
+        for batch_id in &report.advanced {
+            if let Err(e) = dispatch(
+                &ledger,
+                &publisher,
+                names,
+                batch_id,
+                1,
+                CHUNK_CONFIRM_WINDOW,
+            )
+            .await
+            {
+                tracing::warn!(%batch_id, error = %e, "next chunk not dispatched; the reconciler will");
+            }
         }
     }
     publish_progress(&publisher, names, &mut progress).await;

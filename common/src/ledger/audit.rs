@@ -53,21 +53,25 @@ const CHECKS: &[&str] = &[
         OR (h.state = 'open' AND COALESCE(j.settle, 0) <> 0)",
     // Batch counters agree with the items; a closed batch has nothing pending and a resolved hold.
     "SELECT 'batch ' || b.id,
-            format('state %s, run %s succeeded %s failed %s; items: pending %s succeeded %s failed %s; hold %s',
-                   b.state, b.run_count, b.succeeded, b.failed,
-                   COALESCE(i.pending, 0), COALESCE(i.succeeded, 0), COALESCE(i.failed, 0), h.state)
+            format('state %s, run %s succeeded %s failed %s cancelled %s; items: pending %s succeeded %s failed %s cancelled %s; hold %s',
+                   b.state, b.run_count, b.succeeded, b.failed, b.cancelled,
+                   COALESCE(i.pending, 0), COALESCE(i.succeeded, 0), COALESCE(i.failed, 0), COALESCE(i.cancelled, 0), h.state)
      FROM batches b
      JOIN holds h ON h.id = b.hold_id
      LEFT JOIN (SELECT batch_id,
                        count(*) FILTER (WHERE state = 'pending') AS pending,
                        count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
-                       count(*) FILTER (WHERE state = 'failed') AS failed
+                       count(*) FILTER (WHERE state = 'failed') AS failed,
+                       count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+                       sum(reserved) AS reserved
                 FROM items GROUP BY batch_id) i ON i.batch_id = b.id
      WHERE COALESCE(i.succeeded, 0) <> b.succeeded
         OR COALESCE(i.failed, 0) <> b.failed
-        OR COALESCE(i.pending, 0) + b.succeeded + b.failed <> b.run_count
+        OR COALESCE(i.cancelled, 0) <> b.cancelled
+        OR COALESCE(i.pending, 0) + b.succeeded + b.failed + b.cancelled <> b.run_count
+        OR COALESCE(i.reserved, 0) <> h.amount
         OR (b.state IN ('completed', 'expired', 'cancelled') AND (COALESCE(i.pending, 0) <> 0 OR h.state = 'open'))
-        OR (b.state IN ('granted', 'dispatched') AND h.state <> 'open')",
+        OR (b.state IN ('granted', 'dispatched', 'cancelling') AND h.state <> 'open')",
 ];
 
 impl Ledger {

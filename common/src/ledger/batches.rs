@@ -72,18 +72,24 @@ impl Ledger {
         .await
     }
 
-    /// The state of one item (`pending`, `succeeded`, `failed`, `skipped`), if it exists.
-    /// Workers look before they run: a duplicate job must not pay for the work twice.
-    pub async fn item_state(&self, batch_id: &str, item_id: &str) -> Result<Option<String>> {
+    /// The state of one item and of its batch, if the item exists. Workers
+    /// look before they run: a duplicate job must not pay for the work twice,
+    /// and a cancelled batch starts nothing new.
+    pub async fn item_state(
+        &self,
+        batch_id: &str,
+        item_id: &str,
+    ) -> Result<Option<(String, String)>> {
         self.retrying("item state", || async {
             let client = self.pool.get().await?;
             Ok(client
                 .query_opt(
-                    "SELECT state FROM items WHERE batch_id = $1 AND item_id = $2",
+                    "SELECT i.state, b.state FROM items i JOIN batches b ON b.id = i.batch_id
+                     WHERE i.batch_id = $1 AND i.item_id = $2",
                     &[&batch_id, &item_id],
                 )
                 .await?
-                .map(|r| r.get(0)))
+                .map(|r| (r.get(0), r.get(1))))
         })
         .await
     }
@@ -94,8 +100,9 @@ impl Ledger {
             let client = self.pool.get().await?;
             client
                 .execute(
-                    "UPDATE batches SET state = 'dispatched', dispatched_at = now(), dispatch_lease = NULL
-                     WHERE id = $1 AND state = 'granted'",
+                    "UPDATE batches SET dispatched_at = now(), dispatch_lease = NULL,
+                            state = CASE WHEN state = 'granted' THEN 'dispatched' ELSE state END
+                     WHERE id = $1 AND state IN ('granted', 'cancelling') AND dispatched_at IS NULL",
                     &[&batch_id],
                 )
                 .await?;
@@ -116,7 +123,7 @@ impl Ledger {
                             to_char(b.closed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
                             b.item_count, b.run_count, b.succeeded, b.failed,
                             COALESCE(h.amount, 0), COALESCE(h.captured, 0), COALESCE(h.released, 0),
-                            b.decision
+                            b.decision, b.cancelled
                      FROM batches b LEFT JOIN holds h ON h.id = b.hold_id WHERE b.id = $1",
                     &[&batch_id],
                 )
@@ -142,14 +149,16 @@ impl Ledger {
                     reason: i.get(6),
                 })
                 .collect();
-            let (count, run, succeeded, failed): (i32, i32, i32, i32) = (r.get(9), r.get(10), r.get(11), r.get(12));
+            let (count, run, succeeded, failed, cancelled): (i32, i32, i32, i32, i32) =
+                (r.get(9), r.get(10), r.get(11), r.get(12), r.get(17));
             let figures = BatchFigures {
                 items_total: count.into(),
                 run: run.into(),
                 succeeded: succeeded.into(),
                 failed: failed.into(),
+                cancelled: cancelled.into(),
                 skipped: (count - run).into(),
-                pending: (run - succeeded - failed).into(),
+                pending: (run - succeeded - failed - cancelled).into(),
                 reserved: r.get(13),
                 captured: r.get(14),
                 released: r.get(15),

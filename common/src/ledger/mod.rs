@@ -9,15 +9,20 @@
 //!   or fails items, in one transaction for many items, and closes the batches
 //!   whose last item it settled.
 //! - closing a batch releases the unused remainder of its hold exactly once.
+//! - [`Ledger::reserve_soft`] takes a soft hold with a TTL that a batch may
+//!   consume later; the reconciler expires it (never early) otherwise.
+//! - [`Ledger::cancel_batch`] stops a batch: running items finish, the rest is released.
 //! - [`Ledger::audit`] recomputes balances and holds from the journal.
 //!
 //! Lock order, everywhere: batch rows (by id), then hold rows, then account
-//! rows (by id). Reserve locks only its account and inserts new rows, so no
-//! cycle can form.
+//! rows (by id). Reserve locks its account (after the soft hold it consumes,
+//! if any) and inserts new rows, so no cycle can form.
 
 mod accounts;
 mod audit;
 mod batches;
+mod cancel;
+mod holds;
 mod reconcile;
 mod reserve;
 mod settle;
@@ -32,6 +37,7 @@ use tokio_postgres::error::SqlState;
 pub use accounts::{Account, JournalEntry};
 pub use audit::Drift;
 pub use batches::{BatchView, ItemView, PendingJob};
+pub use cancel::Cancelled;
 pub use reserve::{ReserveInput, Reserved};
 pub use settle::{ClosedBatch, ItemOutcome, SettleReport, Settled, Settlement};
 
@@ -53,6 +59,18 @@ pub enum LedgerError {
     /// The request itself is not acceptable to the ledger: reject.
     #[error("{0}")]
     Invalid(String),
+    /// The reservation named by the request cannot start it: reject, naming `reservation_id`.
+    #[error("{0}")]
+    Reservation(String),
+    /// Not enough credits for a soft hold: nothing was held.
+    #[error("insufficient credits: {requested} requested, {available} available")]
+    Insufficient { requested: i64, available: i64 },
+    /// No such batch or reservation.
+    #[error("{0}")]
+    NotFound(String),
+    /// The batch or reservation is in a state that does not allow this.
+    #[error("{0}")]
+    WrongState(String),
     /// A bug or a refused invariant: do not retry blindly.
     #[error("ledger error: {}", pg_message(.0))]
     Database(#[source] tokio_postgres::Error),

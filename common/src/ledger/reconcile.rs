@@ -4,21 +4,23 @@
 
 use std::time::Duration;
 
-use super::settle::{close_batches, ClosedBatch};
+use super::settle::{close_batches, finish, ClosedBatch};
 use super::{Ledger, Result};
 
 impl Ledger {
-    /// Close batches whose items are all settled but which are still open (a
-    /// safety net: the worker settling the last item normally closes them).
-    pub async fn close_finished(&self, limit: i64) -> Result<Vec<ClosedBatch>> {
-        let closed = self
+    /// Finish batches whose items are all settled but which are still open (a
+    /// safety net: the worker settling the last item normally does it). Returns
+    /// the closed batches and the sequential ones whose next chunk was reserved.
+    pub async fn close_finished(&self, limit: i64) -> Result<(Vec<ClosedBatch>, Vec<String>)> {
+        let finished = self
             .retrying("close finished", || async {
                 let mut client = self.pool.get().await?;
                 let tx = client.transaction().await?;
                 let ids: Vec<String> = tx
                     .query(
                         "SELECT id FROM batches
-                         WHERE state IN ('granted', 'dispatched') AND succeeded + failed = run_count
+                         WHERE state IN ('granted', 'dispatched', 'cancelling')
+                           AND succeeded + failed + cancelled = run_count
                          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                         &[&limit],
                     )
@@ -26,13 +28,13 @@ impl Ledger {
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
-                let closed = close_batches(&tx, &ids, "completed", "completed").await?;
+                let finished = finish(&tx, &ids).await?;
                 tx.commit().await?;
-                Ok(closed)
+                Ok(finished)
             })
             .await?;
-        crate::telemetry::record::closed(&closed);
-        Ok(closed)
+        crate::telemetry::record::closed(&finished.closed);
+        Ok((finished.closed, finished.advanced))
     }
 
     /// Close batches past their execution deadline: their unsettled items fail
@@ -45,7 +47,7 @@ impl Ledger {
                 let ids: Vec<String> = tx
                     .query(
                         "SELECT id FROM batches
-                         WHERE state IN ('granted', 'dispatched') AND deadline_at < now()
+                         WHERE state IN ('granted', 'dispatched', 'cancelling') AND deadline_at < now()
                          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                         &[&limit],
                     )
@@ -64,6 +66,11 @@ impl Ledger {
                      UPDATE batches b SET failed = b.failed + f.n
                      FROM (SELECT batch_id, count(*)::int4 AS n FROM failed GROUP BY batch_id) f
                      WHERE b.id = f.batch_id",
+                    &[&ids],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE items SET state = 'skipped', reason = 'deadline' WHERE batch_id = ANY($1) AND state = 'queued'",
                     &[&ids],
                 )
                 .await?;
@@ -88,7 +95,8 @@ impl Ledger {
                     "UPDATE batches SET dispatch_lease = now() + make_interval(secs => $1)
                      WHERE id IN (
                          SELECT id FROM batches
-                         WHERE state = 'granted' AND (dispatch_lease IS NULL OR dispatch_lease < now())
+                         WHERE (state = 'granted' OR (state = 'cancelling' AND dispatched_at IS NULL))
+                           AND (dispatch_lease IS NULL OR dispatch_lease < now())
                          ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)
                      RETURNING id",
                     &[&secs, &limit],

@@ -1,6 +1,11 @@
-//! Settle: capture the actual cost of items (or fail them) and close the
-//! batches whose last item this settles. Many items go in one transaction:
-//! the cost of a settle is its round trips and its commit flush, not its rows.
+//! Settle: capture the actual cost of items (or fail or cancel them) and
+//! finish the batches whose last item this settles. Many items go in one
+//! transaction: the cost of a settle is its round trips and its commit flush,
+//! not its rows.
+//!
+//! Finishing a batch means one of three things: close it (release the rest of
+//! its hold), or, for a sequential batch with items still queued, reserve the
+//! next chunk and hand it out, or stop cleanly when that chunk no longer fits.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -18,6 +23,8 @@ pub enum ItemOutcome {
     Succeeded { actual_cost: Option<i64> },
     /// Not done: never charged.
     Failed { reason: String },
+    /// Never started because its batch was cancelled: never charged.
+    Cancelled,
 }
 
 /// One item to settle.
@@ -36,6 +43,8 @@ pub enum Settled {
     Captured { captured: i64, overrun: i64 },
     /// Failed, charged nothing.
     Failed,
+    /// Cancelled before it started, charged nothing.
+    Cancelled,
     /// Settled before (a duplicate job, or the batch closed meanwhile): the first result stands.
     AlreadySettled { state: String, captured: i64 },
     /// No such item in an open batch: the job does not belong to this ledger.
@@ -63,6 +72,15 @@ pub struct SettleReport {
     /// Batches touched and still running: (batch, account, figures) for progress events.
     pub progress: Vec<(String, String, BatchFigures)>,
     pub closed: Vec<ClosedBatch>,
+    /// Sequential batches whose next chunk was just reserved: publish its jobs.
+    pub advanced: Vec<String>,
+}
+
+/// What [`finish`] did with a set of batches.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Finished {
+    pub closed: Vec<ClosedBatch>,
+    pub advanced: Vec<String>,
 }
 
 struct BatchRow {
@@ -94,7 +112,7 @@ impl Ledger {
         for row in tx
             .query(
                 "SELECT id, account_id, hold_id FROM batches
-                 WHERE id = ANY($1) AND state IN ('granted', 'dispatched')
+                 WHERE id = ANY($1) AND state IN ('granted', 'dispatched', 'cancelling')
                  ORDER BY id FOR UPDATE",
                 &[&batch_ids],
             )
@@ -112,7 +130,7 @@ impl Ledger {
 
         // First occurrence of each (batch, item) wins; later ones replay it.
         let mut first: HashMap<(&str, &str), usize> = HashMap::new();
-        let (mut b, mut it, mut ok, mut actual, mut reason) =
+        let (mut b, mut it, mut kind, mut actual, mut reason) =
             (vec![], vec![], vec![], vec![], vec![]);
         for (i, s) in items.iter().enumerate() {
             if !batches.contains_key(&s.batch_id) {
@@ -126,44 +144,40 @@ impl Ledger {
             }
             b.push(s.batch_id.as_str());
             it.push(s.item_id.as_str());
-            match &s.outcome {
-                ItemOutcome::Succeeded { actual_cost } => {
-                    ok.push(true);
-                    actual.push(*actual_cost);
-                    reason.push(None);
-                }
-                ItemOutcome::Failed { reason: r } => {
-                    ok.push(false);
-                    actual.push(None);
-                    reason.push(Some(r.as_str()));
-                }
-            }
+            let (k, a, r) = match &s.outcome {
+                ItemOutcome::Succeeded { actual_cost } => ("succeeded", *actual_cost, None),
+                ItemOutcome::Failed { reason } => ("failed", None, Some(reason.as_str())),
+                ItemOutcome::Cancelled => ("cancelled", None, Some("cancelled")),
+            };
+            kind.push(k);
+            actual.push(a);
+            reason.push(r);
         }
 
         // Only pending items change: a duplicate finds its item settled and is left alone.
         let rows = tx
             .query(
                 "WITH input AS (
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::int8[], $5::text[])
-                         AS t(batch_id, item_id, ok, actual, reason))
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
+                         AS t(batch_id, item_id, kind, actual, reason))
                  UPDATE items i SET
-                     state = CASE WHEN input.ok THEN 'succeeded' ELSE 'failed' END,
-                     captured = CASE WHEN input.ok
+                     state = input.kind,
+                     captured = CASE WHEN input.kind = 'succeeded'
                          THEN LEAST(GREATEST(COALESCE(input.actual, i.reserved), 0), i.reserved) ELSE 0 END,
-                     overrun = CASE WHEN input.ok
+                     overrun = CASE WHEN input.kind = 'succeeded'
                          THEN GREATEST(COALESCE(input.actual, 0) - i.reserved, 0) ELSE 0 END,
                      reason = input.reason,
                      settled_at = now()
                  FROM input
                  WHERE i.batch_id = input.batch_id AND i.item_id = input.item_id AND i.state = 'pending'
                  RETURNING i.batch_id, i.item_id, i.state, i.captured, i.overrun",
-                &[&b, &it, &ok, &actual, &reason],
+                &[&b, &it, &kind, &actual, &reason],
             )
             .await?;
 
         let mut done: HashMap<(String, String), Settled> = HashMap::new();
-        // Per batch: (captured, succeeded, failed).
-        let mut per_batch: BTreeMap<String, (i64, i32, i32)> = BTreeMap::new();
+        // Per batch: (captured, succeeded, failed, cancelled).
+        let mut per_batch: BTreeMap<String, (i64, i32, i32, i32)> = BTreeMap::new();
         let (mut j_acct, mut j_hold, mut j_batch, mut j_item, mut j_kind, mut j_amount) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for row in &rows {
@@ -172,25 +186,33 @@ impl Ledger {
             let (captured, overrun): (i64, i64) = (row.get(3), row.get(4));
             let meta = &batches[&batch];
             let entry = per_batch.entry(batch.clone()).or_default();
-            if state == "succeeded" {
-                entry.0 += captured;
-                entry.1 += 1;
-                for (kind, amount) in [("capture", captured), ("overrun", overrun)] {
-                    if kind == "overrun" && amount == 0 {
-                        continue;
+            let settled = match state.as_str() {
+                "succeeded" => {
+                    entry.0 += captured;
+                    entry.1 += 1;
+                    for (kind, amount) in [("capture", captured), ("overrun", overrun)] {
+                        if kind == "overrun" && amount == 0 {
+                            continue;
+                        }
+                        j_acct.push(meta.account_id.clone());
+                        j_hold.push(meta.hold_id);
+                        j_batch.push(batch.clone());
+                        j_item.push(item.clone());
+                        j_kind.push(kind);
+                        j_amount.push(amount);
                     }
-                    j_acct.push(meta.account_id.clone());
-                    j_hold.push(meta.hold_id);
-                    j_batch.push(batch.clone());
-                    j_item.push(item.clone());
-                    j_kind.push(kind);
-                    j_amount.push(amount);
+                    Settled::Captured { captured, overrun }
                 }
-                done.insert((batch, item), Settled::Captured { captured, overrun });
-            } else {
-                entry.2 += 1;
-                done.insert((batch, item), Settled::Failed);
-            }
+                "cancelled" => {
+                    entry.3 += 1;
+                    Settled::Cancelled
+                }
+                _ => {
+                    entry.2 += 1;
+                    Settled::Failed
+                }
+            };
+            done.insert((batch, item), settled);
         }
         if !j_acct.is_empty() {
             tx.execute(
@@ -208,6 +230,7 @@ impl Ledger {
             let caps: Vec<i64> = per_batch.values().map(|v| v.0).collect();
             let succ: Vec<i32> = per_batch.values().map(|v| v.1).collect();
             let fail: Vec<i32> = per_batch.values().map(|v| v.2).collect();
+            let canc: Vec<i32> = per_batch.values().map(|v| v.3).collect();
             tx.execute(
                 "UPDATE holds h SET captured = h.captured + t.c
                  FROM unnest($1::uuid[], $2::int8[]) AS t(id, c) WHERE h.id = t.id",
@@ -216,26 +239,34 @@ impl Ledger {
             .await?;
             let counted = tx
                 .query(
-                    "UPDATE batches b SET succeeded = b.succeeded + t.s, failed = b.failed + t.f
-                     FROM unnest($1::text[], $2::int4[], $3::int4[]) AS t(id, s, f)
+                    "UPDATE batches b SET succeeded = b.succeeded + t.s, failed = b.failed + t.f,
+                                          cancelled = b.cancelled + t.c
+                     FROM unnest($1::text[], $2::int4[], $3::int4[], $4::int4[]) AS t(id, s, f, c)
                      WHERE b.id = t.id
-                     RETURNING b.id, b.succeeded + b.failed = b.run_count",
-                    &[&ids, &succ, &fail],
+                     RETURNING b.id, b.succeeded + b.failed + b.cancelled = b.run_count",
+                    &[&ids, &succ, &fail, &canc],
                 )
                 .await?;
-            let mut finished: Vec<String> = counted
+            let mut settled: Vec<String> = counted
                 .iter()
                 .filter(|r| r.get::<_, bool>(1))
                 .map(|r| r.get(0))
                 .collect();
-            finished.sort();
-            report.closed = close_batches(&tx, &finished, "completed", "completed").await?;
+            settled.sort();
+            let finished = finish(&tx, &settled).await?;
+            let closed: Vec<&str> = finished
+                .closed
+                .iter()
+                .map(|c| c.batch_id.as_str())
+                .collect();
             let running: Vec<&str> = ids
                 .iter()
                 .copied()
-                .filter(|id| !finished.iter().any(|f| f == id))
+                .filter(|id| !closed.contains(id))
                 .collect();
             report.progress = figures_of(&tx, &running).await?;
+            report.closed = finished.closed;
+            report.advanced = finished.advanced;
         }
 
         // Whatever did not change was settled before (or does not exist): say which.
@@ -258,8 +289,8 @@ impl Ledger {
                 .await?
             {
                 let state: String = row.get(2);
-                let settled = if state == "pending" {
-                    // Pending in a batch that is not open cannot happen; be explicit anyway.
+                let settled = if matches!(state.as_str(), "pending" | "queued") {
+                    // Not settleable now (its batch is not open, or its chunk not reserved).
                     Settled::Unknown
                 } else {
                     Settled::AlreadySettled { state, captured: row.get(3) }
@@ -286,6 +317,10 @@ impl Ledger {
                             state: "succeeded".into(),
                             captured: *captured,
                         },
+                        Settled::Cancelled => Settled::AlreadySettled {
+                            state: "cancelled".into(),
+                            captured: 0,
+                        },
                         _ => Settled::AlreadySettled {
                             state: "failed".into(),
                             captured: 0,
@@ -297,6 +332,113 @@ impl Ledger {
             .collect();
         Ok(report)
     }
+}
+
+/// Finish batches whose run items are all settled (already locked by the
+/// caller, sorted): a cancelling batch closes `cancelled`; a sequential batch
+/// with queued items reserves its next chunk, or stops when it no longer fits;
+/// any other closes `completed`.
+pub(super) async fn finish(tx: &Transaction<'_>, batch_ids: &[String]) -> Result<Finished> {
+    let mut out = Finished::default();
+    if batch_ids.is_empty() {
+        return Ok(out);
+    }
+    let rows = tx
+        .query(
+            "SELECT b.id, b.state, b.chunk_size, b.account_id, b.hold_id,
+                    EXISTS (SELECT 1 FROM items i WHERE i.batch_id = b.id AND i.state = 'queued')
+             FROM batches b WHERE b.id = ANY($1) ORDER BY b.id",
+            &[&batch_ids],
+        )
+        .await?;
+    let (mut complete, mut cancelled) = (vec![], vec![]);
+    for r in &rows {
+        let (id, state, chunk): (String, String, Option<i32>) = (r.get(0), r.get(1), r.get(2));
+        let queued: bool = r.get(5);
+        match (state.as_str(), chunk, queued) {
+            ("cancelling", ..) => cancelled.push(id),
+            (_, Some(chunk), true) => {
+                if next_chunk(tx, &id, &r.get::<_, String>(3), r.get(4), chunk).await? {
+                    out.advanced.push(id);
+                } else {
+                    complete.push(id);
+                }
+            }
+            _ => complete.push(id),
+        }
+    }
+    out.closed = close_batches(tx, &complete, "completed", "completed").await?;
+    out.closed
+        .extend(close_batches(tx, &cancelled, "cancelled", "cancelled").await?);
+    Ok(out)
+}
+
+/// Reserve the next chunk of a sequential batch if the account covers it
+/// (true), or mark every queued item skipped, "credits_ran_out" (false).
+async fn next_chunk(
+    tx: &Transaction<'_>,
+    batch_id: &str,
+    account: &str,
+    hold: Uuid,
+    chunk: i32,
+) -> Result<bool> {
+    let next = tx
+        .query(
+            "SELECT item_id, estimated_cost FROM items
+             WHERE batch_id = $1 AND state = 'queued' ORDER BY position LIMIT $2",
+            &[&batch_id, &i64::from(chunk)],
+        )
+        .await?;
+    let ids: Vec<String> = next.iter().map(|r| r.get(0)).collect();
+    let cost: i64 = next.iter().map(|r| r.get::<_, i64>(1)).sum();
+    let available: i64 = tx
+        .query_one(
+            "SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&account],
+        )
+        .await?
+        .get(0);
+    if cost > available {
+        tx.execute(
+            "UPDATE items SET state = 'skipped', reason = 'credits_ran_out' WHERE batch_id = $1 AND state = 'queued'",
+            &[&batch_id],
+        )
+        .await?;
+        tracing::info!(%batch_id, next_chunk_cost = cost, available, "sequential batch stops: the next chunk does not fit");
+        return Ok(false);
+    }
+    tx.execute(
+        "UPDATE holds SET amount = amount + $2 WHERE id = $1",
+        &[&hold, &cost],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE accounts SET held = held + $2, updated_at = now() WHERE id = $1",
+        &[&account, &cost],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO journal (account_id, hold_id, batch_id, kind, amount, held_delta, note)
+         VALUES ($1, $2, $3, 'hold', $4, $4, 'next chunk')",
+        &[&account, &hold, &batch_id, &cost],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE items SET state = 'pending', reserved = estimated_cost WHERE batch_id = $1 AND item_id = ANY($2)",
+        &[&batch_id, &ids],
+    )
+    .await?;
+    // Granted again until its new jobs are confirmed; a reconciler sends them
+    // if whoever reserved the chunk dies before publishing.
+    tx.execute(
+        "UPDATE batches SET run_count = run_count + $2, state = 'granted', dispatched_at = NULL,
+                            dispatch_lease = now() + interval '30 seconds'
+         WHERE id = $1",
+        &[&batch_id, &(ids.len() as i32)],
+    )
+    .await?;
+    crate::telemetry::record::chunk_reserved(cost);
+    Ok(true)
 }
 
 /// Close `batch_ids` (already locked by the caller, sorted): release each hold's
@@ -412,7 +554,7 @@ pub(super) async fn figures_of(
     }
     let rows = tx
         .query(
-            "SELECT b.id, b.account_id, b.item_count, b.run_count, b.succeeded, b.failed,
+            "SELECT b.id, b.account_id, b.item_count, b.run_count, b.succeeded, b.failed, b.cancelled,
                     h.amount, h.captured, h.released,
                     (SELECT COALESCE(sum(overrun), 0)::int8 FROM items i WHERE i.batch_id = b.id)
              FROM batches b JOIN holds h ON h.id = b.hold_id
@@ -422,22 +564,24 @@ pub(super) async fn figures_of(
         .await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            let (items, run, succeeded, failed): (i32, i32, i32, i32) =
-                (r.get(2), r.get(3), r.get(4), r.get(5));
-            let figures = BatchFigures {
-                items_total: items.into(),
-                run: run.into(),
-                succeeded: succeeded.into(),
-                failed: failed.into(),
-                skipped: (items - run).into(),
-                pending: (run - succeeded - failed).into(),
-                reserved: r.get(6),
-                captured: r.get(7),
-                released: r.get(8),
-                overrun: r.get(9),
-            };
-            (r.get(0), r.get(1), figures)
-        })
+        .map(|r| (r.get(0), r.get(1), figures(r)))
         .collect())
+}
+
+fn figures(r: &tokio_postgres::Row) -> BatchFigures {
+    let (items, run, succeeded, failed, cancelled): (i32, i32, i32, i32, i32) =
+        (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
+    BatchFigures {
+        items_total: items.into(),
+        run: run.into(),
+        succeeded: succeeded.into(),
+        failed: failed.into(),
+        cancelled: cancelled.into(),
+        skipped: (items - run).into(),
+        pending: (run - succeeded - failed - cancelled).into(),
+        reserved: r.get(7),
+        captured: r.get(8),
+        released: r.get(9),
+        overrun: r.get(10),
+    }
 }

@@ -2,10 +2,10 @@
 //! confirms, in windows, then record the batch as dispatched. Safe to repeat:
 //! only pending items are sent, and workers settle each item once.
 
-use holdfast_common::faults::crash_point;
-use holdfast_common::ledger::{Ledger, LedgerError};
-use holdfast_common::messages::ItemJob;
-use holdfast_common::topology::{json_properties, BrokerError, Names, Publisher};
+use crate::faults::crash_point;
+use crate::ledger::{Ledger, LedgerError};
+use crate::messages::ItemJob;
+use crate::topology::{json_properties, BrokerError, Names, Publisher};
 use lapin::types::ShortString;
 
 /// Why a dispatch stopped before the end; the batch stays `granted` and will be sent again.

@@ -1,0 +1,241 @@
+//! Soft holds: credits set aside between a preview and the click, for a TTL.
+//! A batch naming the hold's `reservation_id` consumes it (see `reserve`);
+//! otherwise the reconciler expires it once its deadline has passed, never
+//! before, and the credits come back exactly once.
+
+use std::time::Duration;
+
+use tokio_postgres::{Row, Transaction};
+use uuid::Uuid;
+
+use super::{Ledger, LedgerError, Result};
+use crate::messages::Reservation;
+
+const SELECT: &str = "SELECT h.id::text, h.account_id, h.amount, h.state,
+        to_char(h.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), b.id
+    FROM holds h LEFT JOIN batches b ON b.hold_id = h.id";
+
+fn reservation(r: &Row) -> Reservation {
+    Reservation {
+        reservation_id: r.get(0),
+        account_id: r.get(1),
+        amount: r.get(2),
+        state: r.get(3),
+        expires_at: r.get(4),
+        batch_id: r.get(5),
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid> {
+    id.parse()
+        .map_err(|_| LedgerError::NotFound(format!("no reservation `{id}`")))
+}
+
+/// Expire soft holds already locked by the caller: state `expired`, the whole
+/// amount released to `available`, one `expire` journal row each.
+pub(super) async fn expire_locked(tx: &Transaction<'_>, ids: &[Uuid]) -> Result<usize> {
+    let rows = tx
+        .query(
+            "UPDATE holds SET state = 'expired', released = amount, close_reason = 'ttl', closed_at = now()
+             WHERE id = ANY($1) AND state = 'open' AND expires_at IS NOT NULL
+             RETURNING id, account_id, amount",
+            &[&ids],
+        )
+        .await?;
+    let mut per_account = std::collections::BTreeMap::<String, i64>::new();
+    for r in &rows {
+        *per_account.entry(r.get(1)).or_default() += r.get::<_, i64>(2);
+    }
+    for (account, amount) in &per_account {
+        tx.execute(
+            "UPDATE accounts SET held = held - $2, updated_at = now() WHERE id = $1",
+            &[account, amount],
+        )
+        .await?;
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let accounts: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    let amounts: Vec<i64> = rows.iter().map(|r| r.get(2)).collect();
+    tx.execute(
+        "INSERT INTO journal (account_id, hold_id, kind, amount, held_delta, note)
+         SELECT a, h, 'expire', x, -x, 'ttl' FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS t(a, h, x)",
+        &[&accounts, &ids, &amounts],
+    )
+    .await?;
+    Ok(rows.len())
+}
+
+impl Ledger {
+    /// Hold `amount` credits of `account_id` for `ttl`, or fail with
+    /// [`LedgerError::Insufficient`] holding nothing.
+    pub async fn reserve_soft(
+        &self,
+        account_id: &str,
+        amount: i64,
+        ttl: Duration,
+    ) -> Result<Reservation> {
+        if amount <= 0 {
+            return Err(LedgerError::Invalid(format!(
+                "amount must be a positive number of credits, got {amount}"
+            )));
+        }
+        let secs = ttl.as_secs_f64();
+        let id: Uuid = self
+            .retrying("reserve soft hold", || async {
+                let mut client = self.pool.get().await?;
+                let tx = client.transaction().await?;
+                let available: i64 = tx
+                    .query_opt(
+                        "SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE",
+                        &[&account_id],
+                    )
+                    .await?
+                    .ok_or_else(|| LedgerError::UnknownAccount(account_id.into()))?
+                    .get(0);
+                if amount > available {
+                    return Err(LedgerError::Insufficient {
+                        requested: amount,
+                        available,
+                    });
+                }
+                let id: Uuid = tx
+                    .query_one(
+                        "INSERT INTO holds (account_id, amount, expires_at)
+                         VALUES ($1, $2, now() + make_interval(secs => $3)) RETURNING id",
+                        &[&account_id, &amount, &secs],
+                    )
+                    .await?
+                    .get(0);
+                tx.execute(
+                    "UPDATE accounts SET held = held + $2, updated_at = now() WHERE id = $1",
+                    &[&account_id, &amount],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO journal (account_id, hold_id, kind, amount, held_delta, note)
+                     VALUES ($1, $2, 'hold', $3, $3, 'soft hold')",
+                    &[&account_id, &id, &amount],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(id)
+            })
+            .await?;
+        crate::telemetry::record::soft_hold("reserved", amount);
+        self.reservation(&id.to_string()).await
+    }
+
+    /// One soft hold (or any hold, by id).
+    pub async fn reservation(&self, id: &str) -> Result<Reservation> {
+        let uuid = parse_id(id)?;
+        self.retrying("read reservation", || async {
+            let client = self.pool.get().await?;
+            let row = client
+                .query_opt(&format!("{SELECT} WHERE h.id = $1"), &[&uuid])
+                .await?
+                .ok_or_else(|| LedgerError::NotFound(format!("no reservation `{id}`")))?;
+            Ok(reservation(&row))
+        })
+        .await
+    }
+
+    /// The open holds of an account: soft holds and the holds of running batches.
+    pub async fn open_holds(&self, account_id: &str) -> Result<Vec<Reservation>> {
+        self.retrying("read holds", || async {
+            let client = self.pool.get().await?;
+            Ok(client
+                .query(
+                    &format!("{SELECT} WHERE h.account_id = $1 AND h.state = 'open' ORDER BY h.created_at"),
+                    &[&account_id],
+                )
+                .await?
+                .iter()
+                .map(reservation)
+                .collect())
+        })
+        .await
+    }
+
+    /// Cancel a soft hold that no batch has consumed: its credits return at
+    /// once. Cancelling one that already closed or expired reports its state.
+    pub async fn cancel_soft(&self, id: &str) -> Result<Reservation> {
+        let uuid = parse_id(id)?;
+        let released = self
+            .retrying("cancel soft hold", || async {
+                let mut client = self.pool.get().await?;
+                let tx = client.transaction().await?;
+                let row = tx
+                    .query_opt(
+                        "SELECT account_id, amount, state, expires_at IS NOT NULL FROM holds WHERE id = $1 FOR UPDATE",
+                        &[&uuid],
+                    )
+                    .await?
+                    .ok_or_else(|| LedgerError::NotFound(format!("no reservation `{id}`")))?;
+                let (account, amount, state, soft): (String, i64, String, bool) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                if state != "open" {
+                    return Ok(0);
+                }
+                if !soft {
+                    return Err(LedgerError::WrongState(format!(
+                        "reservation `{id}` is in use by a batch; cancel the batch instead"
+                    )));
+                }
+                tx.execute(
+                    "UPDATE holds SET state = 'closed', released = amount, close_reason = 'cancelled',
+                                      closed_at = now(), expires_at = NULL
+                     WHERE id = $1",
+                    &[&uuid],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE accounts SET held = held - $2, updated_at = now() WHERE id = $1",
+                    &[&account, &amount],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO journal (account_id, hold_id, kind, amount, held_delta, note)
+                     VALUES ($1, $2, 'release', $3, -$3, 'cancelled')",
+                    &[&account, &uuid, &amount],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(amount)
+            })
+            .await?;
+        if released > 0 {
+            crate::telemetry::record::soft_hold("cancelled", released);
+        }
+        self.reservation(id).await
+    }
+
+    /// Expire soft holds whose TTL has passed (never before: `expires_at <= now()`
+    /// in the database's clock). Several reconcilers share the work.
+    pub async fn expire_soft_holds(&self, limit: i64) -> Result<usize> {
+        let expired = self
+            .retrying("expire soft holds", || async {
+                let mut client = self.pool.get().await?;
+                let tx = client.transaction().await?;
+                let ids: Vec<Uuid> = tx
+                    .query(
+                        "SELECT id FROM holds
+                         WHERE state = 'open' AND expires_at IS NOT NULL AND expires_at <= now()
+                         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                        &[&limit],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let n = expire_locked(&tx, &ids).await?;
+                tx.commit().await?;
+                Ok(n)
+            })
+            .await?;
+        if expired > 0 {
+            tracing::info!(expired, "soft holds expired; credits released");
+            crate::telemetry::record::soft_hold("expired", 0);
+        }
+        Ok(expired)
+    }
+}
