@@ -13,7 +13,7 @@ use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::telemetry;
 use holdfast_common::topology::Names;
-use holdfast_coordinator::api::{self, ApiState};
+use holdfast_coordinator::api::{self, ApiSettings, ApiState};
 use holdfast_coordinator::reconcile::{self, ReconcilerConfig};
 use holdfast_coordinator::requests::{self, CoordinatorConfig};
 use holdfast_worker::consume::{self, WorkerConfig, WorkerSettings};
@@ -36,6 +36,8 @@ pub struct FleetSettings {
     pub worker: WorkerSettings,
     #[command(flatten)]
     pub generator: GeneratorSettings,
+    #[command(flatten)]
+    pub api: ApiSettings,
     /// Address of the HTTP API (health, metrics, views), or `off`.
     #[arg(long, env = "HOLDFAST_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: HttpAddr,
@@ -84,6 +86,23 @@ pub struct Fleet {
     tasks: TaskTracker,
     pub ledger: Ledger,
     pub names: Names,
+    http_addr: Option<SocketAddr>,
+}
+
+/// How the coordinator role (and the HTTP API, which decides batch requests too) decides.
+fn coordinator_config(
+    conn: &Connections,
+    settings: &FleetSettings,
+    names: &Names,
+) -> CoordinatorConfig {
+    CoordinatorConfig {
+        amqp_url: conn.amqp_url.clone(),
+        names: names.clone(),
+        queues: settings.queues.clone(),
+        limits: settings.limits.clone(),
+        settings: settings.coordinator.clone(),
+        dispatch_grace: settings.reconciler.dispatch_grace(),
+    }
 }
 
 impl Fleet {
@@ -110,14 +129,7 @@ impl Fleet {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         if roles.coordinator {
-            let config = CoordinatorConfig {
-                amqp_url: conn.amqp_url.clone(),
-                names: names.clone(),
-                queues: settings.queues.clone(),
-                limits: settings.limits.clone(),
-                settings: settings.coordinator.clone(),
-                dispatch_grace: settings.reconciler.dispatch_grace(),
-            };
+            let config = coordinator_config(conn, settings, &names);
             tasks.spawn(requests::run(ledger.clone(), config, shutdown.clone()));
         }
         if roles.worker {
@@ -145,13 +157,16 @@ impl Fleet {
             };
             tasks.spawn(reconcile::run(ledger.clone(), config, shutdown.clone()));
         }
+        let mut http_addr = None;
         if let (true, HttpAddr(Some(addr))) = (roles.api, settings.http_addr) {
-            let state = ApiState {
-                ledger: ledger.clone(),
-                metrics: telemetry::metrics(),
-                amqp_url: conn.amqp_url.clone(),
-            };
+            let state = ApiState::new(
+                ledger.clone(),
+                telemetry::metrics(),
+                coordinator_config(conn, settings, &names),
+                &settings.api,
+            );
             let listener = tokio::net::TcpListener::bind(addr).await?;
+            http_addr = Some(listener.local_addr()?);
             let token = shutdown.clone();
             tasks.spawn(async move {
                 if let Err(e) = api::serve_on(state, listener, token).await {
@@ -165,7 +180,14 @@ impl Fleet {
             tasks,
             ledger,
             names,
+            http_addr,
         })
+    }
+
+    /// Where the HTTP API listens (the bound address: port 0 becomes the real
+    /// port), or `None` when this fleet runs no API.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// A token that stops the fleet when cancelled.

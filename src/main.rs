@@ -8,10 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use holdfast::fleet::{Fleet, FleetSettings, Roles};
 use holdfast::{demo, producer::Producer, report};
-use holdfast_common::config::{Connections, QueueSettings};
+use holdfast_common::config::{Connections, CoordinatorSettings, Limits, QueueSettings};
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
-use holdfast_common::messages::{Decision, Event};
+use holdfast_common::messages::{Decision, Event, Preview, Reservation};
 use holdfast_common::telemetry;
 use holdfast_common::topology::Names;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +59,16 @@ enum Command {
     Audit,
     /// A scripted Generate All scenario on the local services.
     Demo(FleetSettings),
+    /// Price a batch request against the account's credits; holds nothing.
+    /// Exit 0 when it fits, 2 when it does not, 3 when the input is invalid.
+    Preview(PreviewArgs),
+    /// Hold credits for a while (a soft hold) so that a batch can start later.
+    Reserve(ReserveArgs),
+    /// Soft holds: show or cancel one.
+    #[command(subcommand)]
+    Reservation(ReservationCommand),
+    /// Measure throughput, latency and memory against the machine's ceilings.
+    Bench(holdfast::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -86,6 +96,39 @@ enum AccountCommand {
 enum BatchCommand {
     /// Show a batch: decision, hold, figures and items.
     Show { id: String },
+    /// Cancel a running batch: nothing new starts, the rest is released.
+    Cancel { id: String },
+}
+
+#[derive(clap::Args)]
+struct PreviewArgs {
+    /// The request as JSON (`items`, or `count` and `cost`): a file path, or `-` for standard input.
+    file: String,
+    #[command(flatten)]
+    limits: Limits,
+    #[command(flatten)]
+    coordinator: CoordinatorSettings,
+}
+
+#[derive(clap::Args)]
+struct ReserveArgs {
+    account: String,
+    /// Credits to hold, in the smallest unit.
+    #[arg(allow_negative_numbers = true)]
+    amount: i64,
+    /// Seconds until the hold expires unless a batch consumes it.
+    #[arg(long, default_value_t = holdfast_coordinator::api::reservations::DEFAULT_TTL_SECS)]
+    ttl: u64,
+    #[command(flatten)]
+    coordinator: CoordinatorSettings,
+}
+
+#[derive(Subcommand)]
+enum ReservationCommand {
+    /// Show a reservation.
+    Show { id: String },
+    /// Cancel a reservation no batch has used: its credits return at once.
+    Cancel { id: String },
 }
 
 #[derive(clap::Args)]
@@ -105,7 +148,7 @@ struct SubmitArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo tells its own story on stdout; keep the logs to warnings unless asked.
-    if matches!(cli.command, Command::Demo(_))
+    if matches!(cli.command, Command::Demo(_) | Command::Bench(_))
         && std::env::var_os("HOLDFAST_LOG").is_none()
         && std::env::var_os("RUST_LOG").is_none()
     {
@@ -263,7 +306,28 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(if drift.is_empty() { 0 } else { 1 })
         }
         Command::Submit(args) => submit(conn, args, cli.json).await,
+        Command::Preview(args) => preview(conn, args, cli.json).await,
+        Command::Reserve(args) => reserve(conn, args, cli.json).await,
+        Command::Reservation(cmd) => {
+            let ledger = ledger(conn)?;
+            let r = match cmd {
+                ReservationCommand::Show { id } => ledger.reservation(&id).await?,
+                ReservationCommand::Cancel { id } => ledger.cancel_soft(&id).await?,
+            };
+            print_reservation(&r, cli.json);
+            Ok(0)
+        }
+        Command::Batch(BatchCommand::Cancel { id }) => cancel_batch(conn, &id, cli.json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
+        Command::Bench(args) => {
+            let report = holdfast::bench::run(conn, &args).await?;
+            if cli.json {
+                report::json(&report);
+            } else {
+                holdfast::bench::print(&report);
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -299,4 +363,161 @@ async fn submit(conn: &Connections, args: SubmitArgs, json: bool) -> anyhow::Res
         Decision::Insufficient(_) => 2,
         Decision::Rejected(_) => 3,
     })
+}
+
+fn read_input(file: &str) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    if file == "-" {
+        std::io::stdin().read_to_end(&mut body)?;
+    } else {
+        body = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+    }
+    Ok(body)
+}
+
+async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::Result<i32> {
+    let body = read_input(&args.file)?;
+    let request = match holdfast_coordinator::intake::parse_preview(&body, &args.limits) {
+        Ok(r) => r,
+        Err(rejected) => {
+            if json {
+                report::json(&rejected);
+            } else {
+                eprintln!("invalid request: {}", rejected.reason);
+            }
+            return Ok(3);
+        }
+    };
+    let account = ledger(conn)?.account(&request.account_id).await?;
+    let p = holdfast_common::pricing::preview(
+        &request,
+        account.available,
+        args.coordinator.sequential_chunk,
+    );
+    if json {
+        report::json(&p);
+    } else {
+        print_preview(&p);
+    }
+    Ok(if p.fits { 0 } else { 2 })
+}
+
+fn print_preview(p: &Preview) {
+    use holdfast_common::pricing::thousands;
+    println!("{}", p.message);
+    if let Some(advice) = &p.advice {
+        println!("{advice}");
+    }
+    println!(
+        "account {}, mode {}: {} of {} items fit in order ({} credits), {} by priority ({} credits); {}",
+        p.account_id,
+        p.mode.as_str(),
+        p.first_fit.count,
+        p.items_total,
+        thousands(p.first_fit.cost),
+        p.priority_fit.count,
+        thousands(p.priority_fit.cost),
+        if p.fits {
+            "it would be granted".to_string()
+        } else {
+            format!("{} credits short", thousands(p.shortfall))
+        }
+    );
+}
+
+async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::Result<i32> {
+    let max = args.coordinator.max_reservation_ttl_secs;
+    if args.ttl == 0 || args.ttl > max {
+        anyhow::bail!("--ttl must be from 1 to {max} seconds (HOLDFAST_MAX_RESERVATION_TTL_SECS)");
+    }
+    let ttl = Duration::from_secs(args.ttl);
+    match ledger(conn)?
+        .reserve_soft(&args.account, args.amount, ttl)
+        .await
+    {
+        Ok(r) => {
+            print_reservation(&r, json);
+            Ok(0)
+        }
+        Err(e @ holdfast_common::ledger::LedgerError::Insufficient { .. }) => {
+            eprintln!("{e}");
+            Ok(2)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_reservation(r: &Reservation, json: bool) {
+    if json {
+        return report::json(r);
+    }
+    println!(
+        "reservation {}  account {}  {} credits  {}{}{}",
+        r.reservation_id,
+        r.account_id,
+        holdfast_common::pricing::thousands(r.amount),
+        r.state,
+        r.expires_at
+            .as_deref()
+            .map(|t| format!("  expires {t}"))
+            .unwrap_or_default(),
+        r.batch_id
+            .as_deref()
+            .map(|b| format!("  batch {b}"))
+            .unwrap_or_default(),
+    );
+}
+
+/// Cancel a batch in the ledger; when it closed at once, announce it like a worker would.
+async fn cancel_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Result<i32> {
+    use holdfast_common::ledger::LedgerError;
+    let cancelled = match ledger(conn)?.cancel_batch(id).await {
+        Ok(c) => c,
+        Err(e @ (LedgerError::NotFound(_) | LedgerError::WrongState(_))) => {
+            eprintln!("{e}");
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(closed) = &cancelled.closed {
+        if let Err(e) = announce_closed(conn, closed).await {
+            eprintln!(
+                "warning: the batch is cancelled but its completed event was not published: {e:#}"
+            );
+        }
+    }
+    if json {
+        report::json(&cancelled);
+        return Ok(0);
+    }
+    match &cancelled.closed {
+        Some(c) => {
+            let f = &c.figures;
+            println!(
+                "batch {id} cancelled: {} succeeded, {} failed, {} cancelled; reserved {}, captured {}, released {}",
+                f.succeeded, f.failed, f.cancelled, f.reserved, f.captured, f.released
+            );
+        }
+        None => println!(
+            "batch {id} cancelling: running items finish, then the rest of its hold is released"
+        ),
+    }
+    Ok(0)
+}
+
+async fn announce_closed(
+    conn: &Connections,
+    closed: &holdfast_common::ledger::ClosedBatch,
+) -> anyhow::Result<()> {
+    let names = Names::new(conn.namespace.clone());
+    let amqp = tokio::time::timeout(
+        Duration::from_secs(10),
+        holdfast_common::topology::connect(&conn.amqp_url, "holdfast-cli"),
+    )
+    .await
+    .context("connecting to RabbitMQ timed out")??;
+    let publisher = holdfast_common::topology::Publisher::new(&amqp).await?;
+    holdfast_common::events::completed(&publisher, &names, std::slice::from_ref(closed)).await?;
+    let _ = amqp.close(200, "done".into()).await;
+    Ok(())
 }

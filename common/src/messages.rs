@@ -4,9 +4,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
 /// How much of a batch may run when the credits do not cover all of it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Every item runs, or none does (the default).
@@ -47,10 +48,18 @@ impl Mode {
 }
 
 /// One item of a batch request.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ItemRequest {
+    /// Unique within the batch: 1 to 128 characters, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$"
+    )]
     pub item_id: String,
-    /// Estimated cost in the account's smallest credit unit; reserved for the item.
+    /// Estimated cost in the account's smallest credit unit; reserved for the item
+    /// (at most `HOLDFAST_MAX_ITEM_COST`, 1,000,000,000 by default).
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub estimated_cost: i64,
     /// Higher runs first under `priority_fit`.
     #[serde(default)]
@@ -61,16 +70,30 @@ pub struct ItemRequest {
 }
 
 /// A producer's "Generate All": one message for the whole batch.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BatchRequest {
     /// The producer's idempotency key.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$"
+    )]
     pub batch_id: String,
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$",
+        example = "acme"
+    )]
     pub account_id: String,
+    /// At least one item, at most `HOLDFAST_MAX_ITEMS` (10,000 by default); ids unique.
+    #[schema(min_items = 1, max_items = 10_000)]
     pub items: Vec<ItemRequest>,
     #[serde(default)]
     pub mode: Mode,
-    /// With `mode: selected`: the items to run.
+    /// With `mode: selected` (and only then): the items to run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_items = 1)]
     pub item_ids: Option<Vec<String>>,
     /// A soft hold to consume instead of reserving anew.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,7 +110,7 @@ impl BatchRequest {
 }
 
 /// Why an item of a granted batch does not run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LeftOut {
     pub item_id: String,
     /// `did_not_fit` (first_fit, priority_fit) or `not_selected` (selected).
@@ -95,7 +118,7 @@ pub struct LeftOut {
 }
 
 /// The batch was reserved in full and its jobs are (being) dispatched.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Granted {
     pub batch_id: String,
     pub account_id: String,
@@ -116,7 +139,7 @@ pub struct Granted {
 }
 
 /// A subset of the items that the available credits cover.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FitSet {
     pub count: usize,
     pub cost: i64,
@@ -124,7 +147,7 @@ pub struct FitSet {
 }
 
 /// One thing a person can do about an insufficient batch.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Choice {
     /// `generate_first_fit`, `select_items` or `add_credits`.
     pub action: String,
@@ -138,7 +161,7 @@ pub struct Choice {
 }
 
 /// Nothing was held and nothing runs; the person decides what happens next.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Insufficient {
     pub batch_id: String,
     pub account_id: String,
@@ -161,7 +184,7 @@ pub struct Insufficient {
 }
 
 /// One problem with a request, naming the field.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FieldError {
     /// A JSON path such as `items[3].estimated_cost`, or `body` for the message itself.
     pub field: String,
@@ -169,7 +192,7 @@ pub struct FieldError {
 }
 
 /// The request could not be decided as sent; it was parked in the dead-letter queue.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Rejected {
     /// Absent when the body did not even carry a readable batch id.
     pub batch_id: Option<String>,
@@ -206,7 +229,7 @@ impl Rejected {
 }
 
 /// The coordinator's answer to a batch request.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Decision {
     Granted(Granted),
@@ -234,7 +257,7 @@ impl Decision {
 }
 
 /// "What would this cost, and what fits?" Holds nothing.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Preview {
     pub account_id: String,
     pub mode: Mode,
@@ -258,7 +281,7 @@ pub struct Preview {
 }
 
 /// A soft hold: credits set aside for a batch that has not started yet.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Reservation {
     pub reservation_id: String,
     pub account_id: String,
@@ -292,7 +315,7 @@ impl ItemJob {
 }
 
 /// Counts and credits of a batch, as in progress and completed events.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BatchFigures {
     pub items_total: i64,
     pub run: i64,

@@ -25,6 +25,119 @@ impl Problems {
 
 /// Parse and validate one request body against `limits`.
 pub fn parse(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>> {
+    validate(read_object(body, limits)?, limits)
+}
+
+/// Batch id of the requests built by [`parse_preview`]: a preview decides nothing.
+pub const PREVIEW_BATCH_ID: &str = "preview";
+
+/// Parse a preview (or soft hold) body with the rules of a batch request.
+///
+/// `batch_id` is not needed (a placeholder is used), and instead of `items` the
+/// body may give `count` and `cost`: that many items of that cost each, with
+/// the ids `item-1` … `item-N` (which `item_ids` may name).
+pub fn parse_preview(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>> {
+    let mut obj = read_object(body, limits)?;
+    obj.insert("batch_id".into(), Value::String(PREVIEW_BATCH_ID.into()));
+    let shorthand = ["count", "cost"].iter().any(|f| obj.contains_key(*f));
+    if shorthand {
+        let mut p = Problems::default();
+        if obj.get("items").is_some_and(|v| !v.is_null()) {
+            p.add("items", "give either items, or count and cost, not both");
+        } else if let Some(items) = generated_items(&obj, limits, &mut p) {
+            obj.insert("items".into(), Value::Array(items));
+        }
+        if !p.0.is_empty() {
+            let account_id = obj.get("account_id").and_then(Value::as_str);
+            let mut r = Rejected::new(None, p.0);
+            r.account_id = account_id.map(str::to_string);
+            return Err(Box::new(r));
+        }
+    }
+    validate(obj, limits).map_err(|mut r| {
+        for e in r.errors.iter_mut() {
+            if e.field == "items" && e.reason == "is required" {
+                e.reason = "is required (or count and cost)".into();
+            }
+        }
+        let account_id = r.account_id.take();
+        let mut r = Rejected::new(None, std::mem::take(&mut r.errors));
+        r.account_id = account_id;
+        Box::new(r)
+    })
+}
+
+/// `count` items of `cost` each, as JSON items, or the problems with either field.
+fn generated_items(
+    obj: &Map<String, Value>,
+    limits: &Limits,
+    p: &mut Problems,
+) -> Option<Vec<Value>> {
+    let count = match obj.get("count") {
+        None | Some(Value::Null) => {
+            p.add("count", "is required with cost");
+            None
+        }
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(0) => {
+                p.add("count", "must be at least 1");
+                None
+            }
+            Some(c) if c > limits.max_items as u64 => {
+                p.add(
+                    "count",
+                    format!("{c} items; the limit is {}", limits.max_items),
+                );
+                None
+            }
+            Some(c) => Some(c as usize),
+            None => {
+                p.add("count", format!("must be a positive whole number, got {n}"));
+                None
+            }
+        },
+        Some(_) => {
+            p.add("count", "must be an integer");
+            None
+        }
+    };
+    let cost = match cost_value(obj.get("cost"), limits) {
+        Ok(c) => Some(c),
+        Err(reason) => {
+            p.add("cost", reason);
+            None
+        }
+    };
+    let (count, cost) = (count?, cost?);
+    Some(
+        (1..=count)
+            .map(|i| serde_json::json!({"item_id": format!("item-{i}"), "estimated_cost": cost}))
+            .collect(),
+    )
+}
+
+/// The estimated cost of one item: a whole number from 1 to `limits.max_item_cost`.
+fn cost_value(v: Option<&Value>, limits: &Limits) -> Result<i64, String> {
+    match v {
+        None | Some(Value::Null) => Err("is required".into()),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(c) if c <= 0 => Err(format!("must be greater than zero, got {c}")),
+            Some(c) if c > limits.max_item_cost => Err(format!(
+                "{c} exceeds the per-item limit of {}",
+                limits.max_item_cost
+            )),
+            Some(c) => Ok(c),
+            None if n.is_f64() && n.as_f64().is_some_and(|f| f.fract() != 0.0) => {
+                Err(format!("must be a whole number of credit units, got {n}"))
+            }
+            None => Err(format!("{n} is out of range")),
+        },
+        Some(_) => Err("must be an integer".into()),
+    }
+}
+
+/// The body as a JSON object, or a rejection naming `body`.
+fn read_object(body: &[u8], limits: &Limits) -> Result<Map<String, Value>, Box<Rejected>> {
     if body.len() > limits.max_message_bytes {
         return Err(Box::new(Rejected::one(
             None,
@@ -45,6 +158,11 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>
             "must be a JSON object",
         )));
     };
+    Ok(obj)
+}
+
+/// Check every field of a request object.
+fn validate(obj: Map<String, Value>, limits: &Limits) -> Result<BatchRequest, Box<Rejected>> {
     let mut p = Problems::default();
     let batch_id = id_field(&obj, "batch_id", &mut p);
     let account_id = id_field(&obj, "account_id", &mut p);
@@ -100,7 +218,8 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<BatchRequest, Box<Rejected>
     }
 }
 
-fn check_id(s: &str) -> Result<(), String> {
+/// An id (batch, account, item): 1 to 128 characters, none of them control characters.
+pub fn check_id(s: &str) -> Result<(), String> {
     if s.is_empty() {
         Err("must not be empty".into())
     } else if s.chars().count() > MAX_ID_CHARS {
@@ -199,41 +318,10 @@ fn items_field(
                 None
             }
         };
-        let cost = match item.get("estimated_cost") {
-            None | Some(Value::Null) => {
-                p.add(at("estimated_cost"), "is required");
-                None
-            }
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(c) if c <= 0 => {
-                    p.add(
-                        at("estimated_cost"),
-                        format!("must be greater than zero, got {c}"),
-                    );
-                    None
-                }
-                Some(c) if c > limits.max_item_cost => {
-                    p.add(
-                        at("estimated_cost"),
-                        format!("{c} exceeds the per-item limit of {}", limits.max_item_cost),
-                    );
-                    None
-                }
-                Some(c) => Some(c),
-                None if n.is_f64() && n.as_f64().is_some_and(|f| f.fract() != 0.0) => {
-                    p.add(
-                        at("estimated_cost"),
-                        format!("must be a whole number of credit units, got {n}"),
-                    );
-                    None
-                }
-                None => {
-                    p.add(at("estimated_cost"), format!("{n} is out of range"));
-                    None
-                }
-            },
-            Some(_) => {
-                p.add(at("estimated_cost"), "must be an integer");
+        let cost = match cost_value(item.get("estimated_cost"), limits) {
+            Ok(c) => Some(c),
+            Err(reason) => {
+                p.add(at("estimated_cost"), reason);
                 None
             }
         };
@@ -262,6 +350,13 @@ fn items_field(
             );
             continue;
         }
+        if contains_nul(&payload) {
+            p.add(
+                at("payload"),
+                "must not contain the NUL character (\\u0000): PostgreSQL cannot store it",
+            );
+            continue;
+        }
         if let (Some(item_id), Some(estimated_cost), Some(priority)) = (item_id, cost, priority) {
             match total.checked_add(estimated_cost) {
                 Some(t) => total = t,
@@ -279,6 +374,18 @@ fn items_field(
         }
     }
     (p.0.len() == before).then_some(items)
+}
+
+/// True when a string or key anywhere in `v` holds U+0000, which a
+/// PostgreSQL `jsonb` column refuses. serde_json bounds the nesting depth,
+/// so the recursion is bounded too.
+fn contains_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(contains_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
 }
 
 fn selected_ids(
@@ -398,6 +505,46 @@ mod tests {
     }
 
     #[test]
+    fn preview_takes_items_or_count_and_cost() {
+        let limits = Limits::default();
+        let r = parse_preview(
+            br#"{"account_id":"acme","count":3,"cost":40,"mode":"selected","item_ids":["item-2"]}"#,
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(r.batch_id, PREVIEW_BATCH_ID);
+        let ids: Vec<_> = r.items.iter().map(|i| i.item_id.as_str()).collect();
+        assert_eq!(ids, ["item-1", "item-2", "item-3"]);
+        assert!(r.items.iter().all(|i| i.estimated_cost == 40));
+        let r = parse_preview(
+            br#"{"account_id":"acme","items":[{"item_id":"a","estimated_cost":5}]}"#,
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(r.items.len(), 1);
+
+        let reject = |body: &str| *parse_preview(body.as_bytes(), &limits).unwrap_err();
+        assert_eq!(
+            fields(&reject(r#"{"account_id":"a","count":0,"cost":-1}"#)),
+            ["count", "cost"]
+        );
+        assert_eq!(
+            fields(&reject(r#"{"account_id":"a","count":100000,"cost":1}"#)),
+            ["count"]
+        );
+        assert_eq!(fields(&reject(r#"{"account_id":"a","cost":1}"#)), ["count"]);
+        assert_eq!(
+            fields(&reject(
+                r#"{"account_id":"a","count":1,"cost":1,"items":[]}"#
+            )),
+            ["items"]
+        );
+        let r = reject(r#"{"account_id":"a"}"#);
+        assert_eq!(r.reason, "items: is required (or count and cost)");
+        assert_eq!(r.batch_id, None);
+    }
+
+    #[test]
     fn enforces_size_limits() {
         let limits = Limits {
             max_items: 2,
@@ -407,6 +554,9 @@ mod tests {
         let many = r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"1","estimated_cost":1},{"item_id":"2","estimated_cost":1},{"item_id":"3","estimated_cost":1}]}"#;
         let r = *parse(many.as_bytes(), &limits).unwrap_err();
         assert_eq!(r.reason, "items: has 3 items; the limit is 2");
+        let nul = r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"1","estimated_cost":1,"payload":{"k":["\u0000"]}}]}"#;
+        let r = *parse(nul.as_bytes(), &Limits::default()).unwrap_err();
+        assert_eq!(fields(&r), ["items[0].payload"]);
         let big = r#"{"batch_id":"b","account_id":"a","items":[{"item_id":"1","estimated_cost":1,"payload":"0123456789abcdef"}]}"#;
         let r = *parse(big.as_bytes(), &limits).unwrap_err();
         assert_eq!(fields(&r), ["items[0].payload"]);

@@ -105,6 +105,9 @@ impl Reconciler {
         }
         let (held, holds) = self.ledger.held_totals().await?;
         record::held(held, holds);
+        let (backlog, overdue) = self.ledger.backlog_totals().await?;
+        record::dispatch_backlog(backlog);
+        record::holds_overdue(overdue);
         self.sweeps += 1;
         if self.config.audit_every > 0
             && self.sweeps % self.config.audit_every == 1 % self.config.audit_every

@@ -1,11 +1,12 @@
 //! Accounts: create, grant credits, read balances.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::{Ledger, LedgerError, Result};
 
 /// An account's credits. `available = balance - held`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Account {
     pub id: String,
     pub balance: i64,
@@ -15,7 +16,7 @@ pub struct Account {
 }
 
 /// One journal row, as `account show` and the demo print it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct JournalEntry {
     pub id: i64,
     pub at: String,

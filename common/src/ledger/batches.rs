@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::{Ledger, LedgerError, Result};
 use crate::messages::BatchFigures;
@@ -15,7 +16,7 @@ pub struct PendingJob {
 }
 
 /// One item as `batch show` prints it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ItemView {
     pub item_id: String,
     pub state: String,
@@ -27,7 +28,7 @@ pub struct ItemView {
 }
 
 /// A batch with its hold and items.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct BatchView {
     pub batch_id: String,
     pub account_id: String,
@@ -39,6 +40,8 @@ pub struct BatchView {
     pub deadline_at: Option<String>,
     pub closed_at: Option<String>,
     pub figures: BatchFigures,
+    /// The decision as it was sent (granted, or insufficient for a denied batch).
+    #[schema(value_type = crate::messages::Decision)]
     pub decision: Value,
     pub items: Vec<ItemView>,
 }

@@ -195,7 +195,7 @@ impl Ledger {
                 .await?;
                 tx.execute(
                     "INSERT INTO journal (account_id, hold_id, kind, amount, held_delta, note)
-                     VALUES ($1, $2, 'release', $3, -$3, 'cancelled')",
+                     VALUES ($1, $2, 'release', $3, -$3::int8, 'cancelled')",
                     &[&account, &uuid, &amount],
                 )
                 .await?;

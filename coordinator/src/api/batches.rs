@@ -1,0 +1,174 @@
+//! Batches over HTTP: submit a request (decided in-process exactly as the
+//! coordinator decides one from the queue), follow it, cancel it.
+//!
+//! `POST /v1/batches` validates first: input the intake rejects is answered
+//! 422 at once, touching neither the ledger nor the broker (the caller has
+//! the answer, so nothing is parked). A valid request goes through
+//! [`Intake::handle`]: reserve, publish the decision event, dispatch the jobs.
+//! If RabbitMQ fails after the decision was recorded, the answer is 503 and
+//! the same request sent again replays the decision and resumes the dispatch
+//! (a reconciler also re-dispatches it after the grace period).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use holdfast_common::events::{self, ReplyTo};
+use holdfast_common::ledger::BatchView;
+use holdfast_common::messages::{BatchFigures, BatchRequest, Decision};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::body::{JsonBody, PathId};
+use super::problem::Problem;
+use super::ApiState;
+use crate::intake;
+use crate::requests::{HandleError, Intake, Outcome};
+
+/// Submit a batch request; the answer is its decision.
+#[utoipa::path(
+    post,
+    path = "/v1/batches",
+    tag = "batches",
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Granted: the hold is taken and the jobs are dispatched", body = Decision,
+            headers(("Location" = String, description = "/v1/batches/{batch_id}"))),
+        (status = 200, description = "Insufficient (nothing held, nothing runs), or a granted decision replayed for the same batch_id and body", body = Decision),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Rejected: `errors` names each field (unknown account, batch_id reused with another body, unusable reservation, invalid input)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Ledger or RabbitMQ unavailable; send the same request again", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn submit(State(s): State<ApiState>, JsonBody(body): JsonBody) -> Response {
+    if let Err(r) = intake::parse(&body, &s.config.limits) {
+        return Problem::rejected(StatusCode::UNPROCESSABLE_ENTITY, *r).into_response();
+    }
+    let publisher = match s.broker.publisher().await {
+        Ok(p) => p,
+        Err(e) => return Problem::broker(&e).into_response(),
+    };
+    let intake = Intake::new(s.ledger.clone(), (*s.config).clone(), publisher);
+    match intake.handle(&body, &ReplyTo::default()).await {
+        Ok(Outcome::Decided {
+            decision, replayed, ..
+        }) => match *decision {
+            d @ Decision::Granted(_) => {
+                let location = format!("/v1/batches/{}", d.batch_id().unwrap_or_default());
+                let status = if replayed {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CREATED
+                };
+                (status, [(header::LOCATION, location)], Json(d)).into_response()
+            }
+            d @ Decision::Insufficient(_) => (StatusCode::OK, Json(d)).into_response(),
+            Decision::Rejected(r) => {
+                Problem::rejected(StatusCode::UNPROCESSABLE_ENTITY, r).into_response()
+            }
+        },
+        Ok(Outcome::Rejected(r)) => {
+            Problem::rejected(StatusCode::UNPROCESSABLE_ENTITY, *r).into_response()
+        }
+        Err(HandleError::Ledger(e)) => Problem::from(e).into_response(),
+        Err(HandleError::Broker(e)) => {
+            s.broker.forget().await;
+            tracing::warn!(error = %e, "batch request over HTTP: RabbitMQ failed");
+            Problem::broker(&e).into_response()
+        }
+    }
+}
+
+/// One batch: decision, state, hold, figures, and every item with its reason.
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}",
+    tag = "batches",
+    params(("id" = String, Path, description = "The batch_id", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown batch", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn show(
+    State(s): State<ApiState>,
+    PathId(id): PathId,
+) -> Result<Json<BatchView>, Problem> {
+    match s.ledger.batch(&id).await? {
+        Some(b) => Ok(Json(b)),
+        None => Err(unknown_batch(&id)),
+    }
+}
+
+fn unknown_batch(id: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "unknown-batch",
+        "Unknown batch",
+        format!("unknown batch `{id}`"),
+    )
+    .with_batch(id)
+}
+
+/// What a cancel did.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct CancelResponse {
+    /// The batch cancelled.
+    pub batch_id: String,
+    /// `cancelling` (items still running finish; the rest is released when
+    /// they have) or `cancelled` (closed now).
+    pub state: String,
+    /// The final figures, when the batch closed at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub figures: Option<BatchFigures>,
+}
+
+/// Cancel a running batch: nothing new starts, running items finish and are
+/// captured, everything else is released.
+#[utoipa::path(
+    post,
+    path = "/v1/batches/{id}/cancel",
+    tag = "batches",
+    params(("id" = String, Path, description = "The batch_id", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    responses(
+        (status = 200, description = "Cancelled and closed now: the final figures", body = CancelResponse),
+        (status = 202, description = "Cancelling: running items finish, then the hold closes", body = CancelResponse),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown batch", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The batch already finished, or was denied", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel(State(s): State<ApiState>, PathId(id): PathId) -> Result<Response, Problem> {
+    let cancelled = match s.ledger.cancel_batch(&id).await {
+        Err(holdfast_common::ledger::LedgerError::NotFound(_)) => return Err(unknown_batch(&id)),
+        other => other?,
+    };
+    let Some(closed) = cancelled.closed else {
+        let body = CancelResponse {
+            batch_id: cancelled.batch_id,
+            state: cancelled.state,
+            figures: None,
+        };
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    };
+    // Closed here rather than by a worker: announce it like a worker would.
+    // The ledger already closed the batch, so a broker failure is logged, not answered.
+    let announced = match s.broker.publisher().await {
+        Ok(p) => events::completed(&p, &s.config.names, std::slice::from_ref(&closed)).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = announced {
+        s.broker.forget().await;
+        tracing::warn!(batch_id = %id, error = %e, "batch cancelled; its completed event could not be published");
+    }
+    let body = CancelResponse {
+        batch_id: closed.batch_id,
+        state: closed.state,
+        figures: Some(closed.figures),
+    };
+    Ok((StatusCode::OK, Json(body)).into_response())
+}

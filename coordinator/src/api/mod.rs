@@ -1,0 +1,279 @@
+//! The HTTP API role: preview, soft holds (reservations), batches, accounts,
+//! health, readiness and metrics. JSON in and out.
+//!
+//! Conventions, for every endpoint:
+//! - errors are RFC 9457 problem documents (`application/problem+json`):
+//!   `type`, `title`, `status`, `detail`, and `errors` (field, reason) for
+//!   invalid input — the framework's own rejections included (see [`problem`]);
+//! - input is never a 5xx: bad JSON, wrong types, unknown ids are 4xx; only
+//!   an unavailable ledger or broker is 503 (retry);
+//! - request bodies are limited to `HOLDFAST_MAX_MESSAGE_BYTES` (413);
+//! - the OpenAPI 3 document, generated from these handlers, is at `/openapi.json`.
+//!
+//! Modules: [`preview`], [`reservations`], [`batches`], [`accounts`] hold
+//! the handlers; [`body`] reads requests; [`auth`] checks the admin token;
+//! [`broker`] is the lazily reconnecting publisher batch requests need.
+
+pub mod accounts;
+mod auth;
+pub mod batches;
+mod body;
+pub mod broker;
+pub mod preview;
+pub mod problem;
+pub mod reservations;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Args;
+use holdfast_common::ledger::Ledger;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{OpenApi, ToSchema};
+
+pub use broker::Broker;
+pub use problem::Problem;
+
+use crate::requests::CoordinatorConfig;
+
+/// Settings of the HTTP API role.
+#[derive(Args, Clone, Default)]
+pub struct ApiSettings {
+    /// Bearer token that the admin endpoints (grants) require; unset disables
+    /// them (403). Prefer the environment variable: flags show in process lists.
+    #[arg(long, env = "HOLDFAST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for ApiSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Shared state of the handlers. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The credit ledger.
+    pub ledger: Ledger,
+    /// Rendered at `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// How batch requests are decided and dispatched (as by the coordinator role).
+    pub config: Arc<CoordinatorConfig>,
+    /// The admin endpoints' bearer token; `None` disables them.
+    pub admin_token: Option<Arc<str>>,
+    /// RabbitMQ, connected on first use.
+    pub broker: Arc<Broker>,
+}
+
+impl ApiState {
+    /// State for a ledger and a coordinator configuration; the broker connects on first use.
+    pub fn new(
+        ledger: Ledger,
+        metrics: PrometheusHandle,
+        config: CoordinatorConfig,
+        settings: &ApiSettings,
+    ) -> Self {
+        let broker = Broker::new(
+            config.amqp_url.clone(),
+            config.names.clone(),
+            config.queues.clone(),
+        );
+        Self {
+            ledger,
+            metrics,
+            config: Arc::new(config),
+            admin_token: settings
+                .admin_token
+                .as_deref()
+                .filter(|t| !t.is_empty())
+                .map(Arc::from),
+            broker: Arc::new(broker),
+        }
+    }
+}
+
+/// The OpenAPI document of this API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Holdfast",
+        description = "Credit quotas for Generate All batches: price the batch, take one hold, run only what was granted. Every error is application/problem+json."
+    ),
+    paths(
+        preview::preview,
+        reservations::create,
+        reservations::show,
+        reservations::cancel,
+        batches::submit,
+        batches::show,
+        batches::cancel,
+        accounts::show,
+        accounts::grant,
+        healthz,
+        ready,
+        metrics,
+    ),
+    components(schemas(Problem)),
+    modifiers(&AdminToken),
+    tags(
+        (name = "preview", description = "What a batch costs and what fits; holds nothing"),
+        (name = "reservations", description = "Soft holds with a TTL"),
+        (name = "batches", description = "Submit, follow and cancel batches"),
+        (name = "accounts", description = "Balances, holds and grants"),
+        (name = "operations", description = "Health, readiness and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Declares the `admin_token` bearer scheme used by the admin endpoints.
+struct AdminToken;
+
+impl utoipa::Modify for AdminToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+static OPENAPI_JSON: LazyLock<String> = LazyLock::new(|| {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises")
+});
+
+/// The routes.
+pub fn router(state: ApiState) -> Router {
+    let limit = state.config.limits.max_message_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/preview", post(preview::preview))
+        .route("/v1/reservations", post(reservations::create))
+        .route(
+            "/v1/reservations/{id}",
+            get(reservations::show).delete(reservations::cancel),
+        )
+        .route("/v1/batches", post(batches::submit))
+        .route("/v1/batches/{id}", get(batches::show))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route("/v1/accounts/{id}", get(accounts::show))
+        .route("/v1/accounts/{id}/grants", post(accounts::grant))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(problem::problem_responses))
+        .with_state(state)
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON.as_str(),
+    )
+        .into_response()
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is alive", body = String, content_type = "text/plain"))
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Whether each dependency answers.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// PostgreSQL answers.
+    pub postgres: bool,
+    /// RabbitMQ accepts a connection.
+    pub rabbitmq: bool,
+}
+
+/// Readiness: PostgreSQL and RabbitMQ both answer.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "A dependency does not answer", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn ready(State(s): State<ApiState>) -> Response {
+    let (postgres, rabbitmq) = tokio::join!(
+        s.ledger.ping(),
+        holdfast_common::topology::ping(&s.config.amqp_url)
+    );
+    if postgres && rabbitmq {
+        return Json(Readiness { postgres, rabbitmq }).into_response();
+    }
+    let state = |up: bool| if up { "answers" } else { "does not answer" };
+    Problem::status(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "not ready: PostgreSQL {}, RabbitMQ {}",
+            state(postgres),
+            state(rabbitmq)
+        ),
+    )
+    .into_response()
+}
+
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"))
+)]
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Serve on `addr` until `shutdown`.
+pub async fn serve(
+    state: ApiState,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(state, listener, shutdown).await
+}
+
+/// Serve on a bound listener until `shutdown`, then close the broker link.
+pub async fn serve_on(
+    state: ApiState,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let broker = state.broker.clone();
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    broker.close().await;
+    served?;
+    Ok(())
+}
