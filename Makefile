@@ -2,7 +2,7 @@
 # Targets that talk to PostgreSQL or RabbitMQ depend on `services`, which
 # starts both locally if needed (see scripts/services.sh).
 
-.PHONY: help services build migrate demo test lint fmt ci
+.PHONY: help services build migrate demo test lint fmt ci fleet fleet-status fleet-stop observability
 
 # Default target: list what is available.
 help:
@@ -13,7 +13,11 @@ help:
 	@echo "make test      run the workspace tests (nextest if installed)"
 	@echo "make lint      check formatting and run clippy with warnings denied"
 	@echo "make fmt       format the code"
-	@echo "make ci        lint + test, as run by CI"
+	@echo "make ci        lint + test + observability, as run by CI"
+	@echo "make fleet     start 2 coordinators, 3 workers, 1 reconciler as local processes"
+	@echo "make fleet-status / make fleet-stop   inspect or stop that fleet"
+	@echo "make observability  check the dashboard and alerts against a live fleet"
+	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
 
 services:
 	bash scripts/services.sh
@@ -44,4 +48,29 @@ lint:
 fmt:
 	cargo fmt --all
 
-ci: lint test
+ci: lint test observability
+
+# The compose fleet of docker/compose.yml as local processes, on the local
+# services (scripts/fleet.sh; settings in its header). Returns once every
+# process answers /readyz.
+fleet: services
+	cargo build --bin holdfast
+	bash scripts/fleet.sh start
+
+fleet-status:
+	bash scripts/fleet.sh status
+
+fleet-stop:
+	bash scripts/fleet.sh stop
+
+# A real Prometheus scrapes a fleet while a scenario runs; every dashboard
+# query and alert rule must return series (docs/operations.md).
+observability: services
+	bash scripts/verify-observability.sh
+
+# Fuzz the HTTP API against its own OpenAPI document with schemathesis: no
+# 5xx, every status, header, media type and body as documented
+# (scripts/fuzz-api.sh; installs schemathesis from PyPI if missing).
+.PHONY: fuzz
+fuzz: services
+	bash scripts/fuzz-api.sh

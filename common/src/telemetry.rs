@@ -1,6 +1,7 @@
 //! Logs and metrics. Every metric is recorded through [`record`], named as in
 //! the design (`holdfast_*`), with low-cardinality labels only.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -14,7 +15,11 @@ pub fn init_logging(json: bool) {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info,lapin=warn"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: files, journald and container logs get plain text.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().try_init()
     } else {
@@ -32,20 +37,30 @@ pub fn metrics() -> PrometheusHandle {
             let fast = [
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ];
-            let slow = [
-                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            // A 1-2.5-5 series: generators typically answer in 0.1 s to a few
+            // minutes, and percentiles interpolate within one bucket.
+            let item = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0,
+                250.0, 600.0,
             ];
-            PrometheusBuilder::new()
+            // Up to the default execution timeout (an hour).
+            let batch = [
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
+                2500.0, 3600.0,
+            ];
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full("holdfast_reservation_seconds".into()), &fast)
                 .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full("holdfast_item_seconds".into()), &slow)
+                    b.set_buckets_for_metric(Matcher::Full("holdfast_item_seconds".into()), &item)
                 })
                 .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full("holdfast_batch_seconds".into()), &slow)
+                    b.set_buckets_for_metric(Matcher::Full("holdfast_batch_seconds".into()), &batch)
                 })
                 .expect("bucket lists are non-empty")
                 .install_recorder()
-                .expect("the metrics recorder is installed once")
+                .expect("the metrics recorder is installed once");
+            record::zero();
+            handle
         })
         .clone()
 }
@@ -58,6 +73,35 @@ pub mod record {
 
     use crate::ledger::{ClosedBatch, SettleReport, Settled, Settlement};
     use crate::messages::Decision;
+
+    /// Publish every counter and histogram at zero, so that a first event shows
+    /// as an increase (`rate`, `increase`) and dashboards show 0, not no data.
+    pub(crate) fn zero() {
+        counter!("holdfast_credits_granted_total").absolute(0);
+        counter!("holdfast_credits_reserved_total").absolute(0);
+        counter!("holdfast_credits_captured_total").absolute(0);
+        counter!("holdfast_overrun_credits_total").absolute(0);
+        counter!("holdfast_acks_lost_total").absolute(0);
+        for decision in ["granted", "insufficient", "rejected"] {
+            counter!("holdfast_batches_total", "decision" => decision).absolute(0);
+        }
+        for reason in ["completed", "deadline", "cancelled"] {
+            counter!("holdfast_credits_released_total", "reason" => reason).absolute(0);
+        }
+        for state in ["completed", "expired", "cancelled"] {
+            counter!("holdfast_batches_closed_total", "state" => state).absolute(0);
+        }
+        for outcome in ["succeeded", "failed"] {
+            counter!("holdfast_items_total", "outcome" => outcome).absolute(0);
+        }
+        for queue in ["requests", "jobs"] {
+            counter!("holdfast_dead_lettered_total", "queue" => queue).absolute(0);
+        }
+        // Registered with no observation: rendered with every bucket at 0.
+        let _ = histogram!("holdfast_reservation_seconds");
+        let _ = histogram!("holdfast_item_seconds");
+        let _ = histogram!("holdfast_batch_seconds");
+    }
 
     pub fn granted(amount: i64) {
         counter!("holdfast_credits_granted_total").increment(amount.max(0) as u64);
@@ -133,6 +177,13 @@ pub mod record {
 
     pub fn dispatch_backlog(items: i64) {
         gauge!("holdfast_dispatch_backlog").set(items as f64);
+    }
+
+    /// Open holds past their deadline (soft hold TTL or batch execution
+    /// deadline) after a reconciler sweep: more than zero means holds are
+    /// not being resolved.
+    pub fn holds_overdue(holds: i64) {
+        gauge!("holdfast_holds_overdue").set(holds as f64);
     }
 
     pub fn drift(count: usize) {
