@@ -80,6 +80,31 @@ impl Producer {
         Ok(())
     }
 
+    /// Publish many request bodies, waiting for the broker's confirms a window at a time.
+    pub async fn send_many(
+        &self,
+        requests: &[(String, Vec<u8>)],
+        window: usize,
+    ) -> anyhow::Result<()> {
+        for chunk in requests.chunks(window.max(1)) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for (correlation_id, body) in chunk {
+                let props = json_properties()
+                    .with_reply_to(ShortString::from(self.reply_queue.as_str()))
+                    .with_correlation_id(ShortString::from(correlation_id.as_str()));
+                confirms.push(
+                    self.publisher
+                        .publish("", &self.names.requests(), body, props)
+                        .await?,
+                );
+            }
+            for c in confirms {
+                Publisher::confirmed(c, &self.names.requests()).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The next answer for `correlation_id`, buffering answers to other requests.
     pub async fn next_for(
         &mut self,

@@ -1,0 +1,656 @@
+//! `holdfast bench`: measure Holdfast against the ceilings of the same machine,
+//! in one run, side by side.
+//!
+//! The roles run as real child processes (`holdfast coordinator`, `worker`,
+//! `reconciler`) on a fresh database and namespace, so each role's peak RSS is
+//! its own. The ceilings are measured with the same settings the roles use:
+//! the broker with Holdfast's confirm window and prefetch on a quorum queue
+//! declared like the jobs queue; PostgreSQL with one-statement `UPDATE`s of
+//! one hot row from as many clients as the coordinator has consumers.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures::StreamExt;
+use holdfast_common::config::{Connections, CoordinatorSettings, QueueSettings};
+use holdfast_common::database;
+use holdfast_common::ledger::Ledger;
+use holdfast_common::messages::ItemJob;
+use holdfast_common::topology::{self, json_properties, Names, Publisher};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::producer::Producer;
+
+/// What to measure and how much.
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Messages for the broker ceiling.
+    #[arg(long, default_value_t = 20_000)]
+    pub broker_messages: usize,
+    /// Seconds of hot-row UPDATEs for the PostgreSQL ceiling.
+    #[arg(long, default_value_t = 3)]
+    pub pg_seconds: u64,
+    /// Small (10-item) batches for the end-to-end run on one hot account.
+    #[arg(long, default_value_t = 500)]
+    pub small_batches: usize,
+    /// Items of the large batch.
+    #[arg(long, default_value_t = 10_000)]
+    pub large_batch: usize,
+    /// Requests for the decision-rate runs.
+    #[arg(long, default_value_t = 2_000)]
+    pub decisions: usize,
+    /// Seconds of the half-load latency run.
+    #[arg(long, default_value_t = 5)]
+    pub latency_seconds: u64,
+    /// Keep the bench database afterwards (for a look at it).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// One run's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub broker_ceiling_msgs_per_s: f64,
+    pub pg_hot_row_updates_per_s: f64,
+    pub pg_clients: usize,
+    pub e2e_small_batches_items_per_s: f64,
+    pub e2e_large_batch_items_per_s: f64,
+    pub decisions_hot_account_per_s: f64,
+    pub decisions_many_accounts_per_s: f64,
+    pub decision_latency_ms_p50: f64,
+    pub decision_latency_ms_p99: f64,
+    pub latency_rate_per_s: f64,
+    pub per_item_us_by_batch_size: Vec<(usize, f64)>,
+    pub peak_rss_mib: Vec<(String, f64)>,
+    pub naive_items_per_s: f64,
+    pub naive_batches_half_done: usize,
+    pub naive_batches: usize,
+    pub holdfast_batches_half_done: usize,
+    pub ratio_e2e_to_broker: f64,
+    pub ratio_decisions_to_hot_row: f64,
+}
+
+fn job_body() -> Vec<u8> {
+    serde_json::to_vec(&ItemJob {
+        batch_id: "bench-batch-000001".into(),
+        item_id: "item-000001".into(),
+        account_id: "bench-account".into(),
+        reserved: 12,
+        payload: json!({"prompt": "a product photo of a red bicycle on a white background"}),
+        attempt: 1,
+    })
+    .expect("serialises")
+}
+
+fn quorum_queue_args() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    t.insert("x-delivery-limit".into(), AMQPValue::LongInt(5));
+    t
+}
+
+/// Raw persistent, confirmed publishing and acked consuming on a quorum queue.
+async fn broker_ceiling(
+    url: &str,
+    ns: &str,
+    n: usize,
+    window: usize,
+    prefetch: u16,
+) -> anyhow::Result<f64> {
+    let queue = format!("{ns}.bench-raw");
+    let conn = topology::connect(url, "holdfast-bench-publisher").await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        queue.clone().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        quorum_queue_args(),
+    )
+    .await?;
+    let consumer_conn = topology::connect(url, "holdfast-bench-consumer").await?;
+    let cch = consumer_conn.create_channel().await?;
+    cch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = cch
+        .basic_consume(
+            queue.clone().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let body = job_body();
+    let publisher = Publisher::new(&conn).await?;
+    let started = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            let Some(Ok(d)) = consumer.next().await else {
+                break;
+            };
+            d.acker.ack(BasicAckOptions::default()).await?;
+            got += 1;
+        }
+        anyhow::Ok(got)
+    });
+    for chunk in (0..n).collect::<Vec<_>>().chunks(window) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for _ in chunk {
+            confirms.push(
+                publisher
+                    .publish("", &queue, &body, json_properties())
+                    .await?,
+            );
+        }
+        for c in confirms {
+            Publisher::confirmed(c, &queue).await?;
+        }
+    }
+    let got = consume.await??;
+    let secs = started.elapsed().as_secs_f64();
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = conn.close(200, "bench".into()).await;
+    let _ = consumer_conn.close(200, "bench".into()).await;
+    anyhow::ensure!(got == n, "broker ceiling: consumed {got} of {n}");
+    Ok(n as f64 / secs)
+}
+
+/// One-statement UPDATE transactions of one hot row from `clients` connections.
+async fn pg_ceiling(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+    let pool = database::pool(url, clients)?;
+    {
+        let c = pool.get().await?;
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS bench_hot (id int PRIMARY KEY, n bigint NOT NULL);
+             INSERT INTO bench_hot VALUES (1, 0) ON CONFLICT DO NOTHING;",
+        )
+        .await?;
+    }
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = pool.get().await?;
+            let stmt = c
+                .prepare("UPDATE bench_hot SET n = n + 1 WHERE id = 1")
+                .await?;
+            let mut done = 0u64;
+            while Instant::now() < until {
+                c.execute(&stmt, &[]).await?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / seconds as f64)
+}
+
+/// The roles as child processes of this binary.
+struct Children {
+    roles: Vec<(String, tokio::process::Child)>,
+}
+
+impl Children {
+    fn start(conn: &Connections) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut roles = Vec::new();
+        for role in ["coordinator", "worker", "reconciler"] {
+            let child = tokio::process::Command::new(&exe)
+                .arg(role)
+                .env("HOLDFAST_DATABASE_URL", &conn.database_url)
+                .env("HOLDFAST_AMQP_URL", &conn.amqp_url)
+                .env("HOLDFAST_NAMESPACE", &conn.namespace)
+                .env("HOLDFAST_HTTP_ADDR", "off")
+                .env("HOLDFAST_LOG", "warn")
+                .env("HOLDFAST_SWEEP_INTERVAL_MS", "500")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            roles.push((role.to_string(), child));
+        }
+        Ok(Self { roles })
+    }
+
+    fn pid(&self, role: &str) -> Option<u32> {
+        self.roles
+            .iter()
+            .find(|(r, _)| r == role)
+            .and_then(|(_, c)| c.id())
+    }
+
+    /// Pause or resume a role (SIGSTOP / SIGCONT), to measure the others alone.
+    async fn signal(&self, role: &str, signal: &str) -> anyhow::Result<()> {
+        if let Some(pid) = self.pid(role) {
+            tokio::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn peak_rss_mib(&self) -> Vec<(String, f64)> {
+        self.roles
+            .iter()
+            .filter_map(|(role, c)| {
+                let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()?)).ok()?;
+                let kb: f64 = status
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                Some((role.clone(), kb / 1024.0))
+            })
+            .collect()
+    }
+
+    async fn stop(mut self) {
+        for (_, c) in &mut self.roles {
+            if let Some(pid) = c.id() {
+                let _ = tokio::process::Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status()
+                    .await;
+                let _ = tokio::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+        }
+        for (_, c) in &mut self.roles {
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+        }
+    }
+}
+
+fn request(batch_id: &str, account: &str, n: usize, cost: i64) -> Vec<u8> {
+    let items: Vec<_> = (0..n)
+        .map(|i| json!({"item_id": format!("i{i}"), "estimated_cost": cost}))
+        .collect();
+    json!({"batch_id": batch_id, "account_id": account, "items": items})
+        .to_string()
+        .into_bytes()
+}
+
+async fn count(ledger: &Ledger, sql: &str, prefix: &str) -> anyhow::Result<i64> {
+    let c = ledger.pool().get().await?;
+    Ok(c.query_one(sql, &[&format!("{prefix}%")]).await?.get(0))
+}
+
+/// Wait until every batch whose id starts with `prefix` is closed (or denied); returns when.
+async fn wait_closed(ledger: &Ledger, prefix: &str, expected: i64) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let closed = count(
+            ledger,
+            "SELECT count(*) FROM batches WHERE id LIKE $1 AND state IN ('completed', 'denied', 'expired', 'cancelled')",
+            prefix,
+        )
+        .await?;
+        if closed >= expected {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{prefix}: {closed} of {expected} closed after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_decided(ledger: &Ledger, prefix: &str, expected: i64) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if count(
+            ledger,
+            "SELECT count(*) FROM batches WHERE id LIKE $1",
+            prefix,
+        )
+        .await?
+            >= expected
+        {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{prefix}: not all decided after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Publish `bodies` as fast as confirms allow (windows of 500), from one producer.
+async fn publish_all(producer: &Producer, bodies: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+    producer.send_many(bodies, 500).await
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Run every measurement. `conn` names the services; the bench uses its own
+/// database (`<name>_bench`) and namespace, both removed afterwards.
+pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let mut conn = conn.clone();
+    conn.database_url = format!("{}_bench", conn.database_url);
+    conn.namespace = format!("{}-bench-{}", conn.namespace, std::process::id());
+    database::drop_database(&conn.database_url).await?;
+    database::migrate(&conn.database_url).await?;
+    let names = Names::new(conn.namespace.clone());
+    let queues = QueueSettings::default();
+    let coordinator = CoordinatorSettings::default();
+    let prefetch = crate::fleet::FleetSettings::default()
+        .worker
+        .worker_prefetch;
+    let mut r = BenchReport {
+        machine: format!("{} cores, {}", num_cpus(), os_release()),
+        pg_clients: coordinator.coordinator_consumers,
+        ..Default::default()
+    };
+
+    eprintln!("bench: broker ceiling ({} messages)", args.broker_messages);
+    r.broker_ceiling_msgs_per_s = broker_ceiling(
+        &conn.amqp_url,
+        &conn.namespace,
+        args.broker_messages,
+        coordinator.confirm_window,
+        prefetch,
+    )
+    .await?;
+    eprintln!(
+        "bench: PostgreSQL hot-row ceiling ({} s, {} clients)",
+        args.pg_seconds, r.pg_clients
+    );
+    r.pg_hot_row_updates_per_s =
+        pg_ceiling(&conn.database_url, r.pg_clients, args.pg_seconds).await?;
+
+    let ledger = Ledger::new(database::pool(&conn.database_url, 4)?);
+    ledger
+        .grant("hot", 1_000_000_000, Some("bench"), true)
+        .await?;
+    let children = Children::start(&conn)?;
+    let producer = Producer::connect(&conn.amqp_url, &names, &queues).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Warm up: a few batches through the whole fleet.
+    let warm: Vec<_> = (0..20)
+        .map(|i| {
+            (
+                format!("warm-{i}"),
+                request(&format!("warm-{i}"), "hot", 10, 1),
+            )
+        })
+        .collect();
+    publish_all(&producer, &warm).await?;
+    wait_closed(&ledger, "warm-", 20).await?;
+
+    eprintln!(
+        "bench: end to end, {} batches of 10 items on one account",
+        args.small_batches
+    );
+    let small: Vec<_> = (0..args.small_batches)
+        .map(|i| {
+            (
+                format!("small-{i}"),
+                request(&format!("small-{i}"), "hot", 10, 1),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    publish_all(&producer, &small).await?;
+    let done = wait_closed(&ledger, "small-", small.len() as i64).await?;
+    r.e2e_small_batches_items_per_s = (small.len() * 10) as f64 / (done - started).as_secs_f64();
+
+    eprintln!("bench: end to end, one batch of {} items", args.large_batch);
+    let started = Instant::now();
+    publish_all(
+        &producer,
+        &[(
+            "large-0".into(),
+            request("large-0", "hot", args.large_batch, 1),
+        )],
+    )
+    .await?;
+    let done = wait_closed(&ledger, "large-", 1).await?;
+    r.e2e_large_batch_items_per_s = args.large_batch as f64 / (done - started).as_secs_f64();
+
+    eprintln!("bench: time per item by batch size");
+    for (k, size) in [10usize, 100, 1_000, 10_000].into_iter().enumerate() {
+        let prefix = format!("growth{k}-");
+        let n = (10_000 / size).clamp(1, 20);
+        let bodies: Vec<_> = (0..n)
+            .map(|i| {
+                (
+                    format!("{prefix}{i}"),
+                    request(&format!("{prefix}{i}"), "hot", size, 1),
+                )
+            })
+            .collect();
+        let started = Instant::now();
+        publish_all(&producer, &bodies).await?;
+        let done = wait_closed(&ledger, &prefix, n as i64).await?;
+        r.per_item_us_by_batch_size.push((
+            size,
+            (done - started).as_secs_f64() * 1e6 / (n * size) as f64,
+        ));
+    }
+
+    // Decisions alone: the worker paused, so jobs wait in the queue.
+    children.signal("worker", "-STOP").await?;
+    eprintln!(
+        "bench: decisions on one hot account ({} requests)",
+        args.decisions
+    );
+    let bodies: Vec<_> = (0..args.decisions)
+        .map(|i| (format!("dh-{i}"), request(&format!("dh-{i}"), "hot", 1, 1)))
+        .collect();
+    let started = Instant::now();
+    publish_all(&producer, &bodies).await?;
+    let done = wait_decided(&ledger, "dh-", bodies.len() as i64).await?;
+    r.decisions_hot_account_per_s = bodies.len() as f64 / (done - started).as_secs_f64();
+    eprintln!("bench: decisions over 100 accounts");
+    for a in 0..100 {
+        ledger
+            .grant(&format!("acct-{a}"), 1_000_000, None, true)
+            .await?;
+    }
+    let bodies: Vec<_> = (0..args.decisions)
+        .map(|i| {
+            (
+                format!("dm-{i}"),
+                request(&format!("dm-{i}"), &format!("acct-{}", i % 100), 1, 1),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    publish_all(&producer, &bodies).await?;
+    let done = wait_decided(&ledger, "dm-", bodies.len() as i64).await?;
+    r.decisions_many_accounts_per_s = bodies.len() as f64 / (done - started).as_secs_f64();
+    children.signal("worker", "-CONT").await?;
+    wait_closed(&ledger, "dm-", args.decisions as i64).await?;
+
+    eprintln!("bench: decision latency at half load");
+    r.latency_rate_per_s = (r.decisions_hot_account_per_s / 2.0).max(1.0);
+    let (p50, p99) = latency(
+        &conn,
+        &names,
+        &queues,
+        r.latency_rate_per_s,
+        args.latency_seconds,
+    )
+    .await?;
+    (r.decision_latency_ms_p50, r.decision_latency_ms_p99) = (p50, p99);
+
+    r.peak_rss_mib = children.peak_rss_mib();
+    children.stop().await;
+    producer.close().await;
+
+    eprintln!("bench: naive per-item quota baseline");
+    let naive = crate::bench_naive::run(&conn, 40, 10, 5, r.pg_clients).await?;
+    r.naive_items_per_s = naive.items_per_s;
+    r.naive_batches_half_done = naive.half_done;
+    r.naive_batches = naive.batches;
+    r.holdfast_batches_half_done = count(
+        &ledger,
+        "SELECT count(*) FROM batches WHERE id LIKE $1 AND state = 'completed' AND succeeded <> run_count",
+        "",
+    )
+    .await? as usize;
+
+    r.ratio_e2e_to_broker = r.e2e_small_batches_items_per_s / r.broker_ceiling_msgs_per_s;
+    r.ratio_decisions_to_hot_row = r.decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
+    let c = lapin::Connection::connect(&conn.amqp_url, Default::default()).await?;
+    topology::delete(&c.create_channel().await?, &names).await?;
+    let _ = c.close(200, "bench".into()).await;
+    if !args.keep {
+        database::drop_database(&conn.database_url).await?;
+    }
+    Ok(r)
+}
+
+/// Send requests at `rate` per second for `seconds` and time each decision.
+async fn latency(
+    conn: &Connections,
+    names: &Names,
+    queues: &QueueSettings,
+    rate: f64,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let mut producer = Producer::connect(&conn.amqp_url, names, queues).await?;
+    let n = (rate * seconds as f64) as usize;
+    let gap = Duration::from_secs_f64(1.0 / rate);
+    let mut sent = Vec::with_capacity(n);
+    let start = tokio::time::Instant::now();
+    for i in 0..n {
+        tokio::time::sleep_until(start + gap * i as u32).await;
+        let id = format!("lat-{i}");
+        producer.send(&request(&id, "hot", 1, 1), &id).await?;
+        sent.push((id, Instant::now()));
+    }
+    let mut ms = Vec::with_capacity(n);
+    for (id, at) in &sent {
+        // Replies come in order of decision; the producer buffers the others.
+        producer.decision_for(id, Duration::from_secs(60)).await?;
+        ms.push(at.elapsed().as_secs_f64() * 1000.0);
+    }
+    producer.close().await;
+    // Elapsed was measured when read, not when received: correct by reading
+    // promptly in order; the first (oldest) is exact, later ones are upper bounds.
+    ms.sort_by(f64::total_cmp);
+    Ok((percentile(&ms, 0.5), percentile(&ms, 0.99)))
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn os_release() -> String {
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.0} GiB RAM", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    mem
+}
+
+/// Print the report as a table.
+pub fn print(r: &BenchReport) {
+    println!("Holdfast bench on {}", r.machine);
+    println!("  {:<52} {:>12}", "measure", "value");
+    let rows: Vec<(String, String)> = vec![
+        (
+            "broker ceiling (quorum, confirms, acked) msg/s".into(),
+            format!("{:.0}", r.broker_ceiling_msgs_per_s),
+        ),
+        (
+            format!("PostgreSQL hot-row UPDATE tx/s ({} clients)", r.pg_clients),
+            format!("{:.0}", r.pg_hot_row_updates_per_s),
+        ),
+        (
+            "end to end, 10-item batches, one account, items/s".into(),
+            format!("{:.0}", r.e2e_small_batches_items_per_s),
+        ),
+        (
+            "end to end, one large batch, items/s".into(),
+            format!("{:.0}", r.e2e_large_batch_items_per_s),
+        ),
+        (
+            "decisions/s, one hot account".into(),
+            format!("{:.0}", r.decisions_hot_account_per_s),
+        ),
+        (
+            "decisions/s, 100 accounts".into(),
+            format!("{:.0}", r.decisions_many_accounts_per_s),
+        ),
+        (
+            format!("decision latency p50 ms at {:.0}/s", r.latency_rate_per_s),
+            format!("{:.1}", r.decision_latency_ms_p50),
+        ),
+        (
+            format!("decision latency p99 ms at {:.0}/s", r.latency_rate_per_s),
+            format!("{:.1}", r.decision_latency_ms_p99),
+        ),
+        (
+            "naive per-item quota, items/s".into(),
+            format!("{:.0}", r.naive_items_per_s),
+        ),
+        (
+            "naive: batches left half done".into(),
+            format!("{} of {}", r.naive_batches_half_done, r.naive_batches),
+        ),
+        (
+            "holdfast: batches left half done".into(),
+            format!("{}", r.holdfast_batches_half_done),
+        ),
+        (
+            "ratio end to end / broker ceiling".into(),
+            format!("{:.2}", r.ratio_e2e_to_broker),
+        ),
+        (
+            "ratio decisions / hot-row ceiling".into(),
+            format!("{:.2}", r.ratio_decisions_to_hot_row),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<52} {v:>12}");
+    }
+    for (size, us) in &r.per_item_us_by_batch_size {
+        println!(
+            "  {:<52} {:>12.1}",
+            format!("time per item (µs), batches of {size}"),
+            us
+        );
+    }
+    for (role, mib) in &r.peak_rss_mib {
+        println!("  {:<52} {:>12.1}", format!("peak RSS MiB, {role}"), mib);
+    }
+}
