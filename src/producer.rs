@@ -140,6 +140,23 @@ impl Producer {
         }
     }
 
+    /// Ask for a quota preview over AMQP; the answer is `Event::Preview`, or a
+    /// rejected `Event::Decision` naming the problem.
+    pub async fn preview(
+        &mut self,
+        body: &[u8],
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Event> {
+        let props = json_properties()
+            .with_reply_to(ShortString::from(self.reply_queue.as_str()))
+            .with_correlation_id(ShortString::from(correlation_id));
+        self.publisher
+            .publish_confirmed("", &self.names.previews(), body, props)
+            .await?;
+        self.next_for(correlation_id, timeout).await
+    }
+
     /// Send `body` and wait for its decision.
     pub async fn submit(
         &mut self,

@@ -527,3 +527,57 @@ async fn exactly_one_completed_event_per_batch_even_with_duplicate_jobs() {
     let _ = conn.close(200, "bye".into()).await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_preview_over_amqp_answers_like_the_decision_and_holds_nothing() {
+    let mut t = TestFleet::start().await;
+    t.grant("acme", 95).await;
+    let ask = json!({"account_id": "acme", "count": 10, "cost": 12});
+    let Event::Preview(p) = t
+        .producer
+        .preview(ask.to_string().as_bytes(), "pv1", WAIT)
+        .await
+        .unwrap()
+    else {
+        panic!("expected a preview")
+    };
+    assert_eq!(
+        (p.total_cost, p.available, p.fits, p.fit_count, p.shortfall),
+        (120, 95, false, 7, 25)
+    );
+    assert_eq!(
+        p.message,
+        "This action will cost ~120 credits. You have 95 credits."
+    );
+    assert_eq!(
+        p.advice.as_deref(),
+        Some("You have enough credits to generate 7 out of 10 items.")
+    );
+    assert_eq!(
+        t.ledger.account("acme").await.unwrap().held,
+        0,
+        "a preview holds nothing"
+    );
+    let d = t.submit(&request("after-preview", "acme", 10, 12)).await;
+    assert_eq!(insufficient(&d).fit_count, p.fit_count);
+
+    let bad = t
+        .producer
+        .preview(br#"{"account_id":"acme","items":[]}"#, "pv2", WAIT)
+        .await
+        .unwrap();
+    let Event::Decision(Decision::Rejected(r)) = bad else {
+        panic!("expected a rejection, got {bad:?}")
+    };
+    assert_eq!(r.errors[0].field, "items");
+    let ghost = t
+        .producer
+        .preview(br#"{"account_id":"ghost","count":1,"cost":1}"#, "pv3", WAIT)
+        .await
+        .unwrap();
+    let Event::Decision(Decision::Rejected(r)) = ghost else {
+        panic!("expected a rejection, got {ghost:?}")
+    };
+    assert_eq!(r.errors[0].field, "account_id");
+    t.stop().await;
+}

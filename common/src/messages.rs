@@ -339,6 +339,8 @@ pub struct BatchFigures {
 pub enum Event {
     /// Routing key `decision.<granted|insufficient|rejected>`; the body is the decision.
     Decision(Decision),
+    /// Only as the reply to a request on `<namespace>.previews`; never on the exchange.
+    Preview(Preview),
     /// Routing key `batch.progress`, coalesced: at most one per batch per interval.
     Progress {
         batch_id: String,
@@ -361,6 +363,7 @@ impl Event {
     pub fn routing_key(&self) -> String {
         match self {
             Event::Decision(d) => format!("decision.{}", d.kind()),
+            Event::Preview(_) => "preview".into(),
             Event::Progress { .. } => "batch.progress".into(),
             Event::Completed { .. } => "batch.completed".into(),
         }

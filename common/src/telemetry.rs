@@ -166,6 +166,11 @@ pub mod record {
         counter!("holdfast_credits_reserved_total").increment(credits.max(0) as u64);
     }
 
+    /// A job whose item was already settled, acknowledged without running.
+    pub fn duplicate_job() {
+        counter!("holdfast_items_total", "outcome" => "duplicate").increment(1);
+    }
+
     pub fn item_seconds(took: Duration) {
         histogram!("holdfast_item_seconds").record(took.as_secs_f64());
     }

@@ -55,6 +55,10 @@ impl Names {
     pub fn jobs_dead(&self) -> String {
         format!("{}.jobs.dead", self.namespace)
     }
+    /// Quota previews (request/reply): nothing is held, so nothing is dead-lettered.
+    pub fn previews(&self) -> String {
+        format!("{}.previews", self.namespace)
+    }
 }
 
 /// What can go wrong talking to RabbitMQ.
@@ -214,6 +218,9 @@ pub async fn declare(
             quorum_args(names, "jobs", settings.job_delivery_limit),
         )
         .await?;
+    channel
+        .queue_declare(names.previews().into(), durable_queue, plain_quorum())
+        .await?;
     Ok(())
 }
 
@@ -224,6 +231,7 @@ pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError>
         names.jobs(),
         names.requests_dead(),
         names.jobs_dead(),
+        names.previews(),
     ] {
         channel
             .queue_delete(q.into(), QueueDeleteOptions::default())

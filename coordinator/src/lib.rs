@@ -8,5 +8,6 @@
 
 pub mod api;
 pub mod intake;
+pub mod previews;
 pub mod reconcile;
 pub mod requests;

@@ -215,6 +215,15 @@ pub async fn run(ledger: Ledger, config: CoordinatorConfig, shutdown: Cancellati
             .await;
         });
     }
+    {
+        let (ledger, config, shutdown) = (ledger.clone(), config.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            topology::supervise("previews", shutdown.clone(), || {
+                crate::previews::consume(&ledger, &config, &shutdown)
+            })
+            .await;
+        });
+    }
     tasks.close();
     tasks.wait().await;
 }

@@ -409,7 +409,7 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 }
 
 fn counter_duplicate() {
-    metrics::counter!("holdfast_items_total", "outcome" => "duplicate").increment(1);
+    record::duplicate_job();
 }
 
 async fn ack(delivery: &Delivery) -> anyhow::Result<()> {

@@ -33,7 +33,8 @@ fn parse_id(id: &str) -> Result<Uuid> {
 
 /// Expire soft holds already locked by the caller: state `expired`, the whole
 /// amount released to `available`, one `expire` journal row each.
-pub(super) async fn expire_locked(tx: &Transaction<'_>, ids: &[Uuid]) -> Result<usize> {
+/// Returns the amounts released, one per hold expired.
+pub(super) async fn expire_locked(tx: &Transaction<'_>, ids: &[Uuid]) -> Result<Vec<i64>> {
     let rows = tx
         .query(
             "UPDATE holds SET state = 'expired', released = amount, close_reason = 'ttl', closed_at = now()
@@ -62,7 +63,7 @@ pub(super) async fn expire_locked(tx: &Transaction<'_>, ids: &[Uuid]) -> Result<
         &[&accounts, &ids, &amounts],
     )
     .await?;
-    Ok(rows.len())
+    Ok(amounts)
 }
 
 impl Ledger {
@@ -227,15 +228,20 @@ impl Ledger {
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
-                let n = expire_locked(&tx, &ids).await?;
+                let released = expire_locked(&tx, &ids).await?;
                 tx.commit().await?;
-                Ok(n)
+                Ok(released)
             })
             .await?;
-        if expired > 0 {
-            tracing::info!(expired, "soft holds expired; credits released");
-            crate::telemetry::record::soft_hold("expired", 0);
+        if !expired.is_empty() {
+            tracing::info!(
+                expired = expired.len(),
+                "soft holds expired; credits released"
+            );
         }
-        Ok(expired)
+        for amount in &expired {
+            crate::telemetry::record::soft_hold("expired", *amount);
+        }
+        Ok(expired.len())
     }
 }

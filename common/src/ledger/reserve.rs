@@ -295,8 +295,11 @@ async fn consume_reservation(
     }
     match (state.as_str(), soft, past_ttl) {
         ("open", true, Some(true)) => {
-            super::holds::expire_locked(&tx, &[hold_id]).await?;
+            let released = super::holds::expire_locked(&tx, &[hold_id]).await?;
             tx.commit().await?;
+            for amount in released {
+                crate::telemetry::record::soft_hold("expired", amount);
+            }
             return refuse(format!(
                 "reservation `{reservation}` expired at {when}; its credits were released"
             ));

@@ -1,0 +1,129 @@
+//! Quota previews over AMQP: a producer sends the same body as
+//! `POST /v1/preview` to `<ns>.previews` with `reply_to` and `correlation_id`,
+//! and gets `{"event": "preview", ...}` back (or a `rejected` decision naming
+//! the problem). Nothing is held; a preview is answered and acknowledged.
+
+use futures::StreamExt;
+use holdfast_common::events::ReplyTo;
+use holdfast_common::ledger::{Ledger, LedgerError};
+use holdfast_common::messages::{Decision, Event, Rejected};
+use holdfast_common::pricing;
+use holdfast_common::topology::{self, json_properties, Publisher};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use tokio_util::sync::CancellationToken;
+
+use crate::intake;
+use crate::requests::CoordinatorConfig;
+
+/// Answer one preview body: the preview, or why it cannot be priced.
+pub async fn answer(
+    ledger: &Ledger,
+    config: &CoordinatorConfig,
+    body: &[u8],
+) -> Result<Event, LedgerError> {
+    let request = match intake::parse_preview(body, &config.limits) {
+        Ok(r) => r,
+        Err(rejected) => return Ok(Event::Decision(Decision::Rejected(*rejected))),
+    };
+    match ledger.account(&request.account_id).await {
+        Ok(account) => Ok(Event::Preview(pricing::preview(
+            &request,
+            account.available,
+            config.settings.sequential_chunk,
+        ))),
+        Err(LedgerError::UnknownAccount(a)) => {
+            let mut r = Rejected::one(None, "account_id", format!("unknown account `{a}`"));
+            r.account_id = Some(a);
+            Ok(Event::Decision(Decision::Rejected(r)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One session of the preview consumer.
+pub async fn consume(
+    ledger: &Ledger,
+    config: &CoordinatorConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let conn = topology::connect(
+        &config.amqp_url,
+        &format!("holdfast-previews/{}", config.names.namespace),
+    )
+    .await?;
+    let lost = topology::watch(&conn);
+    tokio::pin!(lost);
+    let channel = conn.create_channel().await?;
+    topology::declare(&channel, &config.names, &config.queues).await?;
+    channel
+        .basic_qos(
+            config.settings.coordinator_prefetch,
+            BasicQosOptions::default(),
+        )
+        .await?;
+    let publisher = Publisher::new(&conn).await?;
+    let mut consumer = channel
+        .basic_consume(
+            config.names.previews().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => d,
+            e = &mut lost => return Err(e.into()),
+            _ = shutdown.cancelled() => break,
+        };
+        let delivery = match delivery {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("the broker cancelled the preview consumer"),
+        };
+        match answer(ledger, config, &delivery.data).await {
+            Ok(event) => {
+                let to = ReplyTo {
+                    queue: delivery
+                        .properties
+                        .reply_to()
+                        .as_ref()
+                        .map(|s| s.to_string()),
+                    correlation_id: delivery
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|s| s.to_string()),
+                };
+                if let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) {
+                    let mut props = json_properties();
+                    if let Some(c) = &to.correlation_id {
+                        props = props.with_correlation_id(ShortString::from(c.as_str()));
+                    }
+                    let body = serde_json::to_vec(&event).expect("events serialise");
+                    if let Err(e) = publisher.publish_confirmed("", queue, &body, props).await {
+                        tracing::info!(error = %e, "preview answer not delivered (reply queue gone?)");
+                    }
+                } else {
+                    tracing::debug!("preview without reply_to: nobody to answer");
+                }
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "preview not answered; returning it");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+    }
+    let _ = channel.close(200, "shutdown".into()).await;
+    let _ = conn.close(200, "shutdown".into()).await;
+    Ok(())
+}
