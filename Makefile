@@ -18,6 +18,7 @@ help:
 	@echo "make fleet-status / make fleet-stop   inspect or stop that fleet"
 	@echo "make observability  check the dashboard and alerts against a live fleet"
 	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
+	@echo "make bench     measure throughput, latency and memory against the machine ceilings"
 
 services:
 	bash scripts/services.sh
@@ -74,3 +75,9 @@ observability: services
 .PHONY: fuzz
 fuzz: services
 	bash scripts/fuzz-api.sh
+
+# Throughput, latency and memory against this machine's broker and PostgreSQL
+# ceilings, in one run (release build). See docs/performance.md.
+.PHONY: bench
+bench: services
+	cargo run --release --quiet -- bench
