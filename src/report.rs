@@ -48,17 +48,17 @@ pub fn decision(d: &Decision) {
                 "INSUFFICIENT  batch {}: nothing was held, nothing started.",
                 i.batch_id
             );
-            println!("  {}", i.message);
-            println!("  {}", i.detail);
+            println!("     {}", i.message);
+            println!("     {}", i.detail);
             println!(
-                "  fits first: {} item(s) for {} credits; by priority: {} item(s) for {} credits",
+                "     fits first: {} item(s) for {} credits; by priority: {} item(s) for {} credits",
                 i.first_fit.count,
                 thousands(i.first_fit.cost),
                 i.priority_fit.count,
                 thousands(i.priority_fit.cost)
             );
             for o in &i.options {
-                println!("  [{}] {}", o.action, o.label);
+                println!("     [{}] {}", o.action, o.label);
             }
         }
         Decision::Rejected(r) => {
