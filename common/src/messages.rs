@@ -194,7 +194,7 @@ pub struct FieldError {
 /// The request could not be decided as sent; it was parked in the dead-letter queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Rejected {
-    /// Absent when the body did not even carry a readable batch id.
+    /// `null` when the body did not even carry a readable batch id.
     pub batch_id: Option<String>,
     pub account_id: Option<String>,
     /// A one-line summary of `errors`.
@@ -304,7 +304,7 @@ pub struct ItemJob {
     pub reserved: i64,
     #[serde(default)]
     pub payload: Value,
-    /// 1 for the first dispatch, higher when a reconciler re-dispatched it.
+    /// 1 for the first dispatch; 2 when the jobs were sent again (a redelivered request or a reconciler).
     pub attempt: u32,
 }
 

@@ -46,7 +46,7 @@ pub struct WorkerSettings {
     /// Most items captured in one transaction.
     #[arg(long, env = "HOLDFAST_SETTLE_BATCH", default_value_t = 128)]
     pub settle_batch: usize,
-    /// Tries of a transient generator failure before the item fails.
+    /// Retries of a transient generator failure (after the first try) before the item fails.
     #[arg(long, env = "HOLDFAST_GENERATOR_RETRIES", default_value_t = 3)]
     pub generator_retries: usize,
     /// First retry delay, in milliseconds (doubles each time, with jitter).
