@@ -530,7 +530,9 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     Ok(r)
 }
 
-/// Send requests at `rate` per second for `seconds` and time each decision.
+/// Send requests at `rate` per second for `seconds` and time each decision,
+/// from its publish to the arrival of its decision on the reply queue (read
+/// concurrently, so a reply is timed when it arrives, not when looked at).
 async fn latency(
     conn: &Connections,
     names: &Names,
@@ -538,26 +540,84 @@ async fn latency(
     rate: f64,
     seconds: u64,
 ) -> anyhow::Result<(f64, f64)> {
-    let mut producer = Producer::connect(&conn.amqp_url, names, queues).await?;
+    let amqp = topology::connect(&conn.amqp_url, "holdfast-bench-latency").await?;
+    let ch = amqp.create_channel().await?;
+    topology::declare(&ch, names, queues).await?;
+    let reply = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let reply_queue = reply.name().to_string();
+    let mut replies = ch
+        .basic_consume(
+            reply_queue.clone().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
     let n = (rate * seconds as f64) as usize;
+    let arrived = tokio::spawn(async move {
+        let mut at = std::collections::HashMap::with_capacity(n);
+        while at.len() < n {
+            match tokio::time::timeout(Duration::from_secs(60), replies.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let id = d
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|c| c.to_string())
+                        .unwrap_or_default();
+                    // The first answer per request is its decision (a summary may follow).
+                    at.entry(id).or_insert_with(Instant::now);
+                }
+                _ => break,
+            }
+        }
+        at
+    });
+    let publisher = Publisher::new(&amqp).await?;
     let gap = Duration::from_secs_f64(1.0 / rate);
     let mut sent = Vec::with_capacity(n);
     let start = tokio::time::Instant::now();
     for i in 0..n {
         tokio::time::sleep_until(start + gap * i as u32).await;
         let id = format!("lat-{i}");
-        producer.send(&request(&id, "hot", 1, 1), &id).await?;
-        sent.push((id, Instant::now()));
+        let props = json_properties()
+            .with_reply_to(reply_queue.clone().into())
+            .with_correlation_id(id.clone().into());
+        let at = Instant::now();
+        // Not waiting for the confirm here keeps the offered rate steady.
+        let _confirm = publisher
+            .publish("", &names.requests(), &request(&id, "hot", 1, 1), props)
+            .await?;
+        sent.push((id, at));
     }
-    let mut ms = Vec::with_capacity(n);
-    for (id, at) in &sent {
-        // Replies come in order of decision; the producer buffers the others.
-        producer.decision_for(id, Duration::from_secs(60)).await?;
-        ms.push(at.elapsed().as_secs_f64() * 1000.0);
-    }
-    producer.close().await;
-    // Elapsed was measured when read, not when received: correct by reading
-    // promptly in order; the first (oldest) is exact, later ones are upper bounds.
+    let arrived = arrived.await?;
+    let _ = amqp.close(200, "bench".into()).await;
+    let mut ms: Vec<f64> = sent
+        .iter()
+        .filter_map(|(id, at)| {
+            arrived
+                .get(id)
+                .map(|got| got.duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    anyhow::ensure!(
+        ms.len() == n,
+        "latency: {} of {n} decisions arrived",
+        ms.len()
+    );
     ms.sort_by(f64::total_cmp);
     Ok((percentile(&ms, 0.5), percentile(&ms, 0.99)))
 }

@@ -14,7 +14,7 @@ pub fn init_logging(json: bool) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info,lapin=warn"));
+        .unwrap_or_else(|| EnvFilter::new("info,lapin=warn,lapin::returned_messages=error"));
     // Colours only on a terminal: files, journald and container logs get plain text.
     let builder = fmt()
         .with_env_filter(filter)
