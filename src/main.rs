@@ -156,8 +156,14 @@ fn main() -> anyhow::Result<()> {
     }
     telemetry::init_logging(cli.log_json);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let code = runtime.block_on(run(cli))?;
-    std::process::exit(code);
+    // One line with the cause chain, not a Debug dump with a backtrace.
+    match runtime.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("holdfast: {e:#}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Cancel the token on SIGINT or SIGTERM.
@@ -273,7 +279,31 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     note,
                     create,
                 } => ledger.grant(&id, amount, note.as_deref(), create).await?,
-                AccountCommand::Show { id } => ledger.account(&id).await?,
+                AccountCommand::Show { id } => {
+                    // The same view as GET /v1/accounts/{id}: balances and the open holds.
+                    let account = ledger.account(&id).await?;
+                    let holds = ledger.open_holds(&id).await?;
+                    if cli.json {
+                        let mut v = serde_json::to_value(&account)?;
+                        v["holds"] = serde_json::to_value(&holds)?;
+                        report::json(&v);
+                    } else {
+                        report::account(&account);
+                        for h in &holds {
+                            println!(
+                                "  hold {}  {} credits  {}",
+                                h.reservation_id,
+                                h.amount,
+                                match (&h.batch_id, &h.expires_at) {
+                                    (Some(b), _) => format!("batch {b}"),
+                                    (None, Some(e)) => format!("soft hold, expires {e}"),
+                                    (None, None) => String::new(),
+                                }
+                            );
+                        }
+                    }
+                    return Ok(0);
+                }
             };
             if cli.json {
                 report::json(&account);
