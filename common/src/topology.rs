@@ -72,6 +72,8 @@ pub enum BrokerError {
     Unroutable(String, String),
     #[error("the connection to RabbitMQ closed")]
     Closed,
+    #[error("RabbitMQ cancelled the consumer of {0}")]
+    ConsumerCancelled(String),
 }
 
 /// `host:port/vhost` of an AMQP URL, for messages: never the password.
@@ -427,5 +429,78 @@ pub async fn ping(url: &str) -> bool {
             true
         }
         _ => false,
+    }
+}
+
+/// A consuming session: one connection (watched), one consuming channel with
+/// its QoS, and a confirming publisher. Every consumer role opens one per
+/// (re)connection, so QoS and declarations are re-applied each time.
+pub struct Session {
+    pub conn: Connection,
+    pub channel: Channel,
+    pub consumer: lapin::Consumer,
+    pub publisher: Publisher,
+    /// Resolves when the connection fails; `select!` on `&mut session.lost`.
+    pub lost: std::pin::Pin<Box<dyn std::future::Future<Output = BrokerError> + Send>>,
+}
+
+impl Session {
+    /// Connect as `role` (the connection is named `<role>/<namespace>`), declare
+    /// the topology, set the prefetch, and consume `queue`.
+    pub async fn open(
+        url: &str,
+        role: &str,
+        names: &Names,
+        settings: &QueueSettings,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Session, BrokerError> {
+        let conn = connect(url, &format!("{role}/{}", names.namespace)).await?;
+        let lost = Box::pin(watch(&conn));
+        let channel = conn.create_channel().await?;
+        declare(&channel, names, settings).await?;
+        channel
+            .basic_qos(prefetch, lapin::options::BasicQosOptions::default())
+            .await?;
+        let publisher = Publisher::new(&conn).await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Session {
+            conn,
+            channel,
+            consumer,
+            publisher,
+            lost,
+        })
+    }
+
+    /// The next delivery; `None` once `shutdown` is cancelled; an error when
+    /// the connection is lost or the broker cancels the consumer.
+    pub async fn next(
+        &mut self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<lapin::message::Delivery>, BrokerError> {
+        use futures::StreamExt;
+        tokio::select! {
+            d = self.consumer.next() => match d {
+                Some(Ok(d)) => Ok(Some(d)),
+                Some(Err(e)) => Err(e.into()),
+                None => Err(BrokerError::ConsumerCancelled(self.consumer.queue().to_string())),
+            },
+            e = &mut self.lost => Err(e),
+            _ = shutdown.cancelled() => Ok(None),
+        }
+    }
+
+    /// Close the channel (unacknowledged deliveries return to the queue) and the connection.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "shutdown".into()).await;
+        let _ = self.conn.close(200, "shutdown".into()).await;
     }
 }

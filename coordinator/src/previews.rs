@@ -3,14 +3,13 @@
 //! and gets `{"event": "preview", ...}` back (or a `rejected` decision naming
 //! the problem). Nothing is held; a preview is answered and acknowledged.
 
-use futures::StreamExt;
 use holdfast_common::events::ReplyTo;
 use holdfast_common::ledger::{Ledger, LedgerError};
 use holdfast_common::messages::{Decision, Event, Rejected};
 use holdfast_common::pricing;
-use holdfast_common::topology::{self, json_properties, Publisher};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{FieldTable, ShortString};
+use holdfast_common::topology::{self, json_properties};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::ShortString;
 use tokio_util::sync::CancellationToken;
 
 use crate::intake;
@@ -47,41 +46,17 @@ pub async fn consume(
     config: &CoordinatorConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let conn = topology::connect(
+    let mut session = topology::Session::open(
         &config.amqp_url,
-        &format!("holdfast-previews/{}", config.names.namespace),
+        "holdfast-previews",
+        &config.names,
+        &config.queues,
+        &config.names.previews(),
+        config.settings.coordinator_prefetch,
     )
     .await?;
-    let lost = topology::watch(&conn);
-    tokio::pin!(lost);
-    let channel = conn.create_channel().await?;
-    topology::declare(&channel, &config.names, &config.queues).await?;
-    channel
-        .basic_qos(
-            config.settings.coordinator_prefetch,
-            BasicQosOptions::default(),
-        )
-        .await?;
-    let publisher = Publisher::new(&conn).await?;
-    let mut consumer = channel
-        .basic_consume(
-            config.names.previews().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    loop {
-        let delivery = tokio::select! {
-            d = consumer.next() => d,
-            e = &mut lost => return Err(e.into()),
-            _ = shutdown.cancelled() => break,
-        };
-        let delivery = match delivery {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => anyhow::bail!("the broker cancelled the preview consumer"),
-        };
+    let publisher = session.publisher.clone();
+    while let Some(delivery) = session.next(shutdown).await? {
         match answer(ledger, config, &delivery.data).await {
             Ok(event) => {
                 let to = ReplyTo {
@@ -123,7 +98,6 @@ pub async fn consume(
             }
         }
     }
-    let _ = channel.close(200, "shutdown".into()).await;
-    let _ = conn.close(200, "shutdown".into()).await;
+    session.close().await;
     Ok(())
 }

@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use holdfast_common::config::{CoordinatorSettings, Limits, QueueSettings};
 use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::faults::crash_point;
@@ -19,8 +18,7 @@ use holdfast_common::topology::{
     self, json_properties, parked_headers, BrokerError, Names, Publisher,
 };
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::intake;
@@ -234,47 +232,22 @@ async fn consume(
     config: &CoordinatorConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let conn = topology::connect(
+    let mut session = topology::Session::open(
         &config.amqp_url,
-        &format!("holdfast-coordinator/{}", config.names.namespace),
+        "holdfast-coordinator",
+        &config.names,
+        &config.queues,
+        &config.names.requests(),
+        config.settings.coordinator_prefetch,
     )
     .await?;
-    let lost = topology::watch(&conn);
-    tokio::pin!(lost);
-    let channel = conn.create_channel().await?;
-    topology::declare(&channel, &config.names, &config.queues).await?;
-    channel
-        .basic_qos(
-            config.settings.coordinator_prefetch,
-            BasicQosOptions::default(),
-        )
-        .await?;
-    let intake = Intake::new(ledger.clone(), config.clone(), Publisher::new(&conn).await?);
-    let mut consumer = channel
-        .basic_consume(
-            config.names.requests().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let intake = Intake::new(ledger.clone(), config.clone(), session.publisher.clone());
     tracing::info!(queue = %config.names.requests(), "coordinator consuming");
-    loop {
-        let delivery = tokio::select! {
-            d = consumer.next() => d,
-            e = &mut lost => return Err(e.into()),
-            _ = shutdown.cancelled() => break,
-        };
-        let delivery = match delivery {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => anyhow::bail!("the broker cancelled the consumer"),
-        };
+    while let Some(delivery) = session.next(shutdown).await? {
         process(&intake, &delivery, shutdown).await?;
     }
     // Unacknowledged prefetched requests return to the queue when the channel closes.
-    let _ = channel.close(200, "shutdown".into()).await;
-    let _ = conn.close(200, "shutdown".into()).await;
+    session.close().await;
     Ok(())
 }
 

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use clap::Args;
-use futures::StreamExt;
 use holdfast_common::config::QueueSettings;
 use holdfast_common::dispatch::dispatch;
 use holdfast_common::events;
@@ -23,10 +22,7 @@ use holdfast_common::topology::{
     self, delivery_count, json_properties, parked_headers, Names, Publisher,
 };
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -107,29 +103,18 @@ async fn session(
     generator: &Arc<dyn Generator>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let conn = topology::connect(
+    // QoS is applied on every (re)connection: a fresh channel has none.
+    let mut session = topology::Session::open(
         &config.amqp_url,
-        &format!("holdfast-worker/{}", config.names.namespace),
+        "holdfast-worker",
+        &config.names,
+        &config.queues,
+        &config.names.jobs(),
+        config.settings.worker_prefetch,
     )
     .await?;
-    let lost = topology::watch(&conn);
-    tokio::pin!(lost);
-    let channel = conn.create_channel().await?;
-    topology::declare(&channel, &config.names, &config.queues).await?;
-    // QoS is applied on every (re)connection: a fresh channel has none.
-    channel
-        .basic_qos(config.settings.worker_prefetch, BasicQosOptions::default())
-        .await?;
-    let publisher = Publisher::new(&conn).await?;
-    let mut consumer = channel
-        .basic_consume(
-            config.names.jobs().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let tag = consumer.tag();
+    let publisher = session.publisher.clone();
+    let tag = session.consumer.tag();
     tracing::info!(queue = %config.names.jobs(), generator = generator.name(), "worker consuming");
 
     let (tx, rx) =
@@ -142,13 +127,8 @@ async fn session(
     ));
     let tasks = TaskTracker::new();
     let result = loop {
-        let delivery = tokio::select! {
-            d = consumer.next() => d,
-            e = &mut lost => break Err(e.into()),
-            _ = shutdown.cancelled() => break Ok(()),
-        };
-        match delivery {
-            Some(Ok(delivery)) => {
+        match session.next(shutdown).await {
+            Ok(Some(delivery)) => {
                 let item = Item {
                     ledger: ledger.clone(),
                     generator: generator.clone(),
@@ -158,12 +138,13 @@ async fn session(
                 };
                 tasks.spawn(item.work(delivery));
             }
-            Some(Err(e)) => break Err(anyhow::Error::from(e)),
-            None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(anyhow::Error::from(e)),
         }
     };
     // Stop taking jobs, let the running ones finish, capture and ack.
-    let _ = channel
+    let _ = session
+        .channel
         .basic_cancel(tag, BasicCancelOptions::default())
         .await;
     tasks.close();
@@ -180,8 +161,7 @@ async fn session(
             "captures still pending at the shutdown timeout; their jobs will be redelivered"
         );
     }
-    let _ = channel.close(200, "shutdown".into()).await;
-    let _ = conn.close(200, "shutdown".into()).await;
+    session.close().await;
     result
 }
 
