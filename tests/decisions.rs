@@ -8,13 +8,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use holdfast::fleet::Roles;
-use holdfast_common::ledger::{LedgerError, ReserveInput};
+use holdfast_common::ledger::LedgerError;
 use holdfast_common::messages::{BatchRequest, Decision, Event};
 use holdfast_common::pricing;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
 use support::*;
@@ -199,14 +196,7 @@ async fn when_a_start_races_an_expiry_exactly_one_wins() {
                 &id,
             ))
             .unwrap();
-            let input = ReserveInput {
-                request: &req,
-                reply_to: None,
-                correlation_id: None,
-                execution_timeout: Duration::from_secs(60),
-                dispatch_grace: Duration::from_secs(60),
-                chunk_size: 10,
-            };
+            let input = reserve_input(&req, Duration::from_secs(60), Duration::from_secs(60));
             let started = match ledger.reserve(&input).await {
                 Ok(r) => matches!(r.decision, Decision::Granted(_)),
                 Err(LedgerError::Reservation(why)) => {
@@ -478,29 +468,7 @@ async fn exactly_one_completed_event_per_batch_even_with_duplicate_jobs() {
         .unwrap();
     granted(&t.submit(&request("once", "acme", 5, 10)).await);
     // Every job three times over.
-    let mut jobs = Vec::new();
-    while jobs.len() < 5 {
-        if let Some(m) = ch
-            .basic_get(t.names.jobs().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            jobs.push(m.delivery.data.clone());
-        }
-    }
-    for body in &jobs {
-        for _ in 0..3 {
-            ch.basic_publish(
-                "".into(),
-                t.names.jobs().into(),
-                BasicPublishOptions::default(),
-                body,
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        }
-    }
+    t.requeue_jobs(5, 3).await;
     t.start_roles(
         Roles {
             worker: true,

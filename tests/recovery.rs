@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use holdfast::fleet::Roles;
-use holdfast_common::ledger::ReserveInput;
 use holdfast_common::messages::{BatchRequest, Event};
 use serde_json::json;
 use support::*;
@@ -184,17 +183,6 @@ async fn worker_killed_before_or_after_capture_loses_nothing_and_charges_once() 
     }
 }
 
-fn reserve_input(req: &BatchRequest, timeout: Duration) -> ReserveInput<'_> {
-    ReserveInput {
-        request: req,
-        reply_to: None,
-        correlation_id: None,
-        execution_timeout: timeout,
-        dispatch_grace: Duration::from_millis(500),
-        chunk_size: 10,
-    }
-}
-
 #[tokio::test]
 async fn two_reconcilers_redispatch_stranded_batches_exactly_once() {
     let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
@@ -204,7 +192,11 @@ async fn two_reconcilers_redispatch_stranded_batches_exactly_once() {
         let req: BatchRequest =
             serde_json::from_value(request(&format!("stranded-{i}"), "acme", 3, 10)).unwrap();
         t.ledger
-            .reserve(&reserve_input(&req, Duration::from_secs(60)))
+            .reserve(&reserve_input(
+                &req,
+                Duration::from_secs(60),
+                Duration::from_millis(500),
+            ))
             .await
             .unwrap();
     }

@@ -11,9 +11,8 @@ use axum::extract::Json;
 use axum::http::StatusCode;
 use axum::routing::post;
 use holdfast::fleet::Roles;
-use holdfast_common::ledger::{ItemOutcome, ReserveInput, Settled, Settlement};
+use holdfast_common::ledger::{ItemOutcome, Settled, Settlement};
 use holdfast_common::messages::BatchRequest;
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use serde_json::{json, Value};
 use support::*;
 
@@ -100,33 +99,7 @@ async fn the_same_job_delivered_twice_is_captured_once() {
     t.grant("acme", 100).await;
     granted(&t.submit(&request("dup", "acme", 4, 5)).await);
     // Take the four jobs and put each back three times.
-    let conn = lapin::Connection::connect(&t.conn.amqp_url, Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut jobs = Vec::new();
-    while jobs.len() < 4 {
-        if let Some(m) = ch
-            .basic_get(t.names.jobs().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            jobs.push(m.delivery.data.clone());
-        }
-    }
-    for body in &jobs {
-        for _ in 0..3 {
-            ch.basic_publish(
-                "".into(),
-                t.names.jobs().into(),
-                BasicPublishOptions::default(),
-                body,
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        }
-    }
+    t.requeue_jobs(4, 3).await;
     t.start_roles(
         Roles {
             worker: true,
@@ -149,7 +122,6 @@ async fn the_same_job_delivered_twice_is_captured_once() {
     assert_eq!(captures, 4);
     assert_eq!(t.ledger.account("acme").await.unwrap().balance, 80);
     t.assert_exact().await;
-    let _ = conn.close(200, "bye".into()).await;
     t.stop().await;
 }
 
@@ -158,14 +130,8 @@ async fn settle_reports_duplicates_and_unknown_items_without_charging() {
     let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
     t.grant("acme", 100).await;
     let req: BatchRequest = serde_json::from_value(request("direct", "acme", 2, 10)).unwrap();
-    let input = ReserveInput {
-        request: &req,
-        reply_to: None,
-        correlation_id: None,
-        execution_timeout: std::time::Duration::from_secs(60),
-        dispatch_grace: std::time::Duration::from_secs(60),
-        chunk_size: 10,
-    };
+    let minute = std::time::Duration::from_secs(60);
+    let input = reserve_input(&req, minute, minute);
     t.ledger.reserve(&input).await.unwrap();
     let s = |item: &str, cost| Settlement {
         batch_id: "direct".into(),

@@ -12,8 +12,8 @@ use holdfast::fleet::{Fleet, FleetSettings, Roles};
 use holdfast::producer::Producer;
 use holdfast_common::config::Connections;
 use holdfast_common::database;
-use holdfast_common::ledger::{BatchView, Ledger};
-use holdfast_common::messages::{Decision, Event};
+use holdfast_common::ledger::{BatchView, Ledger, ReserveInput};
+use holdfast_common::messages::{BatchRequest, Decision, Event};
 use holdfast_common::topology::{self, Names};
 use holdfast_worker::Generator;
 use lapin::options::BasicGetOptions;
@@ -256,6 +256,46 @@ impl TestFleet {
         out
     }
 
+    /// Take `n` jobs off the jobs queue and publish each of them `times` times
+    /// (duplicate deliveries, as after a crash or a redelivery).
+    pub async fn requeue_jobs(&self, n: usize, times: usize) {
+        let conn = lapin::Connection::connect(&self.conn.amqp_url, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut jobs = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while jobs.len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} jobs arrived",
+                jobs.len()
+            );
+            match ch
+                .basic_get(self.names.jobs().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                Some(m) => jobs.push(m.delivery.data.clone()),
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        for body in &jobs {
+            for _ in 0..times {
+                ch.basic_publish(
+                    "".into(),
+                    self.names.jobs().into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    body,
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
     pub async fn stop(mut self) {
         self.stop_roles().await;
     }
@@ -267,6 +307,22 @@ pub fn request(batch_id: &str, account: &str, n: usize, cost: i64) -> Value {
         .map(|i| json!({"item_id": format!("i{i}"), "estimated_cost": cost}))
         .collect();
     json!({"batch_id": batch_id, "account_id": account, "items": items})
+}
+
+/// What a coordinator passes the ledger for `req`, with test timings.
+pub fn reserve_input(
+    req: &BatchRequest,
+    execution_timeout: Duration,
+    dispatch_grace: Duration,
+) -> ReserveInput<'_> {
+    ReserveInput {
+        request: req,
+        reply_to: None,
+        correlation_id: None,
+        execution_timeout,
+        dispatch_grace,
+        chunk_size: 10,
+    }
 }
 
 pub fn granted(d: &Decision) -> &holdfast_common::messages::Granted {
