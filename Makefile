@@ -19,6 +19,7 @@ help:
 	@echo "make observability  check the dashboard and alerts against a live fleet"
 	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
 	@echo "make bench     measure throughput, latency and memory against the machine ceilings"
+	@echo "make browser   end-to-end tests of the reference page /demo in Chromium (Playwright)"
 
 services:
 	bash scripts/services.sh
@@ -81,3 +82,9 @@ fuzz: services
 .PHONY: bench
 bench: services
 	cargo run --release --quiet -- bench
+
+# End-to-end tests of the reference page (/demo) in Debian's Chromium with
+# playwright-core; saves docs/screenshots/*.png (scripts/browser-test.sh).
+.PHONY: browser
+browser: services
+	bash scripts/browser-test.sh

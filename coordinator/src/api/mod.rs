@@ -19,6 +19,7 @@ mod auth;
 pub mod batches;
 mod body;
 pub mod broker;
+pub mod demo_page;
 pub mod preview;
 pub mod problem;
 pub mod reservations;
@@ -51,12 +52,19 @@ pub struct ApiSettings {
     /// them (403). Prefer the environment variable: flags show in process lists.
     #[arg(long, env = "HOLDFAST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// Let the reference page at `/demo` add credits (`POST /demo/grant`)
+    /// without the admin token. For demonstrations only: anyone who can reach
+    /// the API can then grant credits.
+    #[arg(long, env = "HOLDFAST_DEMO_GRANTS", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub demo_grants: bool,
 }
 
 impl std::fmt::Debug for ApiSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiSettings")
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("demo_grants", &self.demo_grants)
             .finish()
     }
 }
@@ -74,6 +82,8 @@ pub struct ApiState {
     pub admin_token: Option<Arc<str>>,
     /// RabbitMQ, connected on first use.
     pub broker: Arc<Broker>,
+    /// Whether the reference page may add credits (`HOLDFAST_DEMO_GRANTS=1`).
+    pub demo_grants: bool,
 }
 
 impl ApiState {
@@ -99,6 +109,7 @@ impl ApiState {
                 .filter(|t| !t.is_empty())
                 .map(Arc::from),
             broker: Arc::new(broker),
+            demo_grants: settings.demo_grants,
         }
     }
 }
@@ -174,6 +185,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/accounts/{id}", get(accounts::show))
         .route("/v1/accounts/{id}/grants", post(accounts::grant))
+        .route("/demo", get(demo_page::page))
+        .route("/demo/demo.css", get(demo_page::css))
+        .route("/demo/demo.js", get(demo_page::js))
+        .route("/demo/grant", post(demo_page::grant))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::map_response(problem::problem_responses))
         .with_state(state)

@@ -1,0 +1,408 @@
+// Reference page for Holdfast: preview, Generate All, progress, and the
+// choices offered when the credits are short. Plain JavaScript, no build step.
+"use strict";
+
+const ITEM_COUNT = 10;
+const ITEM_COST = 12;
+// The simulate generator's latency per item, staggered so progress is visible.
+const LATENCY_MS = 300;
+const LATENCY_STEP_MS = 150;
+const POLL_MS = 250;
+const TERMINAL = new Set(["completed", "expired", "cancelled", "denied"]);
+
+const fmt = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const n = (x) => fmt.format(x);
+const credits = (x) => `${n(x)} ${x === 1 ? "credit" : "credits"}`;
+const $ = (id) => document.getElementById(id);
+
+const items = Array.from({ length: ITEM_COUNT }, (_, i) => ({
+  item_id: `photo-${String(i + 1).padStart(2, "0")}`,
+  name: `Product photo ${i + 1}`,
+  // Higher runs first under priority_fit: the hero shots first.
+  priority: i < 3 ? 3 - i : 0,
+  cost: ITEM_COST,
+}));
+
+let busy = false;
+let lastDecision = null;
+let previewSeq = 0;
+let previewTimer = null;
+
+function accountId() {
+  return $("account").value.trim();
+}
+
+function newBatchId() {
+  const uuid = globalThis.crypto && crypto.randomUUID
+    ? crypto.randomUUID()
+    : `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 12)}`;
+  return `demo-${uuid}`;
+}
+
+function requestItems() {
+  return items.map((it, i) => {
+    const simulate = { latency_ms: LATENCY_MS + i * LATENCY_STEP_MS };
+    // Every third photo turns out 2 credits cheaper than its estimate: the
+    // difference is released back to the account when the batch closes.
+    if ((i + 1) % 3 === 0 && it.cost > 2) simulate.actual_cost = it.cost - 2;
+    return {
+      item_id: it.item_id,
+      estimated_cost: it.cost,
+      priority: it.priority,
+      payload: { title: it.name, simulate },
+    };
+  });
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  let data = null;
+  try {
+    data = await res.json();
+  } catch {
+    data = null;
+  }
+  return { status: res.status, ok: res.ok, data };
+}
+
+function problemText(r) {
+  const d = r.data || {};
+  if (Array.isArray(d.errors) && d.errors.length) {
+    return d.errors.map((e) => `${e.field}: ${e.reason}`).join("; ");
+  }
+  return d.detail || d.title || `HTTP ${r.status}`;
+}
+
+// ---- items table -----------------------------------------------------------
+
+function renderItems() {
+  const body = $("items").tBodies[0];
+  body.replaceChildren();
+  for (const it of items) {
+    const tr = document.createElement("tr");
+    const name = document.createElement("td");
+    name.textContent = it.name;
+    const prio = document.createElement("td");
+    prio.className = "num";
+    prio.textContent = n(it.priority);
+    const cost = document.createElement("td");
+    cost.className = "num";
+    const input = document.createElement("input");
+    input.type = "number";
+    input.min = "1";
+    input.step = "1";
+    input.value = String(it.cost);
+    input.id = `cost-${it.item_id}`;
+    input.setAttribute("aria-label", `Cost of ${it.name} in credits`);
+    input.addEventListener("input", () => {
+      const v = Number.parseInt(input.value, 10);
+      if (Number.isInteger(v) && v > 0) {
+        it.cost = v;
+        schedulePreview();
+      }
+    });
+    cost.append(input);
+    const status = document.createElement("td");
+    status.className = "status";
+    status.id = `status-${it.item_id}`;
+    status.textContent = "—";
+    tr.append(name, prio, cost, status);
+    body.append(tr);
+  }
+}
+
+function setItemStatus(itemId, state) {
+  const cell = $(`status-${itemId}`);
+  if (!cell) return;
+  const words = {
+    queued: "queued", pending: "running", succeeded: "done", failed: "failed",
+    cancelled: "cancelled", skipped: "not run",
+  };
+  cell.dataset.state = state;
+  cell.textContent = words[state] || state;
+}
+
+// ---- preview -----------------------------------------------------------------
+
+function schedulePreview() {
+  clearTimeout(previewTimer);
+  previewTimer = setTimeout(refresh, 200);
+}
+
+async function refreshBalance() {
+  const id = accountId();
+  if (!id) {
+    $("balance").textContent = "\u00a0";
+    return;
+  }
+  const r = await api("GET", `/v1/accounts/${encodeURIComponent(id)}`);
+  if (r.ok) {
+    const a = r.data;
+    $("balance").textContent =
+      `Balance ${credits(a.balance)} · held ${n(a.held)} · available ${n(a.available)}`;
+  } else {
+    $("balance").textContent = problemText(r);
+  }
+}
+
+async function refresh() {
+  const seq = ++previewSeq;
+  const id = accountId();
+  const preview = $("preview");
+  if (!id) {
+    preview.dataset.state = "error";
+    preview.textContent = "Enter an account id.";
+    $("generate-all").disabled = true;
+    return;
+  }
+  refreshBalance();
+  const r = await api("POST", "/v1/preview", { account_id: id, items: requestItems() });
+  if (seq !== previewSeq) return; // a newer preview is on its way
+  if (!r.ok) {
+    preview.dataset.state = "error";
+    preview.textContent = problemText(r);
+    $("generate-all").disabled = true;
+    return;
+  }
+  const p = r.data;
+  preview.dataset.state = p.fits ? "fits" : "short";
+  const line = document.createElement("span");
+  line.id = "preview-line";
+  line.textContent =
+    `This action will cost ~${credits(p.total_cost)}. You have ${credits(p.available)}.`;
+  const advice = document.createElement("span");
+  advice.id = "preview-advice";
+  advice.className = "advice";
+  advice.textContent = p.fits
+    ? ` Enough for all ${n(items.length)} items.`
+    : ` ${p.advice || ""}`;
+  preview.replaceChildren(line, document.createElement("br"), advice);
+  $("generate-all").disabled = busy;
+}
+
+// ---- submitting and following a batch --------------------------------------
+
+function setBusy(on) {
+  busy = on;
+  $("generate-all").disabled = on;
+  $("account").disabled = on;
+  for (const input of $("items").querySelectorAll("input")) input.disabled = on;
+}
+
+function showError(text) {
+  const e = $("error");
+  e.textContent = text;
+  e.hidden = !text;
+}
+
+async function submit(mode, itemIds) {
+  showError("");
+  const body = { batch_id: newBatchId(), account_id: accountId(), items: requestItems() };
+  if (mode) body.mode = mode;
+  if (itemIds) body.item_ids = itemIds;
+  setBusy(true);
+  let r;
+  try {
+    r = await api("POST", "/v1/batches", body);
+  } catch (err) {
+    setBusy(false);
+    showError(`Could not reach the server: ${err.message}`);
+    return;
+  }
+  const d = r.data || {};
+  if (r.ok && d.decision === "granted") {
+    await follow(body.batch_id, d);
+    return;
+  }
+  setBusy(false);
+  if (r.ok && d.decision === "insufficient") {
+    openShortDialog(d);
+    return;
+  }
+  showError(d.decision === "rejected" ? d.message || problemText(r) : problemText(r));
+}
+
+async function follow(batchId, decision) {
+  $("summary").hidden = true;
+  const block = $("progress-block");
+  block.hidden = false;
+  block.dataset.batchId = batchId;
+  const bar = $("progress");
+  const runIds = new Set(decision.item_ids || items.map((it) => it.item_id));
+  for (const it of items) setItemStatus(it.item_id, runIds.has(it.item_id) ? "queued" : "skipped");
+  bar.max = Math.max(runIds.size, 1);
+  bar.value = 0;
+  $("progress-label").textContent = `Generating ${n(runIds.size)} of ${n(items.length)} items`;
+  $("progress-text").textContent = `0 of ${n(runIds.size)} done`;
+  let view = null;
+  for (;;) {
+    const r = await api("GET", `/v1/batches/${encodeURIComponent(batchId)}`);
+    refreshBalance();
+    if (r.ok) {
+      view = r.data;
+      const f = view.figures;
+      const done = f.succeeded + f.failed + f.cancelled;
+      bar.max = Math.max(f.run, 1);
+      bar.value = done;
+      $("progress-text").textContent =
+        `${n(done)} of ${n(f.run)} done · ${n(f.succeeded)} generated, ${n(f.failed)} failed`;
+      for (const it of view.items || []) setItemStatus(it.item_id, it.state);
+      if (TERMINAL.has(view.state)) break;
+    } else if (r.status !== 503) {
+      showError(problemText(r));
+      break;
+    }
+    await new Promise((res) => setTimeout(res, POLL_MS));
+  }
+  if (view) showSummary(view);
+  setBusy(false);
+  block.dataset.state = "done";
+  refresh();
+}
+
+function showSummary(view) {
+  const f = view.figures;
+  $("summary").hidden = false;
+  $("summary").dataset.batchId = view.batch_id;
+  $("summary-title").textContent =
+    view.state === "completed" ? "Batch finished" : `Batch ${view.state}`;
+  $("sum-generated").textContent = n(f.succeeded);
+  $("sum-failed").textContent = n(f.failed);
+  $("sum-charged").textContent = credits(f.captured);
+  $("sum-released").textContent = credits(f.released);
+  const notRun = f.skipped + f.cancelled;
+  $("summary-note").textContent =
+    `${n(f.succeeded)} of ${n(f.items_total)} items generated` +
+    (notRun ? `; ${n(notRun)} not run and not charged.` : ".") +
+    ` ${credits(f.reserved)} were held; what was not charged went back to the account.`;
+}
+
+// ---- the "not enough credits" dialog ---------------------------------------
+
+function openShortDialog(d) {
+  lastDecision = d;
+  const dialog = $("short");
+  $("short-choices").hidden = false;
+  $("select-form").hidden = true;
+  $("short-error").hidden = true;
+  $("short-message").textContent = d.message;
+  $("short-detail").textContent = d.detail || "";
+  const options = d.options || [];
+  const first = options.find((o) => o.action === "generate_first_fit");
+  const firstBtn = $("choose-first-fit");
+  firstBtn.hidden = !first;
+  if (first) {
+    firstBtn.textContent = `Generate first ${n(first.item_count)} (${credits(first.credits)})`;
+  }
+  const add = options.find((o) => o.action === "add_credits");
+  const addBtn = $("choose-add-credits");
+  addBtn.hidden = !add;
+  if (add) {
+    const grants = document.body.dataset.demoGrants === "on";
+    addBtn.textContent = `Add ${credits(add.credits)}`;
+    addBtn.disabled = !grants;
+    addBtn.title = grants ? "" : "Demo grants are off: start the server with HOLDFAST_DEMO_GRANTS=1";
+  }
+  dialog.showModal();
+  (first ? firstBtn : $("choose-select")).focus();
+}
+
+function closeShortDialog() {
+  const dialog = $("short");
+  if (dialog.open) dialog.close();
+}
+
+function shortError(text) {
+  const e = $("short-error");
+  e.textContent = text;
+  e.hidden = !text;
+}
+
+function openSelect() {
+  const d = lastDecision;
+  $("short-choices").hidden = true;
+  $("select-form").hidden = false;
+  const list = $("select-list");
+  list.replaceChildren();
+  for (const it of items) {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = it.item_id;
+    box.id = `select-${it.item_id}`;
+    box.addEventListener("change", updateSelectTotal);
+    const name = document.createElement("span");
+    name.textContent = it.name;
+    const cost = document.createElement("span");
+    cost.className = "cost";
+    cost.textContent = credits(it.cost);
+    label.append(box, name, cost);
+    list.append(label);
+  }
+  $("select-title").textContent = `Select items (${credits(d.available)} available)`;
+  updateSelectTotal();
+  list.querySelector("input").focus();
+}
+
+function selectedIds() {
+  return Array.from($("select-list").querySelectorAll("input:checked"), (b) => b.value);
+}
+
+function updateSelectTotal() {
+  const ids = new Set(selectedIds());
+  const cost = items.filter((it) => ids.has(it.item_id)).reduce((s, it) => s + it.cost, 0);
+  const available = lastDecision ? lastDecision.available : 0;
+  const over = cost > available;
+  const total = $("select-total");
+  total.dataset.over = String(over);
+  total.textContent = over
+    ? `${n(ids.size)} selected: ${credits(cost)}, ${credits(cost - available)} more than the ${credits(available)} available.`
+    : `${n(ids.size)} selected: ${credits(cost)} of ${credits(available)} available.`;
+  const submitBtn = $("select-submit");
+  submitBtn.disabled = over || ids.size === 0;
+  submitBtn.textContent = `Generate ${n(ids.size)} selected`;
+}
+
+// ---- wiring --------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  renderItems();
+  $("account").addEventListener("input", schedulePreview);
+  $("generate-all").addEventListener("click", () => submit("all_or_nothing"));
+  $("choose-first-fit").addEventListener("click", () => {
+    closeShortDialog();
+    submit("first_fit");
+  });
+  $("choose-select").addEventListener("click", openSelect);
+  $("select-back").addEventListener("click", () => {
+    $("select-form").hidden = true;
+    $("short-choices").hidden = false;
+    $("choose-select").focus();
+  });
+  $("select-submit").addEventListener("click", () => {
+    const ids = selectedIds();
+    closeShortDialog();
+    submit("selected", ids);
+  });
+  $("choose-add-credits").addEventListener("click", async () => {
+    const d = lastDecision;
+    const add = (d.options || []).find((o) => o.action === "add_credits");
+    const r = await api("POST", "/demo/grant", { account_id: d.account_id, amount: add.credits });
+    if (!r.ok) {
+      shortError(problemText(r));
+      return;
+    }
+    closeShortDialog();
+    submit("all_or_nothing");
+  });
+  $("short").addEventListener("close", () => {
+    if (!busy) $("generate-all").focus();
+    refresh();
+  });
+  refresh();
+});

@@ -1,0 +1,237 @@
+// End-to-end tests of the reference page (/demo) in Debian's Chromium,
+// driven by playwright-core. Started by scripts/browser-test.sh, which runs
+// the server and passes its address and settings in the environment.
+import { chromium } from "playwright-core";
+import { execFile } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+
+const run = promisify(execFile);
+const BASE = process.env.HOLDFAST_BASE_URL;
+const BIN = process.env.HOLDFAST_BIN;
+const ACCOUNT = process.env.HOLDFAST_DEMO_ACCOUNT || "demo-studio";
+const SHOTS = process.env.HOLDFAST_SCREENSHOTS;
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+if (!BASE || !BIN || !SHOTS) {
+  console.error("set HOLDFAST_BASE_URL, HOLDFAST_BIN and HOLDFAST_SCREENSHOTS");
+  process.exit(2);
+}
+
+function check(cond, what) {
+  if (!cond) throw new Error(`expected ${what}`);
+}
+function eq(actual, expected, what) {
+  if (actual !== expected) {
+    throw new Error(`${what}: expected ${JSON.stringify(expected)}, got ${JSON.stringify(actual)}`);
+  }
+}
+
+async function getJson(path) {
+  const res = await fetch(`${BASE}${path}`);
+  if (!res.ok) throw new Error(`GET ${path}: HTTP ${res.status} ${await res.text()}`);
+  return res.json();
+}
+
+async function audit() {
+  try {
+    await run(BIN, ["audit"], { env: process.env });
+  } catch (err) {
+    throw new Error(`holdfast audit exited ${err.code}: ${err.stdout}${err.stderr}`);
+  }
+}
+
+// The ledger after a flow: the account and the batch the page ran, exactly.
+async function checkLedger(batchId, want) {
+  const b = await getJson(`/v1/batches/${encodeURIComponent(batchId)}`);
+  eq(b.state, "completed", "batch state");
+  eq(b.mode, want.mode, "batch mode");
+  for (const k of ["run", "succeeded", "failed", "skipped", "reserved", "captured", "released", "overrun"]) {
+    eq(b.figures[k], want[k], `batch ${k}`);
+  }
+  const a = await getJson(`/v1/accounts/${encodeURIComponent(ACCOUNT)}`);
+  eq(a.balance, want.balance, "account balance");
+  eq(a.held, 0, "account held");
+  eq(a.available, want.balance, "account available");
+  await audit();
+}
+
+
+async function waitForPreview(page, text) {
+  await page.locator("#preview-line").filter({ hasText: text }).waitFor({ timeout: 10_000 });
+}
+
+// The summary of a batch other than the last one seen: the page's next batch.
+let lastBatchId = null;
+async function finishedBatch(page) {
+  await page.waitForFunction((last) => {
+    const s = document.getElementById("summary");
+    return !s.hidden && s.dataset.batchId && s.dataset.batchId !== last;
+  }, lastBatchId, { timeout: 30_000 });
+  await page.locator("#generate-all:enabled").waitFor({ timeout: 10_000 });
+  lastBatchId = await page.locator("#summary").getAttribute("data-batch-id");
+  return lastBatchId;
+}
+
+async function summaryFigures(page) {
+  const t = async (id) => (await page.locator(id).textContent()).trim();
+  return {
+    generated: await t("#sum-generated"),
+    failed: await t("#sum-failed"),
+    charged: await t("#sum-charged"),
+    released: await t("#sum-released"),
+  };
+}
+
+const tests = [];
+const test = (name, fn) => tests.push({ name, fn });
+
+// Credits at the start: 197. The flows run in order on the same account.
+// Photos 3, 6 and 9 cost 2 credits less than estimated (the page's simulate
+// payload), so a batch releases 2 credits for each of them that ran.
+test("enough credits: Generate All runs every item to the end", async (page) => {
+  await waitForPreview(page, "This action will cost ~120 credits. You have 197 credits.");
+  await page.screenshot({ path: join(SHOTS, "preview.png") });
+  // Keyboard: the button is reachable and activates with Enter.
+  await page.locator("#generate-all").focus();
+  await page.keyboard.press("Enter");
+  await page.locator("#progress-block").waitFor({ state: "visible" });
+  await page.waitForFunction(() => {
+    const p = document.getElementById("progress");
+    return p.value >= 2 && p.value < p.max;
+  }, null, { timeout: 20_000 });
+  await page.screenshot({ path: join(SHOTS, "progress.png") });
+  const batchId = await finishedBatch(page);
+  check(batchId, "a batch id on the summary");
+  eq(await page.locator("#progress").evaluate((p) => [p.value, p.max].join("/")), "10/10", "progress bar");
+  const s = await summaryFigures(page);
+  eq(s.generated, "10", "summary generated");
+  eq(s.failed, "0", "summary failed");
+  eq(s.charged, "114 credits", "summary charged");
+  eq(s.released, "6 credits", "summary released");
+  await waitForPreview(page, "You have 83 credits.");
+  await page.screenshot({ path: join(SHOTS, "summary.png") });
+  await checkLedger(batchId, {
+    mode: "all_or_nothing", run: 10, succeeded: 10, failed: 0, skipped: 0,
+    reserved: 120, captured: 114, released: 6, overrun: 0, balance: 83,
+  });
+});
+
+test("not enough: nothing starts; Generate first 6 runs exactly 6", async (page) => {
+  await waitForPreview(page, "This action will cost ~120 credits. You have 83 credits.");
+  const before = await getJson(`/v1/accounts/${encodeURIComponent(ACCOUNT)}`);
+  await page.locator("#generate-all").click();
+  const dialog = page.locator("dialog#short");
+  await dialog.waitFor({ state: "visible" });
+  eq((await page.locator("#short-message").textContent()).trim(),
+    "You have enough credits to generate 6 out of 10 items.", "dialog message");
+  // Nothing was held and nothing started.
+  const during = await getJson(`/v1/accounts/${encodeURIComponent(ACCOUNT)}`);
+  eq(during.held, 0, "held while the dialog is open");
+  eq(during.balance, before.balance, "balance while the dialog is open");
+  // Focus is inside the dialog, on the first choice.
+  eq(await page.evaluate(() => document.activeElement.id), "choose-first-fit", "focused choice");
+  const first = page.locator("#choose-first-fit");
+  check((await first.textContent()).startsWith("Generate first 6"), "a Generate first 6 button");
+  await page.screenshot({ path: join(SHOTS, "insufficient-dialog.png") });
+  await first.click();
+  await dialog.waitFor({ state: "hidden" });
+  const batchId = await finishedBatch(page);
+  const s = await summaryFigures(page);
+  eq(s.generated, "6", "summary generated");
+  eq(s.charged, "68 credits", "summary charged");
+  eq(s.released, "4 credits", "summary released");
+  eq(await page.locator("td.status[data-state=succeeded]").count(), 6, "items done");
+  eq(await page.locator("td.status[data-state=skipped]").count(), 4, "items not run");
+  await checkLedger(batchId, {
+    mode: "first_fit", run: 6, succeeded: 6, failed: 0, skipped: 4,
+    reserved: 72, captured: 68, released: 4, overrun: 0, balance: 15,
+  });
+});
+
+test("not enough: select items manually runs exactly the selection", async (page) => {
+  // An edited cost: photo 7 now costs 5.
+  await page.locator("#cost-photo-07").fill("5");
+  await waitForPreview(page, "This action will cost ~113 credits. You have 15 credits.");
+  await page.locator("#generate-all").click();
+  await page.locator("dialog#short").waitFor({ state: "visible" });
+  eq((await page.locator("#short-message").textContent()).trim(),
+    "You have enough credits to generate 1 out of 10 items.", "dialog message");
+  await page.locator("#choose-select").click();
+  const submit = page.locator("#select-submit");
+  check(await submit.isDisabled(), "submit disabled with nothing selected");
+  await page.locator("#select-photo-03").check();
+  await page.locator("#select-photo-07").check();
+  check(await submit.isDisabled(), "submit disabled when over the available credits");
+  check((await page.locator("#select-total").textContent()).includes("more than"), "over-budget note");
+  await page.screenshot({ path: join(SHOTS, "select-items.png") });
+  await page.locator("#select-photo-03").uncheck();
+  check(await submit.isEnabled(), "submit enabled within the available credits");
+  await submit.click();
+  const batchId = await finishedBatch(page);
+  eq((await page.locator("#sum-generated").textContent()).trim(), "1", "summary generated");
+  eq((await page.locator("#sum-charged").textContent()).trim(), "5 credits", "summary charged");
+  eq(await page.locator("#status-photo-07").getAttribute("data-state"), "succeeded", "photo-07 ran");
+  await checkLedger(batchId, {
+    mode: "selected", run: 1, succeeded: 1, failed: 0, skipped: 9,
+    reserved: 5, captured: 5, released: 0, overrun: 0, balance: 10,
+  });
+  await page.locator("#cost-photo-07").fill("12");
+});
+
+test("not enough: add credits grants the shortfall, then runs everything", async (page) => {
+  await waitForPreview(page, "This action will cost ~120 credits. You have 10 credits.");
+  await page.locator("#generate-all").click();
+  await page.locator("dialog#short").waitFor({ state: "visible" });
+  const add = page.locator("#choose-add-credits");
+  eq((await add.textContent()).trim(), "Add 110 credits", "add credits label");
+  await add.click();
+  const batchId = await finishedBatch(page);
+  eq((await page.locator("#sum-generated").textContent()).trim(), "10", "summary generated");
+  await checkLedger(batchId, {
+    mode: "all_or_nothing", run: 10, succeeded: 10, failed: 0, skipped: 0,
+    reserved: 120, captured: 114, released: 6, overrun: 0, balance: 6,
+  });
+});
+
+mkdirSync(SHOTS, { recursive: true });
+const profile = mkdtempSync(join(tmpdir(), "holdfast-chromium-"));
+let passed = 0;
+let failed = 0;
+let context;
+try {
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 900, height: 1180 },
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+  const page = context.pages()[0] || (await context.newPage());
+  const pageErrors = [];
+  page.on("pageerror", (e) => pageErrors.push(e.message));
+  await page.goto(`${BASE}/demo`);
+  for (const t of tests) {
+    try {
+      await t.fn(page);
+      if (pageErrors.length) throw new Error(`script errors: ${pageErrors.splice(0).join("; ")}`);
+      passed += 1;
+      console.log(`ok   ${t.name}`);
+    } catch (err) {
+      failed += 1;
+      console.log(`FAIL ${t.name}\n     ${err.message}`);
+      await page.screenshot({ path: join(profile, "..", `holdfast-browser-fail-${failed}.png`) }).catch(() => {});
+    }
+  }
+} catch (err) {
+  failed += 1;
+  console.log(`FAIL browser setup\n     ${err.message}`);
+} finally {
+  if (context) await context.close().catch(() => {});
+  rmSync(profile, { recursive: true, force: true });
+}
+console.log(`browser: ${passed} passed, ${failed} failed`);
+process.exit(failed === 0 && passed === tests.length ? 0 : 1);
