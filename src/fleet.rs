@@ -78,6 +78,20 @@ impl Roles {
         reconciler: true,
         api: true,
     };
+    /// Every role but the HTTP API.
+    pub const NO_API: Roles = Roles {
+        coordinator: true,
+        worker: true,
+        reconciler: true,
+        api: false,
+    };
+    /// The coordinator alone: requests are decided, jobs wait in the queue.
+    pub const COORDINATOR: Roles = Roles {
+        coordinator: true,
+        worker: false,
+        reconciler: false,
+        api: false,
+    };
 }
 
 /// A running set of roles; stop it with [`Fleet::stop`].

@@ -14,15 +14,7 @@ async fn every_class_of_bad_input_is_rejected_parked_and_harmless() {
     settings.limits.max_items = 5;
     settings.limits.max_payload_bytes = 64;
     settings.limits.max_item_cost = 1_000;
-    let mut t = TestFleet::start_with(
-        settings,
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     t.grant("acme", 1_000).await;
     let item = |id: &str, cost: i64| json!({"item_id": id, "estimated_cost": cost});
     let body = |v: serde_json::Value| v.to_string().into_bytes();

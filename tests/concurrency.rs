@@ -19,15 +19,7 @@ async fn racing_producers_on_one_account_never_overspend() {
     const GRANTED: i64 = 3_000;
     let mut settings = fast_settings();
     settings.coordinator.coordinator_consumers = 4;
-    let t = TestFleet::start_with(
-        settings,
-        holdfast::fleet::Roles {
-            api: false,
-            ..holdfast::fleet::Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let t = TestFleet::start_with(settings, holdfast::fleet::Roles::NO_API, None).await;
     t.grant("hot", GRANTED).await;
 
     // Sample `available` throughout: it must never go below zero.

@@ -161,7 +161,7 @@ async fn an_expired_hold_releases_once_and_refuses_its_batch_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_start_races_an_expiry_exactly_one_wins() {
     const HOLDS: usize = 40;
-    const TTL: Duration = Duration::from_millis(400);
+    const TTL: Duration = Duration::from_millis(1_000);
     let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
     t.grant("acme", 10_000).await;
     // An expirer sweeping without pause, as several reconcilers would.
@@ -175,22 +175,19 @@ async fn when_a_start_races_an_expiry_exactly_one_wins() {
             }
         })
     };
-    // Each start aims at its own hold's deadline, from 80 ms before to 40 ms after.
     let mut tasks = Vec::new();
     for i in 0..HOLDS {
         let ledger = t.ledger.clone();
         tasks.push(tokio::spawn(async move {
-            let id = ledger
-                .reserve_soft("acme", 10, TTL)
-                .await
-                .unwrap()
-                .reservation_id;
-            let created = tokio::time::Instant::now();
-            let before = Duration::from_millis(80);
-            tokio::time::sleep_until(
-                created + TTL - before + Duration::from_millis((i % 9) as u64 * 15),
-            )
-            .await;
+            let hold = ledger.reserve_soft("acme", 10, TTL).await.unwrap();
+            let id = hold.reservation_id;
+            // Aim at the deadline PostgreSQL stored (same machine, same clock),
+            // from 300 ms before it to 100 ms after, 10 ms apart.
+            let deadline: chrono::DateTime<chrono::Utc> = hold.expires_at.unwrap().parse().unwrap();
+            let target = deadline + chrono::Duration::milliseconds((i as i64 % 40) * 10 - 300);
+            if let Ok(wait) = (target - chrono::Utc::now()).to_std() {
+                tokio::time::sleep(wait).await;
+            }
             let req: BatchRequest = serde_json::from_value(with_reservation(
                 request(&format!("race-{i}"), "acme", 1, 10),
                 &id,
@@ -252,15 +249,7 @@ async fn when_a_start_races_an_expiry_exactly_one_wins() {
 async fn sequential_mode_stops_cleanly_when_the_next_chunk_does_not_fit() {
     let mut settings = fast_settings();
     settings.coordinator.sequential_chunk = 3;
-    let mut t = TestFleet::start_with(
-        settings,
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     t.grant("acme", 65).await;
     let mut req = request("seq", "acme", 10, 10);
     req["mode"] = json!("sequential");
@@ -303,15 +292,7 @@ async fn sequential_mode_stops_cleanly_when_the_next_chunk_does_not_fit() {
 async fn cancel_mid_batch_finishes_running_items_and_releases_the_rest() {
     let mut settings = fast_settings();
     settings.worker.worker_prefetch = 2;
-    let mut t = TestFleet::start_with(
-        settings,
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     t.grant("acme", 100).await;
     let items: Vec<_> = (0..10)
         .map(|i| json!({"item_id": format!("i{i}"), "estimated_cost": 10, "payload": {"simulate": {"latency_ms": 300}}}))
@@ -367,15 +348,7 @@ async fn cancel_mid_batch_finishes_running_items_and_releases_the_rest() {
 async fn the_preview_matches_the_decision_for_the_same_input() {
     let mut settings = fast_settings();
     settings.coordinator.sequential_chunk = 4;
-    let mut t = TestFleet::start_with(
-        settings,
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     t.grant("acme", 95).await;
     let cases = [
         ("all_or_nothing", 10, 12),
@@ -419,15 +392,7 @@ async fn the_preview_matches_the_decision_for_the_same_input() {
 
 #[tokio::test]
 async fn exactly_one_completed_event_per_batch_even_with_duplicate_jobs() {
-    let mut t = TestFleet::start_with(
-        fast_settings(),
-        Roles {
-            coordinator: true,
-            ..Default::default()
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
     t.grant("acme", 100).await;
     // Listen to every completed event of this namespace.
     let conn = lapin::Connection::connect(&t.conn.amqp_url, Default::default())

@@ -65,15 +65,7 @@ async fn worker_prefetch(namespace: &str) -> Vec<u64> {
 async fn roles_reconnect_with_their_prefetch_after_the_broker_drops_them() {
     let mut settings = fast_settings();
     settings.worker.worker_prefetch = 7;
-    let mut t = TestFleet::start_with(
-        settings,
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     let ns = t.conn.namespace.clone();
     let deadline = tokio::time::Instant::now() + WAIT;
     while worker_prefetch(&ns).await != [7] {

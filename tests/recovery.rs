@@ -74,14 +74,7 @@ async fn coordinator_killed_after_reserving_still_runs_the_batch_once() {
     assert_eq!(t.ledger.account("acme").await.unwrap().held, 50);
 
     // A healthy fleet takes over: the unacknowledged request comes back.
-    t.start_roles(
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    t.start_roles(Roles::NO_API, None).await;
     let d = t.producer.decision_for("crash1", WAIT).await.unwrap();
     assert_eq!(granted(&d).reserved, 50);
     let Event::Completed { figures, .. } = t.completed("crash1").await else {
@@ -118,14 +111,7 @@ async fn coordinator_killed_mid_dispatch_does_not_charge_twice() {
     granted(&t.producer.decision_for("crash2", WAIT).await.unwrap());
 
     // Two jobs made it to the queue before the crash; all six are sent again.
-    t.start_roles(
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    t.start_roles(Roles::NO_API, None).await;
     let b = t.wait_closed("crash2").await;
     assert_eq!((b.figures.succeeded, b.figures.captured), (6, 60));
     assert_eq!(capture_count(&t.ledger.journal("acme").await.unwrap()), 6);
@@ -137,15 +123,7 @@ async fn coordinator_killed_mid_dispatch_does_not_charge_twice() {
 #[tokio::test]
 async fn worker_killed_before_or_after_capture_loses_nothing_and_charges_once() {
     for point in ["worker.before_capture", "worker.after_capture"] {
-        let mut t = TestFleet::start_with(
-            fast_settings(),
-            Roles {
-                coordinator: true,
-                ..Default::default()
-            },
-            None,
-        )
-        .await;
+        let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
         t.grant("acme", 100).await;
         granted(&t.submit(&request("w", "acme", 3, 10)).await);
         crashed(holdfast(&t, "worker", point)).await;
@@ -236,15 +214,7 @@ async fn two_reconcilers_redispatch_stranded_batches_exactly_once() {
 async fn a_batch_past_its_deadline_fails_unsettled_items_and_releases_the_rest() {
     let mut settings = fast_settings();
     settings.coordinator.execution_timeout_secs = 1;
-    let mut t = TestFleet::start_with(
-        settings,
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     t.grant("acme", 100).await;
     let req = json!({"batch_id": "late", "account_id": "acme", "items": [
         {"item_id": "quick", "estimated_cost": 10},

@@ -87,15 +87,7 @@ async fn failures_savings_overruns_and_silence_are_each_charged_right() {
 #[tokio::test]
 async fn the_same_job_delivered_twice_is_captured_once() {
     // Coordinator only: the jobs wait in the queue.
-    let mut t = TestFleet::start_with(
-        fast_settings(),
-        Roles {
-            coordinator: true,
-            ..Default::default()
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
     t.grant("acme", 100).await;
     granted(&t.submit(&request("dup", "acme", 4, 5)).await);
     // Take the four jobs and put each back three times.
@@ -220,15 +212,7 @@ async fn http_generator_retries_5xx_fails_4xx_and_reads_the_cost() {
 
     let generator: Arc<dyn holdfast_worker::Generator> =
         Arc::new(holdfast_worker::http::Http::new(url, std::time::Duration::from_secs(5)).unwrap());
-    let mut t = TestFleet::start_with(
-        fast_settings(),
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        Some(generator),
-    )
-    .await;
+    let mut t = TestFleet::start_with(fast_settings(), Roles::NO_API, Some(generator)).await;
     t.grant("acme", 100).await;
     let req = json!({"batch_id": "web", "account_id": "acme", "items": [
         {"item_id": "ok", "estimated_cost": 10}, {"item_id": "flaky", "estimated_cost": 10},
@@ -260,15 +244,7 @@ async fn http_generator_retries_5xx_fails_4xx_and_reads_the_cost() {
 async fn a_poison_job_is_dead_lettered_and_its_item_failed_uncharged() {
     let mut settings = fast_settings();
     settings.queues.job_delivery_limit = 2;
-    let mut t = TestFleet::start_with(
-        settings,
-        Roles {
-            api: false,
-            ..Roles::ALL
-        },
-        None,
-    )
-    .await;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     t.grant("acme", 100).await;
     let req = json!({"batch_id": "poison", "account_id": "acme", "items": [
         item("fine", 10, json!({})), item("crash", 10, json!({"panic": true})), item("fine2", 10, json!({}))]});

@@ -94,15 +94,7 @@ pub struct TestFleet {
 impl TestFleet {
     /// Every role, the simulate generator, fast settings.
     pub async fn start() -> Self {
-        Self::start_with(
-            fast_settings(),
-            Roles {
-                api: false,
-                ..Roles::ALL
-            },
-            None,
-        )
-        .await
+        Self::start_with(fast_settings(), Roles::NO_API, None).await
     }
 
     /// Fresh database and namespace; start `roles` (none is fine) with `generator` or the configured one.
