@@ -154,12 +154,6 @@ impl Ledger {
         }
     }
 
-    /// Change how transient failures are retried (tests shorten it).
-    pub fn with_retry(mut self, retry: ExponentialBuilder) -> Self {
-        self.retry = retry;
-        self
-    }
-
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
