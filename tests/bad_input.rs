@@ -176,3 +176,43 @@ async fn every_class_of_bad_input_is_rejected_parked_and_harmless() {
     t.assert_exact().await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_the_ledger_keeps_refusing_is_answered_and_parked_not_lost() {
+    let mut settings = fast_settings();
+    settings.queues.request_delivery_limit = 1;
+    let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
+    t.grant("acme", 100).await;
+    // A real PostgreSQL error that no validation can foresee, for one batch id.
+    let (client, conn) = tokio_postgres::connect(&t.conn.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF NEW.id = 'boom' THEN RAISE EXCEPTION 'storage refused batch boom'; END IF;
+             RETURN NEW; END $$;
+             CREATE TRIGGER refuse_boom BEFORE INSERT ON batches FOR EACH ROW EXECUTE FUNCTION refuse_boom();",
+        )
+        .await
+        .unwrap();
+    let d = t.submit(&request("boom", "acme", 2, 10)).await;
+    let r = rejected(&d);
+    assert_eq!(r.batch_id.as_deref(), Some("boom"));
+    assert!(
+        r.reason.contains("could not be decided after 2 deliveries")
+            && r.reason.contains("storage refused batch boom"),
+        "{}",
+        r.reason
+    );
+    let dead = t.dead_letters("requests").await;
+    assert_eq!(dead.len(), 1, "parked once, with its reason");
+    assert!(dead[0].1.contains("could not be decided"));
+    // Nothing held, and the next request is served.
+    granted(&t.submit(&request("fine", "acme", 2, 10)).await);
+    t.wait_closed("fine").await;
+    assert_eq!(t.ledger.account("acme").await.unwrap().balance, 80);
+    t.assert_exact().await;
+    t.stop().await;
+}

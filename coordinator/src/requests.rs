@@ -281,9 +281,29 @@ async fn process(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(HandleError::Ledger(e)) => {
-                // Not the input's fault and not transient: let RabbitMQ count
-                // the deliveries and dead-letter it past the limit.
-                tracing::error!(error = %e, "request could not be decided; returning it to the queue");
+                // Not transient, and not a problem intake could name. Retry a few
+                // times (RabbitMQ counts the deliveries); on the last one allowed,
+                // answer and park it ourselves rather than let it vanish into the
+                // dead-letter queue with no word to the producer.
+                let deliveries = topology::delivery_count(&delivery.properties) + 1;
+                if deliveries > intake.config.queues.request_delivery_limit {
+                    tracing::error!(error = %e, deliveries, "request could not be decided; rejecting and parking it");
+                    let batch_id = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                        .ok()
+                        .and_then(|v| v["batch_id"].as_str().map(String::from));
+                    let why = format!(
+                        "could not be decided after {deliveries} deliveries ({e}); parked for an operator"
+                    );
+                    let rejected = Rejected::one(batch_id, "body", why);
+                    intake
+                        .reject(&delivery.data, &reply, Box::new(rejected))
+                        .await?;
+                    if !delivery.acker.ack(BasicAckOptions::default()).await? {
+                        record::ack_lost();
+                    }
+                    return Ok(());
+                }
+                tracing::error!(error = %e, deliveries, "request could not be decided; returning it to the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 delivery
                     .acker
