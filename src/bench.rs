@@ -15,8 +15,8 @@ use clap::Args;
 use futures::StreamExt;
 use holdfast_common::config::{Connections, CoordinatorSettings, QueueSettings};
 use holdfast_common::database;
-use holdfast_common::ledger::Ledger;
-use holdfast_common::messages::ItemJob;
+use holdfast_common::ledger::{Ledger, ReserveInput};
+use holdfast_common::messages::{BatchRequest, ItemJob};
 use holdfast_common::topology::{self, json_properties, Names, Publisher};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -64,6 +64,9 @@ pub struct BenchReport {
     pub e2e_large_batch_items_per_s: f64,
     pub decisions_hot_account_per_s: f64,
     pub decisions_many_accounts_per_s: f64,
+    pub ledger_decisions_hot_account_per_s: f64,
+    pub ledger_decisions_many_accounts_per_s: f64,
+    pub ledger_group: usize,
     pub decision_latency_ms_p50: f64,
     pub decision_latency_ms_p99: f64,
     pub latency_rate_per_s: f64,
@@ -75,6 +78,7 @@ pub struct BenchReport {
     pub holdfast_batches_half_done: usize,
     pub ratio_e2e_to_broker: f64,
     pub ratio_decisions_to_hot_row: f64,
+    pub ratio_ledger_decisions_to_hot_row: f64,
 }
 
 fn job_body() -> Vec<u8> {
@@ -200,6 +204,94 @@ async fn pg_ceiling(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f
         total += t.await??;
     }
     Ok(total as f64 / seconds as f64)
+}
+
+/// Reservation decisions in the ledger alone: `clients` tasks (as many as
+/// the coordinator has consumers) each decide groups of `group` 10-item
+/// requests per transaction (the coordinator's prefetch), `n` in all, with
+/// the same entry point the coordinator uses. `accounts` spreads them.
+async fn ledger_decisions(
+    ledger: &Ledger,
+    prefix: &str,
+    accounts: &[String],
+    n: usize,
+    clients: usize,
+    group: usize,
+) -> anyhow::Result<f64> {
+    let requests: Vec<BatchRequest> = (0..n)
+        .map(|i| {
+            let body = request(
+                &format!("{prefix}{i}"),
+                &accounts[i % accounts.len()],
+                10,
+                1,
+            );
+            serde_json::from_slice(&body).expect("a valid request")
+        })
+        .collect();
+    let requests = std::sync::Arc::new(requests);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients.max(1) {
+        let (ledger, requests, next) = (ledger.clone(), requests.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let from = next.fetch_add(group, std::sync::atomic::Ordering::Relaxed);
+                if from >= requests.len() {
+                    return anyhow::Ok(());
+                }
+                let to = (from + group).min(requests.len());
+                let inputs: Vec<ReserveInput> = requests[from..to]
+                    .iter()
+                    .map(|request| ReserveInput {
+                        request,
+                        reply_to: None,
+                        correlation_id: None,
+                        execution_timeout: Duration::from_secs(3600),
+                        dispatch_grace: Duration::from_secs(3600),
+                        chunk_size: 10,
+                    })
+                    .collect();
+                for r in ledger.reserve_many(&inputs).await {
+                    anyhow::ensure!(r.is_ok_and(|r| !r.replayed), "a bench decision failed");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// [`ledger_decisions`] on one hot account, then over 100 accounts, in a
+/// database of their own (`<bench database>_ledger`, removed afterwards): the
+/// batches they grant are never dispatched, and must not reach the fleet.
+async fn ledger_decision_rates(
+    conn: &Connections,
+    n: usize,
+    clients: usize,
+    group: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let url = format!("{}_ledger", conn.database_url);
+    database::drop_database(&url).await?;
+    database::migrate(&url).await?;
+    let ledger = Ledger::new(database::pool(&url, clients)?);
+    let hot = vec!["hot".to_string()];
+    let many: Vec<String> = (0..100).map(|a| format!("acct-{a}")).collect();
+    for a in hot.iter().chain(&many) {
+        ledger.grant(a, 1_000_000_000, Some("bench"), true).await?;
+    }
+    let rates = (
+        ledger_decisions(&ledger, "lh-", &hot, n, clients, group).await?,
+        ledger_decisions(&ledger, "lm-", &many, n, clients, group).await?,
+    );
+    let drift = ledger.audit().await?;
+    anyhow::ensure!(drift.is_empty(), "ledger bench: audit drift {drift:?}");
+    drop(ledger);
+    database::drop_database(&url).await?;
+    Ok(rates)
 }
 
 /// The roles as child processes of this binary.
@@ -390,6 +482,17 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     ledger
         .grant("hot", 1_000_000_000, Some("bench"), true)
         .await?;
+    eprintln!(
+        "bench: ledger decisions ({} requests, {} clients, {} per transaction)",
+        args.decisions * 5,
+        r.pg_clients,
+        coordinator.coordinator_prefetch
+    );
+    r.ledger_group = usize::from(coordinator.coordinator_prefetch);
+    (
+        r.ledger_decisions_hot_account_per_s,
+        r.ledger_decisions_many_accounts_per_s,
+    ) = ledger_decision_rates(&conn, args.decisions * 5, r.pg_clients, r.ledger_group).await?;
     let children = Children::start(&conn)?;
     let producer = Producer::connect(&conn.amqp_url, &names, &queues).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -521,6 +624,8 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
 
     r.ratio_e2e_to_broker = r.e2e_small_batches_items_per_s / r.broker_ceiling_msgs_per_s;
     r.ratio_decisions_to_hot_row = r.decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
+    r.ratio_ledger_decisions_to_hot_row =
+        r.ledger_decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
     let c = lapin::Connection::connect(&conn.amqp_url, Default::default()).await?;
     topology::delete(&c.create_channel().await?, &names).await?;
     let _ = c.close(200, "bench".into()).await;
@@ -672,6 +777,20 @@ pub fn print(r: &BenchReport) {
             format!("{:.0}", r.decisions_many_accounts_per_s),
         ),
         (
+            format!(
+                "ledger decisions/s, one hot account ({} per tx)",
+                r.ledger_group
+            ),
+            format!("{:.0}", r.ledger_decisions_hot_account_per_s),
+        ),
+        (
+            format!(
+                "ledger decisions/s, 100 accounts ({} per tx)",
+                r.ledger_group
+            ),
+            format!("{:.0}", r.ledger_decisions_many_accounts_per_s),
+        ),
+        (
             format!("decision latency p50 ms at {:.0}/s", r.latency_rate_per_s),
             format!("{:.1}", r.decision_latency_ms_p50),
         ),
@@ -698,6 +817,10 @@ pub fn print(r: &BenchReport) {
         (
             "ratio decisions / hot-row ceiling".into(),
             format!("{:.2}", r.ratio_decisions_to_hot_row),
+        ),
+        (
+            "ratio ledger decisions / hot-row ceiling".into(),
+            format!("{:.2}", r.ratio_ledger_decisions_to_hot_row),
         ),
     ];
     for (k, v) in rows {

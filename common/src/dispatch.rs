@@ -4,8 +4,8 @@
 
 use crate::faults::crash_point;
 use crate::ledger::{Ledger, LedgerError};
-use crate::messages::ItemJob;
-use crate::topology::{json_properties, BrokerError, Names, Publisher};
+use crate::messages::{BatchRequest, ItemJob};
+use crate::topology::{json_properties, BrokerError, Confirms, Names, Publisher};
 use lapin::types::ShortString;
 
 /// Why a dispatch stopped before the end; the batch stays `granted` and will be sent again.
@@ -17,7 +17,8 @@ pub enum DispatchError {
     Broker(#[from] BrokerError),
 }
 
-/// Publish every pending job of `batch_id`; returns how many were confirmed.
+/// Publish every pending job of `batch_id`, as the ledger has them (a
+/// replayed or stranded batch); returns how many were confirmed.
 pub async fn dispatch(
     ledger: &Ledger,
     publisher: &Publisher,
@@ -27,10 +28,9 @@ pub async fn dispatch(
     window: usize,
 ) -> Result<usize, DispatchError> {
     let (account_id, jobs) = ledger.pending_jobs(batch_id).await?;
-    let queue = names.jobs();
+    let mut confirms = Confirms::new(usize::MAX);
     let mut sent = 0;
     for chunk in jobs.chunks(window.max(1)) {
-        let mut confirms = Vec::with_capacity(chunk.len());
         for job in chunk {
             let message = ItemJob {
                 batch_id: batch_id.into(),
@@ -40,17 +40,58 @@ pub async fn dispatch(
                 payload: job.payload.clone(),
                 attempt,
             };
-            let body = serde_json::to_vec(&message).expect("jobs serialise");
-            let props = json_properties().with_message_id(ShortString::from(message.message_id()));
-            confirms.push(publisher.publish("", &queue, &body, props).await?);
+            publish_job(publisher, names, &message, &mut confirms).await?;
         }
-        for confirm in confirms {
-            Publisher::confirmed(confirm, &queue).await?;
-        }
+        confirms.wait().await?;
         sent += chunk.len();
         crash_point("coordinator.mid_dispatch");
     }
-    ledger.mark_dispatched(batch_id).await?;
+    ledger.mark_dispatched(&[batch_id]).await?;
     tracing::debug!(%batch_id, jobs = sent, attempt, "dispatched");
     Ok(sent)
+}
+
+/// Publish the jobs of a batch granted just now, straight from its request
+/// (`run`: the positions of the items that run now), without reading them
+/// back from the ledger. The confirms go to `confirms`, which waits every
+/// `window` jobs; the caller waits for the rest and then marks the batch
+/// dispatched.
+pub async fn dispatch_granted(
+    publisher: &Publisher,
+    names: &Names,
+    request: &BatchRequest,
+    run: &[usize],
+    window: usize,
+    confirms: &mut Confirms,
+) -> Result<usize, BrokerError> {
+    for (n, &i) in run.iter().enumerate() {
+        let item = &request.items[i];
+        let message = ItemJob {
+            batch_id: request.batch_id.clone(),
+            item_id: item.item_id.clone(),
+            account_id: request.account_id.clone(),
+            reserved: item.estimated_cost,
+            payload: item.payload.clone(),
+            attempt: 1,
+        };
+        publish_job(publisher, names, &message, confirms).await?;
+        if (n + 1) % window.max(1) == 0 {
+            confirms.wait().await?;
+            crash_point("coordinator.mid_dispatch");
+        }
+    }
+    Ok(run.len())
+}
+
+async fn publish_job(
+    publisher: &Publisher,
+    names: &Names,
+    message: &ItemJob,
+    confirms: &mut Confirms,
+) -> Result<(), BrokerError> {
+    let queue = names.jobs();
+    let body = serde_json::to_vec(message).expect("jobs serialise");
+    let props = json_properties().with_message_id(ShortString::from(message.message_id()));
+    let confirm = publisher.publish("", &queue, &body, props).await?;
+    confirms.push(confirm, &queue, false).await
 }

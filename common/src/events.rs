@@ -5,7 +5,7 @@ use lapin::types::ShortString;
 
 use crate::ledger::ClosedBatch;
 use crate::messages::{BatchFigures, Decision, Event};
-use crate::topology::{json_properties, BrokerError, Names, Publisher};
+use crate::topology::{json_properties, BrokerError, Confirms, Names, Publisher};
 
 /// Where to answer a request.
 #[derive(Clone, Debug, Default)]
@@ -14,7 +14,13 @@ pub struct ReplyTo {
     pub correlation_id: Option<String>,
 }
 
-async fn reply(publisher: &Publisher, to: &ReplyTo, body: &[u8]) -> Result<(), BrokerError> {
+/// Publish `body` to the reply queue, if any; the confirm goes to `confirms`.
+async fn reply(
+    publisher: &Publisher,
+    to: &ReplyTo,
+    body: &[u8],
+    confirms: &mut Confirms,
+) -> Result<(), BrokerError> {
     let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) else {
         return Ok(());
     };
@@ -22,14 +28,9 @@ async fn reply(publisher: &Publisher, to: &ReplyTo, body: &[u8]) -> Result<(), B
     if let Some(c) = &to.correlation_id {
         props = props.with_correlation_id(ShortString::from(c.as_str()));
     }
-    match publisher.publish_confirmed("", queue, body, props).await {
-        // The producer went away (its reply queue is gone): the event still goes out.
-        Err(BrokerError::Unroutable(q, why)) => {
-            tracing::info!(reply_to = %q, %why, "reply queue gone; answer sent as an event only");
-            Ok(())
-        }
-        other => other,
-    }
+    let confirm = publisher.publish("", queue, body, props).await?;
+    // The producer may have gone away (its reply queue is gone): the event still goes out.
+    confirms.push(confirm, queue, true).await
 }
 
 /// Send `decision` to the reply queue (if any) and as a `decision.<kind>` event.
@@ -39,20 +40,38 @@ pub async fn decision(
     to: &ReplyTo,
     decision: &Decision,
 ) -> Result<(), BrokerError> {
-    let event = Event::Decision(decision.clone());
-    let body = serde_json::to_vec(&event).expect("events serialise");
-    reply(publisher, to, &body).await?;
-    publisher
-        .publish_event(&names.events(), &event.routing_key(), &body)
-        .await
+    let mut confirms = Confirms::new(usize::MAX);
+    send_decision(publisher, names, to, decision, &mut confirms).await?;
+    confirms.wait().await
 }
 
-/// Announce closed batches: `batch.completed` events, and the summary to each reply queue.
+/// Like [`decision`], leaving the confirms to the caller (many decisions share one wait).
+pub async fn send_decision(
+    publisher: &Publisher,
+    names: &Names,
+    to: &ReplyTo,
+    decision: &Decision,
+    confirms: &mut Confirms,
+) -> Result<(), BrokerError> {
+    let event = Event::Decision(decision.clone());
+    let body = serde_json::to_vec(&event).expect("events serialise");
+    reply(publisher, to, &body, confirms).await?;
+    let exchange = names.events();
+    let confirm = publisher
+        .send_event(&exchange, &event.routing_key(), &body)
+        .await?;
+    confirms.push(confirm, &exchange, false).await
+}
+
+/// Announce closed batches: `batch.completed` events, and the summary to each
+/// reply queue; every message is published before the confirms are awaited.
 pub async fn completed(
     publisher: &Publisher,
     names: &Names,
     closed: &[ClosedBatch],
 ) -> Result<(), BrokerError> {
+    let exchange = names.events();
+    let mut confirms = Confirms::new(1_000);
     for b in closed {
         let event = Event::Completed {
             batch_id: b.batch_id.clone(),
@@ -65,10 +84,14 @@ pub async fn completed(
             queue: b.reply_to.clone(),
             correlation_id: b.correlation_id.clone(),
         };
-        reply(publisher, &to, &body).await?;
-        publisher
-            .publish_event(&names.events(), &event.routing_key(), &body)
+        reply(publisher, &to, &body, &mut confirms).await?;
+        let confirm = publisher
+            .send_event(&exchange, &event.routing_key(), &body)
             .await?;
+        confirms.push(confirm, &exchange, false).await?;
+    }
+    confirms.wait().await?;
+    for b in closed {
         tracing::info!(batch_id = %b.batch_id, state = %b.state, captured = b.figures.captured,
             released = b.figures.released, "batch closed");
     }

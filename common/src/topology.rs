@@ -335,7 +335,18 @@ impl Publisher {
         routing_key: &str,
         body: &[u8],
     ) -> Result<(), BrokerError> {
-        let confirm = self
+        let confirm = self.send_event(exchange, routing_key, body).await?;
+        Self::confirmed(confirm, exchange).await
+    }
+
+    /// Like [`Publisher::publish_event`], without waiting for the confirm.
+    pub async fn send_event(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<PublisherConfirm, BrokerError> {
+        Ok(self
             .channel
             .basic_publish(
                 ShortString::from(exchange),
@@ -344,8 +355,57 @@ impl Publisher {
                 body,
                 json_properties(),
             )
-            .await?;
-        Self::confirmed(confirm, exchange).await
+            .await?)
+    }
+}
+
+/// Publisher confirms awaited together: publish many messages, then wait
+/// once, instead of one round trip per message. Waits by itself when
+/// `window` confirms are outstanding, so memory stays bounded.
+pub struct Confirms {
+    pending: Vec<(PublisherConfirm, String, bool)>,
+    window: usize,
+}
+
+impl Confirms {
+    pub fn new(window: usize) -> Self {
+        Self {
+            pending: Vec::new(),
+            window: window.max(1),
+        }
+    }
+
+    /// Track `confirm` for a message sent to `target`. `optional`: an
+    /// unroutable message is fine (a reply queue whose producer went away).
+    pub async fn push(
+        &mut self,
+        confirm: PublisherConfirm,
+        target: &str,
+        optional: bool,
+    ) -> Result<(), BrokerError> {
+        self.pending.push((confirm, target.to_string(), optional));
+        if self.pending.len() >= self.window {
+            self.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Messages published and not confirmed yet.
+    pub fn outstanding(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Wait for every outstanding confirm; the first refusal is the error.
+    pub async fn wait(&mut self) -> Result<(), BrokerError> {
+        for (confirm, target, optional) in self.pending.drain(..) {
+            match Publisher::confirmed(confirm, &target).await {
+                Err(BrokerError::Unroutable(q, why)) if optional => {
+                    tracing::info!(reply_to = %q, %why, "reply queue gone; answer sent as an event only");
+                }
+                other => other?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -496,6 +556,38 @@ impl Session {
             e = &mut self.lost => Err(e),
             _ = shutdown.cancelled() => Ok(None),
         }
+    }
+
+    /// A delivery that has already arrived, without waiting; `None` when
+    /// there is none right now (errors surface on the next [`Session::next`]).
+    pub fn ready(&mut self) -> Option<lapin::message::Delivery> {
+        use futures::{FutureExt, StreamExt};
+        match self.consumer.next().now_or_never() {
+            Some(Some(Ok(d))) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The next delivery and then every delivery already here, up to `max`
+    /// in all: under load a group shares one transaction and one confirm
+    /// wait; idle, nothing waits for a group to fill. Empty once `shutdown`
+    /// is cancelled.
+    pub async fn next_group(
+        &mut self,
+        shutdown: &tokio_util::sync::CancellationToken,
+        max: usize,
+    ) -> Result<Vec<lapin::message::Delivery>, BrokerError> {
+        let Some(first) = self.next(shutdown).await? else {
+            return Ok(vec![]);
+        };
+        let mut group = vec![first];
+        while group.len() < max {
+            match self.ready() {
+                Some(d) => group.push(d),
+                None => break,
+            }
+        }
+        Ok(group)
     }
 
     /// Close the channel (unacknowledged deliveries return to the queue) and the connection.

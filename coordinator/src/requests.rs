@@ -12,17 +12,17 @@ use holdfast_common::config::{CoordinatorSettings, Limits, QueueSettings};
 use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{Ledger, LedgerError, ReserveInput};
-use holdfast_common::messages::{Decision, Rejected};
+use holdfast_common::messages::{BatchRequest, Decision, Rejected};
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
-    self, json_properties, parked_headers, BrokerError, Names, Publisher,
+    self, json_properties, parked_headers, BrokerError, Confirms, Names, Publisher,
 };
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::intake;
-use holdfast_common::dispatch::{dispatch, DispatchError};
+use holdfast_common::dispatch::{dispatch, dispatch_granted, DispatchError};
 
 /// Everything the coordinator role needs.
 #[derive(Clone, Debug)]
@@ -86,76 +86,141 @@ impl Intake {
     /// Handle one request body: validate, reserve, answer, dispatch. Does not
     /// acknowledge; the caller does, according to the result.
     pub async fn handle(&self, body: &[u8], reply: &ReplyTo) -> Result<Outcome, HandleError> {
-        let request = match intake::parse(body, &self.config.limits) {
-            Ok(r) => r,
-            Err(rejected) => return self.reject(body, reply, rejected).await,
+        let mut outcomes = self.handle_many(&[(body, reply.clone())]).await?;
+        outcomes
+            .pop()
+            .expect("one outcome per request")
+            .map_err(HandleError::Ledger)
+    }
+
+    /// Handle many request bodies together: validate each, decide every valid
+    /// one in one ledger transaction, then publish every answer and job and
+    /// wait for the broker's confirms once (in windows), and record the
+    /// granted batches as dispatched in one statement. One outcome per
+    /// request, in order; a broker failure fails them all (nothing is
+    /// acknowledged, so every request comes back and is replayed).
+    pub async fn handle_many(
+        &self,
+        requests: &[(&[u8], ReplyTo)],
+    ) -> Result<Vec<Result<Outcome, LedgerError>>, BrokerError> {
+        let mut outcomes: Vec<Option<Result<Outcome, LedgerError>>> =
+            (0..requests.len()).map(|_| None).collect();
+        let mut parsed = Vec::with_capacity(requests.len());
+        for (i, (body, reply)) in requests.iter().enumerate() {
+            match intake::parse(body, &self.config.limits) {
+                Ok(request) => parsed.push((i, request)),
+                Err(rejected) => outcomes[i] = Some(Ok(self.reject(body, reply, rejected).await?)),
+            }
+        }
+        let inputs: Vec<ReserveInput> = parsed
+            .iter()
+            .map(|(i, request)| ReserveInput {
+                request,
+                reply_to: requests[*i].1.queue.clone(),
+                correlation_id: requests[*i].1.correlation_id.clone(),
+                execution_timeout: self.config.settings.execution_timeout(),
+                dispatch_grace: self.config.dispatch_grace,
+                chunk_size: self.config.settings.sequential_chunk,
+            })
+            .collect();
+        let decided = if inputs.is_empty() {
+            vec![]
+        } else {
+            let decided = self.ledger.reserve_many(&inputs).await;
+            crash_point("coordinator.after_reserve");
+            decided
         };
-        let input = ReserveInput {
-            request: &request,
-            reply_to: reply.queue.clone(),
-            correlation_id: reply.correlation_id.clone(),
-            execution_timeout: self.config.settings.execution_timeout(),
-            dispatch_grace: self.config.dispatch_grace,
-            chunk_size: self.config.settings.sequential_chunk,
-        };
-        let reserved = match self.ledger.reserve(&input).await {
-            Ok(r) => r,
-            Err(LedgerError::UnknownAccount(a)) => {
-                let mut r = Rejected::one(
-                    Some(request.batch_id.clone()),
-                    "account_id",
-                    format!("unknown account `{a}`"),
-                );
-                r.account_id = Some(a);
-                return self.reject(body, reply, Box::new(r)).await;
+
+        let window = self.config.settings.confirm_window;
+        let mut confirms = Confirms::new(window);
+        let mut fresh: Vec<&str> = Vec::new();
+        let mut dispatched = vec![0; requests.len()];
+        let mut replays = Vec::new();
+        for ((i, request), result) in parsed.iter().zip(decided) {
+            let (body, reply) = &requests[*i];
+            let reserved = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    outcomes[*i] = Some(match rejection(request, e) {
+                        Ok(rejected) => Ok(self.reject(body, reply, rejected).await?),
+                        Err(e) => Err(e),
+                    });
+                    continue;
+                }
+            };
+            tracing::info!(batch_id = %request.batch_id, account_id = %request.account_id,
+                decision = reserved.decision.kind(), replayed = reserved.replayed, "decided");
+            events::send_decision(
+                &self.publisher,
+                &self.config.names,
+                reply,
+                &reserved.decision,
+                &mut confirms,
+            )
+            .await?;
+            if reserved.needs_dispatch && !reserved.replayed {
+                dispatched[*i] = dispatch_granted(
+                    &self.publisher,
+                    &self.config.names,
+                    request,
+                    &reserved.dispatch_now,
+                    window,
+                    &mut confirms,
+                )
+                .await?;
+                fresh.push(&request.batch_id);
+            } else if reserved.needs_dispatch {
+                replays.push(*i);
             }
-            Err(LedgerError::Conflict(b)) => {
-                let r = Rejected::one(
-                    Some(b),
-                    "batch_id",
-                    "already used for a different request; send a new batch_id for a new attempt",
-                );
-                return self.reject(body, reply, Box::new(r)).await;
-            }
-            Err(LedgerError::Reservation(why)) => {
-                let r = Rejected::one(Some(request.batch_id.clone()), "reservation_id", why);
-                return self.reject(body, reply, Box::new(r)).await;
-            }
-            Err(LedgerError::Invalid(why)) => {
-                let r = Rejected::one(Some(request.batch_id.clone()), "body", why);
-                return self.reject(body, reply, Box::new(r)).await;
-            }
-            Err(e) => return Err(HandleError::Ledger(e)),
-        };
-        crash_point("coordinator.after_reserve");
-        tracing::info!(batch_id = %request.batch_id, account_id = %request.account_id,
-            decision = reserved.decision.kind(), replayed = reserved.replayed, "decided");
-        events::decision(
-            &self.publisher,
-            &self.config.names,
-            reply,
-            &reserved.decision,
-        )
-        .await?;
-        let dispatched = if reserved.needs_dispatch {
-            let attempt = if reserved.replayed { 2 } else { 1 };
-            dispatch(
+            outcomes[*i] = Some(Ok(Outcome::Decided {
+                decision: Box::new(reserved.decision),
+                replayed: reserved.replayed,
+                dispatched: 0,
+            }));
+        }
+        confirms.wait().await?;
+        if let Err(e) = self.ledger.mark_dispatched(&fresh).await {
+            // The jobs are out; a reconciler re-sends them after the lease,
+            // and workers settle each item once.
+            tracing::warn!(error = %e, "could not record the dispatch; a reconciler will resend");
+        }
+        // A replayed grant that was never confirmed dispatched: resend what is pending.
+        for i in replays {
+            let batch_id = &parsed
+                .iter()
+                .find(|(j, _)| *j == i)
+                .expect("parsed")
+                .1
+                .batch_id;
+            match dispatch(
                 &self.ledger,
                 &self.publisher,
                 &self.config.names,
-                &request.batch_id,
-                attempt,
-                self.config.settings.confirm_window,
+                batch_id,
+                2,
+                window,
             )
-            .await?
-        } else {
-            0
-        };
-        Ok(Outcome::Decided {
-            decision: Box::new(reserved.decision),
-            replayed: reserved.replayed,
-            dispatched,
-        })
+            .await
+            {
+                Ok(n) => dispatched[i] = n,
+                Err(DispatchError::Broker(e)) => return Err(e),
+                Err(DispatchError::Ledger(e)) => outcomes[i] = Some(Err(e)),
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .zip(dispatched)
+            .map(|(o, n)| match o.expect("every request handled") {
+                Ok(Outcome::Decided {
+                    decision, replayed, ..
+                }) => Ok(Outcome::Decided {
+                    decision,
+                    replayed,
+                    dispatched: n,
+                }),
+                other => other,
+            })
+            .collect())
     }
 
     /// Answer `rejected` and park the original message, with the reason, in the dead-letter queue.
@@ -164,7 +229,7 @@ impl Intake {
         body: &[u8],
         reply: &ReplyTo,
         rejected: Box<Rejected>,
-    ) -> Result<Outcome, HandleError> {
+    ) -> Result<Outcome, BrokerError> {
         tracing::warn!(batch_id = rejected.batch_id.as_deref().unwrap_or("-"), reason = %rejected.reason,
             "request rejected");
         record::rejected();
@@ -182,6 +247,27 @@ impl Intake {
         record::dead_lettered("requests");
         Ok(Outcome::Rejected(rejected))
     }
+}
+
+/// The rejection a ledger refusal of `request` deserves, or the error back
+/// when it is not the request's fault (retry it).
+fn rejection(request: &BatchRequest, e: LedgerError) -> Result<Box<Rejected>, LedgerError> {
+    let batch_id = Some(request.batch_id.clone());
+    let mut r = match e {
+        LedgerError::UnknownAccount(a) => {
+            Rejected::one(batch_id, "account_id", format!("unknown account `{a}`"))
+        }
+        LedgerError::Conflict(_) => Rejected::one(
+            batch_id,
+            "batch_id",
+            "already used for a different request; send a new batch_id for a new attempt",
+        ),
+        LedgerError::Reservation(why) => Rejected::one(batch_id, "reservation_id", why),
+        LedgerError::Invalid(why) => Rejected::one(batch_id, "body", why),
+        e => return Err(e),
+    };
+    r.account_id = Some(request.account_id.clone());
+    Ok(Box::new(r))
 }
 
 fn reply_of(delivery: &Delivery) -> ReplyTo {
@@ -243,11 +329,42 @@ async fn consume(
     .await?;
     let intake = Intake::new(ledger.clone(), config.clone(), session.publisher.clone());
     tracing::info!(queue = %config.names.requests(), "coordinator consuming");
-    while let Some(delivery) = session.next(shutdown).await? {
-        process(&intake, &delivery, shutdown).await?;
+    let max = usize::from(config.settings.coordinator_prefetch).max(1);
+    loop {
+        let group = session.next_group(shutdown, max).await?;
+        if group.is_empty() {
+            break;
+        }
+        process_group(&intake, &group, shutdown).await?;
     }
     // Unacknowledged prefetched requests return to the queue when the channel closes.
     session.close().await;
+    Ok(())
+}
+
+/// Handle a group of deliveries together and settle each with the broker.
+/// A request the ledger could not decide now goes through [`process`] on its
+/// own, which waits out an outage or parks what keeps failing.
+async fn process_group(
+    intake: &Intake,
+    group: &[Delivery],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let requests: Vec<(&[u8], ReplyTo)> = group
+        .iter()
+        .map(|d| (d.data.as_slice(), reply_of(d)))
+        .collect();
+    let outcomes = intake.handle_many(&requests).await?;
+    for (delivery, outcome) in group.iter().zip(outcomes) {
+        match outcome {
+            Ok(_) => {
+                if !delivery.acker.ack(BasicAckOptions::default()).await? {
+                    record::ack_lost();
+                }
+            }
+            Err(_) => process(intake, delivery, shutdown).await?,
+        }
+    }
     Ok(())
 }
 

@@ -126,9 +126,11 @@ async fn session(
         config.clone(),
     ));
     let tasks = TaskTracker::new();
+    let max = usize::from(config.settings.worker_prefetch).max(1);
     let result = loop {
-        match session.next(shutdown).await {
-            Ok(Some(delivery)) => {
+        match session.next_group(shutdown, max).await {
+            Ok(group) if group.is_empty() => break Ok(()),
+            Ok(group) => {
                 let item = Item {
                     ledger: ledger.clone(),
                     generator: generator.clone(),
@@ -136,9 +138,8 @@ async fn session(
                     config: config.clone(),
                     done: tx.clone(),
                 };
-                tasks.spawn(item.work(delivery));
+                start_group(&item, group, &tasks).await;
             }
-            Ok(None) => break Ok(()),
             Err(e) => break Err(anyhow::Error::from(e)),
         }
     };
@@ -165,7 +166,8 @@ async fn session(
     result
 }
 
-/// One delivery's worth of context.
+/// What a job's task needs.
+#[derive(Clone)]
 struct Item {
     ledger: Ledger,
     generator: Arc<dyn Generator>,
@@ -180,29 +182,77 @@ enum Ran {
     Crashed(String),
 }
 
-impl Item {
-    async fn work(self, delivery: Delivery) {
-        if let Err(e) = self.try_work(delivery).await {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "job not settled; it will be redelivered"
-            );
+/// Look up the items of a group of deliveries in one query, then start a
+/// task for each job that still has work to do.
+async fn start_group(item: &Item, group: Vec<Delivery>, tasks: &TaskTracker) {
+    let mut jobs = Vec::with_capacity(group.len());
+    for delivery in group {
+        match serde_json::from_slice::<ItemJob>(&delivery.data) {
+            Ok(job) => jobs.push((delivery, job)),
+            Err(e) => {
+                let (item, why) = (item.clone(), format!("not an item job: {e}"));
+                tasks.spawn(async move { report(item.park(&delivery, &why).await) });
+            }
         }
     }
-
-    async fn try_work(self, delivery: Delivery) -> anyhow::Result<()> {
-        let job: ItemJob = match serde_json::from_slice(&delivery.data) {
-            Ok(job) => job,
-            Err(e) => return self.park(&delivery, &format!("not an item job: {e}")).await,
-        };
-        let span = tracing::info_span!("item", batch_id = %job.batch_id, item_id = %job.item_id);
-        self.run_job(delivery, job).instrument(span).await
+    if jobs.is_empty() {
+        return;
     }
+    let keys: Vec<(&str, &str)> = jobs
+        .iter()
+        .map(|(_, j)| (j.batch_id.as_str(), j.item_id.as_str()))
+        .collect();
+    let states = match item.ledger.item_states(&keys).await {
+        Ok(states) => states,
+        Err(e) => {
+            tracing::warn!(error = %e, jobs = jobs.len(), "ledger unavailable; returning the jobs");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for (delivery, _) in &jobs {
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            return;
+        }
+    };
+    for (delivery, job) in jobs {
+        let state = states
+            .get(&(job.batch_id.clone(), job.item_id.clone()))
+            .cloned();
+        let span = tracing::info_span!("item", batch_id = %job.batch_id, item_id = %job.item_id);
+        let item = item.clone();
+        tasks.spawn(
+            async move { report(item.run_job(delivery, job, state).await) }.instrument(span),
+        );
+    }
+}
 
-    async fn run_job(self, delivery: Delivery, job: ItemJob) -> anyhow::Result<()> {
+/// Log a job that could not be settled (it stays unacknowledged).
+fn report(result: anyhow::Result<()>) {
+    if let Err(e) = result {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "job not settled; it will be redelivered"
+        );
+    }
+}
+
+impl Item {
+    /// Run one job whose item is in `state` (item state, batch state), or
+    /// does not exist (`None`).
+    async fn run_job(
+        self,
+        delivery: Delivery,
+        job: ItemJob,
+        state: Option<(String, String)>,
+    ) -> anyhow::Result<()> {
         // Look before running: a duplicate job must not pay for the work twice.
-        match self.ledger.item_state(&job.batch_id, &job.item_id).await {
-            Ok(Some((item, batch))) if item == "pending" && batch == "cancelling" => {
+        match state {
+            Some((item, batch)) if item == "pending" && batch == "cancelling" => {
                 // The batch was cancelled before this item started: settle it
                 // uncharged, without running the generator.
                 let settlement = Settlement {
@@ -212,26 +262,14 @@ impl Item {
                 };
                 return self.finished(settlement, delivery).await;
             }
-            Ok(Some((item, _))) if item == "pending" => {}
-            Ok(Some((item, _))) => {
+            Some((item, _)) if item == "pending" => {}
+            Some((item, _)) => {
                 tracing::debug!(state = %item, "already settled; acknowledging the duplicate");
                 counter_duplicate();
                 ack(&delivery).await?;
                 return Ok(());
             }
-            Ok(None) => return self.park(&delivery, "no such item in the ledger").await,
-            Err(e) => {
-                tracing::warn!(error = %e, "ledger unavailable; returning the job");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
-                return Ok(());
-            }
+            None => return self.park(&delivery, "no such item in the ledger").await,
         }
         let started = Instant::now();
         let outcome = match self.generate(&job).await {

@@ -1,5 +1,7 @@
 //! Reading batches: what to dispatch, and what a person sees in `batch show`.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -75,38 +77,47 @@ impl Ledger {
         .await
     }
 
-    /// The state of one item and of its batch, if the item exists. Workers
-    /// look before they run: a duplicate job must not pay for the work twice,
-    /// and a cancelled batch starts nothing new.
-    pub async fn item_state(
+    /// The state of each item and of its batch, keyed by (batch, item);
+    /// items that do not exist are absent. Workers look before they run: a
+    /// duplicate job must not pay for the work twice, and a cancelled batch
+    /// starts nothing new. One query for a whole group of deliveries.
+    pub async fn item_states(
         &self,
-        batch_id: &str,
-        item_id: &str,
-    ) -> Result<Option<(String, String)>> {
+        items: &[(&str, &str)],
+    ) -> Result<HashMap<(String, String), (String, String)>> {
+        let batches: Vec<&str> = items.iter().map(|(b, _)| *b).collect();
+        let ids: Vec<&str> = items.iter().map(|(_, i)| *i).collect();
         self.retrying("item state", || async {
             let client = self.pool.get().await?;
             Ok(client
-                .query_opt(
-                    "SELECT i.state, b.state FROM items i JOIN batches b ON b.id = i.batch_id
-                     WHERE i.batch_id = $1 AND i.item_id = $2",
-                    &[&batch_id, &item_id],
+                .query(
+                    "SELECT i.batch_id, i.item_id, i.state, b.state
+                     FROM unnest($1::text[], $2::text[]) AS t(batch_id, item_id)
+                     JOIN items i ON i.batch_id = t.batch_id AND i.item_id = t.item_id
+                     JOIN batches b ON b.id = i.batch_id",
+                    &[&batches, &ids],
                 )
                 .await?
-                .map(|r| (r.get(0), r.get(1))))
+                .into_iter()
+                .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+                .collect())
         })
         .await
     }
 
-    /// Record that the broker confirmed every job of `batch_id`.
-    pub async fn mark_dispatched(&self, batch_id: &str) -> Result<()> {
+    /// Record that the broker confirmed every job of `batch_ids`.
+    pub async fn mark_dispatched(&self, batch_ids: &[&str]) -> Result<()> {
+        if batch_ids.is_empty() {
+            return Ok(());
+        }
         self.retrying("mark dispatched", || async {
             let client = self.pool.get().await?;
             client
                 .execute(
                     "UPDATE batches SET dispatched_at = now(), dispatch_lease = NULL,
                             state = CASE WHEN state = 'granted' THEN 'dispatched' ELSE state END
-                     WHERE id = $1 AND state IN ('granted', 'cancelling') AND dispatched_at IS NULL",
-                    &[&batch_id],
+                     WHERE id = ANY($1) AND state IN ('granted', 'cancelling') AND dispatched_at IS NULL",
+                    &[&batch_ids],
                 )
                 .await?;
             Ok(())
