@@ -98,21 +98,26 @@ pub async fn completed(
     Ok(())
 }
 
-/// One coalesced `batch.progress` event.
+/// Coalesced `batch.progress` events, one per (batch, account, figures),
+/// published together and confirmed with one wait.
 pub async fn progress(
     publisher: &Publisher,
     names: &Names,
-    batch_id: &str,
-    account_id: &str,
-    figures: &BatchFigures,
+    batches: &[(String, String, BatchFigures)],
 ) -> Result<(), BrokerError> {
-    let event = Event::Progress {
-        batch_id: batch_id.into(),
-        account_id: account_id.into(),
-        figures: figures.clone(),
-    };
-    let body = serde_json::to_vec(&event).expect("events serialise");
-    publisher
-        .publish_event(&names.events(), &event.routing_key(), &body)
-        .await
+    let exchange = names.events();
+    let mut confirms = Confirms::new(1_000);
+    for (batch_id, account_id, figures) in batches {
+        let event = Event::Progress {
+            batch_id: batch_id.clone(),
+            account_id: account_id.clone(),
+            figures: figures.clone(),
+        };
+        let body = serde_json::to_vec(&event).expect("events serialise");
+        let confirm = publisher
+            .send_event(&exchange, &event.routing_key(), &body)
+            .await?;
+        confirms.push(confirm, &exchange, false).await?;
+    }
+    confirms.wait().await
 }

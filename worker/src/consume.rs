@@ -16,7 +16,7 @@ use holdfast_common::dispatch::dispatch;
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{ItemOutcome, Ledger, Settled, Settlement};
-use holdfast_common::messages::{BatchFigures, ItemJob};
+use holdfast_common::messages::ItemJob;
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
     self, delivery_count, json_properties, parked_headers, Names, Publisher,
@@ -447,8 +447,7 @@ async fn settle_loop(
 ) {
     let names = &config.names;
     let max = config.settings.settle_batch.max(1);
-    let mut progress: std::collections::HashMap<String, (String, BatchFigures)> =
-        Default::default();
+    let mut progress: std::collections::BTreeSet<String> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_millis(
         config.settings.progress_interval_ms.max(10),
     ));
@@ -460,7 +459,7 @@ async fn settle_loop(
                 None => break,
             },
             _ = tick.tick() => {
-                publish_progress(&publisher, names, &mut progress).await;
+                publish_progress(&ledger, &publisher, names, &mut progress).await;
                 continue;
             }
         };
@@ -502,9 +501,7 @@ async fn settle_loop(
                 Ok(false) | Err(_) => record::ack_lost(),
             }
         }
-        for (batch_id, account_id, figures) in report.progress {
-            progress.insert(batch_id, (account_id, figures));
-        }
+        progress.extend(report.progress);
         for closed in &report.closed {
             progress.remove(&closed.batch_id);
         }
@@ -528,17 +525,31 @@ async fn settle_loop(
             }
         }
     }
-    publish_progress(&publisher, names, &mut progress).await;
+    publish_progress(&ledger, &publisher, names, &mut progress).await;
 }
 
+/// One `batch.progress` event for each batch settled since the last one,
+/// with its figures as they are now.
 async fn publish_progress(
+    ledger: &Ledger,
     publisher: &Publisher,
     names: &Names,
-    progress: &mut std::collections::HashMap<String, (String, BatchFigures)>,
+    progress: &mut std::collections::BTreeSet<String>,
 ) {
-    for (batch_id, (account_id, figures)) in progress.drain() {
-        if let Err(e) = events::progress(publisher, names, &batch_id, &account_id, &figures).await {
-            tracing::debug!(error = %e, "progress event not sent");
+    if progress.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = progress.iter().map(String::as_str).collect();
+    let figures = match ledger.figures(&ids).await {
+        // A batch that finished meanwhile gets its `completed` event instead.
+        Ok(f) => f.into_iter().filter(|(.., f)| f.pending > 0).collect::<Vec<_>>(),
+        Err(e) => {
+            tracing::debug!(error = %e, "progress figures not read");
+            return;
         }
+    };
+    progress.clear();
+    if let Err(e) = events::progress(publisher, names, &figures).await {
+        tracing::debug!(error = %e, "progress events not sent");
     }
 }

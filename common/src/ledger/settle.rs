@@ -69,8 +69,10 @@ pub struct ClosedBatch {
 #[derive(Clone, Debug, Default)]
 pub struct SettleReport {
     pub results: Vec<Settled>,
-    /// Batches touched and still running: (batch, account, figures) for progress events.
-    pub progress: Vec<(String, String, BatchFigures)>,
+    /// Batches touched and still running, for progress events. Their figures
+    /// are read when the (coalesced) event goes out, with [`Ledger::figures`],
+    /// not in every settle: counting a large batch's overruns costs a scan.
+    pub progress: Vec<String>,
     pub closed: Vec<ClosedBatch>,
     /// Sequential batches whose next chunk was just reserved: publish its jobs.
     pub advanced: Vec<String>,
@@ -89,6 +91,18 @@ struct BatchRow {
 }
 
 impl Ledger {
+    /// Current figures of `batch_ids`: (batch, account, figures), in id order.
+    pub async fn figures(&self, batch_ids: &[&str]) -> Result<Vec<(String, String, BatchFigures)>> {
+        self.retrying("figures", || async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let figures = figures_of(&tx, batch_ids).await?;
+            tx.commit().await?;
+            Ok(figures)
+        })
+        .await
+    }
+
     /// Settle `items` in one transaction. Duplicates (in the input or already
     /// settled) are no-ops that report the first result.
     pub async fn settle(&self, items: &[Settlement]) -> Result<SettleReport> {
@@ -264,7 +278,7 @@ impl Ledger {
                 .copied()
                 .filter(|id| !closed.contains(id))
                 .collect();
-            report.progress = figures_of(&tx, &running).await?;
+            report.progress = running.into_iter().map(String::from).collect();
             report.closed = finished.closed;
             report.advanced = finished.advanced;
         }
