@@ -301,7 +301,9 @@ impl Model {
             Call::Cancel(b) => self.cancel(*b),
             Call::ExpireOverdue { skip } => {
                 let ids: Vec<usize> = (0..self.batches.len())
-                    .filter(|&i| self.batches[i].open() && self.batches[i].overdue && Some(i) != *skip)
+                    .filter(|&i| {
+                        self.batches[i].open() && self.batches[i].overdue && Some(i) != *skip
+                    })
                     .collect();
                 let mut closed = vec![];
                 for i in ids {
@@ -546,7 +548,11 @@ impl Model {
         }
         let (mut closed, mut advanced) = (vec![], vec![]);
         for b in touched {
-            if self.batches[b].items.iter().any(|i| i.state == IState::Pending) {
+            if self.batches[b]
+                .items
+                .iter()
+                .any(|i| i.state == IState::Pending)
+            {
                 continue;
             }
             if self.batches[b].state == "cancelling" {
@@ -820,17 +826,32 @@ async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> {
     let rows = q("SELECT balance, held FROM accounts WHERE id = $1").await;
     let row = &rows[0];
     let (balance, held): (i64, i64) = (row.get(0), row.get(1));
-    prop_assert!(held >= 0 && balance - held >= 0, "balance {balance}, held {held}");
-    prop_assert_eq!((balance, held), (model.balance, model.held), "balance and held vs the model");
+    prop_assert!(
+        held >= 0 && balance - held >= 0,
+        "balance {balance}, held {held}"
+    );
+    prop_assert_eq!(
+        (balance, held),
+        (model.balance, model.held),
+        "balance and held vs the model"
+    );
 
     // Balances equal the journal; held equals the open holds.
-    let rows = q("SELECT COALESCE(sum(balance_delta), 0)::int8, COALESCE(sum(held_delta), 0)::int8
-                  FROM journal WHERE account_id = $1")
+    let rows = q(
+        "SELECT COALESCE(sum(balance_delta), 0)::int8, COALESCE(sum(held_delta), 0)::int8
+                  FROM journal WHERE account_id = $1",
+    )
     .await;
     let row = &rows[0];
-    prop_assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (balance, held), "journal sums");
-    let open: i64 = q("SELECT COALESCE(sum(amount), 0)::int8 FROM holds WHERE account_id = $1 AND state = 'open'")
-        .await[0]
+    prop_assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (balance, held),
+        "journal sums"
+    );
+    let open: i64 = q(
+        "SELECT COALESCE(sum(amount), 0)::int8 FROM holds WHERE account_id = $1 AND state = 'open'",
+    )
+    .await[0]
         .get(0);
     prop_assert_eq!(open, held, "held vs open holds");
 
@@ -841,15 +862,52 @@ async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> {
                  FROM holds h WHERE h.account_id = $1")
     .await;
     for r in &bad {
-        let (id, state, amount, captured, released, resolutions, settles): (String, String, i64, i64, i64, i64, i64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
-        let open_part = if state == "open" { amount - captured } else { 0 };
-        prop_assert!(
-            amount == captured + released + open_part && captured <= amount && (state != "open" || released == 0),
-            "hold {} {}: amount {} captured {} released {}", id, state, amount, captured, released
+        let (id, state, amount, captured, released, resolutions, settles): (
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = (
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            r.get(5),
+            r.get(6),
         );
-        let once = if state == "open" { resolutions == 0 && settles == 0 } else { resolutions == 1 && settles <= 1 };
-        prop_assert!(once, "hold {} {} resolved {} times ({} settles)", id, state, resolutions, settles);
+        let open_part = if state == "open" {
+            amount - captured
+        } else {
+            0
+        };
+        prop_assert!(
+            amount == captured + released + open_part
+                && captured <= amount
+                && (state != "open" || released == 0),
+            "hold {} {}: amount {} captured {} released {}",
+            id,
+            state,
+            amount,
+            captured,
+            released
+        );
+        let once = if state == "open" {
+            resolutions == 0 && settles == 0
+        } else {
+            resolutions == 1 && settles <= 1
+        };
+        prop_assert!(
+            once,
+            "hold {} {} resolved {} times ({} settles)",
+            id,
+            state,
+            resolutions,
+            settles
+        );
     }
 
     // Per batch: the hold's captures are its items'; a closed batch is settled and its hold resolved.
@@ -859,30 +917,66 @@ async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> {
                      FROM batches b LEFT JOIN holds h ON h.id = b.hold_id WHERE b.account_id = $1")
     .await;
     for r in &batches {
-        let (id, state, hold_state): (String, String, Option<String>) = (r.get(0), r.get(1), r.get(2));
-        let (hold_captured, items_captured, unsettled): (Option<i64>, i64, i64) = (r.get(3), r.get(5), r.get(6));
+        let (id, state, hold_state): (String, String, Option<String>) =
+            (r.get(0), r.get(1), r.get(2));
+        let (hold_captured, items_captured, unsettled): (Option<i64>, i64, i64) =
+            (r.get(3), r.get(5), r.get(6));
         if state == "denied" {
-            prop_assert!(hold_state.is_none() && items_captured == 0, "denied batch {} holds something", id);
+            prop_assert!(
+                hold_state.is_none() && items_captured == 0,
+                "denied batch {} holds something",
+                id
+            );
             continue;
         }
-        prop_assert_eq!(hold_captured, Some(items_captured), "batch {} hold vs items captured", id);
+        prop_assert_eq!(
+            hold_captured,
+            Some(items_captured),
+            "batch {} hold vs items captured",
+            id
+        );
         if matches!(state.as_str(), "completed" | "expired" | "cancelled") {
-            prop_assert!(unsettled == 0 && hold_state.as_deref() == Some("closed"),
-                "closed batch {} ({}) has {} unsettled items, hold {:?}", id, state, unsettled, hold_state);
+            prop_assert!(
+                unsettled == 0 && hold_state.as_deref() == Some("closed"),
+                "closed batch {} ({}) has {} unsettled items, hold {:?}",
+                id,
+                state,
+                unsettled,
+                hold_state
+            );
         } else {
-            prop_assert_eq!(hold_state.as_deref(), Some("open"), "running batch {} hold", id);
+            prop_assert_eq!(
+                hold_state.as_deref(),
+                Some("open"),
+                "running batch {} hold",
+                id
+            );
         }
         // The model's view of the batch and its items.
         let m = &model.batches[model.batch_ix(&id).expect("a batch the model knows")];
         prop_assert_eq!(&state, &m.state, "state of batch {}", id);
-        prop_assert_eq!(r.get::<_, Option<i64>>(4), Some(m.amount), "hold amount of batch {}", id);
+        prop_assert_eq!(
+            r.get::<_, Option<i64>>(4),
+            Some(m.amount),
+            "hold amount of batch {}",
+            id
+        );
         let items = db
-            .query("SELECT item_id, state, captured FROM items WHERE batch_id = $1 ORDER BY position", &[&id])
+            .query(
+                "SELECT item_id, state, captured FROM items WHERE batch_id = $1 ORDER BY position",
+                &[&id],
+            )
             .await
             .unwrap();
-        let got: Vec<(String, String, i64)> = items.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
-        let want: Vec<(String, String, i64)> =
-            m.items.iter().map(|i| (i.id.clone(), i.state.as_str().to_string(), i.captured)).collect();
+        let got: Vec<(String, String, i64)> = items
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let want: Vec<(String, String, i64)> = m
+            .items
+            .iter()
+            .map(|i| (i.id.clone(), i.state.as_str().to_string(), i.captured))
+            .collect();
         prop_assert_eq!(got, want, "items of batch {}", id);
     }
     prop_assert_eq!(batches.len(), model.batches.len(), "batches recorded");
@@ -899,7 +993,11 @@ async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> {
                                 AND ((i.state = 'succeeded') <> (j.id IS NOT NULL) OR COALESCE(j.amount, 0) <> i.captured)")
     .await[0]
     .get(0);
-    prop_assert_eq!(mismatched, 0, "items whose capture row disagrees with the item");
+    prop_assert_eq!(
+        mismatched,
+        0,
+        "items whose capture row disagrees with the item"
+    );
 
     // Soft holds.
     for s in &model.softs {
@@ -978,7 +1076,13 @@ fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
         Op::StartFromSoft(s) | Op::RaceStartExpiry(s) => {
             let s = soft(*s)?;
             let costs = split(model.softs[s].amount, n % 3 + 1);
-            let req = request(model, n, Mode::AllOrNothing, &costs, Some(&model.softs[s].id));
+            let req = request(
+                model,
+                n,
+                Mode::AllOrNothing,
+                &costs,
+                Some(&model.softs[s].id),
+            );
             if matches!(op, Op::RaceStartExpiry(_)) {
                 vec![Call::StartFromSoft(s, req), Call::ExpireSoft { skip: None }]
             } else {
@@ -1044,13 +1148,21 @@ impl Tally {
 
     fn obs(&mut self, o: &Obs) {
         match o {
-            Obs::Decision { kind, replayed, .. } => {
-                self.add(if *replayed { format!("replayed {kind}") } else { kind.clone() })
-            }
-            Obs::Settled { results, closed, advanced } => {
+            Obs::Decision { kind, replayed, .. } => self.add(if *replayed {
+                format!("replayed {kind}")
+            } else {
+                kind.clone()
+            }),
+            Obs::Settled {
+                results,
+                closed,
+                advanced,
+            } => {
                 for r in results {
                     self.add(match r {
-                        Settled::Captured { overrun, .. } if *overrun > 0 => "captured with overrun",
+                        Settled::Captured { overrun, .. } if *overrun > 0 => {
+                            "captured with overrun"
+                        }
                         Settled::Captured { .. } => "captured",
                         Settled::Failed => "failed",
                         Settled::Cancelled => "cancelled job",
@@ -1070,7 +1182,9 @@ impl Tally {
                     self.add(format!("closed {state} by the reconciler"));
                 }
             }
-            Obs::Expired(n) => (0..*n).for_each(|_| self.add("soft hold expired by the reconciler")),
+            Obs::Expired(n) => {
+                (0..*n).for_each(|_| self.add("soft hold expired by the reconciler"))
+            }
             Obs::Refused(kind) => self.add(format!("refused: {kind}")),
             Obs::Cancel(state) => self.add(format!("cancel: {state}")),
             _ => {}
@@ -1138,7 +1252,9 @@ async fn run_case(
                     let known: BTreeSet<&str> = model.softs.iter().map(|s| s.id.as_str()).collect();
                     let new = id
                         .iter()
-                        .find(|r| r.batch_id.is_none() && !known.contains(r.reservation_id.as_str()))
+                        .find(|r| {
+                            r.batch_id.is_none() && !known.contains(r.reservation_id.as_str())
+                        })
                         .expect("the new soft hold");
                     model.softs.last_mut().unwrap().id = new.reservation_id.clone();
                 }
@@ -1149,13 +1265,20 @@ async fn run_case(
                     let mut m = model.clone();
                     let first = m.apply(&x);
                     let second = m.apply(&y);
-                    let (wa, wb) = if a_first { (first, second) } else { (second, first) };
+                    let (wa, wb) = if a_first {
+                        (first, second)
+                    } else {
+                        (second, first)
+                    };
                     (wa == ga && wb == gb).then_some(m)
                 });
                 match explained {
                     Some(m) => {
                         model = m;
-                        tally.add(format!("race {}", format!("{op:?}").split('(').next().unwrap_or("")));
+                        tally.add(format!(
+                            "race {}",
+                            format!("{op:?}").split('(').next().unwrap_or("")
+                        ));
                         tally.obs(&ga);
                         tally.obs(&gb);
                     }
@@ -1197,7 +1320,11 @@ fn random_interleavings_keep_every_ledger_invariant() {
         .enable_all()
         .build()
         .unwrap();
-    let t = rt.block_on(TestFleet::start_with(fast_settings(), Roles::default(), None));
+    let t = rt.block_on(TestFleet::start_with(
+        fast_settings(),
+        Roles::default(),
+        None,
+    ));
     let db = rt.block_on(async {
         let (client, conn) = tokio_postgres::connect(&t.conn.database_url, tokio_postgres::NoTls)
             .await
@@ -1225,7 +1352,10 @@ fn random_interleavings_keep_every_ledger_invariant() {
     let steps = std::cell::Cell::new(0usize);
     let tally = std::cell::RefCell::new(Tally::default());
     // Every case starts with a grant, then 5 to 40 random steps.
-    let case_ops = ((1i64..=200).prop_map(Op::Grant), prop::collection::vec(op(), 5..=40))
+    let case_ops = (
+        (1i64..=200).prop_map(Op::Grant),
+        prop::collection::vec(op(), 5..=40),
+    )
         .prop_map(|(first, mut rest)| {
             rest.insert(0, first);
             rest
@@ -1233,7 +1363,13 @@ fn random_interleavings_keep_every_ledger_invariant() {
     let result = runner.run(&case_ops, |ops| {
         case.set(case.get() + 1);
         steps.set(steps.get() + ops.len());
-        rt.block_on(run_case(&t.ledger, &db, case.get(), &ops, &mut tally.borrow_mut()))
+        rt.block_on(run_case(
+            &t.ledger,
+            &db,
+            case.get(),
+            &ops,
+            &mut tally.borrow_mut(),
+        ))
     });
     if let Err(e) = result {
         panic!("{e}");

@@ -310,8 +310,14 @@ mod tests {
         };
         let shown = format!("{conn:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("postgres://worker:***@db:5432/holdfast"), "{shown}");
-        assert!(shown.contains("amqp://holdfast:***@rabbitmq:5672/%2f"), "{shown}");
+        assert!(
+            shown.contains("postgres://worker:***@db:5432/holdfast"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("amqp://holdfast:***@rabbitmq:5672/%2f"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -320,9 +326,18 @@ mod tests {
             ("postgres://u:p@h/db", "postgres://u:***@h/db"),
             ("postgres://u:p@ss@h:5/db", "postgres://u:***@h:5/db"),
             ("postgres://u@h/db", "postgres://u@h/db"),
-            ("postgres://h/db?user=u&password=p", "postgres://h/db?user=u&password=***"),
-            ("host=h user=u password=p dbname=d", "host=h user=u password=*** dbname=d"),
-            ("amqp://guest:guest@h:5672/%2f", "amqp://guest:***@h:5672/%2f"),
+            (
+                "postgres://h/db?user=u&password=p",
+                "postgres://h/db?user=u&password=***",
+            ),
+            (
+                "host=h user=u password=p dbname=d",
+                "host=h user=u password=*** dbname=d",
+            ),
+            (
+                "amqp://guest:guest@h:5672/%2f",
+                "amqp://guest:***@h:5672/%2f",
+            ),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

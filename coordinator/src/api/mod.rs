@@ -55,7 +55,11 @@ pub struct ApiSettings {
 
     /// A file holding the admin token (e.g. a Docker secret); replaces
     /// --admin-token. Read by [`ApiSettings::load_secret_files`].
-    #[arg(long, env = "HOLDFAST_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    #[arg(
+        long,
+        env = "HOLDFAST_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
     pub admin_token_file: Option<std::path::PathBuf>,
 
     /// Let the reference page at `/demo` add credits (`POST /demo/grant`)
