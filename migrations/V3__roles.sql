@@ -26,10 +26,14 @@ DECLARE
 BEGIN
     FOREACH name IN ARRAY ARRAY['holdfast_coordinator', 'holdfast_worker', 'holdfast_reconciler', 'holdfast_admin']
     LOOP
+        -- Created before (by an administrator, or another database's
+        -- migration): keep it. Checked first, so that a migrator without
+        -- CREATEROLE works once the roles exist.
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name);
         BEGIN
             EXECUTE format('CREATE ROLE %I NOLOGIN', name);
         EXCEPTION
-            -- Created before, by another database's migration: keep it.
+            -- Created at this moment by a concurrent migration.
             WHEN duplicate_object OR unique_violation THEN NULL;
         END;
     END LOOP;
