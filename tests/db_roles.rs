@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use holdfast::fleet::{Fleet, Roles};
+use holdfast::fleet::{Fleet, HttpAddr, Roles};
 use holdfast_common::config::Connections;
 use holdfast_common::database;
 use holdfast_common::ledger::{ItemOutcome, Ledger, LedgerError, Settled, Settlement};
@@ -96,7 +96,7 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 
 fn denied<T: std::fmt::Debug>(r: Result<T, LedgerError>) {
     match r {
-        Err(LedgerError::Database(e)) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
+        Err(LedgerError::Forbidden(why)) if why.contains("42501") => {}
         other => panic!("expected permission denied, got {other:?}"),
     }
 }
@@ -243,12 +243,17 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
         .grant("acme", 1_000, None, true)
         .await
         .unwrap();
+    // The worker process serves the HTTP API too: asked to grant, it refuses.
+    let mut api = t.settings.clone();
+    api.http_addr = HttpAddr(Some("127.0.0.1:0".parse().unwrap()));
+    api.api.admin_token = Some("token".into());
     for (group, roles) in [
         ("coordinator", Roles::COORDINATOR),
         (
             "worker",
             Roles {
                 worker: true,
+                api: true,
                 ..Roles::default()
             },
         ),
@@ -265,11 +270,25 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
             ..t.conn.clone()
         };
         let generator = holdfast_worker::build_generator(&t.settings.generator).unwrap();
-        let fleet = Fleet::start_with(&conn, &t.settings, roles, generator)
+        let fleet = Fleet::start_with(&conn, &api, roles, generator)
             .await
             .unwrap();
         t.fleets.push(fleet);
     }
+    let addr = t.fleets[1].http_addr().unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/accounts/acme/grants"))
+        .bearer_auth("token")
+        .json(&json!({"amount": 1_000_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["type"].as_str().unwrap().ends_with("forbidden"),
+        "{body}"
+    );
     let plain = request("plain", "acme", 5, 10);
     granted(&t.submit(&plain).await);
     let mut seq = request("seq", "acme", 25, 2);
