@@ -37,9 +37,7 @@ async fn oversized_input_is_refused_before_any_database_work() {
     let base = format!("http://{}", fleet.http_addr().unwrap());
     t.fleets.push(fleet);
 
-    let item = |id: String, payload: serde_json::Value| {
-        json!({"item_id": id, "estimated_cost": 1, "payload": payload})
-    };
+    let item = |id: String, payload: serde_json::Value| json!({"item_id": id, "estimated_cost": 1, "payload": payload});
     let big_message = json!({
         "batch_id": "big-message", "account_id": "acme",
         "items": [item("a".into(), json!("x".repeat(5 * 1024)))],
@@ -89,8 +87,9 @@ async fn oversized_input_is_refused_before_any_database_work() {
         let body: serde_json::Value = r.json().await.unwrap();
         let errors = body["errors"].as_array().unwrap();
         assert!(
-            errors.iter().any(|e| e["field"] == *field
-                && e["reason"].as_str().unwrap().contains(words)),
+            errors
+                .iter()
+                .any(|e| e["field"] == *field && e["reason"].as_str().unwrap().contains(words)),
             "{body}"
         );
     }
