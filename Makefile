@@ -16,6 +16,7 @@ help:
 	@echo "make ci        lint + test + observability, as run by CI"
 	@echo "make fleet     start 2 coordinators, 3 workers, 1 reconciler as local processes"
 	@echo "make fleet-status / make fleet-stop   inspect or stop that fleet"
+	@echo "make compose-secrets  passwords and URLs for docker/compose.yml in docker/secrets/"
 	@echo "make observability  check the dashboard and alerts against a live fleet"
 	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
 	@echo "make bench     measure throughput, latency and memory against the machine ceilings"
@@ -64,6 +65,12 @@ fleet-status:
 
 fleet-stop:
 	bash scripts/fleet.sh stop
+
+# One database user per Compose service, and the URLs that name them
+# (docker/secrets/, not committed; see docs/operations.md, "Database roles").
+.PHONY: compose-secrets
+compose-secrets:
+	bash scripts/compose-secrets.sh
 
 # A real Prometheus scrapes a fleet while a scenario runs; every dashboard
 # query and alert rule must return series (docs/operations.md).

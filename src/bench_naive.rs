@@ -36,14 +36,20 @@ pub async fn run(
 ) -> anyhow::Result<Naive> {
     let pool = database::pool(&conn.database_url, consumers)?;
     let credits = (batches * items) as i64 * cost * 6 / 10;
-    pool.get()
-        .await?
-        .batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS naive_quota (id text PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0));
-             INSERT INTO naive_quota VALUES ('naive', {credits})
-             ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance;"
-        ))
+    let client = pool.get().await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS naive_quota (id text PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0))",
+        )
         .await?;
+    client
+        .execute(
+            "INSERT INTO naive_quota VALUES ('naive', $1)
+             ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance",
+            &[&credits],
+        )
+        .await?;
+    drop(client);
     let queue = format!("{}.naive", conn.namespace);
     let amqp = topology::connect(&conn.amqp_url, "holdfast-bench-naive").await?;
     let ch = amqp.create_channel().await?;

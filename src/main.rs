@@ -194,7 +194,9 @@ async fn serve(
     if roles.api {
         let _ = telemetry::metrics();
     }
-    let fleet = Fleet::start(conn, settings, roles).await?;
+    let mut settings = settings.clone();
+    settings.api.load_secret_files()?;
+    let fleet = Fleet::start(conn, &settings, roles).await?;
     on_signal(fleet.shutdown_token());
     fleet.wait().await;
     Ok(0)
@@ -204,7 +206,8 @@ fn ledger(conn: &Connections) -> anyhow::Result<Ledger> {
     Ok(Ledger::new(database::pool(&conn.database_url, 2)?))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<i32> {
+async fn run(mut cli: Cli) -> anyhow::Result<i32> {
+    cli.conn.load_secret_files()?;
     let conn = &cli.conn;
     match cli.command {
         Command::Migrate => {

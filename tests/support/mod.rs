@@ -32,6 +32,7 @@ pub fn unique_connections() -> Connections {
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         namespace: format!("hf-test-{}", &id[..16]),
         db_pool_size: 8,
+        ..Default::default()
     }
 }
 

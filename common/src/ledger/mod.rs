@@ -71,6 +71,11 @@ pub enum LedgerError {
     /// The batch or reservation is in a state that does not allow this.
     #[error("{0}")]
     WrongState(String),
+    /// The database user may not do this (SQLSTATE 42501): the process runs
+    /// with a role that lacks the privilege (see migrations/V3__roles.sql).
+    /// Do not retry; use a user of the right group.
+    #[error("not permitted for this database user: {0}")]
+    Forbidden(String),
     /// A bug or a refused invariant: do not retry blindly.
     #[error("ledger error: {}", pg_message(.0))]
     Database(#[source] tokio_postgres::Error),
@@ -100,6 +105,8 @@ impl From<tokio_postgres::Error> for LedgerError {
         };
         if transient {
             LedgerError::Unavailable(pg_message(&e))
+        } else if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            LedgerError::Forbidden(pg_message(&e))
         } else {
             LedgerError::Database(e)
         }

@@ -162,7 +162,7 @@ fn parse_grant(body: &[u8]) -> Result<Grant, Problem> {
         (status = 400, description = "Invalid request; `errors` names each field", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled: HOLDFAST_ADMIN_TOKEN is not set", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Admin API disabled (HOLDFAST_ADMIN_TOKEN is not set), or this process's database user may not grant", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account (and `create` not set)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),

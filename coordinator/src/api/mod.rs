@@ -53,6 +53,15 @@ pub struct ApiSettings {
     #[arg(long, env = "HOLDFAST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// A file holding the admin token (e.g. a Docker secret); replaces
+    /// --admin-token. Read by [`ApiSettings::load_secret_files`].
+    #[arg(
+        long,
+        env = "HOLDFAST_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<std::path::PathBuf>,
+
     /// Let the reference page at `/demo` add credits (`POST /demo/grant`)
     /// without the admin token. For demonstrations only: anyone who can reach
     /// the API can then grant credits.
@@ -64,8 +73,20 @@ impl std::fmt::Debug for ApiSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiSettings")
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("admin_token_file", &self.admin_token_file)
             .field("demo_grants", &self.demo_grants)
             .finish()
+    }
+}
+
+impl ApiSettings {
+    /// Read the admin token from `admin_token_file`, if one is given. Call
+    /// once, after parsing the command line.
+    pub fn load_secret_files(&mut self) -> Result<(), holdfast_common::config::SecretError> {
+        if let Some(path) = &self.admin_token_file {
+            self.admin_token = Some(holdfast_common::config::read_secret(path)?);
+        }
+        Ok(())
     }
 }
 

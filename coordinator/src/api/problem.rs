@@ -191,6 +191,15 @@ impl From<LedgerError> for Problem {
                 "Temporarily unavailable",
                 format!("{e}; try again shortly"),
             ),
+            LedgerError::Forbidden(why) => {
+                tracing::error!(error = %why, "the database user lacks a privilege");
+                Self::new(
+                    S::FORBIDDEN,
+                    "forbidden",
+                    "Forbidden",
+                    "this process's database user may not do this; send it to a process whose user may",
+                )
+            }
             e @ LedgerError::Database(_) => {
                 tracing::error!(error = %e, "ledger error answering an HTTP request");
                 Self::status(S::INTERNAL_SERVER_ERROR, e.to_string())
