@@ -69,6 +69,10 @@ enum Command {
     Reservation(ReservationCommand),
     /// Measure throughput, latency and memory against the machine's ceilings.
     Bench(holdfast::bench::BenchArgs),
+    /// Inject faults into real role processes on throwaway PostgreSQL and
+    /// RabbitMQ instances, then check the ledger; exit 1 if anything was lost,
+    /// charged twice, overspent, left open or drifted.
+    Chaos(holdfast::chaos::ChaosArgs),
 }
 
 #[derive(Subcommand)]
@@ -148,8 +152,10 @@ struct SubmitArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo tells its own story on stdout; keep the logs to warnings unless asked.
-    if matches!(cli.command, Command::Demo(_) | Command::Bench(_))
-        && std::env::var_os("HOLDFAST_LOG").is_none()
+    if matches!(
+        cli.command,
+        Command::Demo(_) | Command::Bench(_) | Command::Chaos(_)
+    ) && std::env::var_os("HOLDFAST_LOG").is_none()
         && std::env::var_os("RUST_LOG").is_none()
     {
         std::env::set_var("HOLDFAST_LOG", "warn");
@@ -349,6 +355,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Batch(BatchCommand::Cancel { id }) => cancel_batch(conn, &id, cli.json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
+        Command::Chaos(args) => {
+            if args.list {
+                for name in holdfast::chaos::scenario_names() {
+                    println!("{name}");
+                }
+                return Ok(0);
+            }
+            let report = holdfast::chaos::run(&args).await?;
+            if cli.json {
+                report::json(&report);
+            } else {
+                holdfast::chaos::print(&report);
+            }
+            Ok(if report.passed { 0 } else { 1 })
+        }
         Command::Bench(args) => {
             let report = holdfast::bench::run(conn, &args).await?;
             if cli.json {
