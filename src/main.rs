@@ -152,13 +152,19 @@ struct SubmitArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo tells its own story on stdout; keep the logs to warnings unless asked.
-    if matches!(
-        cli.command,
-        Command::Demo(_) | Command::Bench(_) | Command::Chaos(_)
-    ) && std::env::var_os("HOLDFAST_LOG").is_none()
+    if matches!(cli.command, Command::Demo(_) | Command::Bench(_))
+        && std::env::var_os("HOLDFAST_LOG").is_none()
         && std::env::var_os("RUST_LOG").is_none()
     {
         std::env::set_var("HOLDFAST_LOG", "warn");
+    }
+    // The chaos harness reports in its table; its own connections see every
+    // restart it causes, which is no news. The roles log to files.
+    if matches!(cli.command, Command::Chaos(_))
+        && std::env::var_os("HOLDFAST_LOG").is_none()
+        && std::env::var_os("RUST_LOG").is_none()
+    {
+        std::env::set_var("HOLDFAST_LOG", "error");
     }
     telemetry::init_logging(cli.log_json);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -417,19 +417,40 @@ async fn consumer_prefetch(s: &Stage<'_>) -> anyhow::Result<Vec<(String, u64)>> 
     Ok(out)
 }
 
+/// Batches granted and not closed yet: the work a fault interrupts.
+async fn running(s: &Stage<'_>) -> anyhow::Result<i64> {
+    scalar(
+        s,
+        "SELECT count(*) FROM batches WHERE state IN ('granted', 'dispatched', 'cancelling')",
+    )
+    .await
+}
+
+/// Load for the service restarts: 8 producers sending for about 10 s,
+/// items of 200 ms, so that batches are running when the service goes.
+fn restart_load(s: &Stage<'_>) -> Load {
+    start_load(s, plans(s.name, 8, 12, 3..20, 200), 800)
+}
+
 /// The broker is restarted twice while batches run; every role must come
-/// back by itself, the consumers with their prefetch.
+/// back by itself, the consumers with their prefetch, and what was not
+/// confirmed is sent again (producers' requests, coordinators' jobs).
 async fn rabbitmq_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
     grant(&s, 1_000_000).await?;
     s.fleet(2, 2, 1, &[])?;
-    let load = start_load(&s, plans(s.name, 8, 8, 3..20, 20), 400);
+    let load = restart_load(&s);
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(3)).await;
+        let open = running(&s).await?;
         let away = s.services.rabbit.restart().await?;
         s.fault(format!(
             "RabbitMQ restarted ({:.1}s away)",
             away.as_secs_f64()
         ));
+        s.expect(
+            open > 0,
+            format!("{open} batch(es) running when RabbitMQ stopped"),
+        );
     }
     let sent = load.finish().await?;
     s.settle(&sent, Instant::now(), settle).await;
@@ -456,18 +477,24 @@ async fn rabbitmq_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<
 }
 
 /// PostgreSQL crashes (immediate stop: every backend killed, recovery at the
-/// start) twice while batches run; roles retry with backoff.
+/// next start) while batches run: once restarted at once, once after 30 s
+/// away. Roles retry with backoff; nothing is lost or captured twice.
 async fn postgresql_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
     grant(&s, 1_000_000).await?;
     s.fleet(2, 2, 1, &[])?;
-    let load = start_load(&s, plans(s.name, 8, 8, 3..20, 20), 300);
-    for _ in 0..2 {
+    let load = restart_load(&s);
+    for pause in [Duration::ZERO, Duration::from_secs(30)] {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let away = s.services.pg.restart().await?;
+        let open = running(&s).await?;
+        let away = s.services.pg.crash_restart(pause).await?;
         s.fault(format!(
             "PostgreSQL crashed and restarted ({:.1}s away)",
             away.as_secs_f64()
         ));
+        s.expect(
+            open > 0,
+            format!("{open} batch(es) running when PostgreSQL crashed"),
+        );
     }
     let sent = load.finish().await?;
     s.settle(&sent, Instant::now(), settle).await;

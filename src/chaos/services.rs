@@ -164,10 +164,12 @@ impl Postgres {
         Ok(())
     }
 
-    /// Crash and start again; returns how long the server was away.
-    pub async fn restart(&mut self) -> anyhow::Result<Duration> {
+    /// Crash, stay down for `pause`, start again; returns how long the
+    /// server was away.
+    pub async fn crash_restart(&mut self, pause: Duration) -> anyhow::Result<Duration> {
         let started = Instant::now();
         self.stop("immediate").await?;
+        tokio::time::sleep(pause).await;
         self.start().await?;
         Ok(started.elapsed())
     }

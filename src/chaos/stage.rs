@@ -136,12 +136,6 @@ impl<'a> Stage<'a> {
         Ok(())
     }
 
-    /// The running processes of `role`, in start order.
-    pub fn running(&mut self, role: &str) -> impl Iterator<Item = &mut RoleProcess> {
-        let role = role.to_string();
-        self.processes.iter_mut().filter(move |p| p.role == role)
-    }
-
     /// Take a process out of the fleet (to stop it).
     pub fn take(&mut self, role: &str) -> Option<RoleProcess> {
         let i = self.processes.iter().position(|p| p.role == role)?;
@@ -165,11 +159,6 @@ impl<'a> Stage<'a> {
             tracing::error!(scenario = self.name, failed = %what, "expectation failed");
             self.failures.push(what);
         }
-    }
-
-    /// A note for the report (no pass/fail).
-    pub fn note(&mut self, what: impl Into<String>) {
-        self.notes.push(what.into());
     }
 
     /// Start `role` with crash point `point` enabled, `times` times in a row,
