@@ -5,6 +5,11 @@
 //! broker's QoS bounds it). Finished items go to one settler task that
 //! captures whatever has accumulated in one transaction, then acks each job:
 //! under load many items share a commit, idle there is no added wait.
+//!
+//! While PostgreSQL is away the worker keeps its deliveries and asks again
+//! with backoff instead of returning them: a return counts against the job's
+//! delivery limit, which is meant for poison jobs, and an outage of a minute
+//! or two would otherwise dead-letter healthy jobs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +37,9 @@ use crate::generator::{Generated, Generator, GeneratorError};
 
 /// Jobs of a sequential batch's next chunk published per confirm wait.
 const CHUNK_CONFIRM_WINDOW: usize = 500;
+
+/// Longest pause between two tries of an unavailable ledger.
+const MAX_LEDGER_WAIT: Duration = Duration::from_secs(5);
 
 /// Worker settings.
 #[derive(Args, Clone, Debug)]
@@ -119,11 +127,12 @@ async fn session(
 
     let (tx, rx) =
         mpsc::channel::<Finished>(usize::from(config.settings.worker_prefetch).max(1) * 2);
-    let settler = tokio::spawn(settle_loop(
+    let mut settler = tokio::spawn(settle_loop(
         ledger.clone(),
         rx,
         publisher.clone(),
         config.clone(),
+        shutdown.clone(),
     ));
     let tasks = TaskTracker::new();
     let result = loop {
@@ -135,6 +144,7 @@ async fn session(
                     publisher: publisher.clone(),
                     config: config.clone(),
                     done: tx.clone(),
+                    shutdown: shutdown.clone(),
                 };
                 tasks.spawn(item.work(delivery));
             }
@@ -156,7 +166,8 @@ async fn session(
         );
     }
     drop(tx);
-    if tokio::time::timeout(grace, settler).await.is_err() {
+    if tokio::time::timeout(grace, &mut settler).await.is_err() {
+        settler.abort();
         tracing::warn!(
             "captures still pending at the shutdown timeout; their jobs will be redelivered"
         );
@@ -172,6 +183,7 @@ struct Item {
     publisher: Publisher,
     config: WorkerConfig,
     done: mpsc::Sender<Finished>,
+    shutdown: CancellationToken,
 }
 
 /// The generator either answered or crashed (panicked).
@@ -201,7 +213,7 @@ impl Item {
 
     async fn run_job(self, delivery: Delivery, job: ItemJob) -> anyhow::Result<()> {
         // Look before running: a duplicate job must not pay for the work twice.
-        match self.ledger.item_state(&job.batch_id, &job.item_id).await {
+        match self.item_state(&job).await {
             Ok(Some((item, batch))) if item == "pending" && batch == "cancelling" => {
                 // The batch was cancelled before this item started: settle it
                 // uncharged, without running the generator.
@@ -221,8 +233,10 @@ impl Item {
             }
             Ok(None) => return self.park(&delivery, "no such item in the ledger").await,
             Err(e) => {
-                tracing::warn!(error = %e, "ledger unavailable; returning the job");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tracing::warn!(error = %e, "no answer from the ledger; returning the job");
+                if !self.shutdown.is_cancelled() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 delivery
                     .acker
                     .nack(BasicNackOptions {
@@ -278,6 +292,32 @@ impl Item {
             outcome,
         };
         self.finished(settlement, delivery).await
+    }
+
+    /// The item's state and its batch's. While the ledger is unavailable the
+    /// job is kept (unacknowledged) and the ledger asked again with backoff,
+    /// not returned to the queue: each return counts against the job's
+    /// delivery limit, which is there for poison jobs, not for a database
+    /// restart. An error means a shutdown came meanwhile, or a non-transient
+    /// failure: the caller returns the job.
+    async fn item_state(
+        &self,
+        job: &ItemJob,
+    ) -> Result<Option<(String, String)>, holdfast_common::ledger::LedgerError> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self.ledger.item_state(&job.batch_id, &job.item_id).await {
+                Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, ?delay, "ledger unavailable; holding the job");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                    delay = (delay * 2).min(MAX_LEDGER_WAIT);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Hand a settled item to the settler, which captures it and then acks.
@@ -406,6 +446,7 @@ async fn settle_loop(
     mut rx: mpsc::Receiver<Finished>,
     publisher: Publisher,
     config: WorkerConfig,
+    shutdown: CancellationToken,
 ) {
     let names = &config.names;
     let max = config.settings.settle_batch.max(1);
@@ -434,7 +475,7 @@ async fn settle_loop(
             }
         }
         let settlements: Vec<Settlement> = batch.iter().map(|f| f.settlement.clone()).collect();
-        let report = match ledger.settle(&settlements).await {
+        let report = match settle_patiently(&ledger, &settlements, &shutdown).await {
             Ok(r) => r,
             Err(e) => {
                 // The work is done but not captured: return the jobs; the
@@ -491,6 +532,31 @@ async fn settle_loop(
         }
     }
     publish_progress(&publisher, names, &mut progress).await;
+}
+
+/// Settle, asking again with backoff while the ledger is unavailable (the
+/// deliveries stay unacknowledged meanwhile, so no delivery is spent on an
+/// outage). Gives up on a non-transient error, or once shutting down.
+async fn settle_patiently(
+    ledger: &Ledger,
+    settlements: &[Settlement],
+    shutdown: &CancellationToken,
+) -> Result<holdfast_common::ledger::SettleReport, holdfast_common::ledger::LedgerError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match ledger.settle(settlements).await {
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, ?delay, items = settlements.len(),
+                    "ledger unavailable; holding the captures");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                delay = (delay * 2).min(MAX_LEDGER_WAIT);
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn publish_progress(
