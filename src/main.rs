@@ -164,7 +164,7 @@ fn main() -> anyhow::Result<()> {
         && std::env::var_os("HOLDFAST_LOG").is_none()
         && std::env::var_os("RUST_LOG").is_none()
     {
-        std::env::set_var("HOLDFAST_LOG", "error");
+        std::env::set_var("HOLDFAST_LOG", "error,lapin=off");
     }
     telemetry::init_logging(cli.log_json);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

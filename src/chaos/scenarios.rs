@@ -432,19 +432,20 @@ fn restart_load(s: &Stage<'_>) -> Load {
     start_load(s, plans(s.name, 8, 12, 3..20, 200), 800)
 }
 
-/// The broker is restarted twice while batches run; every role must come
-/// back by itself, the consumers with their prefetch, and what was not
+/// The broker is restarted twice while batches run, once stopped in order,
+/// once killed with SIGKILL; every role must come back by itself, the consumers with their prefetch, and what was not
 /// confirmed is sent again (producers' requests, coordinators' jobs).
 async fn rabbitmq_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
     grant(&s, 1_000_000).await?;
     s.fleet(2, 2, 1, &[])?;
     let load = restart_load(&s);
-    for _ in 0..2 {
+    for kill in [false, true] {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let open = running(&s).await?;
-        let away = s.services.rabbit.restart().await?;
+        let away = s.services.rabbit.restart(kill).await?;
         s.fault(format!(
-            "RabbitMQ restarted ({:.1}s away)",
+            "RabbitMQ {} and started again ({:.1}s away)",
+            if kill { "killed (SIGKILL)" } else { "stopped" },
             away.as_secs_f64()
         ));
         s.expect(
@@ -483,7 +484,7 @@ async fn postgresql_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Resul
     grant(&s, 1_000_000).await?;
     s.fleet(2, 2, 1, &[])?;
     let load = restart_load(&s);
-    for pause in [Duration::ZERO, Duration::from_secs(30)] {
+    for pause in [Duration::ZERO, Duration::from_secs(100)] {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let open = running(&s).await?;
         let away = s.services.pg.crash_restart(pause).await?;

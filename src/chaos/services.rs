@@ -356,10 +356,17 @@ impl Rabbit {
         stopped.map(drop)
     }
 
-    /// Stop and start again; returns how long the broker was away.
-    pub async fn restart(&mut self) -> anyhow::Result<Duration> {
+    /// Stop (orderly, or with SIGKILL when `kill`) and start again; returns
+    /// how long the broker was away.
+    pub async fn restart(&mut self, kill: bool) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        self.stop().await?;
+        if kill {
+            if let Some(mut child) = self.server.take() {
+                child.kill().await?;
+            }
+        } else {
+            self.stop().await?;
+        }
         self.start().await?;
         Ok(started.elapsed())
     }

@@ -74,6 +74,8 @@ impl<'a> Stage<'a> {
         database::migrate(&conn.database_url).await?;
         let ledger = Ledger::new(database::pool(&conn.database_url, 16)?);
         let log_dir = log_dir.join(name);
+        // The logs of this run only.
+        let _ = std::fs::remove_dir_all(&log_dir);
         std::fs::create_dir_all(&log_dir)?;
         let sampler = Some(Sampler::start(ledger.clone()));
         Ok(Stage {
