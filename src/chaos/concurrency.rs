@@ -108,11 +108,10 @@ async fn producer(
                                     tally.soft_used += 1;
                                 }
                             }
+                            // Cancelling races its expiry: either outcome resolves it once.
                             2 => {
-                                // Cancelling races its expiry: either outcome resolves it once.
-                                if ledger.cancel_soft(&hold.reservation_id).await.is_ok() {
-                                    tally.soft_cancelled += 1;
-                                }
+                                let cancelled = ledger.cancel_soft(&hold.reservation_id).await;
+                                tally.soft_cancelled += usize::from(cancelled.is_ok());
                             }
                             _ => {}
                         }
