@@ -21,6 +21,7 @@ help:
 	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
 	@echo "make bench     measure throughput, latency and memory against the machine ceilings"
 	@echo "make browser   end-to-end tests of the reference page /demo in Chromium (Playwright)"
+	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked"
 
 services:
 	bash scripts/services.sh
@@ -95,3 +96,12 @@ bench: services
 .PHONY: browser
 browser: services
 	bash scripts/browser-test.sh
+
+# Fault injection: real role processes on throwaway PostgreSQL and RabbitMQ
+# instances of its own (ports 5433 and 5673, removed afterwards), producers,
+# crashes, restarts; then the ledger is checked and a table printed. Exits
+# non-zero on any loss, double capture, overspend, open hold or drift.
+# `services` only makes sure the packages are installed. See docs/reliability.md.
+.PHONY: chaos
+chaos: services
+	cargo run --quiet --bin holdfast -- chaos

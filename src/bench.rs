@@ -8,7 +8,6 @@
 //! declared like the jobs queue; PostgreSQL with one-statement `UPDATE`s of
 //! one hot row from as many clients as the coordinator has consumers.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -25,6 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::processes::RoleProcess;
 use crate::producer::Producer;
 
 /// What to measure and how much.
@@ -296,44 +296,23 @@ async fn ledger_decision_rates(
 
 /// The roles as child processes of this binary.
 struct Children {
-    roles: Vec<(String, tokio::process::Child)>,
+    roles: Vec<RoleProcess>,
 }
 
 impl Children {
     fn start(conn: &Connections) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut roles = Vec::new();
-        for role in ["coordinator", "worker", "reconciler"] {
-            let child = tokio::process::Command::new(&exe)
-                .arg(role)
-                .env("HOLDFAST_DATABASE_URL", &conn.database_url)
-                .env("HOLDFAST_AMQP_URL", &conn.amqp_url)
-                .env("HOLDFAST_NAMESPACE", &conn.namespace)
-                .env("HOLDFAST_HTTP_ADDR", "off")
-                .env("HOLDFAST_LOG", "warn")
-                .env("HOLDFAST_SWEEP_INTERVAL_MS", "500")
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?;
-            roles.push((role.to_string(), child));
-        }
+        let env = [("HOLDFAST_SWEEP_INTERVAL_MS".to_string(), "500".to_string())];
+        let roles = ["coordinator", "worker", "reconciler"]
+            .into_iter()
+            .map(|role| RoleProcess::spawn(conn, role, role, &env, None))
+            .collect::<anyhow::Result<_>>()?;
         Ok(Self { roles })
     }
 
-    fn pid(&self, role: &str) -> Option<u32> {
-        self.roles
-            .iter()
-            .find(|(r, _)| r == role)
-            .and_then(|(_, c)| c.id())
-    }
-
-    /// Pause or resume a role (SIGSTOP / SIGCONT), to measure the others alone.
+    /// Pause or resume a role (`STOP` / `CONT`), to measure the others alone.
     async fn signal(&self, role: &str, signal: &str) -> anyhow::Result<()> {
-        if let Some(pid) = self.pid(role) {
-            tokio::process::Command::new("kill")
-                .args([signal, &pid.to_string()])
-                .status()
-                .await?;
+        for p in self.roles.iter().filter(|p| p.role == role) {
+            p.signal(signal).await?;
         }
         Ok(())
     }
@@ -341,35 +320,13 @@ impl Children {
     fn peak_rss_mib(&self) -> Vec<(String, f64)> {
         self.roles
             .iter()
-            .filter_map(|(role, c)| {
-                let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()?)).ok()?;
-                let kb: f64 = status
-                    .lines()
-                    .find(|l| l.starts_with("VmHWM:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()?;
-                Some((role.clone(), kb / 1024.0))
-            })
+            .filter_map(|p| Some((p.role.clone(), p.peak_rss_mib()?)))
             .collect()
     }
 
     async fn stop(mut self) {
-        for (_, c) in &mut self.roles {
-            if let Some(pid) = c.id() {
-                let _ = tokio::process::Command::new("kill")
-                    .args(["-CONT", &pid.to_string()])
-                    .status()
-                    .await;
-                let _ = tokio::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status()
-                    .await;
-            }
-        }
-        for (_, c) in &mut self.roles {
-            let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+        for p in &mut self.roles {
+            p.terminate(Duration::from_secs(10)).await;
         }
     }
 }
@@ -561,7 +518,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     }
 
     // Decisions alone: the worker paused, so jobs wait in the queue.
-    children.signal("worker", "-STOP").await?;
+    children.signal("worker", "STOP").await?;
     eprintln!(
         "bench: decisions on one hot account ({} requests)",
         args.decisions
@@ -591,7 +548,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     publish_all(&producer, &bodies).await?;
     let done = wait_decided(&ledger, "dm-", bodies.len() as i64).await?;
     r.decisions_many_accounts_per_s = bodies.len() as f64 / (done - started).as_secs_f64();
-    children.signal("worker", "-CONT").await?;
+    children.signal("worker", "CONT").await?;
     wait_closed(&ledger, "dm-", args.decisions as i64).await?;
 
     eprintln!("bench: decision latency at half load");

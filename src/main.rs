@@ -69,6 +69,10 @@ enum Command {
     Reservation(ReservationCommand),
     /// Measure throughput, latency and memory against the machine's ceilings.
     Bench(holdfast::bench::BenchArgs),
+    /// Inject faults into real role processes on throwaway PostgreSQL and
+    /// RabbitMQ instances, then check the ledger; exit 1 if anything was lost,
+    /// charged twice, overspent, left open or drifted.
+    Chaos(holdfast::chaos::ChaosArgs),
 }
 
 #[derive(Subcommand)]
@@ -153,6 +157,14 @@ fn main() -> anyhow::Result<()> {
         && std::env::var_os("RUST_LOG").is_none()
     {
         std::env::set_var("HOLDFAST_LOG", "warn");
+    }
+    // The chaos harness reports in its table; its own connections see every
+    // restart it causes, which is no news. The roles log to files.
+    if matches!(cli.command, Command::Chaos(_))
+        && std::env::var_os("HOLDFAST_LOG").is_none()
+        && std::env::var_os("RUST_LOG").is_none()
+    {
+        std::env::set_var("HOLDFAST_LOG", "error,lapin=off");
     }
     telemetry::init_logging(cli.log_json);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -352,6 +364,21 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Batch(BatchCommand::Cancel { id }) => cancel_batch(conn, &id, cli.json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
+        Command::Chaos(args) => {
+            if args.list {
+                for name in holdfast::chaos::scenario_names() {
+                    println!("{name}");
+                }
+                return Ok(0);
+            }
+            let report = holdfast::chaos::run(&args).await?;
+            if cli.json {
+                report::json(&report);
+            } else {
+                holdfast::chaos::print(&report);
+            }
+            Ok(if report.passed { 0 } else { 1 })
+        }
         Command::Bench(args) => {
             let report = holdfast::bench::run(conn, &args).await?;
             if cli.json {

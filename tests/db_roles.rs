@@ -189,7 +189,7 @@ async fn only_the_admin_adds_credits_and_each_role_does_its_own_work() {
         .await
         .unwrap();
     coordinator.cancel_soft(&gone.reservation_id).await.unwrap();
-    coordinator.mark_dispatched("plain").await.unwrap();
+    coordinator.mark_dispatched(&["plain"]).await.unwrap();
 
     // The worker captures (with an overrun), closes, and reserves a sequential batch's next chunk.
     let r = worker.settle(&settle("plain", 0..3, 12)).await.unwrap();

@@ -9,6 +9,7 @@
 
 use holdfast_common::config::{CoordinatorSettings, QueueSettings, ReconcilerSettings};
 use holdfast_common::events;
+use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{self, Names, Publisher};
@@ -91,6 +92,9 @@ impl Reconciler {
         }
         let lease = self.config.settings.dispatch_grace();
         for batch_id in self.ledger.claim_undispatched(lease, CLAIM_LIMIT).await? {
+            // Dying here leaves the claim to run out: after the lease another
+            // reconciler takes the batch (the chaos harness kills one here).
+            crash_point("reconciler.mid_sweep");
             tracing::warn!(%batch_id, "batch granted but not fully dispatched; dispatching again");
             dispatch(
                 &self.ledger,

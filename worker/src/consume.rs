@@ -5,6 +5,11 @@
 //! broker's QoS bounds it). Finished items go to one settler task that
 //! captures whatever has accumulated in one transaction, then acks each job:
 //! under load many items share a commit, idle there is no added wait.
+//!
+//! While PostgreSQL is away the worker keeps its deliveries and asks again
+//! with backoff instead of returning them: a return counts against the job's
+//! delivery limit, which is meant for poison jobs, and an outage of a minute
+//! or two would otherwise dead-letter healthy jobs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +37,9 @@ use crate::generator::{Generated, Generator, GeneratorError};
 
 /// Jobs of a sequential batch's next chunk published per confirm wait.
 const CHUNK_CONFIRM_WINDOW: usize = 500;
+
+/// Longest pause between two tries of an unavailable ledger.
+const MAX_LEDGER_WAIT: Duration = Duration::from_secs(5);
 
 /// Worker settings.
 #[derive(Args, Clone, Debug)]
@@ -119,11 +127,12 @@ async fn session(
 
     let (tx, rx) =
         mpsc::channel::<Finished>(usize::from(config.settings.worker_prefetch).max(1) * 2);
-    let settler = tokio::spawn(settle_loop(
+    let mut settler = tokio::spawn(settle_loop(
         ledger.clone(),
         rx,
         publisher.clone(),
         config.clone(),
+        shutdown.clone(),
     ));
     let tasks = TaskTracker::new();
     let max = usize::from(config.settings.worker_prefetch).max(1);
@@ -137,8 +146,9 @@ async fn session(
                     publisher: publisher.clone(),
                     config: config.clone(),
                     done: tx.clone(),
+                    shutdown: shutdown.clone(),
                 };
-                start_group(&item, group, &tasks).await;
+                tasks.spawn(start_group(item, group, tasks.clone()));
             }
             Err(e) => break Err(anyhow::Error::from(e)),
         }
@@ -157,7 +167,8 @@ async fn session(
         );
     }
     drop(tx);
-    if tokio::time::timeout(grace, settler).await.is_err() {
+    if tokio::time::timeout(grace, &mut settler).await.is_err() {
+        settler.abort();
         tracing::warn!(
             "captures still pending at the shutdown timeout; their jobs will be redelivered"
         );
@@ -174,6 +185,7 @@ struct Item {
     publisher: Publisher,
     config: WorkerConfig,
     done: mpsc::Sender<Finished>,
+    shutdown: CancellationToken,
 }
 
 /// The generator either answered or crashed (panicked).
@@ -182,9 +194,13 @@ enum Ran {
     Crashed(String),
 }
 
+/// (item state, batch state) by (batch id, item id).
+type ItemStates = std::collections::HashMap<(String, String), (String, String)>;
+
 /// Look up the items of a group of deliveries in one query, then start a
-/// task for each job that still has work to do.
-async fn start_group(item: &Item, group: Vec<Delivery>, tasks: &TaskTracker) {
+/// task for each job that still has work to do. Runs as a task of its own, so
+/// the consumer goes on taking deliveries (the prefetch bounds them).
+async fn start_group(item: Item, group: Vec<Delivery>, tasks: TaskTracker) {
     let mut jobs = Vec::with_capacity(group.len());
     for delivery in group {
         match serde_json::from_slice::<ItemJob>(&delivery.data) {
@@ -202,11 +218,13 @@ async fn start_group(item: &Item, group: Vec<Delivery>, tasks: &TaskTracker) {
         .iter()
         .map(|(_, j)| (j.batch_id.as_str(), j.item_id.as_str()))
         .collect();
-    let states = match item.ledger.item_states(&keys).await {
+    let states = match item.item_states(&keys).await {
         Ok(states) => states,
         Err(e) => {
-            tracing::warn!(error = %e, jobs = jobs.len(), "ledger unavailable; returning the jobs");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tracing::warn!(error = %e, jobs = jobs.len(), "no answer from the ledger; returning the jobs");
+            if !item.shutdown.is_cancelled() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             for (delivery, _) in &jobs {
                 let _ = delivery
                     .acker
@@ -316,6 +334,32 @@ impl Item {
             outcome,
         };
         self.finished(settlement, delivery).await
+    }
+
+    /// The state of each job's item and batch. While the ledger is
+    /// unavailable the jobs are kept (unacknowledged) and the ledger asked
+    /// again with backoff, not returned to the queue: each return counts
+    /// against a job's delivery limit, which is there for poison jobs, not for
+    /// a database restart. An error means a shutdown came meanwhile, or a
+    /// non-transient failure: the caller returns the jobs.
+    async fn item_states(
+        &self,
+        keys: &[(&str, &str)],
+    ) -> Result<ItemStates, holdfast_common::ledger::LedgerError> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self.ledger.item_states(keys).await {
+                Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, ?delay, jobs = keys.len(), "ledger unavailable; holding the jobs");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                    delay = (delay * 2).min(MAX_LEDGER_WAIT);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Hand a settled item to the settler, which captures it and then acks.
@@ -444,6 +488,7 @@ async fn settle_loop(
     mut rx: mpsc::Receiver<Finished>,
     publisher: Publisher,
     config: WorkerConfig,
+    shutdown: CancellationToken,
 ) {
     let names = &config.names;
     let max = config.settings.settle_batch.max(1);
@@ -471,7 +516,7 @@ async fn settle_loop(
             }
         }
         let settlements: Vec<Settlement> = batch.iter().map(|f| f.settlement.clone()).collect();
-        let report = match ledger.settle(&settlements).await {
+        let report = match settle_patiently(&ledger, &settlements, &shutdown).await {
             Ok(r) => r,
             Err(e) => {
                 // The work is done but not captured: return the jobs; the
@@ -528,6 +573,31 @@ async fn settle_loop(
     publish_progress(&ledger, &publisher, names, &mut progress).await;
 }
 
+/// Settle, asking again with backoff while the ledger is unavailable (the
+/// deliveries stay unacknowledged meanwhile, so no delivery is spent on an
+/// outage). Gives up on a non-transient error, or once shutting down.
+async fn settle_patiently(
+    ledger: &Ledger,
+    settlements: &[Settlement],
+    shutdown: &CancellationToken,
+) -> Result<holdfast_common::ledger::SettleReport, holdfast_common::ledger::LedgerError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match ledger.settle(settlements).await {
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, ?delay, items = settlements.len(),
+                    "ledger unavailable; holding the captures");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                delay = (delay * 2).min(MAX_LEDGER_WAIT);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One `batch.progress` event for each batch settled since the last one,
 /// with its figures as they are now.
 async fn publish_progress(
@@ -542,7 +612,10 @@ async fn publish_progress(
     let ids: Vec<&str> = progress.iter().map(String::as_str).collect();
     let figures = match ledger.figures(&ids).await {
         // A batch that finished meanwhile gets its `completed` event instead.
-        Ok(f) => f.into_iter().filter(|(.., f)| f.pending > 0).collect::<Vec<_>>(),
+        Ok(f) => f
+            .into_iter()
+            .filter(|(.., f)| f.pending > 0)
+            .collect::<Vec<_>>(),
         Err(e) => {
             tracing::debug!(error = %e, "progress figures not read");
             return;
