@@ -74,6 +74,9 @@ pub enum BrokerError {
     Closed,
     #[error("RabbitMQ cancelled the consumer of {0}")]
     ConsumerCancelled(String),
+    /// The AMQP URL does not parse: fix the setting, retrying will not help.
+    #[error("the AMQP URL for {0} is not valid: {1}")]
+    Url(String, String),
 }
 
 /// `host:port/vhost` of an AMQP URL, for messages: never the password.
@@ -83,10 +86,22 @@ pub fn describe(url: &str) -> String {
     rest.split('?').next().unwrap_or(rest).to_string()
 }
 
+/// The AMQP frame size Holdfast asks for unless the URL names one
+/// (`?frame_max=`). lapin keeps two ring buffers of 32 frames per
+/// connection, touched as they cycle: RabbitMQ's default 128 KiB frames make
+/// that 8 MiB resident per connection, 32 KiB frames 2 MiB. Every Holdfast
+/// message but a large batch request fits one frame; larger ones are split,
+/// so no size limit changes.
+pub const FRAME_MAX: u32 = 32 * 1024;
+
 /// Connect, retrying with backoff for about a minute while the broker is away.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = (|| Connection::connect(url, props.clone()))
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e| BrokerError::Url(describe(url), e))?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    let conn = (|| Connection::connect_uri(uri.clone(), props.clone()))
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))

@@ -233,6 +233,13 @@ impl Intake {
         tracing::warn!(batch_id = rejected.batch_id.as_deref().unwrap_or("-"), reason = %rejected.reason,
             "request rejected");
         record::rejected();
+        // Parked first: when the producer hears "rejected", the message is
+        // already where an operator can find it.
+        let props = json_properties().with_headers(parked_headers(&rejected.reason));
+        self.publisher
+            .publish_confirmed(&self.config.names.dead_exchange(), "requests", body, props)
+            .await?;
+        record::dead_lettered("requests");
         events::decision(
             &self.publisher,
             &self.config.names,
@@ -240,11 +247,6 @@ impl Intake {
             &Decision::Rejected((*rejected).clone()),
         )
         .await?;
-        let props = json_properties().with_headers(parked_headers(&rejected.reason));
-        self.publisher
-            .publish_confirmed(&self.config.names.dead_exchange(), "requests", body, props)
-            .await?;
-        record::dead_lettered("requests");
         Ok(Outcome::Rejected(rejected))
     }
 }
