@@ -24,6 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::bench_cpu::CpuMeter;
 use crate::processes::RoleProcess;
 use crate::producer::Producer;
 
@@ -79,6 +80,8 @@ pub struct BenchReport {
     pub ratio_e2e_to_broker: f64,
     pub ratio_decisions_to_hot_row: f64,
     pub ratio_ledger_decisions_to_hot_row: f64,
+    /// Where the CPU went in the end-to-end phases.
+    pub cpu: Vec<crate::bench_cpu::CpuSplit>,
 }
 
 fn job_body() -> Vec<u8> {
@@ -317,6 +320,14 @@ impl Children {
         Ok(())
     }
 
+    /// (pid, role) of each role process, for [`CpuMeter`].
+    fn pids(&self) -> Vec<(u32, String)> {
+        self.roles
+            .iter()
+            .filter_map(|p| Some((p.pid()?, p.role.clone())))
+            .collect()
+    }
+
     fn peak_rss_mib(&self) -> Vec<(String, f64)> {
         self.roles
             .iter()
@@ -478,12 +489,15 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
             )
         })
         .collect();
+    let cpu = CpuMeter::start(children.pids());
     let started = Instant::now();
     publish_all(&producer, &small).await?;
     let done = wait_closed(&ledger, "small-", small.len() as i64).await?;
+    r.cpu.push(cpu.stop(&format!("{} items in 10-item batches", small.len() * 10)));
     r.e2e_small_batches_items_per_s = (small.len() * 10) as f64 / (done - started).as_secs_f64();
 
     eprintln!("bench: end to end, one batch of {} items", args.large_batch);
+    let cpu = CpuMeter::start(children.pids());
     let started = Instant::now();
     publish_all(
         &producer,
@@ -494,6 +508,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     )
     .await?;
     let done = wait_closed(&ledger, "large-", 1).await?;
+    r.cpu.push(cpu.stop(&format!("{} items in one batch", args.large_batch)));
     r.e2e_large_batch_items_per_s = args.large_batch as f64 / (done - started).as_secs_f64();
 
     eprintln!("bench: time per item by batch size");
@@ -792,5 +807,16 @@ pub fn print(r: &BenchReport) {
     }
     for (role, mib) in &r.peak_rss_mib {
         println!("  {:<52} {:>12.1}", format!("peak RSS MiB, {role}"), mib);
+    }
+    for split in &r.cpu {
+        println!(
+            "CPU seconds, {} ({:.1} s wall, {} cores):",
+            split.phase,
+            split.wall_seconds,
+            num_cpus()
+        );
+        for (component, seconds) in &split.cpu_seconds {
+            println!("  {component:<52} {seconds:>12.2}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! roles as child processes (`processes`).
 
 pub mod bench;
+pub mod bench_cpu;
 pub mod bench_naive;
 pub mod chaos;
 pub mod demo;

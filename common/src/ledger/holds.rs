@@ -87,7 +87,7 @@ impl Ledger {
                 let tx = client.transaction().await?;
                 let available: i64 = tx
                     .query_opt(
-                        "SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE",
+                        "SELECT balance - held FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
                         &[&account_id],
                     )
                     .await?

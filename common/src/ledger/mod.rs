@@ -17,6 +17,12 @@
 //! Lock order, everywhere: batch rows (by id), then hold rows, then account
 //! rows (by id). Reserve locks its account (after the soft hold it consumes,
 //! if any) and inserts new rows, so no cycle can form.
+//!
+//! Account rows are locked `FOR NO KEY UPDATE`, never `FOR UPDATE`: it
+//! serialises everything that changes credits just the same, but leaves the
+//! `KEY SHARE` lock of a foreign-key check free. Every journal row refers to
+//! its account, so with `FOR UPDATE` each capture's journal insert would wait
+//! for whichever reservation holds the hot account row.
 
 mod accounts;
 mod audit;

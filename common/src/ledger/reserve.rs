@@ -218,7 +218,7 @@ impl Ledger {
         accounts.dedup();
         let mut available: HashMap<String, i64> = tx
             .query(
-                "SELECT id, balance - held FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                "SELECT id, balance - held FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
                 &[&accounts],
             )
             .await?
@@ -614,7 +614,7 @@ async fn consume_reservation(
         return refuse("a reservation can start only an all_or_nothing or selected batch".into());
     }
     tx.query_one(
-        "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+        "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
         &[&req.account_id],
     )
     .await?;

@@ -360,7 +360,9 @@ pub(super) async fn finish(tx: &Transaction<'_>, batch_ids: &[String]) -> Result
     let rows = tx
         .query(
             "SELECT b.id, b.state, b.chunk_size, b.account_id, b.hold_id,
-                    EXISTS (SELECT 1 FROM items i WHERE i.batch_id = b.id AND i.state = 'queued')
+                    -- Only a sequential batch has queued items: do not scan the others.
+                    b.chunk_size IS NOT NULL
+                        AND EXISTS (SELECT 1 FROM items i WHERE i.batch_id = b.id AND i.state = 'queued')
              FROM batches b WHERE b.id = ANY($1) ORDER BY b.id",
             &[&batch_ids],
         )
@@ -407,7 +409,7 @@ async fn next_chunk(
     let cost: i64 = next.iter().map(|r| r.get::<_, i64>(1)).sum();
     let available: i64 = tx
         .query_one(
-            "SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE",
+            "SELECT balance - held FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
             &[&account],
         )
         .await?
