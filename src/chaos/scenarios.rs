@@ -19,6 +19,7 @@ use super::services::Services;
 use super::stage::{env, Stage};
 use super::Row;
 use crate::processes::Ended;
+use crate::rabbitmqctl;
 
 /// Every scenario, in the order they run: the service restarts come after
 /// the process faults, the long concurrency run last.
@@ -144,12 +145,10 @@ async fn coordinator_killed(mut s: Stage<'_>, settle: Duration) -> anyhow::Resul
     s.crash_at("coordinator", "coordinator.mid_dispatch", 2, &small_window)
         .await?;
     let stranded = scalar(&s, "SELECT count(*) FROM batches WHERE state = 'granted'").await?;
-    s.expect(
-        stranded > 0,
-        format!(
-            "{stranded} batch(es) reserved but not fully dispatched when the last coordinator died"
-        ),
-    );
+    // Evidence, not a verdict: a reconciler may already have re-dispatched them.
+    s.note(format!(
+        "{stranded} batch(es) reserved but not fully dispatched when the last coordinator died"
+    ));
     s.fleet(1, 0, 0, &[])?;
     let sent = load.finish().await?;
     s.settle(&sent, Instant::now(), settle).await;
@@ -368,53 +367,14 @@ async fn rolling_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<R
 /// (role, prefetch) of every consuming channel of this namespace's roles, per RabbitMQ.
 async fn consumer_prefetch(s: &Stage<'_>) -> anyhow::Result<Vec<(String, u64)>> {
     let rabbit = &s.services.rabbit;
-    let suffix = format!("/{}\"}}", s.conn.namespace);
-    let mut connections = Vec::new();
-    for line in rabbit
-        .ctl(&[
-            "list_connections",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .await?
-        .lines()
-    {
-        let Some((pid, props)) = line.split_once('\t') else {
-            continue;
-        };
-        // client_properties holds {"connection_name","holdfast-worker/<ns>"}.
-        let marker = "{\"connection_name\",\"";
-        let Some(at) = props.find(marker) else {
-            continue;
-        };
-        let rest = &props[at + marker.len()..];
-        if let Some(end) = rest.find(&suffix) {
-            connections.push((pid.to_string(), rest[..end].to_string()));
-        }
-    }
-    let mut out = Vec::new();
-    for line in rabbit
-        .ctl(&[
-            "list_channels",
-            "--no-table-headers",
-            "connection",
-            "prefetch_count",
-            "consumer_count",
-        ])
-        .await?
-        .lines()
-    {
-        let cols: Vec<&str> = line.split('\t').collect();
-        if cols.len() != 3 || cols[2] == "0" {
-            continue;
-        }
-        if let Some((_, role)) = connections.iter().find(|(pid, _)| pid == cols[0]) {
-            out.push((role.clone(), cols[1].parse().unwrap_or(0)));
-        }
-    }
-    out.sort();
-    Ok(out)
+    let connections = rabbitmqctl::connections(
+        &rabbit.ctl(rabbitmqctl::LIST_CONNECTIONS).await?,
+        &s.conn.namespace,
+    );
+    Ok(rabbitmqctl::consumer_prefetch(
+        &rabbit.ctl(rabbitmqctl::LIST_CHANNELS).await?,
+        &connections,
+    ))
 }
 
 /// Batches granted and not closed yet: the work a fault interrupts.
@@ -426,10 +386,23 @@ async fn running(s: &Stage<'_>) -> anyhow::Result<i64> {
     .await
 }
 
+/// Wait (up to 30 s) until some batch is running, so that the fault hits
+/// work in progress; returns how many were.
+async fn when_running(s: &Stage<'_>) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let open = running(s).await?;
+        if open > 0 || Instant::now() > deadline {
+            return Ok(open);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Load for the service restarts: 8 producers sending for about 10 s,
-/// items of 200 ms, so that batches are running when the service goes.
+/// batches of 5 to 30 items of 400 ms, which keep the fleet busy for longer.
 fn restart_load(s: &Stage<'_>) -> Load {
-    start_load(s, plans(s.name, 8, 12, 3..20, 200), 800)
+    start_load(s, plans(s.name, 8, 12, 5..30, 400), 800)
 }
 
 /// The broker is restarted twice while batches run, once stopped in order,
@@ -441,7 +414,7 @@ async fn rabbitmq_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<
     let load = restart_load(&s);
     for kill in [false, true] {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let open = running(&s).await?;
+        let open = when_running(&s).await?;
         let away = s.services.rabbit.restart(kill).await?;
         s.fault(format!(
             "RabbitMQ {} and started again ({:.1}s away)",
@@ -486,7 +459,7 @@ async fn postgresql_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Resul
     let load = restart_load(&s);
     for pause in [Duration::ZERO, Duration::from_secs(100)] {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let open = running(&s).await?;
+        let open = when_running(&s).await?;
         let away = s.services.pg.crash_restart(pause).await?;
         s.fault(format!(
             "PostgreSQL crashed and restarted ({:.1}s away)",
