@@ -163,6 +163,11 @@ impl<'a> Stage<'a> {
         }
     }
 
+    /// A note for the report (no pass/fail).
+    pub fn note(&mut self, what: impl Into<String>) {
+        self.notes.push(what.into());
+    }
+
     /// Start `role` with crash point `point` enabled, `times` times in a row,
     /// each time waiting for it to abort there (as abruptly as SIGKILL).
     pub async fn crash_at(
