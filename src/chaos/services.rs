@@ -300,6 +300,17 @@ impl Rabbit {
 
     /// Start the node and wait until it serves AMQP.
     pub async fn start(&mut self) -> anyhow::Result<()> {
+        // A node still going down (or a stray one) would answer in its place.
+        let deadline = Instant::now() + START_TIMEOUT;
+        while port_open(self.port) || port_open(self.dist_port) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "port {} or {} still taken: is an earlier node still running?",
+                self.port,
+                self.dist_port
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -350,7 +361,8 @@ impl Rabbit {
                 .await
                 .is_err()
             {
-                let _ = child.kill().await;
+                kill_group(&mut child);
+                let _ = child.wait().await;
             }
         }
         stopped.map(drop)
@@ -362,7 +374,8 @@ impl Rabbit {
         let started = Instant::now();
         if kill {
             if let Some(mut child) = self.server.take() {
-                child.kill().await?;
+                kill_group(&mut child);
+                child.wait().await?;
             }
         } else {
             self.stop().await?;
@@ -376,10 +389,25 @@ impl Rabbit {
     }
 }
 
+/// SIGKILL the server's whole process group. The packaged `rabbitmq-server`
+/// script runs the Erlang VM as a background job of its own shell (it
+/// forwards signals), so killing the shell alone would leave the node up.
+/// The child leads its own group (`process_group(0)`), so its id is the group's.
+fn kill_group(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = child.start_kill();
+}
+
 impl Drop for Rabbit {
     fn drop(&mut self) {
-        // The server child is killed by `kill_on_drop`; the node's files go with it.
-        drop(self.server.take());
+        if let Some(mut child) = self.server.take() {
+            kill_group(&mut child);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
