@@ -244,7 +244,9 @@ async fn consume(
     let intake = Intake::new(ledger.clone(), config.clone(), session.publisher.clone());
     tracing::info!(queue = %config.names.requests(), "coordinator consuming");
     while let Some(delivery) = session.next(shutdown).await? {
-        process(&intake, &delivery, shutdown).await?;
+        session
+            .while_connected(process(&intake, &delivery, shutdown))
+            .await??;
     }
     // Unacknowledged prefetched requests return to the queue when the channel closes.
     session.close().await;
