@@ -39,6 +39,7 @@ pub fn env(pairs: &[(&str, &str)]) -> Env {
         .collect()
 }
 
+/// One scenario's world: its database, namespace, processes and findings.
 pub struct Stage<'a> {
     pub name: &'static str,
     pub services: &'a mut Services,
