@@ -493,7 +493,8 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     let started = Instant::now();
     publish_all(&producer, &small).await?;
     let done = wait_closed(&ledger, "small-", small.len() as i64).await?;
-    r.cpu.push(cpu.stop(&format!("{} items in 10-item batches", small.len() * 10)));
+    r.cpu
+        .push(cpu.stop(&format!("{} items in 10-item batches", small.len() * 10)));
     r.e2e_small_batches_items_per_s = (small.len() * 10) as f64 / (done - started).as_secs_f64();
 
     eprintln!("bench: end to end, one batch of {} items", args.large_batch);
@@ -508,7 +509,8 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     )
     .await?;
     let done = wait_closed(&ledger, "large-", 1).await?;
-    r.cpu.push(cpu.stop(&format!("{} items in one batch", args.large_batch)));
+    r.cpu
+        .push(cpu.stop(&format!("{} items in one batch", args.large_batch)));
     r.e2e_large_batch_items_per_s = args.large_batch as f64 / (done - started).as_secs_f64();
 
     eprintln!("bench: time per item by batch size");

@@ -11,4 +11,5 @@ pub mod demo;
 pub mod fleet;
 pub mod processes;
 pub mod producer;
+pub mod rabbitmqctl;
 pub mod report;

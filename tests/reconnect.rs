@@ -7,58 +7,33 @@ mod support;
 use std::time::Duration;
 
 use holdfast::fleet::Roles;
+use holdfast::rabbitmqctl::{connections, consumer_prefetch, LIST_CHANNELS, LIST_CONNECTIONS};
 use support::*;
 
-/// Rows of a `rabbitmqctl list_*` call, tab-separated columns.
-async fn rabbitmqctl(args: &[&str]) -> Vec<Vec<String>> {
+/// Output of `rabbitmqctl -q <args>` on the local node.
+async fn rabbitmqctl(args: &[&str]) -> String {
     let out = tokio::process::Command::new("rabbitmqctl")
+        .arg("-q")
         .args(args)
-        .args(["-q", "--no-table-headers"])
         .output()
         .await
         .expect("rabbitmqctl runs (it comes with the rabbitmq-server package)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.split('\t').map(str::to_string).collect())
-        .collect()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// (connection pid, connection name) of this namespace's connections.
+/// (connection pid, role) of this namespace's connections.
 async fn our_connections(namespace: &str) -> Vec<(String, String)> {
-    let suffix = format!("/{namespace}\"}}");
-    rabbitmqctl(&["list_connections", "pid", "client_properties"])
-        .await
-        .into_iter()
-        .filter(|row| row.len() == 2)
-        .filter_map(|row| {
-            // client_properties holds {"connection_name","holdfast-worker/<ns>"}
-            let at = row[1].find("{\"connection_name\",\"")? + "{\"connection_name\",\"".len();
-            let rest = &row[1][at..];
-            let end = rest.find(&suffix)?;
-            Some((row[0].clone(), format!("{}/{namespace}", &rest[..end])))
-        })
-        .collect()
+    connections(&rabbitmqctl(LIST_CONNECTIONS).await, namespace)
 }
 
 /// Prefetch of the consuming channels of the worker connections of `namespace`.
 async fn worker_prefetch(namespace: &str) -> Vec<u64> {
-    let workers: Vec<String> = our_connections(namespace)
-        .await
+    let conns = our_connections(namespace).await;
+    consumer_prefetch(&rabbitmqctl(LIST_CHANNELS).await, &conns)
         .into_iter()
-        .filter(|(_, n)| n.starts_with("holdfast-worker/"))
-        .map(|(pid, _)| pid)
-        .collect();
-    rabbitmqctl(&[
-        "list_channels",
-        "connection",
-        "prefetch_count",
-        "consumer_count",
-    ])
-    .await
-    .into_iter()
-    .filter(|row| row.len() == 3 && workers.contains(&row[0]) && row[2] == "1")
-    .map(|row| row[1].parse().unwrap())
-    .collect()
+        .filter(|(role, _)| role == "holdfast-worker")
+        .map(|(_, prefetch)| prefetch)
+        .collect()
 }
 
 #[tokio::test]
@@ -78,7 +53,7 @@ async fn roles_reconnect_with_their_prefetch_after_the_broker_drops_them() {
     let before = our_connections(&ns).await;
     let roles: Vec<_> = before
         .iter()
-        .filter(|(_, n)| !n.starts_with("holdfast-producer/"))
+        .filter(|(_, n)| n != "holdfast-producer")
         .collect();
     assert!(
         roles.len() >= 4,
@@ -102,9 +77,7 @@ async fn roles_reconnect_with_their_prefetch_after_the_broker_drops_them() {
         let now = our_connections(&ns).await;
         let fresh = now
             .iter()
-            .filter(|(p, n)| {
-                n.starts_with("holdfast-worker/") && !roles.iter().any(|(o, _)| o == p)
-            })
+            .filter(|(p, n)| n == "holdfast-worker" && !roles.iter().any(|(o, _)| o == p))
             .count();
         fresh == 0 || worker_prefetch(&ns).await != [7]
     } {

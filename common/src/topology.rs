@@ -605,6 +605,22 @@ impl Session {
         Ok(group)
     }
 
+    /// Run `work` (the handling of one delivery) unless the connection is lost
+    /// first. After the broker drops a connection, a publisher confirm or an
+    /// ack awaited on it may never resolve: without this race the consumer
+    /// would wait on it for ever instead of reconnecting. Dropping `work`
+    /// midway is what a crash would do: its delivery was not acknowledged and
+    /// goes back to the queue; its ledger transaction commits whole or not at all.
+    pub async fn while_connected<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, BrokerError> {
+        tokio::select! {
+            r = work => Ok(r),
+            e = &mut self.lost => Err(e),
+        }
+    }
+
     /// Close the channel (unacknowledged deliveries return to the queue) and the connection.
     pub async fn close(self) {
         let _ = self.channel.close(200, "shutdown".into()).await;

@@ -57,46 +57,51 @@ pub async fn consume(
     .await?;
     let publisher = session.publisher.clone();
     while let Some(delivery) = session.next(shutdown).await? {
-        match answer(ledger, config, &delivery.data).await {
-            Ok(event) => {
-                let to = ReplyTo {
-                    queue: delivery
-                        .properties
-                        .reply_to()
-                        .as_ref()
-                        .map(|s| s.to_string()),
-                    correlation_id: delivery
-                        .properties
-                        .correlation_id()
-                        .as_ref()
-                        .map(|s| s.to_string()),
-                };
-                if let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) {
-                    let mut props = json_properties();
-                    if let Some(c) = &to.correlation_id {
-                        props = props.with_correlation_id(ShortString::from(c.as_str()));
+        // Answered unless the connection goes first (a confirm may then never come).
+        let handled = async {
+            match answer(ledger, config, &delivery.data).await {
+                Ok(event) => {
+                    let to = ReplyTo {
+                        queue: delivery
+                            .properties
+                            .reply_to()
+                            .as_ref()
+                            .map(|s| s.to_string()),
+                        correlation_id: delivery
+                            .properties
+                            .correlation_id()
+                            .as_ref()
+                            .map(|s| s.to_string()),
+                    };
+                    if let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) {
+                        let mut props = json_properties();
+                        if let Some(c) = &to.correlation_id {
+                            props = props.with_correlation_id(ShortString::from(c.as_str()));
+                        }
+                        let body = serde_json::to_vec(&event).expect("events serialise");
+                        if let Err(e) = publisher.publish_confirmed("", queue, &body, props).await {
+                            tracing::info!(error = %e, "preview answer not delivered (reply queue gone?)");
+                        }
+                    } else {
+                        tracing::debug!("preview without reply_to: nobody to answer");
                     }
-                    let body = serde_json::to_vec(&event).expect("events serialise");
-                    if let Err(e) = publisher.publish_confirmed("", queue, &body, props).await {
-                        tracing::info!(error = %e, "preview answer not delivered (reply queue gone?)");
-                    }
-                } else {
-                    tracing::debug!("preview without reply_to: nobody to answer");
+                    delivery.acker.ack(BasicAckOptions::default()).await?;
                 }
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                Err(e) => {
+                    tracing::warn!(error = %e, "preview not answered; returning it");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await?;
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "preview not answered; returning it");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-        }
+            anyhow::Ok(())
+        };
+        session.while_connected(handled).await??;
     }
     session.close().await;
     Ok(())

@@ -148,7 +148,12 @@ pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: Cancellatio
                 e = &mut lost => return Err(e.into()),
                 _ = shutdown.cancelled() => break,
             }
-            let report = reconciler.sweep_once().await?;
+            // A publish on a connection the broker dropped may never be
+            // confirmed: give the sweep up when the connection goes.
+            let report = tokio::select! {
+                r = reconciler.sweep_once() => r?,
+                e = &mut lost => return Err(e.into()),
+            };
             if report != SweepReport::default()
                 && report
                     != (SweepReport {

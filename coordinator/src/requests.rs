@@ -337,7 +337,9 @@ async fn consume(
         if group.is_empty() {
             break;
         }
-        process_group(&intake, &group, shutdown).await?;
+        session
+            .while_connected(process_group(&intake, &group, shutdown))
+            .await??;
     }
     // Unacknowledged prefetched requests return to the queue when the channel closes.
     session.close().await;

@@ -92,7 +92,7 @@ async fn producer(
                 let items = random_items(&mut rng, n, 5);
                 let amount = total_cost(&items);
                 match ledger
-                    .reserve_soft(ACCOUNT, amount, Duration::from_secs(2))
+                    .reserve_soft(ACCOUNT, amount, Duration::from_secs(4))
                     .await
                 {
                     Ok(hold) => {

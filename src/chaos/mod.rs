@@ -3,17 +3,19 @@
 //! duplicated messages.
 //!
 //! The harness starts its own throwaway PostgreSQL and RabbitMQ
-//! ([`services`]), and for each scenario ([`scenarios`], [`concurrency`]) a
-//! fresh database and namespace with real `holdfast` role processes
-//! ([`crate::processes`]). Producers ([`load`]) publish batch requests while
-//! the scenario injects its faults (SIGKILL-like aborts at named crash points,
-//! SIGTERM, broker and database restarts); then the fleet must settle and the
-//! checker ([`checks`]) counts what must never happen. Any non-zero count, or
+//! ([`services`]), and for each scenario ([`scenarios`], [`restarts`],
+//! [`concurrency`]) a fresh database and namespace ([`stage`]) with real
+//! `holdfast` role processes ([`crate::processes`]). Producers ([`load`])
+//! publish batch requests while the scenario injects its faults (aborts at
+//! named crash points, as abrupt as SIGKILL; SIGTERM; broker and database
+//! restarts); then the fleet must settle and the checker ([`checks`]) counts
+//! what must never happen. Any non-zero count, or
 //! a scenario expectation that did not hold, fails the run.
 
 mod checks;
 mod concurrency;
 mod load;
+mod restarts;
 mod scenarios;
 mod services;
 mod stage;

@@ -53,17 +53,17 @@ pub async fn run(
         "poison-job" => poison_job(stage, settle).await,
         "slow-consumer-deadline" => slow_consumer_deadline(stage, settle).await,
         "worker-rolling-restart" => rolling_restart(stage, settle).await,
-        "rabbitmq-restart" => rabbitmq_restart(stage, settle).await,
-        "postgresql-restart" => postgresql_restart(stage, settle).await,
+        "rabbitmq-restart" => super::restarts::rabbitmq(stage, settle).await,
+        "postgresql-restart" => super::restarts::postgresql(stage, settle).await,
         "concurrency-64-producers" => super::concurrency::run(stage, settle).await,
         other => anyhow::bail!("no scenario `{other}`"),
     }
 }
 
-const ACCOUNT: &str = "acme";
+pub(super) const ACCOUNT: &str = "acme";
 
 /// `producers` plans of `each` all-or-nothing batches of varied sizes and costs.
-fn plans(
+pub(super) fn plans(
     prefix: &str,
     producers: usize,
     each: usize,
@@ -85,7 +85,7 @@ fn plans(
         .collect()
 }
 
-fn start_load(s: &Stage<'_>, plans: Vec<Vec<Request>>, pace_ms: u64) -> Load {
+pub(super) fn start_load(s: &Stage<'_>, plans: Vec<Vec<Request>>, pace_ms: u64) -> Load {
     Load::start(
         &s.conn.amqp_url,
         &s.names,
@@ -96,12 +96,12 @@ fn start_load(s: &Stage<'_>, plans: Vec<Vec<Request>>, pace_ms: u64) -> Load {
     )
 }
 
-async fn grant(s: &Stage<'_>, amount: i64) -> anyhow::Result<()> {
+pub(super) async fn grant(s: &Stage<'_>, amount: i64) -> anyhow::Result<()> {
     s.ledger.grant(ACCOUNT, amount, Some("chaos"), true).await?;
     Ok(())
 }
 
-async fn scalar(s: &Stage<'_>, sql: &str) -> anyhow::Result<i64> {
+pub(super) async fn scalar(s: &Stage<'_>, sql: &str) -> anyhow::Result<i64> {
     let c = s.ledger.pool().get().await?;
     Ok(c.query_one(sql, &[]).await?.get(0))
 }
@@ -144,12 +144,10 @@ async fn coordinator_killed(mut s: Stage<'_>, settle: Duration) -> anyhow::Resul
     s.crash_at("coordinator", "coordinator.mid_dispatch", 2, &small_window)
         .await?;
     let stranded = scalar(&s, "SELECT count(*) FROM batches WHERE state = 'granted'").await?;
-    s.expect(
-        stranded > 0,
-        format!(
-            "{stranded} batch(es) reserved but not fully dispatched when the last coordinator died"
-        ),
-    );
+    // Evidence, not a verdict: a reconciler may already have re-dispatched them.
+    s.note(format!(
+        "{stranded} batch(es) reserved but not fully dispatched when the last coordinator died"
+    ));
     s.fleet(1, 0, 0, &[])?;
     let sent = load.finish().await?;
     s.settle(&sent, Instant::now(), settle).await;
@@ -361,143 +359,6 @@ async fn rolling_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<R
         );
         s.spawn("worker", &slow)?;
     }
-    s.settle(&sent, Instant::now(), settle).await;
-    s.finish(sent).await
-}
-
-/// (role, prefetch) of every consuming channel of this namespace's roles, per RabbitMQ.
-async fn consumer_prefetch(s: &Stage<'_>) -> anyhow::Result<Vec<(String, u64)>> {
-    let rabbit = &s.services.rabbit;
-    let suffix = format!("/{}\"}}", s.conn.namespace);
-    let mut connections = Vec::new();
-    for line in rabbit
-        .ctl(&[
-            "list_connections",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .await?
-        .lines()
-    {
-        let Some((pid, props)) = line.split_once('\t') else {
-            continue;
-        };
-        // client_properties holds {"connection_name","holdfast-worker/<ns>"}.
-        let marker = "{\"connection_name\",\"";
-        let Some(at) = props.find(marker) else {
-            continue;
-        };
-        let rest = &props[at + marker.len()..];
-        if let Some(end) = rest.find(&suffix) {
-            connections.push((pid.to_string(), rest[..end].to_string()));
-        }
-    }
-    let mut out = Vec::new();
-    for line in rabbit
-        .ctl(&[
-            "list_channels",
-            "--no-table-headers",
-            "connection",
-            "prefetch_count",
-            "consumer_count",
-        ])
-        .await?
-        .lines()
-    {
-        let cols: Vec<&str> = line.split('\t').collect();
-        if cols.len() != 3 || cols[2] == "0" {
-            continue;
-        }
-        if let Some((_, role)) = connections.iter().find(|(pid, _)| pid == cols[0]) {
-            out.push((role.clone(), cols[1].parse().unwrap_or(0)));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Batches granted and not closed yet: the work a fault interrupts.
-async fn running(s: &Stage<'_>) -> anyhow::Result<i64> {
-    scalar(
-        s,
-        "SELECT count(*) FROM batches WHERE state IN ('granted', 'dispatched', 'cancelling')",
-    )
-    .await
-}
-
-/// Load for the service restarts: 8 producers sending for about 10 s,
-/// items of 200 ms, so that batches are running when the service goes.
-fn restart_load(s: &Stage<'_>) -> Load {
-    start_load(s, plans(s.name, 8, 12, 3..20, 200), 800)
-}
-
-/// The broker is restarted twice while batches run, once stopped in order,
-/// once killed with SIGKILL; every role must come back by itself, the consumers with their prefetch, and what was not
-/// confirmed is sent again (producers' requests, coordinators' jobs).
-async fn rabbitmq_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
-    grant(&s, 1_000_000).await?;
-    s.fleet(2, 2, 1, &[])?;
-    let load = restart_load(&s);
-    for kill in [false, true] {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let open = running(&s).await?;
-        let away = s.services.rabbit.restart(kill).await?;
-        s.fault(format!(
-            "RabbitMQ {} and started again ({:.1}s away)",
-            if kill { "killed (SIGKILL)" } else { "stopped" },
-            away.as_secs_f64()
-        ));
-        s.expect(
-            open > 0,
-            format!("{open} batch(es) running when RabbitMQ stopped"),
-        );
-    }
-    let sent = load.finish().await?;
-    s.settle(&sent, Instant::now(), settle).await;
-    // 2 workers × prefetch 16, 2 coordinators × 2 consumers × prefetch 32.
-    let want: Vec<(String, u64)> = [("holdfast-coordinator", 32u64); 4]
-        .into_iter()
-        .chain([("holdfast-worker", 16); 2])
-        .map(|(r, p)| (r.to_string(), p))
-        .collect();
-    let mut got = Vec::new();
-    for _ in 0..60 {
-        got = consumer_prefetch(&s).await?;
-        got.retain(|(r, _)| r != "holdfast-previews");
-        if got == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    s.expect(
-        got == want,
-        format!("consumers back with their prefetch: {got:?}"),
-    );
-    s.finish(sent).await
-}
-
-/// PostgreSQL crashes (immediate stop: every backend killed, recovery at the
-/// next start) while batches run: once restarted at once, once after 30 s
-/// away. Roles retry with backoff; nothing is lost or captured twice.
-async fn postgresql_restart(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
-    grant(&s, 1_000_000).await?;
-    s.fleet(2, 2, 1, &[])?;
-    let load = restart_load(&s);
-    for pause in [Duration::ZERO, Duration::from_secs(100)] {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let open = running(&s).await?;
-        let away = s.services.pg.crash_restart(pause).await?;
-        s.fault(format!(
-            "PostgreSQL crashed and restarted ({:.1}s away)",
-            away.as_secs_f64()
-        ));
-        s.expect(
-            open > 0,
-            format!("{open} batch(es) running when PostgreSQL crashed"),
-        );
-    }
-    let sent = load.finish().await?;
     s.settle(&sent, Instant::now(), settle).await;
     s.finish(sent).await
 }

@@ -39,6 +39,7 @@ pub fn env(pairs: &[(&str, &str)]) -> Env {
         .collect()
 }
 
+/// One scenario's world: its database, namespace, processes and findings.
 pub struct Stage<'a> {
     pub name: &'static str,
     pub services: &'a mut Services,
@@ -162,6 +163,11 @@ impl<'a> Stage<'a> {
             tracing::error!(scenario = self.name, failed = %what, "expectation failed");
             self.failures.push(what);
         }
+    }
+
+    /// A note for the report (no pass/fail).
+    pub fn note(&mut self, what: impl Into<String>) {
+        self.notes.push(what.into());
     }
 
     /// Start `role` with crash point `point` enabled, `times` times in a row,

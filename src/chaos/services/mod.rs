@@ -1,0 +1,145 @@
+//! Throwaway PostgreSQL and RabbitMQ instances for the chaos run, on their
+//! own ports and in a directory of their own, so that restarting them never
+//! disturbs the shared services that other tests use.
+//!
+//! - PostgreSQL: `initdb` into `<root>/pg` (as the `postgres` user when we are
+//!   root: the server refuses to run as root), then `pg_ctl` starts, restarts
+//!   and stops it. Trust authentication, loopback only.
+//! - RabbitMQ: a second Erlang node (`holdfast-chaos@localhost` by default)
+//!   with its own port, distribution port, Mnesia and log directories, an
+//!   empty plugin file (the main node's Prometheus port would clash) and its
+//!   own Erlang cookie; `rabbitmqctl -n <node>` controls it.
+//!
+//! Both are stopped and their directories removed by [`Services::shutdown`],
+//! and, should that not run (a panic), by their `Drop`: PostgreSQL with an
+//! immediate stop, RabbitMQ by killing its process.
+
+mod postgres;
+mod rabbitmq;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::Command;
+
+pub use postgres::Postgres;
+pub use rabbitmq::Rabbit;
+
+/// How long a service may take to start before the run gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// True when something accepts TCP connections on 127.0.0.1:`port`.
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).is_ok()
+}
+
+/// Refuse a port something already listens on: it would answer in our service's place.
+fn ensure_free(port: u16, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !port_open(port),
+        "port {port} (for the throwaway {what}) is already taken; choose another with the chaos flags"
+    );
+    Ok(())
+}
+
+/// Run `cmd` to completion; its standard output, or an error with both outputs.
+async fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {what}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Both throwaway services under one directory. Fields drop in order: the
+/// services stop, then their directory goes.
+pub struct Services {
+    pub pg: Postgres,
+    pub rabbit: Rabbit,
+    _root: RemoveOnDrop,
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Ports and names of the throwaway services.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServiceSettings {
+    /// Port of the throwaway PostgreSQL.
+    #[arg(long, default_value_t = 5433)]
+    pub pg_port: u16,
+    /// AMQP port of the throwaway RabbitMQ node.
+    #[arg(long, default_value_t = 5673)]
+    pub amqp_port: u16,
+    /// Erlang distribution port of the throwaway RabbitMQ node.
+    #[arg(long, default_value_t = 25673)]
+    pub dist_port: u16,
+    /// Erlang node name of the throwaway RabbitMQ node.
+    #[arg(long, default_value = "holdfast-chaos@localhost")]
+    pub node: String,
+}
+
+impl Services {
+    /// Create and start both, in a fresh directory under the system's temp dir.
+    pub async fn start(settings: &ServiceSettings) -> anyhow::Result<Self> {
+        let root = std::env::temp_dir().join(format!("holdfast-chaos-{}", std::process::id()));
+        std::fs::create_dir_all(&root)?;
+        let guard = RemoveOnDrop(root.clone());
+        // The `postgres` user must be able to reach its directory inside.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let started = Instant::now();
+        let pg = Postgres::create(&root, settings.pg_port).await;
+        let pg = match pg {
+            Ok(pg) => pg,
+            Err(e) => return Err(e.context("starting the throwaway PostgreSQL")),
+        };
+        let rabbit = Rabbit::create(
+            &root,
+            &settings.node,
+            settings.amqp_port,
+            settings.dist_port,
+        )
+        .await;
+        let rabbit = match rabbit {
+            Ok(r) => r,
+            Err(e) => return Err(e.context("starting the throwaway RabbitMQ node")),
+        };
+        tracing::info!(elapsed = ?started.elapsed(), pg = settings.pg_port, amqp = settings.amqp_port,
+            "throwaway services up");
+        Ok(Self {
+            pg,
+            rabbit,
+            _root: guard,
+        })
+    }
+
+    /// Stop both (in order) and remove their directory.
+    pub async fn shutdown(mut self) {
+        if let Err(e) = self.rabbit.stop().await {
+            tracing::warn!(error = format!("{e:#}"), "stopping the throwaway RabbitMQ");
+        }
+        if let Err(e) = self.pg.stop("fast").await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "stopping the throwaway PostgreSQL"
+            );
+        }
+        // Drop removes the rest.
+    }
+}
