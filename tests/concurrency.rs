@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use holdfast::producer::Producer;
-use holdfast_common::messages::Decision;
+use holdfast_common::messages::{BatchRequest, Decision};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use support::*;
@@ -106,4 +106,138 @@ async fn racing_producers_on_one_account_never_overspend() {
     assert!(samples > 10);
     t.assert_exact().await;
     t.stop().await;
+}
+
+/// Group decisions price on credits read without a lock and raise `held`
+/// last. Racing groups on one account must still never overspend, and never
+/// deny a request that fitted what was left: with no grant meanwhile, every
+/// denied request must cost more than the credits left at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_group_decisions_never_overspend_nor_deny_what_fits() {
+    const CLIENTS: usize = 8;
+    const GROUPS_EACH: usize = 8;
+    const GROUP: usize = 8;
+    const GRANTED: i64 = 2_000;
+    let t = TestFleet::start_with(fast_settings(), holdfast::fleet::Roles::default(), None).await;
+    t.grant("hot", GRANTED).await;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let ledger = t.ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
+            let mut outcomes = Vec::new();
+            for g in 0..GROUPS_EACH {
+                let requests: Vec<BatchRequest> = (0..GROUP)
+                    .map(|k| {
+                        let (n, cost) = (rng.random_range(1..=4), rng.random_range(1..=12));
+                        let id = format!("c{c}-g{g}-r{k}");
+                        serde_json::from_value(request(&id, "hot", n, cost)).unwrap()
+                    })
+                    .collect();
+                let inputs: Vec<_> = requests
+                    .iter()
+                    .map(|r| reserve_input(r, WAIT, WAIT))
+                    .collect();
+                for (r, decided) in requests.iter().zip(ledger.reserve_many(&inputs).await) {
+                    let cost: i64 = r.items.iter().map(|i| i.estimated_cost).sum();
+                    outcomes.push((cost, decided.expect("decided").decision));
+                }
+            }
+            outcomes
+        }));
+    }
+    let mut granted = 0;
+    let mut denied_costs = Vec::new();
+    for task in tasks {
+        for (cost, decision) in task.await.unwrap() {
+            match decision {
+                Decision::Granted(g) => {
+                    assert_eq!(g.reserved, cost);
+                    granted += cost;
+                }
+                Decision::Insufficient(_) => denied_costs.push(cost),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let account = t.ledger.account("hot").await.unwrap();
+    assert_eq!(account.held, granted, "held is the sum of the grants");
+    assert!(account.available >= 0);
+    assert!(
+        !denied_costs.is_empty(),
+        "the credits should run out in this test"
+    );
+    for cost in &denied_costs {
+        assert!(
+            *cost > account.available,
+            "a request costing {cost} was denied while {} credits are still free",
+            account.available
+        );
+    }
+    assert!(t.ledger.audit().await.unwrap().is_empty());
+}
+
+/// The retry, step by step: another transaction holds credits after the
+/// group read the account (without a lock) and before it raised `held`. The
+/// database refuses the overspend, and the group is decided again under the
+/// account lock: the request is denied with what is really left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_priced_on_credits_spent_meanwhile_is_decided_again_under_the_lock() {
+    let t = TestFleet::start_with(fast_settings(), holdfast::fleet::Roles::default(), None).await;
+    t.grant("hot", 100).await;
+
+    // Another transaction takes a hold of 90 and keeps the account row locked.
+    let mut other = t.ledger.pool().get().await.unwrap();
+    let tx = other.transaction().await.unwrap();
+    tx.batch_execute(
+        "WITH h AS (INSERT INTO holds (account_id, amount) VALUES ('hot', 90) RETURNING id)
+         INSERT INTO journal (account_id, hold_id, kind, amount, held_delta)
+         SELECT 'hot', id, 'hold', 90, 90 FROM h;
+         UPDATE accounts SET held = held + 90 WHERE id = 'hot';",
+    )
+    .await
+    .unwrap();
+
+    // The group reads 100 available, prices a 50-credit batch as granted, and
+    // waits on the account row at its last statement.
+    let ledger = t.ledger.clone();
+    let decide = tokio::spawn(async move {
+        let req: BatchRequest = serde_json::from_value(request("late", "hot", 5, 10)).unwrap();
+        ledger
+            .reserve_many(&[reserve_input(&req, WAIT, WAIT)])
+            .await
+            .pop()
+            .unwrap()
+    });
+    let watcher = t.ledger.pool().get().await.unwrap();
+    let waiting = async {
+        loop {
+            let n: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the group waits for the account row");
+    tx.commit().await.unwrap();
+
+    let decided = decide.await.unwrap().expect("decided, not failed");
+    let Decision::Insufficient(d) = decided.decision else {
+        panic!("expected insufficient, got {:?}", decided.decision)
+    };
+    assert_eq!((d.total_cost, d.available), (50, 10));
+    let account = t.ledger.account("hot").await.unwrap();
+    assert_eq!((account.balance, account.held), (100, 90));
+    assert!(t.ledger.audit().await.unwrap().is_empty());
 }

@@ -82,6 +82,7 @@ pub mod record {
         counter!("holdfast_credits_captured_total").absolute(0);
         counter!("holdfast_overrun_credits_total").absolute(0);
         counter!("holdfast_acks_lost_total").absolute(0);
+        counter!("holdfast_reservation_retries_total").absolute(0);
         for decision in ["granted", "insufficient", "rejected"] {
             counter!("holdfast_batches_total", "decision" => decision).absolute(0);
         }
@@ -113,6 +114,12 @@ pub mod record {
             counter!("holdfast_credits_reserved_total").increment(g.reserved.max(0) as u64);
         }
         histogram!("holdfast_reservation_seconds").record(took.as_secs_f64());
+    }
+
+    /// A group decision priced on credits another transaction spent
+    /// meanwhile, decided again under the account lock.
+    pub fn reservation_retried() {
+        counter!("holdfast_reservation_retries_total").increment(1);
     }
 
     /// A request rejected before reaching the ledger.

@@ -135,12 +135,32 @@ impl Ledger {
     }
 
     /// Decide `group` in one transaction, retrying transient failures.
+    ///
+    /// First with the account rows read, not locked: every row is written
+    /// and the accounts' `held` raised in the last statement before the
+    /// commit, so a hot account is locked for one statement and one commit
+    /// flush, whatever the size of the group. If another transaction spent
+    /// the same credits meanwhile, the database's `available >= 0` check
+    /// refuses that last statement; the group is then decided again with the
+    /// accounts locked first. Either way no decision rests on credits that
+    /// were not there when it committed.
     async fn decide_group(
         &self,
         group: &[(usize, &ReserveInput<'_>, Vec<u8>)],
     ) -> Result<Vec<Result<Reserved>>> {
         self.retrying("reserve", || async {
-            match self.reserve_group_once(group).await {
+            let decided = match self.reserve_group_once(group, AccountLock::AtTheEnd).await {
+                Err(LedgerError::Database(e)) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                    tracing::debug!(
+                        requests = group.len(),
+                        "credits spent meanwhile; deciding again under the account lock"
+                    );
+                    crate::telemetry::record::reservation_retried();
+                    self.reserve_group_once(group, AccountLock::First).await
+                }
+                other => other,
+            };
+            match decided {
                 // Another coordinator inserted one of the batch ids between our
                 // lookup and our insert: go again, and replay its decision.
                 Err(LedgerError::Database(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
@@ -187,6 +207,7 @@ impl Ledger {
     async fn reserve_group_once(
         &self,
         group: &[(usize, &ReserveInput<'_>, Vec<u8>)],
+        lock: AccountLock,
     ) -> Result<Vec<Result<Reserved>>> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -209,18 +230,21 @@ impl Ledger {
             seen.insert(row.get(0), (row.get(1), decision, state == "granted"));
         }
 
-        // Lock every account of the group once, in id order (the lock order).
+        // Every account of the group once, in id order (the lock order).
         let mut accounts: Vec<&str> = group
             .iter()
             .map(|(_, i, _)| i.request.account_id.as_str())
             .collect();
         accounts.sort_unstable();
         accounts.dedup();
+        let read = match lock {
+            AccountLock::AtTheEnd => "SELECT id, balance - held FROM accounts WHERE id = ANY($1)",
+            AccountLock::First => {
+                "SELECT id, balance - held FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+            }
+        };
         let mut available: HashMap<String, i64> = tx
-            .query(
-                "SELECT id, balance - held FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-                &[&accounts],
-            )
+            .query(read, &[&accounts])
             .await?
             .into_iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -271,6 +295,8 @@ impl Ledger {
         insert_holds(&tx, &new_batches).await?;
         insert_batches(&tx, &new_batches).await?;
         insert_items(&tx, &new_batches).await?;
+        // Last: the account rows, so that their lock lasts one statement.
+        raise_held(&tx, &new_batches).await?;
         tx.commit().await?;
         Ok(results)
     }
@@ -426,7 +452,50 @@ impl<'a> NewBatch<'a> {
     }
 }
 
-/// The new holds of granted batches, the accounts' `held`, and their journal rows.
+/// Whether a group decision locks its accounts before it prices (`First`) or
+/// only writes them last (`AtTheEnd`, see [`Ledger::decide_group`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AccountLock {
+    First,
+    AtTheEnd,
+}
+
+/// Raise each account's `held` by its new holds, one update per account in id
+/// order. The `available >= 0` check refuses it if the credits are gone.
+async fn raise_held(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()> {
+    let mut per_account: std::collections::BTreeMap<&str, i64> = Default::default();
+    for b in batches {
+        if let Some(g) = b.grant.as_ref().filter(|g| !g.existing_hold) {
+            *per_account
+                .entry(b.input.request.account_id.as_str())
+                .or_default() += g.total;
+        }
+    }
+    if per_account.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = per_account.keys().copied().collect();
+    let totals: Vec<i64> = per_account.values().copied().collect();
+    if ids.len() > 1 {
+        // Several accounts: lock them in id order first, so that two groups
+        // sharing accounts queue instead of deadlocking.
+        tx.execute(
+            "SELECT 1 FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+            &[&ids],
+        )
+        .await?;
+    }
+    tx.execute(
+        "UPDATE accounts a SET held = a.held + t.total, updated_at = now()
+         FROM unnest($1::text[], $2::int8[]) AS t(id, total)
+         WHERE a.id = t.id",
+        &[&ids, &totals],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The new holds of granted batches and their journal rows.
 async fn insert_holds(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()> {
     let grants: Vec<(&NewBatch, &NewGrant)> = batches
         .iter()
@@ -450,15 +519,6 @@ async fn insert_holds(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<
         "INSERT INTO holds (id, account_id, amount)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[])",
         &[&holds, &accounts, &totals],
-    )
-    .await?;
-    // Accounts already locked by the caller; one update per account.
-    tx.execute(
-        "UPDATE accounts a SET held = a.held + t.total, updated_at = now()
-         FROM (SELECT id, sum(amount)::int8 AS total FROM unnest($1::text[], $2::int8[]) AS u(id, amount)
-               GROUP BY id) AS t
-         WHERE a.id = t.id",
-        &[&accounts, &totals],
     )
     .await?;
     tx.execute(
