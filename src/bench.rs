@@ -71,6 +71,9 @@ pub struct BenchReport {
     pub decision_latency_ms_p50: f64,
     pub decision_latency_ms_p99: f64,
     pub latency_rate_per_s: f64,
+    /// The same offered rate with the workers running the granted jobs meanwhile.
+    pub decision_latency_busy_ms_p50: f64,
+    pub decision_latency_busy_ms_p99: f64,
     pub per_item_us_by_batch_size: Vec<(usize, f64)>,
     pub peak_rss_mib: Vec<(String, f64)>,
     pub naive_items_per_s: f64,
@@ -565,20 +568,34 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     publish_all(&producer, &bodies).await?;
     let done = wait_decided(&ledger, "dm-", bodies.len() as i64).await?;
     r.decisions_many_accounts_per_s = bodies.len() as f64 / (done - started).as_secs_f64();
-    children.signal("worker", "CONT").await?;
-    wait_closed(&ledger, "dm-", args.decisions as i64).await?;
-
+    // Latency at half the rate just measured, under the same conditions
+    // (workers paused), then again with the workers running the jobs.
     eprintln!("bench: decision latency at half load");
     r.latency_rate_per_s = (r.decisions_hot_account_per_s / 2.0).max(1.0);
-    let (p50, p99) = latency(
+    (r.decision_latency_ms_p50, r.decision_latency_ms_p99) = latency(
         &conn,
         &names,
         &queues,
+        "lat-",
         r.latency_rate_per_s,
         args.latency_seconds,
     )
     .await?;
-    (r.decision_latency_ms_p50, r.decision_latency_ms_p99) = (p50, p99);
+    children.signal("worker", "CONT").await?;
+    wait_closed(&ledger, "dm-", args.decisions as i64).await?;
+    eprintln!("bench: decision latency at half load, workers running");
+    (
+        r.decision_latency_busy_ms_p50,
+        r.decision_latency_busy_ms_p99,
+    ) = latency(
+        &conn,
+        &names,
+        &queues,
+        "latbusy-",
+        r.latency_rate_per_s,
+        args.latency_seconds,
+    )
+    .await?;
 
     r.peak_rss_mib = children.peak_rss_mib();
     children.stop().await;
@@ -616,6 +633,7 @@ async fn latency(
     conn: &Connections,
     names: &Names,
     queues: &QueueSettings,
+    prefix: &str,
     rate: f64,
     seconds: u64,
 ) -> anyhow::Result<(f64, f64)> {
@@ -671,7 +689,7 @@ async fn latency(
     let start = tokio::time::Instant::now();
     for i in 0..n {
         tokio::time::sleep_until(start + gap * i as u32).await;
-        let id = format!("lat-{i}");
+        let id = format!("{prefix}{i}");
         let props = json_properties()
             .with_reply_to(reply_queue.clone().into())
             .with_correlation_id(id.clone().into());
@@ -771,6 +789,20 @@ pub fn print(r: &BenchReport) {
         (
             format!("decision latency p99 ms at {:.0}/s", r.latency_rate_per_s),
             format!("{:.1}", r.decision_latency_ms_p99),
+        ),
+        (
+            format!(
+                "  same, workers running the jobs: p50 ms at {:.0}/s",
+                r.latency_rate_per_s
+            ),
+            format!("{:.1}", r.decision_latency_busy_ms_p50),
+        ),
+        (
+            format!(
+                "  same, workers running the jobs: p99 ms at {:.0}/s",
+                r.latency_rate_per_s
+            ),
+            format!("{:.1}", r.decision_latency_busy_ms_p99),
         ),
         (
             "naive per-item quota, items/s".into(),
