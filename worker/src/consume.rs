@@ -45,7 +45,7 @@ const MAX_LEDGER_WAIT: Duration = Duration::from_secs(5);
 #[derive(Args, Clone, Debug)]
 pub struct WorkerSettings {
     /// Unacknowledged jobs one worker holds, which is also how many run at once.
-    #[arg(long, env = "HOLDFAST_WORKER_PREFETCH", default_value_t = 256)]
+    #[arg(long, env = "HOLDFAST_WORKER_PREFETCH", default_value_t = 64)]
     pub worker_prefetch: u16,
     /// Most items captured in one transaction.
     #[arg(long, env = "HOLDFAST_SETTLE_BATCH", default_value_t = 128)]
@@ -67,7 +67,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            worker_prefetch: 256,
+            worker_prefetch: 64,
             settle_batch: 128,
             generator_retries: 3,
             generator_retry_ms: 200,

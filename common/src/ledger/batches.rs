@@ -89,17 +89,14 @@ impl Ledger {
         let ids: Vec<&str> = items.iter().map(|(_, i)| *i).collect();
         self.retrying("item state", || async {
             let client = self.pool.get().await?;
-            // Cached: a worker sends this for every group of deliveries.
-            let statement = client
-                .prepare_cached(
+            Ok(client
+                .query(
                     "SELECT i.batch_id, i.item_id, i.state, b.state
                      FROM unnest($1::text[], $2::text[]) AS t(batch_id, item_id)
                      JOIN items i ON i.batch_id = t.batch_id AND i.item_id = t.item_id
                      JOIN batches b ON b.id = i.batch_id",
+                    &[&batches, &ids],
                 )
-                .await?;
-            Ok(client
-                .query(&statement, &[&batches, &ids])
                 .await?
                 .into_iter()
                 .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))

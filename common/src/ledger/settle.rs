@@ -125,12 +125,9 @@ impl Ledger {
         let mut batches = HashMap::new();
         for row in tx
             .query(
-                &tx.prepare_cached(
-                    "SELECT id, account_id, hold_id FROM batches
+                "SELECT id, account_id, hold_id FROM batches
                  WHERE id = ANY($1) AND state IN ('granted', 'dispatched', 'cancelling')
                  ORDER BY id FOR UPDATE",
-                )
-                .await?,
                 &[&batch_ids],
             )
             .await?
@@ -174,7 +171,7 @@ impl Ledger {
         // Only pending items change: a duplicate finds its item settled and is left alone.
         let rows = tx
             .query(
-                &tx.prepare_cached("WITH input AS (
+                "WITH input AS (
                      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
                          AS t(batch_id, item_id, kind, actual, reason))
                  UPDATE items i SET
@@ -187,7 +184,7 @@ impl Ledger {
                      settled_at = now()
                  FROM input
                  WHERE i.batch_id = input.batch_id AND i.item_id = input.item_id AND i.state = 'pending'
-                 RETURNING i.batch_id, i.item_id, i.state, i.captured, i.overrun").await?,
+                 RETURNING i.batch_id, i.item_id, i.state, i.captured, i.overrun",
                 &[&b, &it, &kind, &actual, &reason],
             )
             .await?;
@@ -233,8 +230,8 @@ impl Ledger {
         }
         if !j_acct.is_empty() {
             tx.execute(
-                &tx.prepare_cached("INSERT INTO journal (account_id, hold_id, batch_id, item_id, kind, amount)
-                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[])").await?,
+                "INSERT INTO journal (account_id, hold_id, batch_id, item_id, kind, amount)
+                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[])",
                 &[&j_acct, &j_hold, &j_batch, &j_item, &j_kind, &j_amount],
             )
             .await?;
@@ -249,21 +246,18 @@ impl Ledger {
             let fail: Vec<i32> = per_batch.values().map(|v| v.2).collect();
             let canc: Vec<i32> = per_batch.values().map(|v| v.3).collect();
             tx.execute(
-                &tx.prepare_cached(
-                    "UPDATE holds h SET captured = h.captured + t.c
+                "UPDATE holds h SET captured = h.captured + t.c
                  FROM unnest($1::uuid[], $2::int8[]) AS t(id, c) WHERE h.id = t.id",
-                )
-                .await?,
                 &[&holds, &caps],
             )
             .await?;
             let counted = tx
                 .query(
-                    &tx.prepare_cached("UPDATE batches b SET succeeded = b.succeeded + t.s, failed = b.failed + t.f,
+                    "UPDATE batches b SET succeeded = b.succeeded + t.s, failed = b.failed + t.f,
                                           cancelled = b.cancelled + t.c
                      FROM unnest($1::text[], $2::int4[], $3::int4[], $4::int4[]) AS t(id, s, f, c)
                      WHERE b.id = t.id
-                     RETURNING b.id, b.succeeded + b.failed + b.cancelled = b.run_count").await?,
+                     RETURNING b.id, b.succeeded + b.failed + b.cancelled = b.run_count",
                     &[&ids, &succ, &fail, &canc],
                 )
                 .await?;
