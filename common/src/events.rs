@@ -14,6 +14,16 @@ pub struct ReplyTo {
     pub correlation_id: Option<String>,
 }
 
+impl ReplyTo {
+    /// Where a delivery asks to be answered: its `reply_to` and `correlation_id`.
+    pub fn of(properties: &lapin::BasicProperties) -> Self {
+        Self {
+            queue: properties.reply_to().as_ref().map(|s| s.to_string()),
+            correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+        }
+    }
+}
+
 /// Publish `body` to the reply queue, if any; the confirm goes to `confirms`.
 async fn reply(
     publisher: &Publisher,

@@ -61,18 +61,7 @@ pub async fn consume(
         let handled = async {
             match answer(ledger, config, &delivery.data).await {
                 Ok(event) => {
-                    let to = ReplyTo {
-                        queue: delivery
-                            .properties
-                            .reply_to()
-                            .as_ref()
-                            .map(|s| s.to_string()),
-                        correlation_id: delivery
-                            .properties
-                            .correlation_id()
-                            .as_ref()
-                            .map(|s| s.to_string()),
-                    };
+                    let to = ReplyTo::of(&delivery.properties);
                     if let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) {
                         let mut props = json_properties();
                         if let Some(c) = &to.correlation_id {

@@ -170,7 +170,7 @@ impl Intake {
                 .await?;
                 fresh.push(&request.batch_id);
             } else if reserved.needs_dispatch {
-                replays.push(*i);
+                replays.push((*i, request.batch_id.as_str()));
             }
             outcomes[*i] = Some(Ok(Outcome::Decided {
                 decision: Box::new(reserved.decision),
@@ -185,13 +185,7 @@ impl Intake {
             tracing::warn!(error = %e, "could not record the dispatch; a reconciler will resend");
         }
         // A replayed grant that was never confirmed dispatched: resend what is pending.
-        for i in replays {
-            let batch_id = &parsed
-                .iter()
-                .find(|(j, _)| *j == i)
-                .expect("parsed")
-                .1
-                .batch_id;
+        for (i, batch_id) in replays {
             match dispatch(
                 &self.ledger,
                 &self.publisher,
@@ -273,18 +267,7 @@ fn rejection(request: &BatchRequest, e: LedgerError) -> Result<Box<Rejected>, Le
 }
 
 fn reply_of(delivery: &Delivery) -> ReplyTo {
-    ReplyTo {
-        queue: delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .map(|s| s.to_string()),
-        correlation_id: delivery
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|s| s.to_string()),
-    }
+    ReplyTo::of(&delivery.properties)
 }
 
 /// Run the coordinator role until `shutdown`: `coordinator_consumers`

@@ -226,13 +226,7 @@ async fn start_group(item: Item, group: Vec<Delivery>, tasks: TaskTracker) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             for (delivery, _) in &jobs {
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
+                let _ = requeue(delivery).await;
             }
             return;
         }
@@ -315,13 +309,7 @@ impl Item {
                     }
                 } else {
                     tracing::warn!(%why, deliveries, "generator crashed; returning the job");
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await?;
+                    requeue(&delivery).await?;
                     return Ok(());
                 }
             }
@@ -474,6 +462,18 @@ fn counter_duplicate() {
     record::duplicate_job();
 }
 
+/// Return a job to its queue (RabbitMQ counts the delivery against its limit).
+async fn requeue(delivery: &Delivery) -> Result<(), lapin::Error> {
+    delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
 async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
     if !delivery.acker.ack(BasicAckOptions::default()).await? {
         record::ack_lost();
@@ -523,14 +523,7 @@ async fn settle_loop(
                 // redelivery captures them (each at most once).
                 tracing::error!(error = %e, items = batch.len(), "capture failed; returning the jobs");
                 for f in &batch {
-                    let _ = f
-                        .delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
+                    let _ = requeue(&f.delivery).await;
                 }
                 continue;
             }
