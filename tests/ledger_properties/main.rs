@@ -77,6 +77,10 @@ enum Op {
     RaceCaptureExpiry(usize, usize, Outcome),
     RaceCaptureCancel(usize, usize, Outcome),
     RaceStartExpiry(usize),
+    /// A capture against the reconciler's sweep of finished batches.
+    RaceCaptureSweep(usize, usize, Outcome),
+    /// Two reconcilers' deadline sweeps at once (after this batch's deadline).
+    RaceTwoSweeps(usize),
 }
 
 fn outcome() -> impl Strategy<Value = Outcome> {
@@ -113,6 +117,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::RaceCaptureExpiry(b, i, o)),
         2 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::RaceCaptureCancel(b, i, o)),
         1 => ix().prop_map(Op::RaceStartExpiry),
+        1 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::RaceCaptureSweep(b, i, o)),
+        1 => ix().prop_map(Op::RaceTwoSweeps),
     ]
 }
 
@@ -162,7 +168,7 @@ fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
             vec![Call::Settle(vec![(b, i, o.clone()), (b, i, p.clone())])]
         }
         Op::Cancel(b) => vec![Call::Cancel(batch(*b)?)],
-        Op::ExpireOverdue => vec![Call::ExpireOverdue { skip: None }],
+        Op::ExpireOverdue => vec![Call::ExpireOverdue { skip: vec![] }],
         Op::CloseFinished => vec![Call::CloseFinished],
         Op::SoftHold(a) => vec![Call::SoftHold(*a)],
         Op::ExpireSoft => vec![Call::ExpireSoft { skip: None }],
@@ -195,7 +201,7 @@ fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
             let b = running(*b)?;
             vec![
                 Call::Settle(vec![(b, item(b, *i), o.clone())]),
-                Call::ExpireOverdue { skip: None },
+                Call::ExpireOverdue { skip: vec![] },
             ]
         }
         Op::RaceCaptureCancel(b, i, o) => {
@@ -205,6 +211,17 @@ fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
                 Call::Cancel(b),
             ]
         }
+        Op::RaceCaptureSweep(b, i, o) => {
+            let b = running(*b)?;
+            vec![
+                Call::Settle(vec![(b, item(b, *i), o.clone())]),
+                Call::CloseFinished,
+            ]
+        }
+        Op::RaceTwoSweeps(_) => vec![
+            Call::ExpireOverdue { skip: vec![] },
+            Call::ExpireOverdue { skip: vec![] },
+        ],
         Op::PassDeadline(_) | Op::PassTtl(_) => vec![],
     })
 }
@@ -213,11 +230,29 @@ fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
 /// (first, second, whether the first is `a`). The reconciler's sweeps skip
 /// rows another transaction has locked (`SKIP LOCKED`), so a sweep racing a
 /// settle or a start may also leave that batch or hold for the next sweep.
-fn orders(a: &Call, b: &Call) -> Vec<(Call, Call, bool)> {
+///
+/// Two deadline sweeps at once may split the overdue batches between them:
+/// the first (in either order) closes what it reported and skips the rest,
+/// the second must then close exactly the rest.
+fn orders(model: &Model, a: &Call, b: &Call, seen: (&Obs, &Obs)) -> Vec<(Call, Call, bool)> {
     let mut out = vec![(a.clone(), b.clone(), true), (b.clone(), a.clone(), false)];
+    if let (Call::ExpireOverdue { .. }, Call::ExpireOverdue { .. }) = (a, b) {
+        for (first, a_first) in [(seen.0, true), (seen.1, false)] {
+            let Obs::Closed(closed) = first else { continue };
+            let skip = (0..model.batches.len())
+                .filter(|&i| {
+                    !closed
+                        .iter()
+                        .any(|(id, _)| *id == model.batches[i].request.batch_id)
+                })
+                .collect();
+            let rest = Call::ExpireOverdue { skip: vec![] };
+            out.push((Call::ExpireOverdue { skip }, rest, a_first));
+        }
+    }
     let skipped = match (a, b) {
         (Call::Settle(items), Call::ExpireOverdue { .. }) => Some(Call::ExpireOverdue {
-            skip: Some(items[0].0),
+            skip: vec![items[0].0],
         }),
         (Call::StartFromSoft(s, _), Call::ExpireSoft { .. }) => {
             Some(Call::ExpireSoft { skip: Some(*s) })
@@ -318,7 +353,9 @@ async fn run_case(
         };
         // Time, controlled: deadlines and TTLs pass when the test says so.
         let deadline = match (op, calls.first()) {
-            (Op::PassDeadline(b), _) if !model.batches.is_empty() => Some(b % model.batches.len()),
+            (Op::PassDeadline(b) | Op::RaceTwoSweeps(b), _) if !model.batches.is_empty() => {
+                Some(b % model.batches.len())
+            }
             (Op::RaceCaptureExpiry(..), Some(Call::Settle(items))) => Some(items[0].0),
             _ => None,
         };
@@ -356,17 +393,20 @@ async fn run_case(
             }
             [a, b] => {
                 let (ga, gb) = tokio::join!(real.apply(&model, a), real.apply(&model, b));
-                let explained = orders(a, b).into_iter().find_map(|(x, y, a_first)| {
-                    let mut m = model.clone();
-                    let first = m.apply(&x);
-                    let second = m.apply(&y);
-                    let (wa, wb) = if a_first {
-                        (first, second)
-                    } else {
-                        (second, first)
-                    };
-                    (wa == ga && wb == gb).then_some(m)
-                });
+                let explained =
+                    orders(&model, a, b, (&ga, &gb))
+                        .into_iter()
+                        .find_map(|(x, y, a_first)| {
+                            let mut m = model.clone();
+                            let first = m.apply(&x);
+                            let second = m.apply(&y);
+                            let (wa, wb) = if a_first {
+                                (first, second)
+                            } else {
+                                (second, first)
+                            };
+                            (wa == ga && wb == gb).then_some(m)
+                        });
                 match explained {
                     Some(m) => {
                         model = m;

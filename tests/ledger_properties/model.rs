@@ -118,10 +118,15 @@ pub enum Call {
     Replay(usize),
     Settle(Vec<(usize, usize, Outcome)>),
     Cancel(usize),
-    ExpireOverdue { skip: Option<usize> },
+    /// The reconciler's deadline sweep; `skip`: batches it finds locked.
+    ExpireOverdue {
+        skip: Vec<usize>,
+    },
     CloseFinished,
     SoftHold(i64),
-    ExpireSoft { skip: Option<usize> },
+    ExpireSoft {
+        skip: Option<usize>,
+    },
     CancelSoft(usize),
     StartFromSoft(usize, BatchRequest),
 }
@@ -198,7 +203,7 @@ impl Model {
             Call::ExpireOverdue { skip } => {
                 let ids: Vec<usize> = (0..self.batches.len())
                     .filter(|&i| {
-                        self.batches[i].open() && self.batches[i].overdue && Some(i) != *skip
+                        self.batches[i].open() && self.batches[i].overdue && !skip.contains(&i)
                     })
                     .collect();
                 let mut closed = vec![];
