@@ -289,6 +289,15 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
         body["type"].as_str().unwrap().ends_with("forbidden"),
         "{body}"
     );
+    // Nor does it take holds: batches go to the coordinators.
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/batches"))
+        .json(&request("via-worker", "acme", 1, 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(t.ledger.batch("via-worker").await.unwrap().is_none());
     let plain = request("plain", "acme", 5, 10);
     granted(&t.submit(&plain).await);
     let mut seq = request("seq", "acme", 25, 2);

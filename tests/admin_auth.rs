@@ -1,0 +1,106 @@
+//! Every route that adds credits or creates accounts is authenticated: each
+//! operation the OpenAPI document marks `admin_token` answers 401 without the
+//! token and with a wrong one, and the reference page's grant is off unless
+//! the server enables it. None of the refused calls changes the ledger.
+
+mod support;
+
+use holdfast::fleet::{HttpAddr, Roles};
+use serde_json::{json, Value};
+use support::*;
+
+const TOKEN: &str = "the-admin-token";
+
+#[tokio::test]
+async fn admin_operations_refuse_a_missing_or_wrong_token() {
+    let mut settings = fast_settings();
+    settings.http_addr = HttpAddr(Some("127.0.0.1:0".parse().unwrap()));
+    settings.api.admin_token = Some(TOKEN.into());
+    let t = TestFleet::start_with(settings, Roles::ALL, None).await;
+    t.grant("acme", 100).await;
+    let base = format!("http://{}", t.fleets[0].http_addr().unwrap());
+    let http = reqwest::Client::new();
+
+    let doc: Value = http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut admin_ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("admin_token").is_some()));
+            if secured {
+                admin_ops.push((method.to_uppercase(), path.replace("{id}", "acme")));
+            }
+        }
+    }
+    assert_eq!(
+        admin_ops,
+        [("POST".to_string(), "/v1/accounts/acme/grants".to_string())],
+        "the admin operations; a new one must be added to this test"
+    );
+
+    let body = json!({"amount": 1_000, "create": true});
+    for (method, path) in &admin_ops {
+        let url = format!("{base}{path}");
+        let method: reqwest::Method = method.parse().unwrap();
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic dGhlLWFkbWluLXRva2Vu"),
+            Some("Bearer "),
+        ] {
+            let mut req = http.request(method.clone(), &url).json(&body);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{method} {path} with {auth:?}");
+            assert!(r.headers().contains_key("www-authenticate"));
+        }
+        // The same call for an account that does not exist: not created.
+        let r = http
+            .request(method.clone(), url.replace("acme", "newcomer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+
+    // The reference page's grant needs HOLDFAST_DEMO_GRANTS=1.
+    let r = http
+        .post(format!("{base}/demo/grant"))
+        .json(&json!({"account_id": "acme", "amount": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    assert_eq!(
+        t.available("acme").await,
+        100,
+        "no refused call granted anything"
+    );
+    assert!(matches!(
+        t.ledger.account("newcomer").await,
+        Err(holdfast_common::ledger::LedgerError::UnknownAccount(_))
+    ));
+    // With the token it works: the refusals above were about the token.
+    let r = http
+        .post(format!("{base}/v1/accounts/acme/grants"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"amount": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(t.available("acme").await, 105);
+    t.stop().await;
+}

@@ -1,0 +1,205 @@
+//! The real ledger: each call of the model made on PostgreSQL, its answer
+//! reduced to what the model predicts, and the test's control of time.
+
+use std::time::Duration;
+
+use holdfast_common::ledger::{
+    ClosedBatch, ItemOutcome, Ledger, LedgerError, ReserveInput, Reserved, SettleReport, Settlement,
+};
+use holdfast_common::messages::{BatchRequest, Decision, ItemRequest, Mode};
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::model::{error_kind, Call, Model, Obs, Outcome, CHUNK};
+use crate::support::reserve_input;
+
+/// Deadlines and TTLs of the test: they pass only when the test says so.
+const LONG: Duration = Duration::from_secs(3600);
+
+pub struct Real<'a> {
+    pub ledger: &'a Ledger,
+    pub db: &'a Client,
+    pub account: &'a str,
+    /// What the audit found before this case began.
+    pub drift_before: Vec<holdfast_common::ledger::Drift>,
+}
+
+pub fn ours(account: &str, closed: &[ClosedBatch]) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = closed
+        .iter()
+        .filter(|c| c.account_id == account)
+        .map(|c| (c.batch_id.clone(), c.state.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn decision_obs(r: Result<Reserved, LedgerError>) -> Obs {
+    match r {
+        Ok(r) => match r.decision {
+            Decision::Granted(g) => Obs::Decision {
+                kind: "granted".into(),
+                reserved: g.reserved,
+                run: g.item_ids,
+                replayed: r.replayed,
+            },
+            Decision::Insufficient(_) => Obs::Decision {
+                kind: "insufficient".into(),
+                reserved: 0,
+                run: vec![],
+                replayed: r.replayed,
+            },
+            Decision::Rejected(r) => panic!("the ledger rejected a valid request: {r:?}"),
+        },
+        Err(e) => Obs::Refused(error_kind(&e)),
+    }
+}
+
+impl Real<'_> {
+    pub async fn apply(&self, model: &Model, call: &Call) -> Obs {
+        let l = self.ledger;
+        match call {
+            Call::Grant(a) => {
+                l.grant(self.account, *a, Some("property"), false)
+                    .await
+                    .unwrap();
+                Obs::Done
+            }
+            Call::Reserve(req) => decision_obs(l.reserve(&input(req)).await),
+            Call::Replay(b) => decision_obs(l.reserve(&input(&model.batches[*b].request)).await),
+            Call::Settle(items) => {
+                let s: Vec<Settlement> = items
+                    .iter()
+                    .map(|(b, i, o)| settlement(model, *b, *i, o))
+                    .collect();
+                self.settled(l.settle(&s).await.unwrap())
+            }
+            Call::Cancel(b) => match l.cancel_batch(&model.batches[*b].request.batch_id).await {
+                Ok(c) => Obs::Cancel(c.state),
+                Err(e) => Obs::Refused(error_kind(&e)),
+            },
+            Call::ExpireOverdue { .. } => {
+                Obs::Closed(ours(self.account, &l.expire_overdue(1000).await.unwrap()))
+            }
+            Call::CloseFinished => {
+                let (closed, advanced) = l.close_finished(1000).await.unwrap();
+                assert!(
+                    !advanced.iter().any(|b| b.starts_with(self.account)),
+                    "close_finished advanced {advanced:?}: a settle should have"
+                );
+                Obs::Closed(ours(self.account, &closed))
+            }
+            Call::SoftHold(amount) => match l.reserve_soft(self.account, *amount, LONG).await {
+                Ok(_) => Obs::Soft(Ok(())),
+                Err(LedgerError::Insufficient {
+                    requested,
+                    available,
+                }) => Obs::Soft(Err((requested, available))),
+                Err(e) => panic!("soft hold: {e}"),
+            },
+            Call::ExpireSoft { .. } => Obs::Expired(l.expire_soft_holds(1000).await.unwrap()),
+            Call::CancelSoft(s) => match l.cancel_soft(&model.softs[*s].id).await {
+                Ok(r) => Obs::Reservation(r.state),
+                Err(e) => Obs::Refused(error_kind(&e)),
+            },
+            Call::StartFromSoft(_, req) => decision_obs(l.reserve(&input(req)).await),
+        }
+    }
+
+    pub fn settled(&self, r: SettleReport) -> Obs {
+        let mut advanced = r.advanced;
+        advanced.sort();
+        Obs::Settled {
+            results: r.results,
+            closed: ours(self.account, &r.closed),
+            advanced,
+        }
+    }
+
+    /// Move a batch's execution deadline into the past (instead of waiting).
+    pub async fn pass_deadline(&self, batch_id: &str) {
+        self.db
+            .execute(
+                "UPDATE batches SET deadline_at = now() - interval '1 second' WHERE id = $1",
+                &[&batch_id],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Move a soft hold's TTL into the past.
+    pub async fn pass_ttl(&self, id: &str) {
+        let id: uuid::Uuid = id.parse().unwrap();
+        self.db
+            .execute(
+                "UPDATE holds SET expires_at = now() - interval '1 second'
+                 WHERE id = $1 AND expires_at IS NOT NULL",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+pub fn input(req: &BatchRequest) -> ReserveInput<'_> {
+    let mut i = reserve_input(req, LONG, LONG);
+    i.chunk_size = CHUNK;
+    i
+}
+
+pub fn settlement(model: &Model, b: usize, i: usize, o: &Outcome) -> Settlement {
+    let batch = &model.batches[b];
+    Settlement {
+        batch_id: batch.request.batch_id.clone(),
+        item_id: batch
+            .request
+            .items
+            .get(i)
+            .map(|it| it.item_id.clone())
+            .unwrap_or_default(),
+        outcome: match o {
+            Outcome::Cost(a) => ItemOutcome::Succeeded {
+                actual_cost: Some(*a),
+            },
+            Outcome::NoCost => ItemOutcome::Succeeded { actual_cost: None },
+            Outcome::Fail => ItemOutcome::Failed {
+                reason: "generator failed".into(),
+            },
+            Outcome::Cancelled => ItemOutcome::Cancelled,
+        },
+    }
+}
+
+pub fn request(
+    model: &Model,
+    n: usize,
+    mode: Mode,
+    costs: &[i64],
+    soft: Option<&str>,
+) -> BatchRequest {
+    BatchRequest {
+        batch_id: format!("{}-b{n}", model.account),
+        account_id: model.account.clone(),
+        items: costs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ItemRequest {
+                item_id: format!("i{i}"),
+                estimated_cost: *c,
+                priority: 0,
+                payload: Value::Null,
+            })
+            .collect(),
+        mode,
+        item_ids: None,
+        reservation_id: soft.map(str::to_string),
+    }
+}
+
+/// Split `amount` into 1 to 3 item costs.
+pub fn split(amount: i64, parts: usize) -> Vec<i64> {
+    let parts = (parts as i64).clamp(1, amount.min(3));
+    let mut v = vec![amount / parts; parts as usize];
+    v[0] += amount % parts;
+    v
+}

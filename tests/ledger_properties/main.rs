@@ -1,0 +1,522 @@
+//! A property test of the ledger against the real PostgreSQL: random
+//! interleavings of grant, reserve (all_or_nothing, first_fit, sequential),
+//! replayed requests, capture with random actual costs (overruns, zero, no cost
+//! reported, failures, cancelled jobs), duplicate captures, cancel, execution
+//! deadlines passing and the reconciler's expiry, soft holds (taken, started,
+//! cancelled, expired) keep every invariant of the design:
+//!
+//! - `available ≥ 0` and `held ≥ 0`, always;
+//! - per hold, `amount = captured + released + open` (open holds released
+//!   nothing; a resolved hold accounts for every credit), and it resolves once;
+//! - a closed batch has nothing pending and its hold is resolved;
+//! - each item is captured at most once, and a second capture reports the first;
+//! - balances equal the journal, and `Ledger::audit` finds nothing.
+//!
+//! The invariants are checked after every step with SQL of this file (not the
+//! ledger's), and a small model of the account predicts every answer of the
+//! ledger and the balances. Some steps run two operations at once where the
+//! ledger promises that exactly one wins (duplicate captures, a capture racing
+//! the deadline expiry or a cancel, a soft hold started while it expires): the
+//! outcome must be one of the sequential orders of the model.
+//!
+//! One database for the whole test, a fresh account per case. The seed is
+//! fixed, so CI runs the same cases every time; `PROPTEST_RNG_SEED` and
+//! `PROPTEST_CASES` explore others. A failing case is saved in
+//! `tests/ledger_properties/main.proptest-regressions` (commit it) and replayed
+//! first.
+//!
+//! Modules: [`model`] predicts, [`ledger`] runs the same calls on PostgreSQL,
+//! [`invariants`] checks the database after every step.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod invariants;
+mod ledger;
+mod model;
+
+use std::collections::BTreeSet;
+
+use holdfast::fleet::Roles;
+use holdfast_common::ledger::{Ledger, Settled};
+use holdfast_common::messages::Mode;
+use proptest::prelude::*;
+use proptest::test_runner::{
+    Config as ProptestConfig, FileFailurePersistence, RngSeed, TestCaseError, TestRunner,
+};
+use support::*;
+use tokio_postgres::Client;
+
+use crate::invariants::check;
+use crate::ledger::{request, split, Real};
+use crate::model::{Call, IState, Kind, MBatch, Model, Obs, Outcome, SState};
+
+/// Cases in CI (each runs up to 40 steps, every step checked).
+const CASES: u32 = 20;
+const SEED: u64 = 0x484f_4c44;
+
+/// One step. Indices pick a batch, item or soft hold of the case (modulo).
+#[derive(Clone, Debug)]
+enum Op {
+    Grant(i64),
+    Reserve(Kind, Vec<i64>),
+    Replay(usize),
+    Settle(usize, usize, Outcome),
+    /// The same item twice in one settle call.
+    SettleTwiceInOneCall(usize, usize, Outcome, Outcome),
+    Cancel(usize),
+    PassDeadline(usize),
+    ExpireOverdue,
+    CloseFinished,
+    SoftHold(i64),
+    PassTtl(usize),
+    ExpireSoft,
+    CancelSoft(usize),
+    StartFromSoft(usize),
+    RaceDuplicateCapture(usize, usize, Outcome, Outcome),
+    RaceCaptureExpiry(usize, usize, Outcome),
+    RaceCaptureCancel(usize, usize, Outcome),
+    RaceStartExpiry(usize),
+    /// A capture against the reconciler's sweep of finished batches.
+    RaceCaptureSweep(usize, usize, Outcome),
+    /// Two reconcilers' deadline sweeps at once (after this batch's deadline).
+    RaceTwoSweeps(usize),
+}
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        5 => (0i64..=45).prop_map(Outcome::Cost),
+        2 => Just(Outcome::NoCost),
+        2 => Just(Outcome::Fail),
+        1 => Just(Outcome::Cancelled),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let ix = || 0usize..16;
+    prop_oneof![
+        3 => (1i64..=120).prop_map(Op::Grant),
+        5 => (
+            prop_oneof![Just(Kind::AllOrNothing), Just(Kind::FirstFit), Just(Kind::Sequential)],
+            prop::collection::vec(1i64..=20, 1..=5)
+        )
+            .prop_map(|(k, c)| Op::Reserve(k, c)),
+        1 => ix().prop_map(Op::Replay),
+        10 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::Settle(b, i, o)),
+        1 => (ix(), ix(), outcome(), outcome()).prop_map(|(b, i, o, p)| Op::SettleTwiceInOneCall(b, i, o, p)),
+        2 => ix().prop_map(Op::Cancel),
+        2 => ix().prop_map(Op::PassDeadline),
+        2 => Just(Op::ExpireOverdue),
+        1 => Just(Op::CloseFinished),
+        2 => (1i64..=40).prop_map(Op::SoftHold),
+        1 => ix().prop_map(Op::PassTtl),
+        1 => Just(Op::ExpireSoft),
+        1 => ix().prop_map(Op::CancelSoft),
+        2 => ix().prop_map(Op::StartFromSoft),
+        2 => (ix(), ix(), outcome(), outcome()).prop_map(|(b, i, o, p)| Op::RaceDuplicateCapture(b, i, o, p)),
+        2 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::RaceCaptureExpiry(b, i, o)),
+        2 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::RaceCaptureCancel(b, i, o)),
+        1 => ix().prop_map(Op::RaceStartExpiry),
+        1 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::RaceCaptureSweep(b, i, o)),
+        1 => ix().prop_map(Op::RaceTwoSweeps),
+    ]
+}
+
+/// Resolve `op` into calls against the model; `None` when it does not apply.
+fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
+    let batch = |b: usize| (!model.batches.is_empty()).then(|| b % model.batches.len());
+    let soft = |s: usize| (!model.softs.is_empty()).then(|| s % model.softs.len());
+    // Settles aim at running batches and their pending items when there are
+    // any (duplicates and late captures still come: races, second settles).
+    let running = |b: usize| {
+        let open: Vec<usize> = (0..model.batches.len())
+            .filter(|&i| model.batches[i].open())
+            .collect();
+        match open.is_empty() {
+            true => batch(b),
+            false => Some(open[b % open.len()]),
+        }
+    };
+    let item = |b: usize, i: usize| {
+        let items = &model.batches[b].items;
+        let pending: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].state == IState::Pending)
+            .collect();
+        match pending.is_empty() {
+            true => i % model.batches[b].request.items.len(),
+            false => pending[i % pending.len()],
+        }
+    };
+    Some(match op {
+        Op::Grant(a) => vec![Call::Grant(*a)],
+        Op::Reserve(kind, costs) => {
+            let mode = match kind {
+                Kind::AllOrNothing => Mode::AllOrNothing,
+                Kind::FirstFit => Mode::FirstFit,
+                Kind::Sequential => Mode::Sequential,
+            };
+            vec![Call::Reserve(request(model, n, mode, costs, None))]
+        }
+        Op::Replay(b) => vec![Call::Replay(batch(*b)?)],
+        Op::Settle(b, i, o) => {
+            let b = running(*b)?;
+            vec![Call::Settle(vec![(b, item(b, *i), o.clone())])]
+        }
+        Op::SettleTwiceInOneCall(b, i, o, p) => {
+            let b = running(*b)?;
+            let i = item(b, *i);
+            vec![Call::Settle(vec![(b, i, o.clone()), (b, i, p.clone())])]
+        }
+        Op::Cancel(b) => vec![Call::Cancel(batch(*b)?)],
+        Op::ExpireOverdue => vec![Call::ExpireOverdue { skip: vec![] }],
+        Op::CloseFinished => vec![Call::CloseFinished],
+        Op::SoftHold(a) => vec![Call::SoftHold(*a)],
+        Op::ExpireSoft => vec![Call::ExpireSoft { skip: None }],
+        Op::CancelSoft(s) => vec![Call::CancelSoft(soft(*s)?)],
+        Op::StartFromSoft(s) | Op::RaceStartExpiry(s) => {
+            let s = soft(*s)?;
+            let costs = split(model.softs[s].amount, n % 3 + 1);
+            let req = request(
+                model,
+                n,
+                Mode::AllOrNothing,
+                &costs,
+                Some(&model.softs[s].id),
+            );
+            if matches!(op, Op::RaceStartExpiry(_)) {
+                vec![Call::StartFromSoft(s, req), Call::ExpireSoft { skip: None }]
+            } else {
+                vec![Call::StartFromSoft(s, req)]
+            }
+        }
+        Op::RaceDuplicateCapture(b, i, o, p) => {
+            let b = running(*b)?;
+            let i = item(b, *i);
+            vec![
+                Call::Settle(vec![(b, i, o.clone())]),
+                Call::Settle(vec![(b, i, p.clone())]),
+            ]
+        }
+        Op::RaceCaptureExpiry(b, i, o) => {
+            let b = running(*b)?;
+            vec![
+                Call::Settle(vec![(b, item(b, *i), o.clone())]),
+                Call::ExpireOverdue { skip: vec![] },
+            ]
+        }
+        Op::RaceCaptureCancel(b, i, o) => {
+            let b = running(*b)?;
+            vec![
+                Call::Settle(vec![(b, item(b, *i), o.clone())]),
+                Call::Cancel(b),
+            ]
+        }
+        Op::RaceCaptureSweep(b, i, o) => {
+            let b = running(*b)?;
+            vec![
+                Call::Settle(vec![(b, item(b, *i), o.clone())]),
+                Call::CloseFinished,
+            ]
+        }
+        Op::RaceTwoSweeps(_) => vec![
+            Call::ExpireOverdue { skip: vec![] },
+            Call::ExpireOverdue { skip: vec![] },
+        ],
+        Op::PassDeadline(_) | Op::PassTtl(_) => vec![],
+    })
+}
+
+/// The sequential orders a race of `a` and `b` may be explained by, as
+/// (first, second, whether the first is `a`). The reconciler's sweeps skip
+/// rows another transaction has locked (`SKIP LOCKED`), so a sweep racing a
+/// settle or a start may also leave that batch or hold for the next sweep.
+///
+/// Two deadline sweeps at once may split the overdue batches between them:
+/// the first (in either order) closes what it reported and skips the rest,
+/// the second must then close exactly the rest.
+fn orders(model: &Model, a: &Call, b: &Call, seen: (&Obs, &Obs)) -> Vec<(Call, Call, bool)> {
+    let mut out = vec![(a.clone(), b.clone(), true), (b.clone(), a.clone(), false)];
+    if let (Call::ExpireOverdue { .. }, Call::ExpireOverdue { .. }) = (a, b) {
+        for (first, a_first) in [(seen.0, true), (seen.1, false)] {
+            let Obs::Closed(closed) = first else { continue };
+            let skip = (0..model.batches.len())
+                .filter(|&i| {
+                    !closed
+                        .iter()
+                        .any(|(id, _)| *id == model.batches[i].request.batch_id)
+                })
+                .collect();
+            let rest = Call::ExpireOverdue { skip: vec![] };
+            out.push((Call::ExpireOverdue { skip }, rest, a_first));
+        }
+    }
+    let skipped = match (a, b) {
+        (Call::Settle(items), Call::ExpireOverdue { .. }) => Some(Call::ExpireOverdue {
+            skip: vec![items[0].0],
+        }),
+        (Call::StartFromSoft(s, _), Call::ExpireSoft { .. }) => {
+            Some(Call::ExpireSoft { skip: Some(*s) })
+        }
+        _ => None,
+    };
+    if let Some(skipped) = skipped {
+        out.push((a.clone(), skipped.clone(), true));
+        out.push((skipped, a.clone(), false));
+    }
+    out
+}
+
+/// What the cases exercised, so a run shows that it tested something.
+#[derive(Default)]
+struct Tally(std::collections::BTreeMap<String, usize>);
+
+impl Tally {
+    fn add(&mut self, what: impl Into<String>) {
+        *self.0.entry(what.into()).or_default() += 1;
+    }
+
+    fn obs(&mut self, o: &Obs) {
+        match o {
+            Obs::Decision { kind, replayed, .. } => self.add(if *replayed {
+                format!("replayed {kind}")
+            } else {
+                kind.clone()
+            }),
+            Obs::Settled {
+                results,
+                closed,
+                advanced,
+            } => {
+                for r in results {
+                    self.add(match r {
+                        Settled::Captured { overrun, .. } if *overrun > 0 => {
+                            "captured with overrun"
+                        }
+                        Settled::Captured { .. } => "captured",
+                        Settled::Failed => "failed",
+                        Settled::Cancelled => "cancelled job",
+                        Settled::AlreadySettled { .. } => "second capture reported the first",
+                        Settled::Unknown => "not settleable",
+                    });
+                }
+                for (_, state) in closed {
+                    self.add(format!("closed {state} by a settle"));
+                }
+                for _ in advanced {
+                    self.add("next chunk reserved");
+                }
+            }
+            Obs::Closed(c) => {
+                for (_, state) in c {
+                    self.add(format!("closed {state} by the reconciler"));
+                }
+            }
+            Obs::Expired(n) => {
+                (0..*n).for_each(|_| self.add("soft hold expired by the reconciler"))
+            }
+            Obs::Refused(kind) => self.add(format!("refused: {kind}")),
+            Obs::Cancel(state) => self.add(format!("cancel: {state}")),
+            _ => {}
+        }
+    }
+}
+
+async fn run_case(
+    ledger: &Ledger,
+    db: &Client,
+    case: usize,
+    ops: &[Op],
+    tally: &mut Tally,
+) -> Result<(), TestCaseError> {
+    let account = format!("acct{case:05}");
+    ledger.create_account(&account).await.unwrap();
+    // Whatever an earlier (failed) case left past its deadline goes now, so
+    // that the sweeps' counts below are this case's.
+    ledger.expire_overdue(10_000).await.unwrap();
+    ledger.expire_soft_holds(10_000).await.unwrap();
+    let real = Real {
+        ledger,
+        db,
+        account: &account,
+        drift_before: ledger.audit().await.unwrap(),
+    };
+    let mut model = Model {
+        account: account.clone(),
+        balance: 0,
+        held: 0,
+        batches: vec![],
+        softs: vec![],
+    };
+    for (n, op) in ops.iter().enumerate() {
+        let Some(calls) = resolve(&model, n, op) else {
+            continue;
+        };
+        // Time, controlled: deadlines and TTLs pass when the test says so.
+        let deadline = match (op, calls.first()) {
+            (Op::PassDeadline(b) | Op::RaceTwoSweeps(b), _) if !model.batches.is_empty() => {
+                Some(b % model.batches.len())
+            }
+            (Op::RaceCaptureExpiry(..), Some(Call::Settle(items))) => Some(items[0].0),
+            _ => None,
+        };
+        if let Some(b) = deadline.filter(|&b| model.batches[b].open()) {
+            real.pass_deadline(&model.batches[b].request.batch_id).await;
+            model.batches[b].overdue = true;
+        }
+        let ttl = match (op, calls.first()) {
+            (Op::PassTtl(s), _) if !model.softs.is_empty() => Some(s % model.softs.len()),
+            (Op::RaceStartExpiry(_), Some(Call::StartFromSoft(s, _))) => Some(*s),
+            _ => None,
+        };
+        if let Some(s) = ttl.filter(|&s| model.softs[s].state == SState::Open) {
+            real.pass_ttl(&model.softs[s].id).await;
+            model.softs[s].past_ttl = true;
+        }
+        match calls.as_slice() {
+            [] => {}
+            [call] => {
+                let got = real.apply(&model, call).await;
+                let want = model.apply(call);
+                prop_assert_eq!(&got, &want, "step {}: {:?}", n, op);
+                tally.obs(&got);
+                if let (Call::SoftHold(_), Obs::Soft(Ok(()))) = (call, &got) {
+                    let id = ledger.open_holds(&account).await.unwrap();
+                    let known: BTreeSet<&str> = model.softs.iter().map(|s| s.id.as_str()).collect();
+                    let new = id
+                        .iter()
+                        .find(|r| {
+                            r.batch_id.is_none() && !known.contains(r.reservation_id.as_str())
+                        })
+                        .expect("the new soft hold");
+                    model.softs.last_mut().unwrap().id = new.reservation_id.clone();
+                }
+            }
+            [a, b] => {
+                let (ga, gb) = tokio::join!(real.apply(&model, a), real.apply(&model, b));
+                let explained =
+                    orders(&model, a, b, (&ga, &gb))
+                        .into_iter()
+                        .find_map(|(x, y, a_first)| {
+                            let mut m = model.clone();
+                            let first = m.apply(&x);
+                            let second = m.apply(&y);
+                            let (wa, wb) = if a_first {
+                                (first, second)
+                            } else {
+                                (second, first)
+                            };
+                            (wa == ga && wb == gb).then_some(m)
+                        });
+                match explained {
+                    Some(m) => {
+                        model = m;
+                        tally.add(format!(
+                            "race {}",
+                            format!("{op:?}").split('(').next().unwrap_or("")
+                        ));
+                        tally.obs(&ga);
+                        tally.obs(&gb);
+                    }
+                    None => {
+                        return Err(TestCaseError::fail(format!(
+                            "step {n}: {op:?}: no sequential order explains {ga:?} and {gb:?}"
+                        )))
+                    }
+                }
+            }
+            _ => unreachable!(),
+        }
+        check(&real, &model).await?;
+    }
+    // Exactly-once charging, whatever happened: what left the account is
+    // what the succeeded items were charged.
+    let charged: i64 = model
+        .batches
+        .iter()
+        .filter(|b| !b.open())
+        .map(MBatch::captured)
+        .sum();
+    let granted: i64 = db
+        .query_one(
+            "SELECT COALESCE(sum(amount), 0)::int8 FROM journal WHERE account_id = $1 AND kind = 'grant'",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    prop_assert_eq!(model.balance, granted - charged);
+    Ok(())
+}
+
+#[test]
+fn random_interleavings_keep_every_ledger_invariant() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = rt.block_on(TestFleet::start_with(
+        fast_settings(),
+        Roles::default(),
+        None,
+    ));
+    let db = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&t.conn.database_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    });
+
+    let mut config = ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        source_file: Some(file!()),
+        max_shrink_iters: 256,
+        ..ProptestConfig::default()
+    };
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = CASES;
+    }
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        config.rng_seed = RngSeed::Fixed(SEED);
+    }
+    let mut runner = TestRunner::new(config);
+    let case = std::cell::Cell::new(0usize);
+    let steps = std::cell::Cell::new(0usize);
+    let tally = std::cell::RefCell::new(Tally::default());
+    // Every case starts with a grant, then 5 to 40 random steps.
+    let case_ops = (
+        (1i64..=200).prop_map(Op::Grant),
+        prop::collection::vec(op(), 5..=40),
+    )
+        .prop_map(|(first, mut rest)| {
+            rest.insert(0, first);
+            rest
+        });
+    let result = runner.run(&case_ops, |ops| {
+        case.set(case.get() + 1);
+        steps.set(steps.get() + ops.len());
+        rt.block_on(run_case(
+            &t.ledger,
+            &db,
+            case.get(),
+            &ops,
+            &mut tally.borrow_mut(),
+        ))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    eprintln!(
+        "ledger properties: {} cases, {} steps, each checked",
+        case.get(),
+        steps.get()
+    );
+    for (what, n) in &tally.borrow().0 {
+        eprintln!("  {n:>5}  {what}");
+    }
+    drop(db);
+    rt.block_on(async move { t.stop().await });
+}
