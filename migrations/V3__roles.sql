@@ -58,7 +58,8 @@ GRANT INSERT (id), UPDATE (balance, updated_at) ON accounts TO holdfast_admin;
 -- them (cancel); workers capture into them and close them; the reconciler
 -- expires and closes them. A sequential batch grows its hold by a chunk
 -- wherever its previous chunk finishes (`amount`).
-GRANT INSERT, UPDATE (amount, released, state, close_reason, expires_at, closed_at)
+GRANT INSERT (account_id, amount, expires_at),
+      UPDATE (amount, released, state, close_reason, expires_at, closed_at)
     ON holds TO holdfast_coordinator;
 GRANT UPDATE (amount, captured, released, state, close_reason, closed_at)
     ON holds TO holdfast_worker;
