@@ -65,10 +65,11 @@ impl Ledger {
     }
 
     /// Decide many requests in one transaction, with a handful of set-based
-    /// statements whatever their number: the account rows are locked once
-    /// (in id order), each request is priced in order against what the ones
-    /// before it left available, and the holds, batches and items are inserted
-    /// together. One result per input, in order.
+    /// statements whatever their number: each request is priced in order
+    /// against what the ones before it left available, the holds, batches and
+    /// items are inserted together, and each account's `held` is raised once,
+    /// last (`decide_group` says why the lock comes last). One result per
+    /// input, in order.
     ///
     /// A request that starts from a soft hold is decided on its own. When the
     /// group transaction fails for a reason that is not transient (a refused
