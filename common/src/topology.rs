@@ -444,6 +444,19 @@ pub fn delivery_count(properties: &BasicProperties) -> u32 {
         .unwrap_or(0)
 }
 
+/// Return a delivery to its queue (a quorum queue counts it against the
+/// message's delivery limit).
+pub async fn requeue(delivery: &lapin::message::Delivery) -> Result<(), lapin::Error> {
+    delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
 /// Headers that say why Holdfast parked a message in a dead-letter queue.
 pub fn parked_headers(reason: &str) -> FieldTable {
     let mut t = FieldTable::default();

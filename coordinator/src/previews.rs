@@ -8,7 +8,7 @@ use holdfast_common::ledger::{Ledger, LedgerError};
 use holdfast_common::messages::{Decision, Event, Rejected};
 use holdfast_common::pricing;
 use holdfast_common::topology::{self, json_properties};
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::ShortString;
 use tokio_util::sync::CancellationToken;
 
@@ -79,13 +79,7 @@ pub async fn consume(
                 Err(e) => {
                     tracing::warn!(error = %e, "preview not answered; returning it");
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await?;
+                    topology::requeue(&delivery).await?;
                 }
             }
             anyhow::Ok(())

@@ -18,7 +18,7 @@ use holdfast_common::topology::{
     self, json_properties, parked_headers, BrokerError, Confirms, Names, Publisher,
 };
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::intake;
@@ -378,7 +378,7 @@ async fn process(
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => {
-                        delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                        topology::requeue(delivery).await?;
                         return Ok(());
                     }
                 }
@@ -409,13 +409,7 @@ async fn process(
                 }
                 tracing::error!(error = %e, deliveries, "request could not be decided; returning it to the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
+                topology::requeue(delivery).await?;
                 return Ok(());
             }
             Err(HandleError::Broker(e)) => return Err(e.into()),

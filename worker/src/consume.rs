@@ -24,10 +24,10 @@ use holdfast_common::ledger::{ItemOutcome, Ledger, Settled, Settlement};
 use holdfast_common::messages::ItemJob;
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
-    self, delivery_count, json_properties, parked_headers, Names, Publisher,
+    self, delivery_count, json_properties, parked_headers, requeue, Names, Publisher,
 };
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -460,18 +460,6 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 
 fn counter_duplicate() {
     record::duplicate_job();
-}
-
-/// Return a job to its queue (RabbitMQ counts the delivery against its limit).
-async fn requeue(delivery: &Delivery) -> Result<(), lapin::Error> {
-    delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
 }
 
 async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
