@@ -115,16 +115,15 @@ impl Ledger {
                     }
                 }
                 Err(e) => {
-                    // Every request of the group shares the failure.
+                    // Every request of the group shares the failure. For a group
+                    // of several it is transient: anything else was decided
+                    // request by request above.
                     let message = e.to_string();
-                    let transient = e.is_transient();
                     let mut e = Some(e);
                     for (i, ..) in &group {
-                        results[*i] = Some(Err(match e.take() {
-                            Some(e) => e,
-                            None if transient => LedgerError::Unavailable(message.clone()),
-                            None => LedgerError::Invalid(message.clone()),
-                        }));
+                        results[*i] = Some(Err(e
+                            .take()
+                            .unwrap_or_else(|| LedgerError::Unavailable(message.clone()))));
                     }
                 }
             }
