@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Requests for the decision-rate runs.
     #[arg(long, default_value_t = 2_000)]
     pub decisions: usize,
+    /// Items run at each batch size of the growth measurement (so every size
+    /// is timed over the same work).
+    #[arg(long, default_value_t = 10_000)]
+    pub growth_items: usize,
     /// Seconds of the half-load latency run.
     #[arg(long, default_value_t = 5)]
     pub latency_seconds: u64,
@@ -519,7 +523,9 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     eprintln!("bench: time per item by batch size");
     for (k, size) in [10usize, 100, 1_000, 10_000].into_iter().enumerate() {
         let prefix = format!("growth{k}-");
-        let n = (10_000 / size).clamp(1, 20);
+        // The same number of items at every size: a size timed over less
+        // work would be timed mostly on the pipeline filling and draining.
+        let n = (args.growth_items / size).max(1);
         let bodies: Vec<_> = (0..n)
             .map(|i| {
                 (

@@ -6,6 +6,7 @@
 //! before that leaves the request unacknowledged: RabbitMQ delivers it again,
 //! the ledger replays the same decision, and the dispatch resumes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use holdfast_common::config::{CoordinatorSettings, Limits, QueueSettings};
@@ -20,6 +21,7 @@ use holdfast_common::topology::{
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::intake;
 use holdfast_common::dispatch::{dispatch, dispatch_granted, DispatchError};
@@ -103,6 +105,17 @@ impl Intake {
         &self,
         requests: &[(&[u8], ReplyTo)],
     ) -> Result<Vec<Result<Outcome, LedgerError>>, BrokerError> {
+        self.decide_many(requests).await?.finish(self).await
+    }
+
+    /// The first half of [`Intake::handle_many`]: validate, decide in one
+    /// transaction, and publish every answer and job. What is left (the
+    /// broker's confirms, the dispatch record) is in the returned
+    /// [`Published`], so a consumer can decide its next group meanwhile.
+    pub async fn decide_many(
+        &self,
+        requests: &[(&[u8], ReplyTo)],
+    ) -> Result<Published, BrokerError> {
         let mut outcomes: Vec<Option<Result<Outcome, LedgerError>>> =
             (0..requests.len()).map(|_| None).collect();
         let mut parsed = Vec::with_capacity(requests.len());
@@ -133,9 +146,9 @@ impl Intake {
 
         let window = self.config.settings.confirm_window;
         let mut confirms = Confirms::new(window);
-        let mut fresh: Vec<&str> = Vec::new();
-        let mut dispatched = vec![0; requests.len()];
-        let mut replays = Vec::new();
+        // Every answer first: a producer hears its decision without waiting
+        // for the jobs of the requests decided with it.
+        let mut granted = Vec::new();
         for ((i, request), result) in parsed.iter().zip(decided) {
             let (body, reply) = &requests[*i];
             let reserved = match result {
@@ -158,19 +171,8 @@ impl Intake {
                 &mut confirms,
             )
             .await?;
-            if reserved.needs_dispatch && !reserved.replayed {
-                dispatched[*i] = dispatch_granted(
-                    &self.publisher,
-                    &self.config.names,
-                    request,
-                    &reserved.dispatch_now,
-                    window,
-                    &mut confirms,
-                )
-                .await?;
-                fresh.push(&request.batch_id);
-            } else if reserved.needs_dispatch {
-                replays.push((*i, request.batch_id.as_str()));
+            if reserved.needs_dispatch {
+                granted.push((*i, request, reserved.replayed, reserved.dispatch_now));
             }
             outcomes[*i] = Some(Ok(Outcome::Decided {
                 decision: Box::new(reserved.decision),
@@ -178,43 +180,30 @@ impl Intake {
                 dispatched: 0,
             }));
         }
-        confirms.wait().await?;
-        if let Err(e) = self.ledger.mark_dispatched(&fresh).await {
-            // The jobs are out; a reconciler re-sends them after the lease,
-            // and workers settle each item once.
-            tracing::warn!(error = %e, "could not record the dispatch; a reconciler will resend");
-        }
-        // A replayed grant that was never confirmed dispatched: resend what is pending.
-        for (i, batch_id) in replays {
-            match dispatch(
-                &self.ledger,
+        let mut published = Published {
+            outcomes,
+            dispatched: vec![0; requests.len()],
+            confirms,
+            fresh: Vec::new(),
+            replays: Vec::new(),
+        };
+        for (i, request, replayed, dispatch_now) in granted {
+            if replayed {
+                published.replays.push((i, request.batch_id.clone()));
+                continue;
+            }
+            published.dispatched[i] = dispatch_granted(
                 &self.publisher,
                 &self.config.names,
-                batch_id,
-                2,
+                request,
+                &dispatch_now,
                 window,
+                &mut published.confirms,
             )
-            .await
-            {
-                Ok(n) => dispatched[i] = n,
-                Err(DispatchError::Broker(e)) => return Err(e),
-                Err(DispatchError::Ledger(e)) => outcomes[i] = Some(Err(e)),
-            }
+            .await?;
+            published.fresh.push(request.batch_id.clone());
         }
-        Ok(outcomes
-            .into_iter()
-            .zip(dispatched)
-            .map(|(o, n)| match o.expect("every request handled") {
-                Ok(Outcome::Decided {
-                    decision, replayed, ..
-                }) => Ok(Outcome::Decided {
-                    decision,
-                    replayed,
-                    dispatched: n,
-                }),
-                other => other,
-            })
-            .collect())
+        Ok(published)
     }
 
     /// Answer `rejected` and park the original message, with the reason, in the dead-letter queue.
@@ -242,6 +231,66 @@ impl Intake {
         )
         .await?;
         Ok(Outcome::Rejected(rejected))
+    }
+}
+
+/// A group decided and published by [`Intake::decide_many`], waiting for
+/// the broker's confirms and the record of its dispatch.
+pub struct Published {
+    outcomes: Vec<Option<Result<Outcome, LedgerError>>>,
+    dispatched: Vec<usize>,
+    confirms: Confirms,
+    /// Granted batches whose jobs were just published.
+    fresh: Vec<String>,
+    /// Replayed grants never confirmed dispatched: (request, batch), resent from the ledger.
+    replays: Vec<(usize, String)>,
+}
+
+impl Published {
+    /// Wait for the confirms, record the dispatch, resend what replayed
+    /// grants left pending. One outcome per request, in order.
+    pub async fn finish(
+        mut self,
+        intake: &Intake,
+    ) -> Result<Vec<Result<Outcome, LedgerError>>, BrokerError> {
+        self.confirms.wait().await?;
+        let fresh: Vec<&str> = self.fresh.iter().map(String::as_str).collect();
+        if let Err(e) = intake.ledger.mark_dispatched(&fresh).await {
+            // The jobs are out; a reconciler re-sends them after the lease,
+            // and workers settle each item once.
+            tracing::warn!(error = %e, "could not record the dispatch; a reconciler will resend");
+        }
+        for (i, batch_id) in &self.replays {
+            match dispatch(
+                &intake.ledger,
+                &intake.publisher,
+                &intake.config.names,
+                batch_id,
+                2,
+                intake.config.settings.confirm_window,
+            )
+            .await
+            {
+                Ok(n) => self.dispatched[*i] = n,
+                Err(DispatchError::Broker(e)) => return Err(e),
+                Err(DispatchError::Ledger(e)) => self.outcomes[*i] = Some(Err(e)),
+            }
+        }
+        Ok(self
+            .outcomes
+            .into_iter()
+            .zip(self.dispatched)
+            .map(|(o, n)| match o.expect("every request handled") {
+                Ok(Outcome::Decided {
+                    decision, replayed, ..
+                }) => Ok(Outcome::Decided {
+                    decision,
+                    replayed,
+                    dispatched: n,
+                }),
+                other => other,
+            })
+            .collect())
     }
 }
 
@@ -312,36 +361,59 @@ async fn consume(
         config.settings.coordinator_prefetch,
     )
     .await?;
-    let intake = Intake::new(ledger.clone(), config.clone(), session.publisher.clone());
+    let intake = Arc::new(Intake::new(
+        ledger.clone(),
+        config.clone(),
+        session.publisher.clone(),
+    ));
     tracing::info!(queue = %config.names.requests(), "coordinator consuming");
     let max = usize::from(config.settings.coordinator_prefetch).max(1);
+    // The previous group's tail (its confirms, dispatch record and acks),
+    // running while this consumer takes and decides the next group. One at a
+    // time, so a broker or ledger failure surfaces before a third group
+    // starts. Dropping the handle (a lost connection) stops the tail: its
+    // requests are unacknowledged and come back, as after a crash.
+    let mut tail: Option<AbortOnDropHandle<anyhow::Result<()>>> = None;
     loop {
         let group = session.next_group(shutdown, max).await?;
         if group.is_empty() {
             break;
         }
-        session
-            .while_connected(process_group(&intake, &group, shutdown))
+        let requests: Vec<(&[u8], ReplyTo)> = group
+            .iter()
+            .map(|d| (d.data.as_slice(), reply_of(d)))
+            .collect();
+        let published = session
+            .while_connected(intake.decide_many(&requests))
             .await??;
+        drop(requests);
+        if let Some(previous) = tail.take() {
+            session.while_connected(previous).await???;
+        }
+        let (intake, shutdown) = (intake.clone(), shutdown.clone());
+        tail = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            finish_group(&intake, &group, published, &shutdown).await
+        })));
+    }
+    if let Some(previous) = tail.take() {
+        session.while_connected(previous).await???;
     }
     // Unacknowledged prefetched requests return to the queue when the channel closes.
     session.close().await;
     Ok(())
 }
 
-/// Handle a group of deliveries together and settle each with the broker.
-/// A request the ledger could not decide now goes through [`process`] on its
-/// own, which waits out an outage or parks what keeps failing.
-async fn process_group(
+/// Wait for a decided group's confirms and dispatch record, then settle each
+/// delivery with the broker. A request the ledger could not decide now goes
+/// through [`process`] on its own, which waits out an outage or parks what
+/// keeps failing.
+async fn finish_group(
     intake: &Intake,
     group: &[Delivery],
+    published: Published,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let requests: Vec<(&[u8], ReplyTo)> = group
-        .iter()
-        .map(|d| (d.data.as_slice(), reply_of(d)))
-        .collect();
-    let outcomes = intake.handle_many(&requests).await?;
+    let outcomes = published.finish(intake).await?;
     for (delivery, outcome) in group.iter().zip(outcomes) {
         match outcome {
             Ok(_) => {
