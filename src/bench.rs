@@ -75,6 +75,10 @@ pub struct BenchReport {
     pub decision_latency_ms_p50: f64,
     pub decision_latency_ms_p99: f64,
     pub latency_rate_per_s: f64,
+    /// The broker alone at the same rate: a request on a quorum queue, a
+    /// consumer that answers at once, the answer on the reply queue.
+    pub broker_round_trip_ms_p50: f64,
+    pub broker_round_trip_ms_p99: f64,
     /// The same offered rate with the workers running the granted jobs meanwhile.
     pub decision_latency_busy_ms_p50: f64,
     pub decision_latency_busy_ms_p99: f64,
@@ -311,10 +315,10 @@ struct Children {
 
 impl Children {
     fn start(conn: &Connections) -> anyhow::Result<Self> {
-        let env = [("HOLDFAST_SWEEP_INTERVAL_MS".to_string(), "500".to_string())];
+        // Every role with the settings it ships with.
         let roles = ["coordinator", "worker", "reconciler"]
             .into_iter()
-            .map(|role| RoleProcess::spawn(conn, role, role, &env, None))
+            .map(|role| RoleProcess::spawn(conn, role, role, &[], None))
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { roles })
     }
@@ -438,6 +442,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     };
 
     eprintln!("bench: broker ceiling ({} messages)", args.broker_messages);
+    let cpu = CpuMeter::start(vec![]);
     r.broker_ceiling_msgs_per_s = broker_ceiling(
         &conn.amqp_url,
         &conn.namespace,
@@ -446,6 +451,10 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         prefetch,
     )
     .await?;
+    r.cpu.push(cpu.stop(&format!(
+        "broker ceiling, {} messages",
+        args.broker_messages
+    )));
     eprintln!(
         "bench: PostgreSQL hot-row ceiling ({} s, {} clients)",
         args.pg_seconds, r.pg_clients
@@ -582,9 +591,20 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         &conn,
         &names,
         &queues,
+        &names.requests(),
         "lat-",
         r.latency_rate_per_s,
         args.latency_seconds,
+    )
+    .await?;
+    eprintln!("bench: the broker's own round trip at the same rate");
+    (r.broker_round_trip_ms_p50, r.broker_round_trip_ms_p99) = broker_round_trip(
+        &conn,
+        &names,
+        &queues,
+        r.latency_rate_per_s,
+        args.latency_seconds,
+        coordinator.coordinator_prefetch,
     )
     .await?;
     children.signal("worker", "CONT").await?;
@@ -597,6 +617,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         &conn,
         &names,
         &queues,
+        &names.requests(),
         "latbusy-",
         r.latency_rate_per_s,
         args.latency_seconds,
@@ -632,6 +653,62 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     Ok(r)
 }
 
+/// The floor under decision latency: requests at `rate` on a quorum queue
+/// declared like the requests queue, one consumer (with the coordinator's
+/// prefetch) that answers each at once to its `reply_to` and acks it, timed
+/// like [`latency`]. No PostgreSQL, no decision: the broker's part alone.
+async fn broker_round_trip(
+    conn: &Connections,
+    names: &Names,
+    queues: &QueueSettings,
+    rate: f64,
+    seconds: u64,
+    prefetch: u16,
+) -> anyhow::Result<(f64, f64)> {
+    let queue = format!("{}.bench-echo", conn.namespace);
+    let amqp = topology::connect(&conn.amqp_url, "holdfast-bench-echo").await?;
+    let ch = amqp.create_channel().await?;
+    ch.queue_declare(
+        queue.clone().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        quorum_queue_args(),
+    )
+    .await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut deliveries = ch
+        .basic_consume(
+            queue.clone().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let publisher = Publisher::new(&amqp).await?;
+    let echo = tokio::spawn(async move {
+        while let Some(Ok(d)) = deliveries.next().await {
+            let to = holdfast_common::events::ReplyTo::of(&d.properties);
+            let mut props = json_properties();
+            if let Some(c) = to.correlation_id {
+                props = props.with_correlation_id(c.into());
+            }
+            let _confirm = publisher
+                .publish("", to.queue.as_deref().unwrap_or_default(), &d.data, props)
+                .await?;
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        anyhow::Ok(())
+    });
+    let measured = latency(conn, names, queues, &queue, "echo-", rate, seconds).await;
+    echo.abort();
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = amqp.close(200, "bench".into()).await;
+    measured
+}
+
 /// Send requests at `rate` per second for `seconds` and time each decision,
 /// from its publish to the arrival of its decision on the reply queue (read
 /// concurrently, so a reply is timed when it arrives, not when looked at).
@@ -639,6 +716,7 @@ async fn latency(
     conn: &Connections,
     names: &Names,
     queues: &QueueSettings,
+    queue: &str,
     prefix: &str,
     rate: f64,
     seconds: u64,
@@ -702,7 +780,7 @@ async fn latency(
         let at = Instant::now();
         // Not waiting for the confirm here keeps the offered rate steady.
         let _confirm = publisher
-            .publish("", &names.requests(), &request(&id, "hot", 1, 1), props)
+            .publish("", queue, &request(&id, "hot", 1, 1), props)
             .await?;
         sent.push((id, at));
     }
@@ -795,6 +873,16 @@ pub fn print(r: &BenchReport) {
         (
             format!("decision latency p99 ms at {:.0}/s", r.latency_rate_per_s),
             format!("{:.1}", r.decision_latency_ms_p99),
+        ),
+        (
+            format!(
+                "  the broker alone (echo), p50 / p99 ms at {:.0}/s",
+                r.latency_rate_per_s
+            ),
+            format!(
+                "{:.1} / {:.1}",
+                r.broker_round_trip_ms_p50, r.broker_round_trip_ms_p99
+            ),
         ),
         (
             format!(
