@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::{Ledger, LedgerError, Result};
+use super::{Cached, Ledger, LedgerError, Result};
 use crate::messages::BatchFigures;
 
 /// An item job still to be (re-)published.
@@ -113,7 +113,7 @@ impl Ledger {
         self.retrying("mark dispatched", || async {
             let client = self.pool.get().await?;
             client
-                .execute(
+                .execute_cached(
                     "UPDATE batches SET dispatched_at = now(), dispatch_lease = NULL,
                             state = CASE WHEN state = 'granted' THEN 'dispatched' ELSE state END
                      WHERE id = ANY($1) AND state IN ('granted', 'cancelling') AND dispatched_at IS NULL",

@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
-use super::{Ledger, LedgerError, Result};
+use super::{Cached, Ledger, LedgerError, Result};
 use crate::messages::{BatchRequest, Decision, Granted, Insufficient, LeftOut, Mode};
 use crate::pricing::{self, Plan};
 
@@ -219,7 +219,7 @@ impl Ledger {
             .collect();
         let mut seen: HashMap<String, (Vec<u8>, Decision, bool)> = HashMap::new();
         for row in tx
-            .query(
+            .query_cached(
                 "SELECT id, request_hash, decision, state FROM batches WHERE id = ANY($1)",
                 &[&ids],
             )
@@ -244,7 +244,7 @@ impl Ledger {
             }
         };
         let mut available: HashMap<String, i64> = tx
-            .query(read, &[&accounts])
+            .query_cached(read, &[&accounts])
             .await?
             .into_iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -479,13 +479,13 @@ async fn raise_held(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()
     if ids.len() > 1 {
         // Several accounts: lock them in id order first, so that two groups
         // sharing accounts queue instead of deadlocking.
-        tx.execute(
+        tx.execute_cached(
             "SELECT 1 FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
             &[&ids],
         )
         .await?;
     }
-    tx.execute(
+    tx.execute_cached(
         "UPDATE accounts a SET held = a.held + t.total, updated_at = now()
          FROM unnest($1::text[], $2::int8[]) AS t(id, total)
          WHERE a.id = t.id",
@@ -515,13 +515,13 @@ async fn insert_holds(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<
         .collect();
     let holds: Vec<Uuid> = grants.iter().map(|(_, g)| g.hold_id).collect();
     let totals: Vec<i64> = grants.iter().map(|(_, g)| g.total).collect();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO holds (id, account_id, amount)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[])",
         &[&holds, &accounts, &totals],
     )
     .await?;
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO journal (account_id, hold_id, batch_id, kind, amount, held_delta)
          SELECT a, h, b, 'hold', t, t FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int8[]) AS u(a, h, b, t)",
         &[&accounts, &holds, &batch_ids, &totals],
@@ -578,7 +578,7 @@ async fn insert_batches(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Resul
         leases.push(g.map(|g| g.lease));
         chunks.push(g.and_then(|g| g.chunk_size));
     }
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO batches (id, account_id, request_hash, mode, state, decision, hold_id,
                               item_count, run_count, reply_to, correlation_id,
                               deadline_at, dispatch_lease, chunk_size, closed_at)
@@ -673,7 +673,7 @@ async fn consume_reservation(
     if !matches!(req.mode, Mode::AllOrNothing | Mode::Selected) {
         return refuse("a reservation can start only an all_or_nothing or selected batch".into());
     }
-    tx.query_one(
+    tx.query_one_cached(
         "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
         &[&req.account_id],
     )
@@ -687,7 +687,7 @@ async fn consume_reservation(
         ));
     }
     // The hold is the batch's now: no TTL any more, the execution deadline applies.
-    tx.execute(
+    tx.execute_cached(
         "UPDATE holds SET expires_at = NULL WHERE id = $1",
         &[&hold_id],
     )
@@ -766,7 +766,7 @@ async fn insert_items(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<
             payloads.push(&item.payload);
         }
     }
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO items (batch_id, item_id, position, estimated_cost, priority, reserved, state, reason, payload)
          SELECT * FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::int4[], $6::int8[],
                               $7::text[], $8::text[], $9::jsonb[])",
