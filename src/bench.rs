@@ -21,6 +21,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Consumer};
 use serde::Serialize;
 use serde_json::json;
 
@@ -117,6 +118,52 @@ fn quorum_queue_args() -> FieldTable {
     t
 }
 
+/// Declare `queue` as a durable quorum queue with a delivery limit, like the jobs queue.
+pub(crate) async fn declare_quorum(ch: &Channel, queue: &str) -> lapin::Result<()> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        quorum_queue_args(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Close `consumers` (the connection holding a queue's consumers), then delete
+/// `queue` over a connection of its own. In this order on purpose: RabbitMQ
+/// 3.10 crashes a channel that cancels a consumer of a quorum queue already
+/// deleted, and closes its connection with 541 INTERNAL_ERROR (the cancel a
+/// dropped consumer sends can arrive after the delete).
+pub(crate) async fn delete_after(
+    consumers: lapin::Connection,
+    url: &str,
+    queue: &str,
+) -> anyhow::Result<()> {
+    let _ = consumers.close(200, "bench".into()).await;
+    let conn = topology::connect(url, "holdfast-bench-cleanup").await?;
+    conn.create_channel()
+        .await?
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = conn.close(200, "bench".into()).await;
+    Ok(())
+}
+
+/// Consume `queue` on `ch`, at most `prefetch` deliveries unacknowledged.
+pub(crate) async fn consume(ch: &Channel, queue: &str, prefetch: u16) -> lapin::Result<Consumer> {
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
 /// Raw persistent, confirmed publishing and acked consuming on a quorum queue.
 async fn broker_ceiling(
     url: &str,
@@ -128,26 +175,10 @@ async fn broker_ceiling(
     let queue = format!("{ns}.bench-raw");
     let conn = topology::connect(url, "holdfast-bench-publisher").await?;
     let ch = conn.create_channel().await?;
-    ch.queue_declare(
-        queue.clone().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        quorum_queue_args(),
-    )
-    .await?;
+    declare_quorum(&ch, &queue).await?;
     let consumer_conn = topology::connect(url, "holdfast-bench-consumer").await?;
     let cch = consumer_conn.create_channel().await?;
-    cch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = cch
-        .basic_consume(
-            queue.clone().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&cch, &queue, prefetch).await?;
     let body = job_body();
     let publisher = Publisher::new(&conn).await?;
     let started = Instant::now();
@@ -177,10 +208,11 @@ async fn broker_ceiling(
     }
     let got = consume.await??;
     let secs = started.elapsed().as_secs_f64();
+    // The consumer goes before its queue (see `delete_after`).
+    let _ = consumer_conn.close(200, "bench".into()).await;
     ch.queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;
     let _ = conn.close(200, "bench".into()).await;
-    let _ = consumer_conn.close(200, "bench".into()).await;
     anyhow::ensure!(got == n, "broker ceiling: consumed {got} of {n}");
     Ok(n as f64 / secs)
 }
@@ -668,24 +700,8 @@ async fn broker_round_trip(
     let queue = format!("{}.bench-echo", conn.namespace);
     let amqp = topology::connect(&conn.amqp_url, "holdfast-bench-echo").await?;
     let ch = amqp.create_channel().await?;
-    ch.queue_declare(
-        queue.clone().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        quorum_queue_args(),
-    )
-    .await?;
-    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut deliveries = ch
-        .basic_consume(
-            queue.clone().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_quorum(&ch, &queue).await?;
+    let mut deliveries = consume(&ch, &queue, prefetch).await?;
     let publisher = Publisher::new(&amqp).await?;
     let echo = tokio::spawn(async move {
         while let Some(Ok(d)) = deliveries.next().await {
@@ -703,9 +719,7 @@ async fn broker_round_trip(
     });
     let measured = latency(conn, names, queues, &queue, "echo-", rate, seconds).await;
     echo.abort();
-    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = amqp.close(200, "bench".into()).await;
+    delete_after(amqp, &conn.amqp_url, &queue).await?;
     measured
 }
 

@@ -11,10 +11,7 @@ use futures::StreamExt;
 use holdfast_common::config::Connections;
 use holdfast_common::database;
 use holdfast_common::topology::{self, json_properties, Publisher};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use serde_json::{json, Value};
 
 /// What the naive run did.
@@ -53,20 +50,7 @@ pub async fn run(
     let queue = format!("{}.naive", conn.namespace);
     let amqp = topology::connect(&conn.amqp_url, "holdfast-bench-naive").await?;
     let ch = amqp.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
-    );
-    ch.queue_declare(
-        queue.clone().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
+    crate::bench::declare_quorum(&ch, &queue).await?;
 
     let done: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
     let total = batches * items;
@@ -79,15 +63,7 @@ pub async fn run(
             counted.clone(),
             amqp.create_channel().await?,
         );
-        amqp_ch.basic_qos(64, BasicQosOptions::default()).await?;
-        let mut consumer = amqp_ch
-            .basic_consume(
-                queue.clone().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = crate::bench::consume(&amqp_ch, &queue, 64).await?;
         tasks.push(tokio::spawn(async move {
             let client = pool.get().await?;
             let stmt = client
@@ -133,9 +109,7 @@ pub async fn run(
         t.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = amqp.close(200, "bench".into()).await;
+    crate::bench::delete_after(amqp, &conn.amqp_url, &queue).await?;
     let done = done.lock().expect("not poisoned");
     let half_done = (0..batches)
         .filter(|b| matches!(done.get(b), Some(&n) if n > 0 && n < items))
