@@ -102,10 +102,11 @@ cleanup() {
     fi
     if [ "$FLEET_STARTED" = 1 ]; then
         HOLDFAST_FLEET_DIR="$FLEET_DIR" HOLDFAST_FLEET_STOP_SECS=20 scripts/fleet.sh stop >/dev/null
-        # The fleet's queues (the exchanges are left: rabbitmqctl cannot delete them).
-        for q in requests jobs requests.dead jobs.dead; do
-            "${SUDO[@]}" rabbitmqctl -q delete_queue "$NS.$q" >/dev/null 2>&1
-        done
+        # Every queue of the namespace (the exchanges are left: rabbitmqctl cannot delete them).
+        "${SUDO[@]}" rabbitmqctl -q --no-table-headers list_queues name 2>/dev/null |
+            grep -F "$NS." | while read -r q; do
+                "${SUDO[@]}" rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1
+            done
         psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null 2>&1
     fi
     if [ "$STATUS" = 0 ] && [ -z "${KEEP:-}" ]; then
