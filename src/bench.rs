@@ -142,13 +142,13 @@ pub(crate) async fn delete_after(
     url: &str,
     queue: &str,
 ) -> anyhow::Result<()> {
-    let _ = consumers.close(200, "bench".into()).await;
+    topology::close(&consumers, "bench").await;
     let conn = topology::connect(url, "holdfast-bench-cleanup").await?;
     conn.create_channel()
         .await?
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;
-    let _ = conn.close(200, "bench".into()).await;
+    topology::close(&conn, "bench").await;
     Ok(())
 }
 
@@ -209,10 +209,10 @@ async fn broker_ceiling(
     let got = consume.await??;
     let secs = started.elapsed().as_secs_f64();
     // The consumer goes before its queue (see `delete_after`).
-    let _ = consumer_conn.close(200, "bench".into()).await;
+    topology::close(&consumer_conn, "bench").await;
     ch.queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;
-    let _ = conn.close(200, "bench".into()).await;
+    topology::close(&conn, "bench").await;
     anyhow::ensure!(got == n, "broker ceiling: consumed {got} of {n}");
     Ok(n as f64 / secs)
 }
@@ -678,7 +678,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         r.ledger_decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
     let c = lapin::Connection::connect(&conn.amqp_url, Default::default()).await?;
     topology::delete(&c.create_channel().await?, &names).await?;
-    let _ = c.close(200, "bench".into()).await;
+    topology::close(&c, "bench").await;
     if !args.keep {
         database::drop_database(&conn.database_url).await?;
     }
@@ -799,7 +799,7 @@ async fn latency(
         sent.push((id, at));
     }
     let arrived = arrived.await?;
-    let _ = amqp.close(200, "bench".into()).await;
+    topology::close(&amqp, "bench").await;
     let mut ms: Vec<f64> = sent
         .iter()
         .filter_map(|(id, at)| {

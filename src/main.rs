@@ -578,6 +578,6 @@ async fn announce_closed(
     .context("connecting to RabbitMQ timed out")??;
     let publisher = holdfast_common::topology::Publisher::new(&amqp).await?;
     holdfast_common::events::completed(&publisher, &names, std::slice::from_ref(closed)).await?;
-    let _ = amqp.close(200, "done".into()).await;
+    holdfast_common::topology::close(&amqp, "done").await;
     Ok(())
 }

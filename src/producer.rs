@@ -197,6 +197,6 @@ impl Producer {
     }
 
     pub async fn close(self) {
-        let _ = self.conn.close(200, "bye".into()).await;
+        topology::close(&self.conn, "bye").await;
     }
 }

@@ -457,7 +457,7 @@ async fn exactly_one_completed_event_per_batch_even_with_duplicate_jobs() {
         }
     }
     assert_eq!(completed, 1);
-    let _ = conn.close(200, "bye".into()).await;
+    holdfast_common::topology::close(&conn, "bye").await;
     t.stop().await;
 }
 

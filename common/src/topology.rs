@@ -504,6 +504,22 @@ pub async fn supervise<F, Fut>(
     }
 }
 
+/// Longest wait for the broker to acknowledge a close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Close `conn`, waiting at most [`CLOSE_TIMEOUT`] for the broker's answer:
+/// on a connection whose socket is already gone the answer may never come
+/// (a bench once waited on one for ever), and dropping the connection is then
+/// all that is left to do.
+pub async fn close(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await;
+}
+
+/// Close `channel` like [`close`] closes a connection.
+pub async fn close_channel(channel: &Channel, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await;
+}
+
 /// True when RabbitMQ accepts a connection (for readiness probes).
 pub async fn ping(url: &str) -> bool {
     match tokio::time::timeout(
@@ -513,7 +529,7 @@ pub async fn ping(url: &str) -> bool {
     .await
     {
         Ok(Ok(conn)) => {
-            let _ = conn.close(200, "ping".into()).await;
+            close(&conn, "ping").await;
             true
         }
         _ => false,
@@ -636,7 +652,7 @@ impl Session {
 
     /// Close the channel (unacknowledged deliveries return to the queue) and the connection.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "shutdown".into()).await;
-        let _ = self.conn.close(200, "shutdown".into()).await;
+        close_channel(&self.channel, "shutdown").await;
+        close(&self.conn, "shutdown").await;
     }
 }

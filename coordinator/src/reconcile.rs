@@ -164,7 +164,7 @@ pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: Cancellatio
                 tracing::info!(?report, "sweep");
             }
         }
-        let _ = conn.close(200, "shutdown".into()).await;
+        topology::close(&conn, "shutdown").await;
         Ok(())
     })
     .await;

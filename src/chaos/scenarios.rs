@@ -239,7 +239,7 @@ async fn queue_depth(s: &Stage<'_>, queue: &str) -> anyhow::Result<u32> {
             FieldTable::default(),
         )
         .await?;
-    let _ = conn.close(200, "done".into()).await;
+    topology::close(&conn, "done").await;
     Ok(q.message_count())
 }
 

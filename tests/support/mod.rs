@@ -72,7 +72,7 @@ impl Drop for Cleanup {
                     if let Ok(ch) = c.create_channel().await {
                         let _ = topology::delete(&ch, &Names::new(conn.namespace.clone())).await;
                     }
-                    let _ = c.close(200, "cleanup".into()).await;
+                    topology::close(&c, "cleanup").await;
                 }
                 let _ = database::drop_database(&conn.database_url).await;
             });
@@ -245,7 +245,7 @@ impl TestFleet {
             };
             out.push((m.delivery.data.clone(), reason));
         }
-        let _ = conn.close(200, "bye".into()).await;
+        topology::close(&conn, "bye").await;
         out
     }
 
@@ -286,7 +286,7 @@ impl TestFleet {
                 .unwrap();
             }
         }
-        let _ = conn.close(200, "bye".into()).await;
+        topology::close(&conn, "bye").await;
     }
 
     pub async fn stop(mut self) {

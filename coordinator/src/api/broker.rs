@@ -59,7 +59,7 @@ impl Broker {
             return Ok(l.publisher.clone());
         }
         if let Some(old) = link.take() {
-            let _ = old.connection.close(200, "reconnecting".into()).await;
+            topology::close(&old.connection, "reconnecting").await;
         }
         let fresh = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
@@ -75,7 +75,7 @@ impl Broker {
         let connection = Connection::connect(&self.url, props).await?;
         let channel = connection.create_channel().await?;
         topology::declare(&channel, &self.names, &self.queues).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        topology::close_channel(&channel, "declared").await;
         let publisher = Publisher::new(&connection).await?;
         tracing::info!(broker = %topology::describe(&self.url), "HTTP API connected to RabbitMQ");
         Ok(Link {
@@ -87,17 +87,14 @@ impl Broker {
     /// Drop the connection after a failure so that the next request reconnects.
     pub async fn forget(&self) {
         if let Some(old) = self.link.lock().await.take() {
-            let _ = old
-                .connection
-                .close(200, "forgotten after an error".into())
-                .await;
+            topology::close(&old.connection, "forgotten after an error").await;
         }
     }
 
     /// Close the connection (at shutdown).
     pub async fn close(&self) {
         if let Some(old) = self.link.lock().await.take() {
-            let _ = old.connection.close(200, "shutdown".into()).await;
+            topology::close(&old.connection, "shutdown").await;
         }
     }
 }
