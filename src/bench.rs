@@ -18,7 +18,8 @@ use holdfast_common::ledger::{Ledger, ReserveInput};
 use holdfast_common::messages::{BatchRequest, ItemJob};
 use holdfast_common::topology::{self, json_properties, Names, Publisher};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Consumer};
@@ -702,8 +703,9 @@ async fn broker_round_trip(
     let ch = amqp.create_channel().await?;
     declare_quorum(&ch, &queue).await?;
     let mut deliveries = consume(&ch, &queue, prefetch).await?;
+    let tag = deliveries.tag();
     let publisher = Publisher::new(&amqp).await?;
-    let echo = tokio::spawn(async move {
+    let mut echo = tokio::spawn(async move {
         while let Some(Ok(d)) = deliveries.next().await {
             let to = holdfast_common::events::ReplyTo::of(&d.properties);
             let mut props = json_properties();
@@ -718,7 +720,14 @@ async fn broker_round_trip(
         anyhow::Ok(())
     });
     let measured = latency(conn, names, queues, &queue, "echo-", rate, seconds).await;
-    echo.abort();
+    // The echo stops when its consumer is cancelled (its stream ends).
+    let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+    if tokio::time::timeout(Duration::from_secs(5), &mut echo)
+        .await
+        .is_err()
+    {
+        echo.abort();
+    }
     delete_after(amqp, &conn.amqp_url, &queue).await?;
     measured
 }
