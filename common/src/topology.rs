@@ -508,9 +508,8 @@ pub async fn supervise<F, Fut>(
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Close `conn`, waiting at most [`CLOSE_TIMEOUT`] for the broker's answer:
-/// on a connection whose socket is already gone the answer may never come
-/// (a bench once waited on one for ever), and dropping the connection is then
-/// all that is left to do.
+/// on a connection whose socket is already gone the answer may never come,
+/// and dropping the connection is then all that is left to do.
 pub async fn close(conn: &Connection, reason: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await;
 }
