@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use deadpool_postgres::Transaction;
 use serde::Serialize;
+use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use super::{Ledger, Result};
