@@ -104,6 +104,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# What RabbitMQ logs from the server's start on is shown if the broker closes a connection.
+RABBIT_LOG="$(ls /var/log/rabbitmq/rabbit@*.log 2>/dev/null | grep -v -E '_upgrade|_sasl' | head -n 1 || true)"
+RABBIT_LOG_START=0
+if [ -n "$RABBIT_LOG" ] && [ -r "$RABBIT_LOG" ]; then
+    RABBIT_LOG_START="$(wc -c <"$RABBIT_LOG")"
+else
+    RABBIT_LOG=""
+fi
+
 # ------------------------------------------------------------------ server
 log "starting holdfast on $BASE (database $DATABASE, namespace $NAMESPACE)"
 HOLDFAST_ADMIN_TOKEN="$TOKEN" "$HOLDFAST" run \
@@ -134,15 +143,6 @@ curl -fsS -m 2 "$BASE/readyz" >/dev/null || {
 curl -fsS -m 5 -X POST "$BASE/v1/accounts/acme/grants" \
     -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
     -d '{"amount": 1000000000, "create": true, "note": "fuzz seed"}' >/dev/null
-
-# What RabbitMQ logs from here on is shown if the broker closes a connection.
-RABBIT_LOG="$(ls /var/log/rabbitmq/rabbit@*.log 2>/dev/null | grep -v -E '_upgrade|_sasl' | head -n 1 || true)"
-RABBIT_LOG_START=0
-if [ -n "$RABBIT_LOG" ] && [ -r "$RABBIT_LOG" ]; then
-    RABBIT_LOG_START="$(wc -c <"$RABBIT_LOG")"
-else
-    RABBIT_LOG=""
-fi
 
 # Ready again after a broker-side close: /readyz answers and (in a virtual
 # host of our own) every queue has as many consumers as when the run began.
@@ -181,8 +181,11 @@ status=0
 # broker's event, not the API's: lapin logs it at ERROR and the role that lost
 # it reconnects (a WARN of ours). Such lines are shown with what RabbitMQ
 # logged meanwhile, and the run fails only if the server did not recover.
-grep -E 'panicked|ERROR' "$SERVER_LOG" | grep -v -E ' ERROR lapin::' >"$REPORT_DIR/errors.log" || true
-grep -E ' ERROR lapin::' "$SERVER_LOG" >"$REPORT_DIR/broker.log" || true
+# Levels are matched in their column: a WARN line may quote the broker's
+# "INTERNAL_ERROR" in its message.
+ERROR_LINE='^[0-9TZ:.-]+ +ERROR '
+grep -E "panicked|$ERROR_LINE" "$SERVER_LOG" | grep -v -E "${ERROR_LINE}lapin::" >"$REPORT_DIR/errors.log" || true
+grep -E "${ERROR_LINE}lapin::" "$SERVER_LOG" >"$REPORT_DIR/broker.log" || true
 if [ -s "$REPORT_DIR/errors.log" ]; then
     log "the server logged errors (see $SERVER_LOG):"
     head -n 20 "$REPORT_DIR/errors.log" >&2
@@ -192,8 +195,8 @@ if [ -s "$REPORT_DIR/broker.log" ]; then
     log "the broker closed connections during the run:"
     head -n 10 "$REPORT_DIR/broker.log" >&2
     if [ -n "$RABBIT_LOG" ]; then
-        log "RabbitMQ's errors meanwhile ($RABBIT_LOG):"
-        tail -c "+$((RABBIT_LOG_START + 1))" "$RABBIT_LOG" | grep -E -A 30 '\[error\]' | head -n 80 >&2 || true
+        log "RabbitMQ's errors and warnings meanwhile ($RABBIT_LOG):"
+        tail -c "+$((RABBIT_LOG_START + 1))" "$RABBIT_LOG" | grep -E -A 30 '\[(error|warning)\]' | head -n 80 >&2 || true
     fi
     if recovered; then
         log "every role reconnected and the server is ready again"
