@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use holdfast_common::config::{
@@ -12,7 +13,7 @@ use holdfast_common::config::{
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::telemetry;
-use holdfast_common::topology::Names;
+use holdfast_common::topology::{self, Names};
 use holdfast_coordinator::api::{self, ApiSettings, ApiState};
 use holdfast_coordinator::reconcile::{self, ReconcilerConfig};
 use holdfast_coordinator::requests::{self, CoordinatorConfig};
@@ -119,6 +120,41 @@ fn coordinator_config(
     }
 }
 
+/// How long [`declare_first`] may hold up the start.
+const DECLARE_FIRST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Declare the topology once, on a connection of its own, before the roles
+/// start. Every role's session declares it again, which is harmless once the
+/// queues run; but when several connections declare a new quorum queue at the
+/// same instant, RabbitMQ 3.10 may answer one of them before the queue's
+/// process has started, and a consume on that connection then crashes its
+/// channel (541 INTERNAL_ERROR; the role reconnects, with an ERROR in the
+/// log). A broker that cannot be reached here is not an error: the roles wait
+/// for it themselves.
+async fn declare_first(conn: &Connections, settings: &FleetSettings, names: &Names) {
+    let declare = async {
+        let name = format!("holdfast-setup/{}", names.namespace);
+        let connection = topology::connect(&conn.amqp_url, &name).await?;
+        let declared = async {
+            let channel = connection.create_channel().await?;
+            topology::declare(&channel, names, &settings.queues).await
+        }
+        .await;
+        topology::close(&connection, "declared").await;
+        declared
+    };
+    match tokio::time::timeout(DECLARE_FIRST_TIMEOUT, declare).await {
+        Ok(Ok(())) => tracing::debug!(namespace = %names.namespace, "topology declared"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "topology not declared before the roles start; they declare it when they connect")
+        }
+        Err(_) => tracing::warn!(
+            timeout = ?DECLARE_FIRST_TIMEOUT,
+            "topology not declared before the roles start (RabbitMQ did not answer in time); they declare it when they connect"
+        ),
+    }
+}
+
 impl Fleet {
     /// Start `roles` with the built-in generator of `settings`.
     pub async fn start(
@@ -142,6 +178,9 @@ impl Fleet {
         let names = Names::new(conn.namespace.clone());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        if roles.coordinator || roles.worker || roles.reconciler {
+            declare_first(conn, settings, &names).await;
+        }
         if roles.coordinator {
             let config = coordinator_config(conn, settings, &names);
             tasks.spawn(requests::run(ledger.clone(), config, shutdown.clone()));

@@ -6,8 +6,12 @@ mod support;
 
 use std::time::Duration;
 
-use holdfast::fleet::Roles;
+use holdfast::fleet::{Fleet, Roles};
 use holdfast::rabbitmqctl::{connections, consumer_prefetch, LIST_CHANNELS, LIST_CONNECTIONS};
+use holdfast_common::database;
+use holdfast_common::topology::Names;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use support::*;
 
 /// Output of `rabbitmqctl -q <args>` on the local node.
@@ -94,4 +98,43 @@ async fn roles_reconnect_with_their_prefetch_after_the_broker_drops_them() {
     assert_eq!(b.figures.captured, 40);
     t.assert_exact().await;
     t.stop().await;
+}
+
+/// A process declares the topology once, before its roles connect: roles that
+/// declare a new quorum queue at the same instant can make RabbitMQ 3.10 crash
+/// a consumer's channel. Checked right after the start returns, on a namespace
+/// nobody declared before, sooner than any role could connect and declare.
+#[tokio::test]
+async fn a_fleet_declares_its_topology_before_its_roles_connect() {
+    let conn = unique_connections();
+    let _cleanup = Cleanup { conn: conn.clone() };
+    database::migrate(&conn.database_url).await.unwrap();
+    let names = Names::new(conn.namespace.clone());
+    let probe = lapin::Connection::connect(&conn.amqp_url, Default::default())
+        .await
+        .unwrap();
+    let channel = probe.create_channel().await.unwrap();
+    let fleet = Fleet::start(&conn, &fast_settings(), Roles::COORDINATOR)
+        .await
+        .unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for queue in [
+        names.requests(),
+        names.jobs(),
+        names.previews(),
+        names.requests_dead(),
+        names.jobs_dead(),
+    ] {
+        if let Err(e) = channel
+            .queue_declare(queue.clone().into(), passive, FieldTable::default())
+            .await
+        {
+            panic!("{queue} did not exist when the fleet had started: {e}");
+        }
+    }
+    holdfast_common::topology::close(&probe, "checked").await;
+    fleet.stop().await;
 }

@@ -53,8 +53,8 @@ pub fn fast_settings() -> FleetSettings {
 }
 
 /// Removes the database and the queues of a test, whatever happens.
-struct Cleanup {
-    conn: Connections,
+pub struct Cleanup {
+    pub conn: Connections,
 }
 
 impl Drop for Cleanup {
