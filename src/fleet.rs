@@ -137,7 +137,11 @@ async fn declare_first(conn: &Connections, settings: &FleetSettings, names: &Nam
         let connection = topology::connect(&conn.amqp_url, &name).await?;
         let declared = async {
             let channel = connection.create_channel().await?;
-            topology::declare(&channel, names, &settings.queues).await
+            let declared = topology::declare(&channel, names, &settings.queues).await;
+            // Channel first: closing a connection with a channel open makes
+            // lapin log an ERROR about the channel's state.
+            topology::close_channel(&channel, "declared").await;
+            declared
         }
         .await;
         topology::close(&connection, "declared").await;

@@ -157,3 +157,44 @@ async fn accounts_submit_wait_batch_show_and_audit() {
     assert!(message.contains("append-only"), "{err:?}");
     t.stop().await;
 }
+
+/// `holdfast run` starts, decides and runs a batch, and stops on SIGTERM
+/// without a line at ERROR level: an operator's alerting keys on those.
+#[tokio::test]
+async fn run_starts_works_and_stops_without_logging_an_error() {
+    let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["run", "--http-addr", "off"])
+        .env("HOLDFAST_DATABASE_URL", &t.conn.database_url)
+        .env("HOLDFAST_AMQP_URL", &t.conn.amqp_url)
+        .env("HOLDFAST_NAMESPACE", &t.conn.namespace)
+        .env("HOLDFAST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start holdfast run");
+    t.grant("studio", 40).await;
+    granted(&t.submit(&request("run-1", "studio", 4, 10)).await);
+    assert_eq!(t.wait_closed("run-1").await.figures.captured, 40);
+    let pid = child.id().expect("running").to_string();
+    let term = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let errors: Vec<_> = logs
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("ERROR") || l.contains("panicked"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}\n--- all logs:\n{logs}");
+    t.stop().await;
+}
