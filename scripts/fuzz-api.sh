@@ -179,13 +179,17 @@ status=0
 
 # The server's own errors fail the run. A connection the broker closed is the
 # broker's event, not the API's: lapin logs it at ERROR and the role that lost
-# it reconnects (a WARN of ours). Such lines are shown with what RabbitMQ
-# logged meanwhile, and the run fails only if the server did not recover.
+# it reconnects (a WARN of ours). Such lines (lapin's, naming the broker's
+# reply code or hard error; any other line of lapin's at ERROR is ours to fix)
+# are shown with what RabbitMQ logged meanwhile, and the run fails only if the
+# server did not recover.
 # Levels are matched in their column: a WARN line may quote the broker's
 # "INTERNAL_ERROR" in its message.
 ERROR_LINE='^[0-9TZ:.-]+ +ERROR '
-grep -E "panicked|$ERROR_LINE" "$SERVER_LOG" | grep -v -E "${ERROR_LINE}lapin::" >"$REPORT_DIR/errors.log" || true
-grep -E "${ERROR_LINE}lapin::" "$SERVER_LOG" >"$REPORT_DIR/broker.log" || true
+# lapin's lines about a close the broker sent: its reply code, or its AMQP hard error.
+BROKER_CLOSE="${ERROR_LINE}lapin::.*(reply_code|AMQP hard error)"
+grep -E "panicked|$ERROR_LINE" "$SERVER_LOG" | grep -v -E "$BROKER_CLOSE" >"$REPORT_DIR/errors.log" || true
+grep -E "$BROKER_CLOSE" "$SERVER_LOG" >"$REPORT_DIR/broker.log" || true
 if [ -s "$REPORT_DIR/errors.log" ]; then
     log "the server logged errors (see $SERVER_LOG):"
     head -n 20 "$REPORT_DIR/errors.log" >&2
