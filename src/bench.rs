@@ -510,8 +510,10 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         r.ledger_decisions_hot_account_per_s,
         r.ledger_decisions_many_accounts_per_s,
     ) = ledger_decision_rates(&conn, args.decisions * 5, r.pg_clients, r.ledger_group).await?;
-    let children = Children::start(&conn)?;
+    // The producer declares the topology before the role processes start, so
+    // that they do not race each other to create its quorum queues.
     let producer = Producer::connect(&conn.amqp_url, &names, &queues).await?;
+    let children = Children::start(&conn)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Warm up: a few batches through the whole fleet.
