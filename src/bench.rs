@@ -145,11 +145,16 @@ pub(crate) async fn delete_after(
 ) -> anyhow::Result<()> {
     topology::close(&consumers, "bench").await;
     let conn = topology::connect(url, "holdfast-bench-cleanup").await?;
-    conn.create_channel()
-        .await?
+    let ch = conn.create_channel().await?;
+    let deleted = ch
         .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await?;
+        .await;
+    // The channel is closed before its connection, not dropped: lapin closes a
+    // dropped channel in the background and logs an ERROR if the connection
+    // closes meanwhile.
+    topology::close_channel(&ch, "bench").await;
     topology::close(&conn, "bench").await;
+    deleted?;
     Ok(())
 }
 
@@ -680,8 +685,14 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     r.ratio_ledger_decisions_to_hot_row =
         r.ledger_decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
     let c = lapin::Connection::connect(&conn.amqp_url, Default::default()).await?;
-    topology::delete(&c.create_channel().await?, &names).await?;
+    let ch = c.create_channel().await?;
+    let deleted = topology::delete(&ch, &names).await;
+    topology::close_channel(&ch, "bench").await;
     topology::close(&c, "bench").await;
+    deleted?;
+    // The pool goes first: dropping the database ends its connections, which
+    // deadpool would log as errors.
+    drop(ledger);
     if !args.keep {
         database::drop_database(&conn.database_url).await?;
     }

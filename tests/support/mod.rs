@@ -71,6 +71,7 @@ impl Drop for Cleanup {
                 {
                     if let Ok(ch) = c.create_channel().await {
                         let _ = topology::delete(&ch, &Names::new(conn.namespace.clone())).await;
+                        topology::close_channel(&ch, "cleanup").await;
                     }
                     topology::close(&c, "cleanup").await;
                 }
