@@ -138,8 +138,8 @@ async fn declare_first(conn: &Connections, settings: &FleetSettings, names: &Nam
         let declared = async {
             let channel = connection.create_channel().await?;
             let declared = topology::declare(&channel, names, &settings.queues).await;
-            // Channel first: closing a connection with a channel open makes
-            // lapin log an ERROR about the channel's state.
+            // Closed, not dropped: lapin closes a dropped channel in the
+            // background, and logs an ERROR if its connection closes meanwhile.
             topology::close_channel(&channel, "declared").await;
             declared
         }
