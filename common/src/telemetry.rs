@@ -98,6 +98,9 @@ pub mod record {
         for queue in ["requests", "jobs"] {
             counter!("holdfast_dead_lettered_total", "queue" => queue).absolute(0);
         }
+        for (role, task) in TASKS {
+            counter!("holdfast_task_panics_total", "role" => *role, "task" => *task).absolute(0);
+        }
         // Registered with no observation: rendered with every bucket at 0.
         let _ = histogram!("holdfast_reservation_seconds");
         let _ = histogram!("holdfast_item_seconds");
@@ -214,6 +217,22 @@ pub mod record {
     /// A message parked in a dead-letter queue by Holdfast itself.
     pub fn dead_lettered(queue: &'static str) {
         counter!("holdfast_dead_lettered_total", "queue" => queue).increment(1);
+    }
+
+    /// Every supervised task, as (role, task): the labels of `holdfast_task_panics_total`.
+    pub const TASKS: &[(&str, &str)] = &[
+        ("coordinator", "requests"),
+        ("coordinator", "previews"),
+        ("worker", "jobs"),
+        ("worker", "settler"),
+        ("reconciler", "sweep"),
+        ("api", "http"),
+    ];
+
+    /// A supervised task panicked (one message, one sweep, one HTTP request)
+    /// and was kept going. `role` and `task` come from [`TASKS`].
+    pub fn task_panic(role: &'static str, task: &'static str) {
+        counter!("holdfast_task_panics_total", "role" => role, "task" => task).increment(1);
     }
 
     /// An ack or reject that reached no broker (channel gone): the message comes back.
