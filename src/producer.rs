@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use holdfast_common::config::QueueSettings;
-use holdfast_common::messages::{Decision, Event};
-use holdfast_common::topology::{self, json_properties, Names, Publisher};
+use holdfast_common::messages::{short_id, Decision, Event};
+use holdfast_common::topology::{self, json_properties, BrokerError, Names, Publisher};
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Connection, Consumer};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, Consumer};
 
 /// A connection with a reply queue.
 pub struct Producer {
@@ -71,9 +71,7 @@ impl Producer {
 
     /// Publish one request body (any bytes: the coordinator validates) and wait for the broker's confirm.
     pub async fn send(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
-        let props = json_properties()
-            .with_reply_to(ShortString::from(self.reply_queue.as_str()))
-            .with_correlation_id(ShortString::from(correlation_id));
+        let props = self.properties(correlation_id)?;
         self.publisher
             .publish_confirmed("", &self.names.requests(), body, props)
             .await?;
@@ -89,9 +87,7 @@ impl Producer {
         for chunk in requests.chunks(window.max(1)) {
             let mut confirms = Vec::with_capacity(chunk.len());
             for (correlation_id, body) in chunk {
-                let props = json_properties()
-                    .with_reply_to(ShortString::from(self.reply_queue.as_str()))
-                    .with_correlation_id(ShortString::from(correlation_id.as_str()));
+                let props = self.properties(correlation_id)?;
                 confirms.push(
                     self.publisher
                         .publish("", &self.names.requests(), body, props)
@@ -105,15 +101,27 @@ impl Producer {
         Ok(())
     }
 
+    /// A request's properties: answers to our reply queue, tagged with
+    /// `correlation_id` (or, past 255 bytes, its hash: see [`short_id`]).
+    fn properties(&self, correlation_id: &str) -> Result<BasicProperties, BrokerError> {
+        Ok(json_properties()
+            .with_reply_to(topology::short("a reply queue", &self.reply_queue)?)
+            .with_correlation_id(topology::short(
+                "a correlation_id",
+                &short_id(correlation_id),
+            )?))
+    }
+
     /// The next answer for `correlation_id`, buffering answers to other requests.
     pub async fn next_for(
         &mut self,
         correlation_id: &str,
         timeout: Duration,
     ) -> anyhow::Result<Event> {
+        let wanted = short_id(correlation_id);
         if let Some(e) = self
             .pending
-            .get_mut(correlation_id)
+            .get_mut(wanted.as_ref())
             .and_then(VecDeque::pop_front)
         {
             return Ok(e);
@@ -133,7 +141,7 @@ impl Producer {
                 .map(|c| c.to_string())
                 .unwrap_or_default();
             let event: Event = serde_json::from_slice(&delivery.data)?;
-            if corr == correlation_id {
+            if corr == wanted {
                 return Ok(event);
             }
             self.pending.entry(corr).or_default().push_back(event);
@@ -148,9 +156,7 @@ impl Producer {
         correlation_id: &str,
         timeout: Duration,
     ) -> anyhow::Result<Event> {
-        let props = json_properties()
-            .with_reply_to(ShortString::from(self.reply_queue.as_str()))
-            .with_correlation_id(ShortString::from(correlation_id));
+        let props = self.properties(correlation_id)?;
         self.publisher
             .publish_confirmed("", &self.names.previews(), body, props)
             .await?;

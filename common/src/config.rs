@@ -54,6 +54,7 @@ pub struct Connections {
         long,
         env = "HOLDFAST_NAMESPACE",
         default_value = "holdfast",
+        value_parser = crate::topology::parse_namespace,
         global = true
     )]
     pub namespace: String,

@@ -5,8 +5,7 @@
 use crate::faults::crash_point;
 use crate::ledger::{Ledger, LedgerError};
 use crate::messages::{BatchRequest, ItemJob};
-use crate::topology::{json_properties, BrokerError, Confirms, Names, Publisher};
-use lapin::types::ShortString;
+use crate::topology::{json_properties, short, BrokerError, Confirms, Names, Publisher};
 
 /// Why a dispatch stopped before the end; the batch stays `granted` and will be sent again.
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +89,9 @@ async fn publish_job(
     confirms: &mut Confirms,
 ) -> Result<(), BrokerError> {
     let queue = names.jobs();
-    let body = serde_json::to_vec(message).expect("jobs serialise");
-    let props = json_properties().with_message_id(ShortString::from(message.message_id()));
+    let body = serde_json::to_vec(message).map_err(BrokerError::Encode)?;
+    // At most 255 bytes by construction (a hash of long ids; see `job_message_id`).
+    let props = json_properties().with_message_id(short("a job's message_id", &message.message_id())?);
     let confirm = publisher.publish("", &queue, &body, props).await?;
     confirms.push(confirm, &queue, false).await
 }

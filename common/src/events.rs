@@ -1,11 +1,9 @@
 //! Telling producers what happened: decisions and batch summaries go to the
 //! request's `reply_to` (with its `correlation_id`) and to the events exchange.
 
-use lapin::types::ShortString;
-
 use crate::ledger::ClosedBatch;
 use crate::messages::{BatchFigures, Decision, Event};
-use crate::topology::{json_properties, BrokerError, Confirms, Names, Publisher};
+use crate::topology::{json_properties, short, BrokerError, Confirms, Names, Publisher};
 
 /// Where to answer a request.
 #[derive(Clone, Debug, Default)]
@@ -24,6 +22,23 @@ impl ReplyTo {
     }
 }
 
+/// Properties of an answer to `to`: a persistent JSON message carrying the
+/// request's `correlation_id`. A correlation id arrived in a short string, so
+/// it fits one; if a stored one ever did not, the answer goes without it.
+pub fn reply_properties(to: &ReplyTo) -> lapin::BasicProperties {
+    let props = json_properties();
+    let Some(c) = &to.correlation_id else {
+        return props;
+    };
+    match short("a correlation_id", c) {
+        Ok(c) => props.with_correlation_id(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "answer sent without its correlation_id");
+            props
+        }
+    }
+}
+
 /// Publish `body` to the reply queue, if any; the confirm goes to `confirms`.
 async fn reply(
     publisher: &Publisher,
@@ -34,11 +49,9 @@ async fn reply(
     let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) else {
         return Ok(());
     };
-    let mut props = json_properties();
-    if let Some(c) = &to.correlation_id {
-        props = props.with_correlation_id(ShortString::from(c.as_str()));
-    }
-    let confirm = publisher.publish("", queue, body, props).await?;
+    let confirm = publisher
+        .publish("", queue, body, reply_properties(to))
+        .await?;
     // The producer may have gone away (its reply queue is gone): the event still goes out.
     confirms.push(confirm, queue, true).await
 }
@@ -64,7 +77,7 @@ pub async fn send_decision(
     confirms: &mut Confirms,
 ) -> Result<(), BrokerError> {
     let event = Event::Decision(decision.clone());
-    let body = serde_json::to_vec(&event).expect("events serialise");
+    let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
     reply(publisher, to, &body, confirms).await?;
     let exchange = names.events();
     let confirm = publisher
@@ -89,7 +102,7 @@ pub async fn completed(
             state: b.state.clone(),
             figures: b.figures.clone(),
         };
-        let body = serde_json::to_vec(&event).expect("events serialise");
+        let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
         let to = ReplyTo {
             queue: b.reply_to.clone(),
             correlation_id: b.correlation_id.clone(),
@@ -123,7 +136,7 @@ pub async fn progress(
             account_id: account_id.clone(),
             figures: figures.clone(),
         };
-        let body = serde_json::to_vec(&event).expect("events serialise");
+        let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
         let confirm = publisher
             .send_event(&exchange, &event.routing_key(), &body)
             .await?;

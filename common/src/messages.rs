@@ -294,7 +294,9 @@ pub struct Reservation {
     pub batch_id: Option<String>,
 }
 
-/// One item to generate (coordinator → jobs queue). `message_id` is `batch_id:item_id`.
+/// One item to generate (coordinator → jobs queue). Its AMQP `message_id` is
+/// [`ItemJob::message_id`]: `batch_id:item_id`, or a fixed-length hash of the
+/// two when that would not fit an AMQP short string.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ItemJob {
     pub batch_id: String,
@@ -309,9 +311,54 @@ pub struct ItemJob {
 }
 
 impl ItemJob {
+    /// The job's AMQP `message_id`, at most [`MAX_SHORT_STRING`] bytes by
+    /// construction: see [`job_message_id`].
     pub fn message_id(&self) -> String {
-        format!("{}:{}", self.batch_id, self.item_id)
+        job_message_id(&self.batch_id, &self.item_id)
     }
+}
+
+/// The most bytes AMQP 0-9-1 allows in a short string (message ids,
+/// correlation ids, `reply_to`, queue and exchange names, header keys).
+pub const MAX_SHORT_STRING: usize = 255;
+
+/// `batch_id:item_id` when it fits in [`MAX_SHORT_STRING`] bytes (every id
+/// of 127 ASCII characters or fewer does); otherwise `sha256:` and the hex
+/// SHA-256 of both ids (71 bytes), each id prefixed by its length so that no
+/// two pairs share an input. Ids are up to 128 characters of UTF-8, so
+/// `batch_id:item_id` can reach 1,025 bytes; the full ids are always in the
+/// job's body. Stable: every dispatch of an item gives it the same id.
+pub fn job_message_id(batch_id: &str, item_id: &str) -> String {
+    if batch_id.len() + 1 + item_id.len() <= MAX_SHORT_STRING {
+        return format!("{batch_id}:{item_id}");
+    }
+    let mut hasher = Sha256::new();
+    for id in [batch_id, item_id] {
+        hasher.update((id.len() as u64).to_be_bytes());
+        hasher.update(id.as_bytes());
+    }
+    hashed(hasher)
+}
+
+/// `value` itself when it fits in [`MAX_SHORT_STRING`] bytes, otherwise
+/// `sha256:` and the hex SHA-256 of it (71 bytes): a stable stand-in for a
+/// long value in a short string (a producer's correlation id, say).
+pub fn short_id(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.len() <= MAX_SHORT_STRING {
+        return value.into();
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(value.as_bytes());
+    hashed(hasher).into()
+}
+
+fn hashed(hasher: Sha256) -> String {
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for byte in hasher.finalize() {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
 }
 
 /// Counts and credits of a batch, as in progress and completed events.
@@ -397,5 +444,23 @@ mod tests {
         assert_eq!(v["decision"], "rejected");
         assert_eq!(v["reason"], "body: not JSON");
         assert_eq!(serde_json::from_value::<Decision>(v).unwrap(), d);
+    }
+
+    #[test]
+    fn job_message_ids_fit_a_short_string_and_stay_distinct() {
+        let long = "🦀".repeat(128);
+        assert_eq!(job_message_id("b", "i"), "b:i");
+        let plain = job_message_id(&"b".repeat(127), &"i".repeat(127));
+        assert_eq!(plain.len(), 255);
+        let a = job_message_id(&long, &long);
+        let b = job_message_id(&long, &"🦀".repeat(127));
+        let c = job_message_id(&"🦀".repeat(127), &long);
+        for id in [&a, &b, &c] {
+            assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+        }
+        assert!(a != b && b != c && a != c);
+        assert_eq!(a, job_message_id(&long, &long), "stable");
+        assert_eq!(short_id("corr"), "corr");
+        assert_eq!(short_id(&long).len(), 71);
     }
 }

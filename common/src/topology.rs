@@ -61,6 +61,32 @@ impl Names {
     }
 }
 
+/// The longest namespace: every name it prefixes (the longest suffix is
+/// `.requests.dead`) must fit an AMQP short string, with room to spare.
+pub const MAX_NAMESPACE_BYTES: usize = 200;
+
+/// A namespace from the command line: 1 to [`MAX_NAMESPACE_BYTES`] bytes, no
+/// control characters, no whitespace (it becomes part of queue names).
+pub fn parse_namespace(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > MAX_NAMESPACE_BYTES {
+        return Err(format!(
+            "a namespace has 1 to {MAX_NAMESPACE_BYTES} bytes; this one has {}",
+            s.len()
+        ));
+    }
+    if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("a namespace has no control characters or whitespace".into());
+    }
+    Ok(s.to_string())
+}
+
+/// `value` as an AMQP short string (at most 255 bytes), or an error naming
+/// `what`. Every string Holdfast puts in a short string goes through here
+/// or is bounded by construction, so no value can panic a role.
+pub fn short(what: &'static str, value: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(value).map_err(|_| BrokerError::TooLong(what, value.len()))
+}
+
 /// What can go wrong talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -74,6 +100,14 @@ pub enum BrokerError {
     Closed,
     #[error("RabbitMQ cancelled the consumer of {0}")]
     ConsumerCancelled(String),
+    /// A value longer than an AMQP short string allows (255 bytes): a bug or
+    /// a setting to fix, never the broker's fault.
+    #[error("{0} has {1} bytes; AMQP allows at most 255")]
+    TooLong(&'static str, usize),
+    /// A message that does not serialise (strings, integers and JSON values
+    /// always do: a bug if ever seen).
+    #[error("a message could not be encoded: {0}")]
+    Encode(#[source] serde_json::Error),
     /// The AMQP URL does not parse: fix the setting, retrying will not help.
     #[error("the AMQP URL for {0} is not valid: {1}")]
     Url(String, String),
@@ -299,8 +333,8 @@ impl Publisher {
         Ok(self
             .channel
             .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
+                short("an exchange name", exchange)?,
+                short("a routing key", routing_key)?,
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -364,8 +398,8 @@ impl Publisher {
         Ok(self
             .channel
             .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
+                short("an exchange name", exchange)?,
+                short("a routing key", routing_key)?,
                 BasicPublishOptions::default(),
                 body,
                 json_properties(),

@@ -3,13 +3,12 @@
 //! and gets `{"event": "preview", ...}` back (or a `rejected` decision naming
 //! the problem). Nothing is held; a preview is answered and acknowledged.
 
-use holdfast_common::events::ReplyTo;
+use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::ledger::{Ledger, LedgerError};
 use holdfast_common::messages::{Decision, Event, Rejected};
 use holdfast_common::pricing;
-use holdfast_common::topology::{self, json_properties};
+use holdfast_common::topology;
 use lapin::options::BasicAckOptions;
-use lapin::types::ShortString;
 use tokio_util::sync::CancellationToken;
 
 use crate::intake;
@@ -63,11 +62,8 @@ pub async fn consume(
                 Ok(event) => {
                     let to = ReplyTo::of(&delivery.properties);
                     if let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) {
-                        let mut props = json_properties();
-                        if let Some(c) = &to.correlation_id {
-                            props = props.with_correlation_id(ShortString::from(c.as_str()));
-                        }
-                        let body = serde_json::to_vec(&event).expect("events serialise");
+                        let props = events::reply_properties(&to);
+                        let body = serde_json::to_vec(&event)?;
                         if let Err(e) = publisher.publish_confirmed("", queue, &body, props).await {
                             tracing::info!(error = %e, "preview answer not delivered (reply queue gone?)");
                         }
