@@ -12,6 +12,7 @@ use holdfast_common::config::{
 };
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
+use holdfast_common::supervise::Heartbeat;
 use holdfast_common::telemetry;
 use holdfast_common::topology::{self, Names};
 use holdfast_coordinator::api::{self, ApiSettings, ApiState};
@@ -203,6 +204,8 @@ impl Fleet {
                 shutdown.clone(),
             ));
         }
+        // The reconciler's sweeps, watched by this process's `/readyz`.
+        let heartbeat = Heartbeat::new();
         if roles.reconciler {
             let config = ReconcilerConfig {
                 amqp_url: conn.amqp_url.clone(),
@@ -211,6 +214,7 @@ impl Fleet {
                 settings: settings.reconciler.clone(),
                 coordinator: settings.coordinator.clone(),
                 audit_every: settings.audit_every,
+                heartbeat: heartbeat.clone(),
             };
             tasks.spawn(reconcile::run(ledger.clone(), config, shutdown.clone()));
         }
@@ -221,6 +225,11 @@ impl Fleet {
                 telemetry::metrics(),
                 coordinator_config(conn, settings, &names),
                 &settings.api,
+            )
+            .watching_sweeps(
+                roles
+                    .reconciler
+                    .then(|| (heartbeat.clone(), settings.reconciler.sweep_interval())),
             );
             let listener = tokio::net::TcpListener::bind(addr).await?;
             http_addr = Some(listener.local_addr()?);

@@ -64,7 +64,9 @@ pub async fn dispatch_granted(
     confirms: &mut Confirms,
 ) -> Result<usize, BrokerError> {
     for (n, &i) in run.iter().enumerate() {
-        let item = &request.items[i];
+        let Some(item) = request.items.get(i) else {
+            continue;
+        };
         let message = ItemJob {
             batch_id: request.batch_id.clone(),
             item_id: item.item_id.clone(),
@@ -88,10 +90,12 @@ async fn publish_job(
     message: &ItemJob,
     confirms: &mut Confirms,
 ) -> Result<(), BrokerError> {
+    crate::faults::panic_point("dispatch.job", &names.namespace);
     let queue = names.jobs();
     let body = serde_json::to_vec(message).map_err(BrokerError::Encode)?;
     // At most 255 bytes by construction (a hash of long ids; see `job_message_id`).
-    let props = json_properties().with_message_id(short("a job's message_id", &message.message_id())?);
+    let props =
+        json_properties().with_message_id(short("a job's message_id", &message.message_id())?);
     let confirm = publisher.publish("", &queue, &body, props).await?;
     confirms.push(confirm, &queue, false).await
 }

@@ -8,6 +8,7 @@
 //! - [`dispatch`]: publishing a batch's item jobs with publisher confirms.
 //! - [`config`]: settings from flags, `HOLDFAST_*` variables and local defaults.
 //! - [`telemetry`]: logs and the Prometheus metrics, recorded in one place.
+//! - [`supervise`]: catching a panic in one unit of work, so no panic ends a role.
 //! - [`faults`]: named crash points used by the fault-injection tests.
 
 pub mod config;
@@ -18,5 +19,6 @@ pub mod faults;
 pub mod ledger;
 pub mod messages;
 pub mod pricing;
+pub mod supervise;
 pub mod telemetry;
 pub mod topology;

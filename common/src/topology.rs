@@ -502,11 +502,15 @@ pub fn parked_headers(reason: &str) -> FieldTable {
 }
 
 /// Run `session` until `shutdown`, starting it again with backoff whenever it
-/// fails (the broker restarted, the connection dropped). Each session builds
-/// its own connection, channels, QoS and consumers from scratch, so nothing
-/// depends on a client library re-applying state after a reconnect.
+/// fails (the broker restarted, the connection dropped) or panics (counted as
+/// a panic of `role`'s `task`). Each session builds its own connection,
+/// channels, QoS and consumers from scratch, so nothing depends on a client
+/// library re-applying state after a reconnect. `name` tells the logs which
+/// of several sessions of one task it is.
 pub async fn supervise<F, Fut>(
-    role: &str,
+    role: &'static str,
+    task: &'static str,
+    name: &str,
     shutdown: tokio_util::sync::CancellationToken,
     mut session: F,
 ) where
@@ -516,14 +520,22 @@ pub async fn supervise<F, Fut>(
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        match session().await {
+        let ended = match crate::supervise::guard(role, task, session()).await {
+            Ok(ended) => ended,
+            Err(panicked) => {
+                tracing::error!(role, task, session = name, panic = %panicked.0,
+                    "session panicked; its unacknowledged deliveries return to the queue");
+                Err(anyhow::anyhow!(panicked))
+            }
+        };
+        match ended {
             Ok(()) => return,
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(30) {
                     delay = Duration::from_millis(200);
                 }
                 tracing::warn!(
-                    role,
+                    role = name,
                     error = format!("{e:#}"),
                     ?delay,
                     "session ended; reconnecting"

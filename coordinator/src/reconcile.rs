@@ -10,7 +10,9 @@
 use holdfast_common::config::{CoordinatorSettings, QueueSettings, ReconcilerSettings};
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
+use holdfast_common::faults::panic_point;
 use holdfast_common::ledger::Ledger;
+use holdfast_common::supervise::{guard, Heartbeat};
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{self, Names, Publisher};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +29,8 @@ pub struct ReconcilerConfig {
     pub coordinator: CoordinatorSettings,
     /// Audit the ledger every this many sweeps (0: never).
     pub audit_every: u64,
+    /// Beats after every sweep that ran to its end; `/readyz` reads it.
+    pub heartbeat: Heartbeat,
 }
 
 /// What one sweep did.
@@ -65,6 +69,7 @@ impl Reconciler {
     pub async fn sweep_once(&mut self) -> anyhow::Result<SweepReport> {
         let mut report = SweepReport::default();
         let names = &self.config.names;
+        panic_point("reconciler.sweep", &names.namespace);
         loop {
             let (closed, advanced) = self.ledger.close_finished(CLAIM_LIMIT).await?;
             report.closed += closed.len();
@@ -96,16 +101,23 @@ impl Reconciler {
             // reconciler takes the batch (the chaos harness kills one here).
             crash_point("reconciler.mid_sweep");
             tracing::warn!(%batch_id, "batch granted but not fully dispatched; dispatching again");
-            dispatch(
-                &self.ledger,
-                &self.publisher,
-                names,
-                &batch_id,
-                2,
-                self.config.coordinator.confirm_window,
+            let window = self.config.coordinator.confirm_window;
+            let sent = guard(
+                "reconciler",
+                "sweep",
+                dispatch(&self.ledger, &self.publisher, names, &batch_id, 2, window),
             )
-            .await?;
-            report.redispatched += 1;
+            .await;
+            match sent {
+                Ok(sent) => {
+                    sent?;
+                    report.redispatched += 1;
+                }
+                // The claim runs out and the batch is tried again after the
+                // lease; its execution deadline closes it if it never goes.
+                Err(panicked) => tracing::error!(%batch_id, panic = %panicked.0,
+                    "re-dispatch panicked; the sweep goes on"),
+            }
         }
         let (held, holds) = self.ledger.held_totals().await?;
         record::held(held, holds);
@@ -128,7 +140,7 @@ impl Reconciler {
 
 /// Run the reconciler role until `shutdown`, one sweep per interval.
 pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: CancellationToken) {
-    topology::supervise("reconciler", shutdown.clone(), || async {
+    topology::supervise("reconciler", "sweep", "reconciler", shutdown.clone(), || async {
         let conn = topology::connect(
             &config.amqp_url,
             &format!("holdfast-reconciler/{}", config.names.namespace),
@@ -150,10 +162,19 @@ pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: Cancellatio
             }
             // A publish on a connection the broker dropped may never be
             // confirmed: give the sweep up when the connection goes.
-            let report = tokio::select! {
-                r = reconciler.sweep_once() => r?,
+            let swept = tokio::select! {
+                r = guard("reconciler", "sweep", reconciler.sweep_once()) => r,
                 e = &mut lost => return Err(e.into()),
             };
+            let report = match swept {
+                Ok(report) => report?,
+                Err(panicked) => {
+                    // Whatever it was doing rolled back; the next tick sweeps again.
+                    tracing::error!(panic = %panicked.0, "sweep panicked; sweeping again at the next tick");
+                    continue;
+                }
+            };
+            config.heartbeat.beat();
             if report != SweepReport::default()
                 && report
                     != (SweepReport {

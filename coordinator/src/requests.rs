@@ -14,6 +14,7 @@ use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{Ledger, LedgerError, ReserveInput};
 use holdfast_common::messages::{BatchRequest, Decision, Rejected};
+use holdfast_common::supervise::{guard, Panicked};
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
     self, json_properties, parked_headers, BrokerError, Confirms, Names, Publisher,
@@ -218,11 +219,7 @@ impl Intake {
         record::rejected();
         // Parked first: when the producer hears "rejected", the message is
         // already where an operator can find it.
-        let props = json_properties().with_headers(parked_headers(&rejected.reason));
-        self.publisher
-            .publish_confirmed(&self.config.names.dead_exchange(), "requests", body, props)
-            .await?;
-        record::dead_lettered("requests");
+        self.park(body, &rejected.reason).await?;
         events::decision(
             &self.publisher,
             &self.config.names,
@@ -231,6 +228,18 @@ impl Intake {
         )
         .await?;
         Ok(Outcome::Rejected(rejected))
+    }
+}
+
+impl Intake {
+    /// Put a request in the requests dead-letter queue with `reason`.
+    async fn park(&self, body: &[u8], reason: &str) -> Result<(), BrokerError> {
+        let props = json_properties().with_headers(parked_headers(reason));
+        self.publisher
+            .publish_confirmed(&self.config.names.dead_exchange(), "requests", body, props)
+            .await?;
+        record::dead_lettered("requests");
+        Ok(())
     }
 }
 
@@ -327,7 +336,7 @@ pub async fn run(ledger: Ledger, config: CoordinatorConfig, shutdown: Cancellati
         let (ledger, config, shutdown) = (ledger.clone(), config.clone(), shutdown.clone());
         tasks.spawn(async move {
             let name = format!("coordinator-{n}");
-            topology::supervise(&name, shutdown.clone(), || {
+            topology::supervise("coordinator", "requests", &name, shutdown.clone(), || {
                 consume(&ledger, &config, &shutdown)
             })
             .await;
@@ -336,9 +345,13 @@ pub async fn run(ledger: Ledger, config: CoordinatorConfig, shutdown: Cancellati
     {
         let (ledger, config, shutdown) = (ledger.clone(), config.clone(), shutdown.clone());
         tasks.spawn(async move {
-            topology::supervise("previews", shutdown.clone(), || {
-                crate::previews::consume(&ledger, &config, &shutdown)
-            })
+            topology::supervise(
+                "coordinator",
+                "previews",
+                "previews",
+                shutdown.clone(),
+                || crate::previews::consume(&ledger, &config, &shutdown),
+            )
             .await;
         });
     }
@@ -383,13 +396,27 @@ async fn consume(
             .iter()
             .map(|d| (d.data.as_slice(), reply_of(d)))
             .collect();
-        let published = session
-            .while_connected(intake.decide_many(&requests))
-            .await??;
+        let decided = guard("coordinator", "requests", intake.decide_many(&requests));
+        let decided = session.while_connected(decided).await?;
         drop(requests);
         if let Some(previous) = tail.take() {
             session.while_connected(previous).await???;
         }
+        let published = match decided {
+            Ok(published) => published?,
+            Err(panicked) => {
+                // Nothing of the group was acknowledged: take its requests
+                // one at a time, so that only the one at fault is held back.
+                tracing::error!(batch_ids = ?batch_ids(&group), panic = %panicked.0,
+                    "deciding a group of requests panicked; handling each on its own");
+                for delivery in &group {
+                    session
+                        .while_connected(process_alone(&intake, delivery, shutdown))
+                        .await??;
+                }
+                continue;
+            }
+        };
         let (intake, shutdown) = (intake.clone(), shutdown.clone());
         tail = Some(AbortOnDropHandle::new(tokio::spawn(async move {
             finish_group(&intake, &group, published, &shutdown).await
@@ -413,7 +440,17 @@ async fn finish_group(
     published: Published,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let outcomes = published.finish(intake).await?;
+    let outcomes = match guard("coordinator", "requests", published.finish(intake)).await {
+        Ok(outcomes) => outcomes?,
+        Err(panicked) => {
+            tracing::error!(batch_ids = ?batch_ids(group), panic = %panicked.0,
+                "finishing a group of requests panicked; handling each on its own");
+            for delivery in group {
+                process_alone(intake, delivery, shutdown).await?;
+            }
+            return Ok(());
+        }
+    };
     for (delivery, outcome) in group.iter().zip(outcomes) {
         match outcome {
             Ok(_) => {
@@ -421,8 +458,95 @@ async fn finish_group(
                     record::ack_lost();
                 }
             }
-            Err(_) => process(intake, delivery, shutdown).await?,
+            Err(_) => process_alone(intake, delivery, shutdown).await?,
         }
+    }
+    Ok(())
+}
+
+/// The batch ids of a group's requests, as far as they parse (for logs).
+fn batch_ids(group: &[Delivery]) -> Vec<String> {
+    group
+        .iter()
+        .map(|d| batch_id_of(&d.data).unwrap_or_else(|| "-".into()))
+        .collect()
+}
+
+/// The `batch_id` of a request body, if it has one.
+fn batch_id_of(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("batch_id").and_then(|b| b.as_str()).map(String::from))
+}
+
+/// [`process`], with a panic caught: see [`poisoned`].
+async fn process_alone(
+    intake: &Intake,
+    delivery: &Delivery,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    match guard(
+        "coordinator",
+        "requests",
+        process(intake, delivery, shutdown),
+    )
+    .await
+    {
+        Ok(processed) => processed,
+        Err(panicked) => poisoned(intake, delivery, panicked).await,
+    }
+}
+
+/// A request whose handling panicked. Before its last delivery it goes back
+/// to the queue (RabbitMQ counts the delivery). On the last one it is parked
+/// with the reason, and whatever it holds is let go: a granted batch is
+/// cancelled (nothing new starts, everything not captured is released, and
+/// its `completed` event says so); a request that was never decided is
+/// answered `rejected`. If the ledger cannot be reached for the cancel, the
+/// reconciler releases the hold at the batch's execution deadline.
+async fn poisoned(intake: &Intake, delivery: &Delivery, panicked: Panicked) -> anyhow::Result<()> {
+    let batch_id = batch_id_of(&delivery.data);
+    let deliveries = topology::delivery_count(&delivery.properties) + 1;
+    tracing::error!(batch_id = batch_id.as_deref().unwrap_or("-"), deliveries, panic = %panicked.0,
+        "handling the request panicked");
+    if deliveries <= intake.config.queues.request_delivery_limit {
+        topology::requeue(delivery).await?;
+        return Ok(());
+    }
+    let why = format!(
+        "handling it panicked on {deliveries} deliveries ({}); parked for an operator",
+        panicked.0
+    );
+    let mut answered = false;
+    if let Some(id) = &batch_id {
+        match intake.ledger.cancel_batch(id).await {
+            Ok(cancelled) => {
+                tracing::warn!(batch_id = %id, state = %cancelled.state,
+                    "cancelled the batch of a request that kept panicking; its credits are released");
+                if let Some(closed) = cancelled.closed {
+                    events::completed(&intake.publisher, &intake.config.names, &[closed]).await?;
+                }
+                answered = true;
+            }
+            // Denied, finished, or never decided: it holds nothing.
+            Err(LedgerError::NotFound(_) | LedgerError::WrongState(_)) => {}
+            Err(e) => tracing::error!(batch_id = %id, error = %e,
+                "could not cancel the batch of a request that kept panicking; the reconciler releases it at its deadline"),
+        }
+    }
+    intake.park(&delivery.data, &why).await?;
+    if !answered {
+        let rejected = Rejected::one(batch_id, "body", why);
+        events::decision(
+            &intake.publisher,
+            &intake.config.names,
+            &reply_of(delivery),
+            &Decision::Rejected(rejected),
+        )
+        .await?;
+    }
+    if !delivery.acker.ack(BasicAckOptions::default()).await? {
+        record::ack_lost();
     }
     Ok(())
 }

@@ -295,6 +295,37 @@ impl TestFleet {
     }
 }
 
+/// Ask `check` every 50 ms until it answers `Some`, and return that; fail
+/// the test, naming `what`, if it has not after [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of the counter `holdfast_task_panics_total{role,task}` in this process.
+pub fn task_panics(role: &str, task: &str) -> f64 {
+    let wanted = format!("holdfast_task_panics_total{{role=\"{role}\",task=\"{task}\"}}");
+    holdfast_common::telemetry::metrics()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&wanted))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A request of `n` items costing `cost` each, ids `i0..`, with an optional simulate payload.
 pub fn request(batch_id: &str, account: &str, n: usize, cost: i64) -> Value {
     let items: Vec<Value> = (0..n)

@@ -22,12 +22,14 @@ use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{ItemOutcome, Ledger, Settled, Settlement};
 use holdfast_common::messages::ItemJob;
+use holdfast_common::supervise::guard;
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
     self, delivery_count, json_properties, parked_headers, requeue, Names, Publisher,
 };
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::Acker;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +39,12 @@ use crate::generator::{Generated, Generator, GeneratorError};
 
 /// Jobs of a sequential batch's next chunk published per confirm wait.
 const CHUNK_CONFIRM_WINDOW: usize = 500;
+
+/// Return a delivery to its queue (counted against its delivery limit).
+const REQUEUE: BasicNackOptions = BasicNackOptions {
+    multiple: false,
+    requeue: true,
+};
 
 /// Longest pause between two tries of an unavailable ledger.
 const MAX_LEDGER_WAIT: Duration = Duration::from_secs(5);
@@ -99,7 +107,7 @@ pub async fn run(
     generator: Arc<dyn Generator>,
     shutdown: CancellationToken,
 ) {
-    topology::supervise("worker", shutdown.clone(), || {
+    topology::supervise("worker", "jobs", "worker", shutdown.clone(), || {
         session(&ledger, &config, &generator, &shutdown)
     })
     .await;
@@ -148,7 +156,17 @@ async fn session(
                     done: tx.clone(),
                     shutdown: shutdown.clone(),
                 };
-                tasks.spawn(start_group(item, group, tasks.clone()));
+                let ackers: Vec<Acker> = group.iter().map(|d| d.acker.clone()).collect();
+                let started = guard("worker", "jobs", start_group(item, group, tasks.clone()));
+                tasks.spawn(async move {
+                    if let Err(panicked) = started.await {
+                        tracing::error!(jobs = ackers.len(), panic = %panicked.0,
+                            "starting a group of jobs panicked; returning them");
+                        for acker in &ackers {
+                            let _ = acker.nack(REQUEUE).await;
+                        }
+                    }
+                });
             }
             Err(e) => break Err(anyhow::Error::from(e)),
         }
@@ -237,8 +255,22 @@ async fn start_group(item: Item, group: Vec<Delivery>, tasks: TaskTracker) {
             .cloned();
         let span = tracing::info_span!("item", batch_id = %job.batch_id, item_id = %job.item_id);
         let item = item.clone();
+        let acker = delivery.acker.clone();
         tasks.spawn(
-            async move { report(item.run_job(delivery, job, state).await) }.instrument(span),
+            async move {
+                match guard("worker", "jobs", item.run_job(delivery, job, state)).await {
+                    Ok(ran) => report(ran),
+                    // The generator's own panics are caught in `generate`;
+                    // this is one of ours. The job comes back, and past its
+                    // delivery limit RabbitMQ parks it; the batch's deadline
+                    // fails the item, uncharged.
+                    Err(panicked) => {
+                        tracing::error!(panic = %panicked.0, "handling the job panicked; returning it");
+                        let _ = acker.nack(REQUEUE).await;
+                    }
+                }
+            }
+            .instrument(span),
         );
     }
 }
@@ -503,55 +535,91 @@ async fn settle_loop(
                 Err(_) => break,
             }
         }
-        let settlements: Vec<Settlement> = batch.iter().map(|f| f.settlement.clone()).collect();
-        let report = match settle_patiently(&ledger, &settlements, &shutdown).await {
-            Ok(r) => r,
-            Err(e) => {
-                // The work is done but not captured: return the jobs; the
-                // redelivery captures them (each at most once).
-                tracing::error!(error = %e, items = batch.len(), "capture failed; returning the jobs");
-                for f in &batch {
-                    let _ = requeue(&f.delivery).await;
-                }
-                continue;
-            }
-        };
-        crash_point("worker.after_capture");
-        for (f, result) in batch.iter().zip(&report.results) {
-            if *result == Settled::Unknown {
-                tracing::warn!(batch_id = %f.settlement.batch_id, item_id = %f.settlement.item_id,
-                    "captured nothing: no such pending item");
-            }
-            match f.delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => {}
-                Ok(false) | Err(_) => record::ack_lost(),
-            }
-        }
-        progress.extend(report.progress);
-        for closed in &report.closed {
-            progress.remove(&closed.batch_id);
-        }
-        if let Err(e) = events::completed(&publisher, names, &report.closed).await {
-            tracing::warn!(error = %e, "could not announce a closed batch");
-        }
-        // Sequential batches whose next chunk this settle reserved: send its jobs
-        // (a reconciler does it after the lease if this fails).
-        for batch_id in &report.advanced {
-            if let Err(e) = dispatch(
+        let settled = guard(
+            "worker",
+            "settler",
+            settle_and_ack(
                 &ledger,
                 &publisher,
-                names,
-                batch_id,
-                1,
-                CHUNK_CONFIRM_WINDOW,
-            )
-            .await
-            {
-                tracing::warn!(%batch_id, error = %e, "next chunk not dispatched; the reconciler will");
+                &config,
+                &batch,
+                &mut progress,
+                &shutdown,
+            ),
+        )
+        .await;
+        if let Err(panicked) = settled {
+            // Whatever the capture did rolled back or committed whole: the
+            // jobs come back, and a redelivery captures each at most once.
+            let items: Vec<(&str, &str)> = batch
+                .iter()
+                .map(|f| {
+                    (
+                        f.settlement.batch_id.as_str(),
+                        f.settlement.item_id.as_str(),
+                    )
+                })
+                .collect();
+            tracing::error!(?items, panic = %panicked.0, "capturing panicked; returning the jobs");
+            for f in &batch {
+                let _ = requeue(&f.delivery).await;
             }
         }
     }
     publish_progress(&ledger, &publisher, names, &mut progress).await;
+}
+
+/// Capture one batch of finished items, ack their jobs after the commit,
+/// announce what closed and dispatch what a sequential batch reserved next.
+async fn settle_and_ack(
+    ledger: &Ledger,
+    publisher: &Publisher,
+    config: &WorkerConfig,
+    batch: &[Finished],
+    progress: &mut std::collections::BTreeSet<String>,
+    shutdown: &CancellationToken,
+) {
+    let names = &config.names;
+    holdfast_common::faults::panic_point("worker.settle", &names.namespace);
+    let settlements: Vec<Settlement> = batch.iter().map(|f| f.settlement.clone()).collect();
+    let report = match settle_patiently(ledger, &settlements, shutdown).await {
+        Ok(r) => r,
+        Err(e) => {
+            // The work is done but not captured: return the jobs; the
+            // redelivery captures them (each at most once).
+            tracing::error!(error = %e, items = batch.len(), "capture failed; returning the jobs");
+            for f in batch {
+                let _ = requeue(&f.delivery).await;
+            }
+            return;
+        }
+    };
+    crash_point("worker.after_capture");
+    for (f, result) in batch.iter().zip(&report.results) {
+        if *result == Settled::Unknown {
+            tracing::warn!(batch_id = %f.settlement.batch_id, item_id = %f.settlement.item_id,
+                    "captured nothing: no such pending item");
+        }
+        match f.delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => record::ack_lost(),
+        }
+    }
+    progress.extend(report.progress);
+    for closed in &report.closed {
+        progress.remove(&closed.batch_id);
+    }
+    if let Err(e) = events::completed(publisher, names, &report.closed).await {
+        tracing::warn!(error = %e, "could not announce a closed batch");
+    }
+    // Sequential batches whose next chunk this settle reserved: send its jobs
+    // (a reconciler does it after the lease if this fails).
+    for batch_id in &report.advanced {
+        if let Err(e) = dispatch(ledger, publisher, names, batch_id, 1, CHUNK_CONFIRM_WINDOW).await
+        {
+            tracing::warn!(%batch_id, error = %e, "next chunk not dispatched; the reconciler will");
+        }
+    }
 }
 
 /// Settle, asking again with backoff while the ledger is unavailable (the

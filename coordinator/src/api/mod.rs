@@ -26,6 +26,7 @@ pub mod reservations;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
@@ -34,6 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use holdfast_common::ledger::Ledger;
+use holdfast_common::supervise::Heartbeat;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -105,7 +107,15 @@ pub struct ApiState {
     pub broker: Arc<Broker>,
     /// Whether the reference page may add credits (`HOLDFAST_DEMO_GRANTS=1`).
     pub demo_grants: bool,
+    /// The sweeps of a reconciler running in this process, and their
+    /// interval: `/readyz` fails when the last one that ran to its end is
+    /// older than [`STALE_SWEEPS`] intervals.
+    pub sweeps: Option<(Heartbeat, Duration)>,
 }
+
+/// How many sweep intervals may pass without a complete sweep before a
+/// process running a reconciler is not ready.
+pub const STALE_SWEEPS: u32 = 3;
 
 impl ApiState {
     /// State for a ledger and a coordinator configuration; the broker connects on first use.
@@ -131,7 +141,14 @@ impl ApiState {
                 .map(Arc::from),
             broker: Arc::new(broker),
             demo_grants: settings.demo_grants,
+            sweeps: None,
         }
+    }
+
+    /// Let `/readyz` watch the sweeps of this process's reconciler, if it runs one.
+    pub fn watching_sweeps(mut self, sweeps: Option<(Heartbeat, Duration)>) -> Self {
+        self.sweeps = sweeps;
+        self
     }
 }
 
@@ -234,23 +251,28 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Whether each dependency answers.
+/// Whether each dependency answers, and this process's reconciler sweeps.
 #[derive(Serialize, ToSchema)]
 pub struct Readiness {
     /// PostgreSQL answers.
     pub postgres: bool,
     /// RabbitMQ accepts a connection.
     pub rabbitmq: bool,
+    /// Seconds since this process's reconciler last finished a sweep; absent
+    /// when the process runs no reconciler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_sweep_secs: Option<f64>,
 }
 
-/// Readiness: PostgreSQL and RabbitMQ both answer.
+/// Readiness: PostgreSQL and RabbitMQ both answer, and a reconciler running
+/// in this process finished a sweep within the last three intervals.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "A dependency does not answer", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency does not answer, or this process's reconciler stopped sweeping", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn ready(State(s): State<ApiState>) -> Response {
@@ -258,19 +280,32 @@ async fn ready(State(s): State<ApiState>) -> Response {
         s.ledger.ping(),
         holdfast_common::topology::ping(&s.config.amqp_url)
     );
-    if postgres && rabbitmq {
-        return Json(Readiness { postgres, rabbitmq }).into_response();
+    let sweep = s.sweeps.as_ref().map(|(beat, interval)| {
+        let age = beat.age();
+        (age, age <= *interval * STALE_SWEEPS)
+    });
+    let sweeping = sweep.is_none_or(|(_, fresh)| fresh);
+    if postgres && rabbitmq && sweeping {
+        return Json(Readiness {
+            postgres,
+            rabbitmq,
+            last_sweep_secs: sweep.map(|(age, _)| age.as_secs_f64()),
+        })
+        .into_response();
     }
     let state = |up: bool| if up { "answers" } else { "does not answer" };
-    Problem::status(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!(
-            "not ready: PostgreSQL {}, RabbitMQ {}",
-            state(postgres),
-            state(rabbitmq)
-        ),
-    )
-    .into_response()
+    let mut detail = format!(
+        "not ready: PostgreSQL {}, RabbitMQ {}",
+        state(postgres),
+        state(rabbitmq)
+    );
+    if let Some((age, false)) = sweep {
+        detail.push_str(&format!(
+            ", the reconciler's last complete sweep was {:.1} s ago (more than {STALE_SWEEPS} intervals)",
+            age.as_secs_f64()
+        ));
+    }
+    Problem::status(StatusCode::SERVICE_UNAVAILABLE, detail).into_response()
 }
 
 /// Prometheus metrics.
