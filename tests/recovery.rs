@@ -459,3 +459,72 @@ async fn a_healthy_fleet_that_ran_a_batch_has_nothing_stuck() {
     t.assert_exact().await;
     t.stop().await;
 }
+
+/// The reconciler's periodic audit reports what its own sweep could not
+/// resolve: here a batch past its deadline that another transaction keeps
+/// locked (the sweep skips locked rows), then nothing once it is free.
+#[tokio::test]
+async fn the_reconcilers_audit_counts_a_hold_its_sweep_could_not_resolve() {
+    use holdfast_common::topology::{self, Publisher};
+    use holdfast_coordinator::reconcile::{Reconciler, ReconcilerConfig};
+
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    t.grant("acme", 100).await;
+    let req: BatchRequest = serde_json::from_value(request("locked", "acme", 2, 10)).unwrap();
+    t.ledger
+        .reserve(&reserve_input(
+            &req,
+            Duration::from_secs(3600),
+            Duration::from_secs(600),
+        ))
+        .await
+        .unwrap();
+    force(
+        &t,
+        "UPDATE batches SET deadline_at = now() - interval '10 minutes' WHERE id = 'locked'",
+    )
+    .await;
+
+    let amqp = topology::connect(&t.conn.amqp_url, "test-reconciler")
+        .await
+        .unwrap();
+    let channel = amqp.create_channel().await.unwrap();
+    topology::declare(&channel, &t.names, &t.settings.queues)
+        .await
+        .unwrap();
+    let mut reconciler = Reconciler::new(
+        t.ledger.clone(),
+        Publisher::new(&amqp).await.unwrap(),
+        ReconcilerConfig {
+            amqp_url: t.conn.amqp_url.clone(),
+            names: t.names.clone(),
+            queues: t.settings.queues.clone(),
+            settings: t.settings.reconciler.clone(),
+            coordinator: t.settings.coordinator.clone(),
+            audit_every: 1,
+        },
+    );
+
+    let mut locker = t.ledger.pool().get().await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM batches WHERE id = 'locked' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let report = reconciler.sweep_once().await.unwrap();
+    assert_eq!(
+        (report.expired, report.drift, report.stuck),
+        (0, Some(0), Some(1)),
+        "{report:?}"
+    );
+    lock.rollback().await.unwrap();
+
+    let report = reconciler.sweep_once().await.unwrap();
+    assert_eq!(
+        (report.expired, report.drift, report.stuck),
+        (1, Some(0), Some(0)),
+        "{report:?}"
+    );
+    assert_eq!(t.wait_closed("locked").await.state, "expired");
+    topology::close_channel(&channel, "done").await;
+    topology::close(&amqp, "done").await;
+}
