@@ -356,10 +356,11 @@ python3 scripts/check-observability.py --summary "$WORK/summary" \
     --expect "max(holdfast_holds_overdue)=0" \
     --expect "max(holdfast_dispatch_backlog)=0" \
     --expect "max(holdfast_ledger_drift)=0" \
+    --expect "max(holdfast_ledger_stuck)=0" \
     --expect "sum(rabbitmq_detailed_queue_messages{queue=\"$NS.requests.dead\"})=2" \
     --expect "count(up{job=~\"holdfast-.*\"} == 1)=6" \
     --firing HoldfastOverrunCredits --firing HoldfastDeadLetterQueueGrowing \
-    --quiet HoldfastLedgerDrift --quiet HoldfastHoldsOverdue --quiet HoldfastProcessDown \
+    --quiet HoldfastLedgerDrift --quiet HoldfastStuckCredits --quiet HoldfastHoldsOverdue --quiet HoldfastProcessDown \
     --quiet HoldfastRoleDown --quiet HoldfastDispatchStalled || check_rc=$?
 if [ -f "$WORK/summary" ]; then
     read -r p f <"$WORK/summary"

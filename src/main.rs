@@ -55,8 +55,9 @@ enum Command {
     /// Batches.
     #[command(subcommand)]
     Batch(BatchCommand),
-    /// Recompute every balance and hold from the journal; exit 1 on any drift.
-    Audit,
+    /// Recompute every balance and hold from the journal, and name the holds
+    /// stuck past their deadline, TTL or dispatch lease; exit 1 on either.
+    Audit(AuditArgs),
     /// A scripted Generate All scenario on the local services.
     Demo(FleetSettings),
     /// Price a batch request against the account's credits; holds nothing.
@@ -102,6 +103,14 @@ enum BatchCommand {
     Show { id: String },
     /// Cancel a running batch: nothing new starts, the rest is released.
     Cancel { id: String },
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// Call a hold stuck only once it is this many seconds past its deadline,
+    /// TTL or dispatch lease (a running reconciler resolves it before then).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    stuck_after: u64,
 }
 
 #[derive(clap::Args)]
@@ -341,14 +350,21 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
                 Ok(1)
             }
         },
-        Command::Audit => {
-            let drift = ledger(conn)?.audit().await?;
+        Command::Audit(args) => {
+            let ledger = ledger(conn)?;
+            let drift = ledger.audit().await?;
+            let stuck = ledger.stuck(Duration::from_secs(args.stuck_after)).await?;
             if cli.json {
-                report::json(&drift);
+                report::json(&serde_json::json!({"drift": drift, "stuck": stuck}));
             } else {
                 report::audit(&drift);
+                report::stuck(&stuck, args.stuck_after);
             }
-            Ok(if drift.is_empty() { 0 } else { 1 })
+            Ok(if drift.is_empty() && stuck.is_empty() {
+                0
+            } else {
+                1
+            })
         }
         Command::Submit(args) => submit(conn, args, cli.json).await,
         Command::Preview(args) => preview(conn, args, cli.json).await,

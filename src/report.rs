@@ -1,6 +1,6 @@
 //! Printing decisions, accounts, batches and audits for people (or as JSON).
 
-use holdfast_common::ledger::{Account, BatchView, Drift};
+use holdfast_common::ledger::{Account, BatchView, Drift, Stuck};
 use holdfast_common::messages::{Decision, Event};
 use holdfast_common::pricing::thousands;
 
@@ -140,6 +140,25 @@ pub fn audit(drift: &[Drift]) {
         println!("audit: {} problem(s)", drift.len());
         for d in drift {
             println!("  {}: {}", d.subject, d.problem);
+        }
+    }
+}
+
+/// After [`audit`]: the holds stuck more than `after_secs` past their limit.
+pub fn stuck(stuck: &[Stuck], after_secs: u64) {
+    if stuck.is_empty() {
+        println!(
+            "stuck: nothing open more than {after_secs}s past its deadline, TTL or dispatch lease"
+        );
+    } else {
+        let credits: i64 = stuck.iter().map(|s| s.credits).sum();
+        println!(
+            "stuck: {} hold(s) more than {after_secs}s past their limit, {} credits",
+            stuck.len(),
+            thousands(credits)
+        );
+        for s in stuck {
+            println!("  {} [{}]: {}", s.subject, s.kind, s.problem);
         }
     }
 }

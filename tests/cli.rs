@@ -198,3 +198,71 @@ async fn run_starts_works_and_stops_without_logging_an_error() {
     assert!(errors.is_empty(), "{errors:#?}\n--- all logs:\n{logs}");
     t.stop().await;
 }
+
+/// `holdfast audit` names stuck money and exits 1 for it, as for drift; a
+/// clean ledger exits 0. `--json` keeps the drift list under `drift`.
+#[tokio::test]
+async fn audit_names_a_hold_stuck_past_its_deadline_and_exits_1() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    t.grant("studio", 100).await;
+    let req: holdfast_common::messages::BatchRequest =
+        serde_json::from_value(request("cli-late", "studio", 3, 10)).unwrap();
+    t.ledger
+        .reserve(&reserve_input(
+            &req,
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::from_secs(600),
+        ))
+        .await
+        .unwrap();
+
+    let clean = holdfast(&t, &["audit"]).await;
+    assert!(clean.status.success(), "{}", stdout(&clean));
+    assert!(
+        stdout(&clean).contains("stuck: nothing"),
+        "{}",
+        stdout(&clean)
+    );
+
+    // Nobody dispatches or runs it, and its deadline is forced into the past.
+    let client = t.ledger.pool().get().await.unwrap();
+    client
+        .execute(
+            "UPDATE batches SET deadline_at = now() - interval '10 minutes' WHERE id = 'cli-late'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let audit = holdfast(&t, &["audit"]).await;
+    let text = stdout(&audit);
+    assert_eq!(audit.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the ledger is exact") && text.contains("batch cli-late [items_overdue]"),
+        "{text}"
+    );
+
+    let json = holdfast(&t, &["audit", "--json"]).await;
+    assert_eq!(json.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["drift"], serde_json::json!([]), "{v:#}");
+    assert_eq!(
+        (
+            v["stuck"][0]["subject"].as_str(),
+            v["stuck"][0]["kind"].as_str(),
+            v["stuck"][0]["credits"].as_i64(),
+            v["stuck"].as_array().map(Vec::len)
+        ),
+        (
+            Some("batch cli-late"),
+            Some("items_overdue"),
+            Some(30),
+            Some(1)
+        ),
+        "{v:#}"
+    );
+
+    // Ten minutes overdue is within a grace of a day.
+    let patient = holdfast(&t, &["audit", "--stuck-after", "86400"]).await;
+    assert!(patient.status.success(), "{}", stdout(&patient));
+    t.stop().await;
+}

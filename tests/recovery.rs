@@ -255,3 +255,276 @@ async fn a_batch_past_its_deadline_fails_unsettled_items_and_releases_the_rest()
     t.assert_exact().await;
     t.stop().await;
 }
+
+/// Run `sql` on the test's database, behind the ledger's back.
+async fn force(t: &TestFleet, sql: &str) {
+    let client = t.ledger.pool().get().await.unwrap();
+    assert_eq!(client.execute(sql, &[]).await.unwrap(), 1, "{sql}");
+}
+
+/// Poll the ledger until the batch is in `state`.
+async fn wait_state(t: &TestFleet, batch_id: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let b = t.ledger.batch(batch_id).await.unwrap();
+        if b.as_ref().map(|b| b.state.as_str()) == Some(state) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch {batch_id} never reached {state}: {b:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn audit_flags_a_hold_forced_past_its_deadline() {
+    // A coordinator and nothing else: the jobs wait in the queue, and no
+    // reconciler resolves what the test makes overdue.
+    let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
+    t.grant("acme", 100).await;
+    let hold_id = granted(&t.submit(&request("overdue", "acme", 3, 10)).await)
+        .hold_id
+        .clone();
+    wait_state(&t, "overdue", "dispatched").await;
+    // Running, within its deadline: nothing is stuck, even with no grace at all.
+    assert_eq!(t.ledger.stuck(Duration::ZERO).await.unwrap(), vec![]);
+
+    force(
+        &t,
+        "UPDATE batches SET deadline_at = now() - interval '10 minutes' WHERE id = 'overdue'",
+    )
+    .await;
+    let stuck = t.ledger.stuck(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(stuck.len(), 1, "{stuck:#?}");
+    let s = &stuck[0];
+    assert_eq!(
+        (s.kind.as_str(), s.subject.as_str(), s.credits),
+        ("items_overdue", "batch overdue", 30),
+        "{s:#?}"
+    );
+    assert!(
+        s.problem.contains(&format!("hold {hold_id}"))
+            && s.problem.contains("3 item(s) still pending")
+            && s.problem.contains("30 credits held")
+            && s.problem.contains("past the execution deadline"),
+        "{}",
+        s.problem
+    );
+    // Not yet past a grace longer than the 10 minutes it is overdue.
+    assert_eq!(
+        t.ledger.stuck(Duration::from_secs(3600)).await.unwrap(),
+        vec![]
+    );
+    // Stuck is not drift: the ledger still agrees with its journal.
+    t.assert_exact().await;
+
+    // A soft hold whose TTL passed long ago, never expired.
+    let soft = t
+        .ledger
+        .reserve_soft("acme", 25, Duration::from_secs(600))
+        .await
+        .unwrap();
+    force(
+        &t,
+        &format!(
+            "UPDATE holds SET expires_at = now() - interval '5 minutes' WHERE id = '{}'",
+            soft.reservation_id
+        ),
+    )
+    .await;
+    let stuck = t.ledger.stuck(Duration::from_secs(60)).await.unwrap();
+    let soft_stuck = stuck
+        .iter()
+        .find(|s| s.kind == "hold_overdue")
+        .unwrap_or_else(|| panic!("{stuck:#?}"));
+    assert_eq!(
+        (soft_stuck.subject.clone(), soft_stuck.credits, stuck.len()),
+        (format!("hold {}", soft.reservation_id), 25, 2),
+        "{stuck:#?}"
+    );
+    assert!(
+        soft_stuck.problem.contains("account acme") && soft_stuck.problem.contains("past its TTL"),
+        "{}",
+        soft_stuck.problem
+    );
+    t.assert_exact().await;
+
+    // A reconciler resolves both on its first sweep: nothing is stuck after.
+    t.start_roles(
+        Roles {
+            reconciler: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    assert_eq!(t.wait_closed("overdue").await.state, "expired");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while t
+        .ledger
+        .reservation(&soft.reservation_id)
+        .await
+        .unwrap()
+        .state
+        == "open"
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "soft hold never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(t.ledger.stuck(Duration::ZERO).await.unwrap(), vec![]);
+    t.assert_exact().await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn audit_flags_a_granted_batch_left_undispatched_once_per_hold() {
+    // No roles: the batch is granted in the ledger and nobody dispatches it.
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    t.grant("acme", 100).await;
+    let req: BatchRequest = serde_json::from_value(request("stranded", "acme", 4, 5)).unwrap();
+    t.ledger
+        .reserve(&reserve_input(
+            &req,
+            Duration::from_secs(3600),
+            Duration::from_secs(600),
+        ))
+        .await
+        .unwrap();
+    // Within its dispatch lease: not stuck.
+    assert_eq!(t.ledger.stuck(Duration::ZERO).await.unwrap(), vec![]);
+
+    force(
+        &t,
+        "UPDATE batches SET dispatch_lease = now() - interval '5 minutes' WHERE id = 'stranded'",
+    )
+    .await;
+    assert_eq!(
+        t.ledger.stuck(Duration::from_secs(600)).await.unwrap(),
+        vec![]
+    );
+    let stuck = t.ledger.stuck(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(stuck.len(), 1, "{stuck:#?}");
+    assert_eq!(
+        (
+            stuck[0].kind.as_str(),
+            stuck[0].subject.as_str(),
+            stuck[0].credits
+        ),
+        ("undispatched", "batch stranded", 20)
+    );
+    assert!(
+        stuck[0].problem.contains("granted but not dispatched")
+            && stuck[0].problem.contains("4 item(s) pending")
+            && stuck[0].problem.contains("past its dispatch lease"),
+        "{}",
+        stuck[0].problem
+    );
+
+    // Past its deadline as well: named once, for the deadline.
+    force(
+        &t,
+        "UPDATE batches SET deadline_at = now() - interval '5 minutes' WHERE id = 'stranded'",
+    )
+    .await;
+    let stuck = t.ledger.stuck(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(stuck.len(), 1, "{stuck:#?}");
+    assert_eq!(
+        (stuck[0].kind.as_str(), stuck[0].credits),
+        ("items_overdue", 20)
+    );
+    assert!(
+        stuck[0].problem.contains("never all dispatched"),
+        "{}",
+        stuck[0].problem
+    );
+    t.assert_exact().await;
+}
+
+#[tokio::test]
+async fn a_healthy_fleet_that_ran_a_batch_has_nothing_stuck() {
+    let mut t = TestFleet::start().await;
+    t.grant("acme", 100).await;
+    granted(&t.submit(&request("healthy", "acme", 5, 10)).await);
+    let Event::Completed { state, .. } = t.completed("healthy").await else {
+        unreachable!()
+    };
+    assert_eq!(state, "completed");
+    assert_eq!(t.wait_closed("healthy").await.figures.captured, 50);
+    assert_eq!(t.ledger.stuck(Duration::ZERO).await.unwrap(), vec![]);
+    t.assert_exact().await;
+    t.stop().await;
+}
+
+/// The reconciler's periodic audit reports what its own sweep could not
+/// resolve: here a batch past its deadline that another transaction keeps
+/// locked (the sweep skips locked rows), then nothing once it is free.
+#[tokio::test]
+async fn the_reconcilers_audit_counts_a_hold_its_sweep_could_not_resolve() {
+    use holdfast_common::topology::{self, Publisher};
+    use holdfast_coordinator::reconcile::{Reconciler, ReconcilerConfig};
+
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    t.grant("acme", 100).await;
+    let req: BatchRequest = serde_json::from_value(request("locked", "acme", 2, 10)).unwrap();
+    t.ledger
+        .reserve(&reserve_input(
+            &req,
+            Duration::from_secs(3600),
+            Duration::from_secs(600),
+        ))
+        .await
+        .unwrap();
+    force(
+        &t,
+        "UPDATE batches SET deadline_at = now() - interval '10 minutes' WHERE id = 'locked'",
+    )
+    .await;
+
+    let amqp = topology::connect(&t.conn.amqp_url, "test-reconciler")
+        .await
+        .unwrap();
+    let channel = amqp.create_channel().await.unwrap();
+    topology::declare(&channel, &t.names, &t.settings.queues)
+        .await
+        .unwrap();
+    let mut reconciler = Reconciler::new(
+        t.ledger.clone(),
+        Publisher::new(&amqp).await.unwrap(),
+        ReconcilerConfig {
+            amqp_url: t.conn.amqp_url.clone(),
+            names: t.names.clone(),
+            queues: t.settings.queues.clone(),
+            settings: t.settings.reconciler.clone(),
+            coordinator: t.settings.coordinator.clone(),
+            audit_every: 1,
+        },
+    );
+
+    let mut locker = t.ledger.pool().get().await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM batches WHERE id = 'locked' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let report = reconciler.sweep_once().await.unwrap();
+    assert_eq!(
+        (report.expired, report.drift, report.stuck),
+        (0, Some(0), Some(1)),
+        "{report:?}"
+    );
+    lock.rollback().await.unwrap();
+
+    let report = reconciler.sweep_once().await.unwrap();
+    assert_eq!(
+        (report.expired, report.drift, report.stuck),
+        (1, Some(0), Some(0)),
+        "{report:?}"
+    );
+    assert_eq!(t.wait_closed("locked").await.state, "expired");
+    topology::close_channel(&channel, "done").await;
+    topology::close(&amqp, "done").await;
+}

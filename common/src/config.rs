@@ -289,6 +289,14 @@ impl ReconcilerSettings {
     pub fn dispatch_grace(&self) -> Duration {
         Duration::from_secs(self.dispatch_grace_secs)
     }
+    /// How long past its limit a hold must be before the periodic audit calls
+    /// it stuck: three sweeps (each sweep resolves what is overdue, so a
+    /// healthy fleet never gets there), and never under 10 seconds.
+    pub fn stuck_grace(&self) -> Duration {
+        self.sweep_interval()
+            .saturating_mul(3)
+            .max(Duration::from_secs(10))
+    }
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ pub mod record {
     use crate::ledger::{ClosedBatch, SettleReport, Settled, Settlement};
     use crate::messages::Decision;
 
-    /// Publish every counter and histogram at zero, so that a first event shows
+    /// Publish every counter and histogram (and the stuck gauge) at zero, so that a first event shows
     /// as an increase (`rate`, `increase`) and dashboards show 0, not no data.
     pub(crate) fn zero() {
         counter!("holdfast_credits_granted_total").absolute(0);
@@ -101,6 +101,9 @@ pub mod record {
         for (role, task) in TASKS {
             counter!("holdfast_task_panics_total", "role" => *role, "task" => *task).absolute(0);
         }
+        // Nothing is stuck until an audit says otherwise: the series exists
+        // from the start, so its alert can be checked against any process.
+        gauge!("holdfast_ledger_stuck").set(0.0);
         // Registered with no observation: rendered with every bucket at 0.
         let _ = histogram!("holdfast_reservation_seconds");
         let _ = histogram!("holdfast_item_seconds");
@@ -203,6 +206,12 @@ pub mod record {
 
     pub fn drift(count: usize) {
         gauge!("holdfast_ledger_drift").set(count as f64);
+    }
+
+    /// Open holds stuck past their deadline, TTL or dispatch lease (beyond
+    /// the grace the caller allowed), as the last stuck-money check found.
+    pub fn stuck(count: usize) {
+        gauge!("holdfast_ledger_stuck").set(count as f64);
     }
 
     /// A soft hold reserved, cancelled or expired (`credits` counted when known).

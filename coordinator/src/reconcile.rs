@@ -4,7 +4,10 @@
 //! are all settled (or reserves a sequential batch's next chunk), closes batches past
 //! their execution deadline (unsettled items fail, the rest is released),
 //! re-dispatches batches whose coordinator died before the broker confirmed
-//! every job, refreshes the gauges, and now and then audits the ledger.
+//! every job, refreshes the gauges, and now and then audits the ledger: drift
+//! (balances against the journal) and stuck money (holds this very sweep
+//! should have resolved, past their limit by more than
+//! [`ReconcilerSettings::stuck_grace`]: three sweeps, at least 10 s).
 //! Several reconcilers may run: each claim is `FOR UPDATE SKIP LOCKED`.
 
 use holdfast_common::config::{CoordinatorSettings, QueueSettings, ReconcilerSettings};
@@ -43,6 +46,8 @@ pub struct SweepReport {
     pub expired_holds: usize,
     /// Drift found, when this sweep audited.
     pub drift: Option<usize>,
+    /// Stuck holds found, when this sweep audited.
+    pub stuck: Option<usize>,
 }
 
 const CLAIM_LIMIT: i64 = 100;
@@ -133,6 +138,15 @@ impl Reconciler {
                 tracing::error!(subject = %d.subject, problem = %d.problem, "ledger drift");
             }
             report.drift = Some(drift.len());
+            let stuck = self
+                .ledger
+                .stuck(self.config.settings.stuck_grace())
+                .await?;
+            for s in &stuck {
+                tracing::error!(subject = %s.subject, kind = %s.kind, credits = s.credits,
+                    problem = %s.problem, "stuck credits");
+            }
+            report.stuck = Some(stuck.len());
         }
         Ok(report)
     }
@@ -179,6 +193,7 @@ pub async fn run(ledger: Ledger, config: ReconcilerConfig, shutdown: Cancellatio
                 && report
                     != (SweepReport {
                         drift: Some(0),
+                        stuck: Some(0),
                         ..Default::default()
                     })
             {

@@ -13,6 +13,7 @@
 //!   consume later; the reconciler expires it (never early) otherwise.
 //! - [`Ledger::cancel_batch`] stops a batch: running items finish, the rest is released.
 //! - [`Ledger::audit`] recomputes balances and holds from the journal.
+//! - [`Ledger::stuck`] names open holds past their limits (stuck money).
 //!
 //! Lock order, everywhere: batch rows (by id), then hold rows, then account
 //! rows (by id). Reserve locks its account (after the soft hold it consumes,
@@ -32,6 +33,7 @@ mod holds;
 mod reconcile;
 mod reserve;
 mod settle;
+mod stuck;
 
 use std::future::Future;
 use std::time::Duration;
@@ -98,6 +100,7 @@ pub use batches::{BatchView, ItemView, PendingJob};
 pub use cancel::Cancelled;
 pub use reserve::{ReserveInput, Reserved};
 pub use settle::{ClosedBatch, ItemOutcome, SettleReport, Settled, Settlement};
+pub use stuck::Stuck;
 
 /// What went wrong in the ledger, and what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
