@@ -43,7 +43,12 @@ async fn a_batch_with_ids_at_every_limit_runs_to_completion_over_amqp() {
     }
     assert_eq!(t.available(&account).await, 70);
     t.assert_exact().await;
-    // assert!(t.ledger.stuck(std::time::Duration::ZERO).await.unwrap().is_empty());
+    assert!(t
+        .ledger
+        .stuck(std::time::Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
     t.stop().await;
 }
 

@@ -502,6 +502,7 @@ async fn the_reconcilers_audit_counts_a_hold_its_sweep_could_not_resolve() {
             settings: t.settings.reconciler.clone(),
             coordinator: t.settings.coordinator.clone(),
             audit_every: 1,
+            heartbeat: Default::default(),
         },
     );
 
