@@ -84,6 +84,16 @@ pub async fn dispatch_granted(
     Ok(run.len())
 }
 
+/// A job's body and AMQP properties, as published. Never fails for a job
+/// built from a request the intake accepted: its `message_id` is at most 255
+/// bytes by construction (a hash of long ids; see
+/// [`crate::messages::job_message_id`]).
+pub fn job_message(message: &ItemJob) -> Result<(Vec<u8>, lapin::BasicProperties), BrokerError> {
+    let body = serde_json::to_vec(message).map_err(BrokerError::Encode)?;
+    let id = short("a job's message_id", &message.message_id())?;
+    Ok((body, json_properties().with_message_id(id)))
+}
+
 async fn publish_job(
     publisher: &Publisher,
     names: &Names,
@@ -92,10 +102,7 @@ async fn publish_job(
 ) -> Result<(), BrokerError> {
     crate::faults::panic_point("dispatch.job", &names.namespace);
     let queue = names.jobs();
-    let body = serde_json::to_vec(message).map_err(BrokerError::Encode)?;
-    // At most 255 bytes by construction (a hash of long ids; see `job_message_id`).
-    let props =
-        json_properties().with_message_id(short("a job's message_id", &message.message_id())?);
+    let (body, props) = job_message(message)?;
     let confirm = publisher.publish("", &queue, &body, props).await?;
     confirms.push(confirm, &queue, false).await
 }
