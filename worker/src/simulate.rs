@@ -77,7 +77,8 @@ impl Generator for Simulate {
             panic!("simulated generator crash for {}", job.message_id());
         }
         if let Some(n) = knob(job, "transient_failures").and_then(Value::as_u64) {
-            let mut attempts = self.attempts.lock().expect("not poisoned");
+            // A panic elsewhere never leaves the map half-written: use it as it is.
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
             let seen = attempts.entry(job.message_id()).or_insert(0);
             *seen += 1;
             if u64::from(*seen) <= n {
