@@ -126,3 +126,31 @@ async fn a_panic_while_capturing_returns_the_jobs_and_they_are_captured_once() {
     t.assert_exact().await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_preview_that_panics_is_dropped_and_the_next_one_answered() {
+    let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
+    faults::enable(&format!("panic-once:previews.answer@{}", t.names.namespace));
+    let before = task_panics("coordinator", "previews");
+    t.grant("acme", 100).await;
+    let body = json!({"account_id": "acme", "count": 3, "cost": 10}).to_string();
+    let first = t
+        .producer
+        .preview(body.as_bytes(), "first", Duration::from_secs(3))
+        .await;
+    assert!(
+        first.is_err(),
+        "the panicking preview is not answered: {first:?}"
+    );
+    let second = t
+        .producer
+        .preview(body.as_bytes(), "second", WAIT)
+        .await
+        .expect("the next preview is answered");
+    assert!(
+        matches!(second, holdfast_common::messages::Event::Preview(_)),
+        "{second:?}"
+    );
+    assert!(task_panics("coordinator", "previews") > before);
+    t.stop().await;
+}

@@ -7,6 +7,7 @@ use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::ledger::{Ledger, LedgerError};
 use holdfast_common::messages::{Decision, Event, Rejected};
 use holdfast_common::pricing;
+use holdfast_common::supervise::guard;
 use holdfast_common::topology;
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,7 @@ pub async fn consume(
     while let Some(delivery) = session.next(shutdown).await? {
         // Answered unless the connection goes first (a confirm may then never come).
         let handled = async {
+            holdfast_common::faults::panic_point("previews.answer", &config.names.namespace);
             match answer(ledger, config, &delivery.data).await {
                 Ok(event) => {
                     let to = ReplyTo::of(&delivery.properties);
@@ -80,7 +82,19 @@ pub async fn consume(
             }
             anyhow::Ok(())
         };
-        session.while_connected(handled).await??;
+        let guarded = guard("coordinator", "previews", handled);
+        match session.while_connected(guarded).await? {
+            Ok(handled) => handled?,
+            // A preview holds nothing, and its queue has no delivery limit:
+            // returning it would panic again for ever. Drop it; the producer
+            // times out and may ask again.
+            Err(panicked) => {
+                let to = ReplyTo::of(&delivery.properties);
+                tracing::error!(correlation_id = to.correlation_id.as_deref().unwrap_or("-"),
+                    panic = %panicked.0, "answering a preview panicked; dropping it");
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+        }
     }
     session.close().await;
     Ok(())
