@@ -154,3 +154,17 @@ async fn a_preview_that_panics_is_dropped_and_the_next_one_answered() {
     assert!(task_panics("coordinator", "previews") > before);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_job_whose_handling_panics_comes_back_and_is_captured_once() {
+    let mut t = TestFleet::start_with(fast_settings(), Roles::NO_API, None).await;
+    faults::enable(&format!("panic-once:worker.job@{}", t.names.namespace));
+    let before = task_panics("worker", "jobs");
+    t.grant("acme", 100).await;
+    granted(&t.submit(&request("j", "acme", 3, 10)).await);
+    let b = t.wait_closed("j").await;
+    assert_eq!((b.figures.succeeded, b.figures.captured), (3, 30), "{b:#?}");
+    assert!(task_panics("worker", "jobs") > before);
+    t.assert_exact().await;
+    t.stop().await;
+}

@@ -294,6 +294,7 @@ impl Item {
         job: ItemJob,
         state: Option<(String, String)>,
     ) -> anyhow::Result<()> {
+        holdfast_common::faults::panic_point("worker.job", &self.config.names.namespace);
         // Look before running: a duplicate job must not pay for the work twice.
         match state {
             Some((item, batch)) if item == "pending" && batch == "cancelling" => {
