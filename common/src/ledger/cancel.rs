@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::settle::{finish, ClosedBatch};
+use super::close::{finish, ClosedBatch};
 use super::{Ledger, LedgerError, Result};
 
 /// What a cancel request did.

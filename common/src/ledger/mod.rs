@@ -15,6 +15,10 @@
 //! - [`Ledger::audit`] recomputes balances and holds from the journal.
 //! - [`Ledger::stuck`] names open holds past their limits (stuck money).
 //!
+//! The files follow the flow: `reserve` → `dispatch` → `capture` → `close`
+//! (release), with `expire` and `cancel` as the other ways a hold resolves;
+//! `soft_holds`, `accounts`, `views`, `gauges`, `audit` and `stuck` beside them.
+//!
 //! Lock order, everywhere: batch rows (by id), then hold rows, then account
 //! rows (by id). Reserve locks its account (after the soft hold it consumes,
 //! if any) and inserts new rows, so no cycle can form.
@@ -25,15 +29,20 @@
 //! its account, so with `FOR UPDATE` each capture's journal insert would wait
 //! for whichever reservation holds the hot account row.
 
+// The flow, one file a step: reserve → dispatch → capture → close (release),
+// with expire and cancel as the other ways a hold resolves.
 mod accounts;
 mod audit;
-mod batches;
 mod cancel;
-mod holds;
-mod reconcile;
+mod capture;
+mod close;
+mod dispatch;
+mod expire;
+mod gauges;
 mod reserve;
-mod settle;
+mod soft_holds;
 mod stuck;
+mod views;
 
 use std::future::Future;
 use std::time::Duration;
@@ -96,11 +105,13 @@ impl<C: deadpool_postgres::GenericClient> Cached for C {
     }
 }
 pub use audit::Drift;
-pub use batches::{BatchView, ItemView, PendingJob};
 pub use cancel::Cancelled;
+pub use capture::{ItemOutcome, SettleReport, Settled, Settlement};
+pub use close::ClosedBatch;
+pub use dispatch::PendingJob;
 pub use reserve::{ReserveInput, Reserved};
-pub use settle::{ClosedBatch, ItemOutcome, SettleReport, Settled, Settlement};
 pub use stuck::Stuck;
+pub use views::{BatchView, ItemView};
 
 /// What went wrong in the ledger, and what the caller should do about it.
 #[derive(Debug, thiserror::Error)]

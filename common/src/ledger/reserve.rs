@@ -648,7 +648,7 @@ async fn consume_reservation(
     }
     match (state.as_str(), soft, past_ttl) {
         ("open", true, Some(true)) => {
-            let released = super::holds::expire_locked(&tx, &[hold_id]).await?;
+            let released = super::expire::expire_locked(&tx, &[hold_id]).await?;
             tx.commit().await?;
             for amount in released {
                 crate::telemetry::record::soft_hold("expired", amount);

@@ -1,4 +1,5 @@
-//! Reading batches: what to dispatch, and what a person sees in `batch show`.
+//! Reading batches: what a person sees in `batch show`, the figures of
+//! progress events, and the states workers look up before running a job.
 
 use std::collections::HashMap;
 
@@ -6,16 +7,9 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::{Cached, Ledger, LedgerError, Result};
+use super::close::figures_of;
+use super::{Ledger, Result};
 use crate::messages::BatchFigures;
-
-/// An item job still to be (re-)published.
-#[derive(Clone, Debug)]
-pub struct PendingJob {
-    pub item_id: String,
-    pub reserved: i64,
-    pub payload: Value,
-}
 
 /// One item as `batch show` prints it.
 #[derive(Clone, Debug, Serialize, ToSchema)]
@@ -49,30 +43,14 @@ pub struct BatchView {
 }
 
 impl Ledger {
-    /// The items of `batch_id` still pending, in request order, with the account.
-    pub async fn pending_jobs(&self, batch_id: &str) -> Result<(String, Vec<PendingJob>)> {
-        self.retrying("pending jobs", || async {
-            let client = self.pool.get().await?;
-            let account: String = client
-                .query_opt("SELECT account_id FROM batches WHERE id = $1", &[&batch_id])
-                .await?
-                .ok_or_else(|| LedgerError::Invalid(format!("no batch `{batch_id}`")))?
-                .get(0);
-            let jobs = client
-                .query(
-                    "SELECT item_id, reserved, payload FROM items
-                     WHERE batch_id = $1 AND state = 'pending' ORDER BY position",
-                    &[&batch_id],
-                )
-                .await?
-                .iter()
-                .map(|r| PendingJob {
-                    item_id: r.get(0),
-                    reserved: r.get(1),
-                    payload: r.get(2),
-                })
-                .collect();
-            Ok((account, jobs))
+    /// Current figures of `batch_ids`: (batch, account, figures), in id order.
+    pub async fn figures(&self, batch_ids: &[&str]) -> Result<Vec<(String, String, BatchFigures)>> {
+        self.retrying("figures", || async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let figures = figures_of(&tx, batch_ids).await?;
+            tx.commit().await?;
+            Ok(figures)
         })
         .await
     }
@@ -101,26 +79,6 @@ impl Ledger {
                 .into_iter()
                 .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
                 .collect())
-        })
-        .await
-    }
-
-    /// Record that the broker confirmed every job of `batch_ids`.
-    pub async fn mark_dispatched(&self, batch_ids: &[&str]) -> Result<()> {
-        if batch_ids.is_empty() {
-            return Ok(());
-        }
-        self.retrying("mark dispatched", || async {
-            let client = self.pool.get().await?;
-            client
-                .execute_cached(
-                    "UPDATE batches SET dispatched_at = now(), dispatch_lease = NULL,
-                            state = CASE WHEN state = 'granted' THEN 'dispatched' ELSE state END
-                     WHERE id = ANY($1) AND state IN ('granted', 'cancelling') AND dispatched_at IS NULL",
-                    &[&batch_ids],
-                )
-                .await?;
-            Ok(())
         })
         .await
     }
