@@ -5,8 +5,9 @@
 
 use std::sync::OnceLock;
 
+static POINTS: OnceLock<Vec<String>> = OnceLock::new();
+
 fn enabled() -> &'static [String] {
-    static POINTS: OnceLock<Vec<String>> = OnceLock::new();
     POINTS.get_or_init(|| {
         std::env::var("HOLDFAST_FAILPOINTS")
             .unwrap_or_default()
@@ -16,6 +17,14 @@ fn enabled() -> &'static [String] {
             .map(String::from)
             .collect()
     })
+}
+
+/// Turn every crash point off in this process, whatever `HOLDFAST_FAILPOINTS`
+/// says: for tests that run roles in their own process (the processes they
+/// start still read the variable). Has no effect after the first crash point
+/// was reached.
+pub fn disable() {
+    let _ = POINTS.set(Vec::new());
 }
 
 /// Abort the process if `point` is enabled.
