@@ -6,7 +6,8 @@
 //!   `type`, `title`, `status`, `detail`, and `errors` (field, reason) for
 //!   invalid input — the framework's own rejections included (see [`problem`]);
 //! - input is never a 5xx: bad JSON, wrong types, unknown ids are 4xx; only
-//!   an unavailable ledger or broker is 503 (retry);
+//!   an unavailable ledger or broker, or a request over the request timeout,
+//!   is 503 (retry);
 //! - request bodies are limited to `HOLDFAST_MAX_MESSAGE_BYTES` (413), URLs
 //!   and header blocks to `HOLDFAST_HTTP_MAX_URL_BYTES` (414) and
 //!   `HOLDFAST_HTTP_MAX_HEADER_BYTES` (431);
