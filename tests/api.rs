@@ -758,6 +758,18 @@ async fn the_openapi_document_describes_every_route() {
             "{method} {path} is not documented"
         );
     }
+    // The server's own refusals are documented where they can happen.
+    let responses = |path: &str, method: &str| {
+        let r = &paths[path][method]["responses"];
+        let mut codes: Vec<String> = r.as_object().unwrap().keys().cloned().collect();
+        codes.retain(|c| ["408", "414", "431", "503"].contains(&c.as_str()));
+        codes
+    };
+    assert_eq!(
+        responses("/v1/preview", "post"),
+        ["408", "414", "431", "503"]
+    );
+    assert_eq!(responses("/healthz", "get"), ["414", "431", "503"]);
     let schemas = r.body["components"]["schemas"].as_object().unwrap();
     for name in ["Problem", "Preview", "Reservation", "Decision", "BatchView"] {
         assert!(schemas.contains_key(name), "schema {name} missing");

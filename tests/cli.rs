@@ -10,7 +10,7 @@ use support::*;
 use tokio::process::Command;
 
 async fn holdfast(t: &TestFleet, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    holdfast_command()
         .args(args)
         .env("HOLDFAST_DATABASE_URL", &t.conn.database_url)
         .env("HOLDFAST_AMQP_URL", &t.conn.amqp_url)
@@ -31,7 +31,7 @@ async fn migrate_creates_the_database_and_is_safe_to_repeat() {
     // A database that does not exist yet, on the same server.
     let fresh = format!("{}_fresh", t.conn.database_url);
     let run = |url: String| async move {
-        Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        holdfast_command()
             .args(["migrate", "--json"])
             .env("HOLDFAST_DATABASE_URL", &url)
             .env("HOLDFAST_LOG", "warn")
@@ -163,7 +163,7 @@ async fn accounts_submit_wait_batch_show_and_audit() {
 #[tokio::test]
 async fn run_starts_works_and_stops_without_logging_an_error() {
     let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
-    let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    let child = holdfast_command()
         .args(["run", "--http-addr", "off"])
         .env("HOLDFAST_DATABASE_URL", &t.conn.database_url)
         .env("HOLDFAST_AMQP_URL", &t.conn.amqp_url)

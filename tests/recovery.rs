@@ -11,11 +11,10 @@ use holdfast::fleet::Roles;
 use holdfast_common::messages::{BatchRequest, Event};
 use serde_json::json;
 use support::*;
-use tokio::process::Command;
 
 /// A `holdfast` process on the test's database and namespace, crashing at `failpoint`.
 fn holdfast(t: &TestFleet, role: &str, failpoint: &str) -> tokio::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    holdfast_command()
         .arg(role)
         .env("HOLDFAST_DATABASE_URL", &t.conn.database_url)
         .env("HOLDFAST_AMQP_URL", &t.conn.amqp_url)

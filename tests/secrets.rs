@@ -11,7 +11,6 @@ use std::time::Duration;
 use holdfast::fleet::Roles;
 use support::*;
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 
 const DB_PASSWORD: &str = "pg-Secret-4711";
 const TOKEN: &str = "admin-Token-0815";
@@ -62,11 +61,8 @@ async fn secrets_come_from_files_and_never_reach_the_logs() {
     let token = dir.write("admin_token", TOKEN);
     let port = free_port();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    let mut child = holdfast_command()
         .arg("coordinator")
-        .env_remove("HOLDFAST_DATABASE_URL")
-        .env_remove("HOLDFAST_AMQP_URL")
-        .env_remove("HOLDFAST_ADMIN_TOKEN")
         .env("HOLDFAST_DATABASE_URL_FILE", &db)
         .env("HOLDFAST_AMQP_URL_FILE", &mq)
         .env("HOLDFAST_ADMIN_TOKEN_FILE", &token)
@@ -134,9 +130,8 @@ async fn errors_name_the_server_and_the_file_never_the_secret() {
     let unreachable = format!("postgres://holdfast:{DB_PASSWORD}@127.0.0.1:1/holdfast");
     let db = dir.write("database_url", &unreachable);
     let run = |args: &[&str], file: &PathBuf| {
-        Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        holdfast_command()
             .args(args)
-            .env_remove("HOLDFAST_DATABASE_URL")
             .env("HOLDFAST_DATABASE_URL_FILE", file)
             .env("HOLDFAST_LOG", "debug")
             .output()

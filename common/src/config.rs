@@ -302,12 +302,26 @@ impl ReconcilerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory, FromArgMatches, Parser};
 
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         conn: Connections,
+    }
+
+    impl Cli {
+        /// Parse `args` alone: every argument's environment variable is
+        /// dropped, so a `HOLDFAST_*` variable of the shell that runs the
+        /// tests cannot add to them (or conflict with them).
+        fn try_from_args<const N: usize>(args: [&str; N]) -> Result<Self, clap::Error> {
+            let command = Cli::command().mut_args(|arg| arg.env(None));
+            Cli::from_arg_matches(&command.try_get_matches_from(args)?)
+        }
+
+        fn from_args<const N: usize>(args: [&str; N]) -> Self {
+            Self::try_from_args(args).unwrap_or_else(|e| panic!("{e}"))
+        }
     }
 
     #[test]
@@ -360,7 +374,7 @@ mod tests {
         let mq = dir.join("amqp_url");
         std::fs::write(&db, "postgres://w:from-file@db/holdfast\n").unwrap();
         std::fs::write(&mq, "amqp://u:from-file@mq/%2f").unwrap();
-        let mut cli = Cli::parse_from([
+        let mut cli = Cli::from_args([
             "t",
             "--database-url-file",
             db.to_str().unwrap(),
@@ -372,7 +386,7 @@ mod tests {
         assert_eq!(cli.conn.amqp_url, "amqp://u:from-file@mq/%2f");
 
         // A URL and a file for it at once is a mistake, not a silent choice.
-        assert!(Cli::try_parse_from([
+        assert!(Cli::try_from_args([
             "t",
             "--database-url",
             "postgres://x@y/z",
@@ -383,10 +397,10 @@ mod tests {
 
         // Errors name the file, never a secret.
         std::fs::write(&db, "  \n").unwrap();
-        let mut cli = Cli::parse_from(["t", "--database-url-file", db.to_str().unwrap()]);
+        let mut cli = Cli::from_args(["t", "--database-url-file", db.to_str().unwrap()]);
         let e = cli.conn.load_secret_files().unwrap_err().to_string();
         assert!(e.contains("is empty") && e.contains("database_url"), "{e}");
-        let mut cli = Cli::parse_from(["t", "--amqp-url-file", "/nonexistent/amqp_url"]);
+        let mut cli = Cli::from_args(["t", "--amqp-url-file", "/nonexistent/amqp_url"]);
         let e = cli.conn.load_secret_files().unwrap_err().to_string();
         assert!(e.contains("/nonexistent/amqp_url"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -10,9 +10,10 @@
 
 use std::sync::{Mutex, OnceLock};
 
+static ENV_POINTS: OnceLock<Vec<String>> = OnceLock::new();
+
 fn from_env() -> &'static [String] {
-    static POINTS: OnceLock<Vec<String>> = OnceLock::new();
-    POINTS.get_or_init(|| {
+    ENV_POINTS.get_or_init(|| {
         std::env::var("HOLDFAST_FAILPOINTS")
             .unwrap_or_default()
             .split(',')
@@ -40,6 +41,14 @@ fn listed(spec: &str) -> bool {
             .lock()
             .map(|e| e.iter().any(|p| p == spec))
             .unwrap_or(false)
+}
+
+/// Turn every point off in this process, whatever `HOLDFAST_FAILPOINTS`
+/// says: for tests that run roles in their own process (the processes they
+/// start still read the variable). Points enabled with [`enable`] still
+/// fire. Has no effect once a point was reached.
+pub fn disable() {
+    let _ = ENV_POINTS.set(Vec::new());
 }
 
 /// Abort the process if `point` is enabled.

@@ -21,6 +21,19 @@ use serde_json::{json, Value};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The `holdfast` binary with none of the test process's `HOLDFAST_*`
+/// variables: the child sees only the settings its test gives it, whatever
+/// the shell that runs the tests exports.
+pub fn holdfast_command() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"HOLDFAST_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// Connections for a fresh, uniquely named database and namespace.
 pub fn unique_connections() -> Connections {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -108,6 +121,8 @@ impl TestFleet {
         if std::env::var_os("HOLDFAST_LOG").is_some() {
             holdfast_common::telemetry::init_logging(false);
         }
+        // Crash points are for the processes a test starts, never the test itself.
+        holdfast_common::faults::disable();
         let conn = unique_connections();
         let cleanup = Cleanup { conn: conn.clone() };
         database::migrate(&conn.database_url)

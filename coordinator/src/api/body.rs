@@ -1,6 +1,9 @@
 //! Reading requests: a JSON body (content type checked, size limited, bytes
 //! kept so the intake validates exactly what was sent) and ids from the path.
-//! Every refusal is a [`Problem`], never the framework's plain text.
+//! Every refusal is a [`Problem`], never the framework's plain text; a body
+//! that stops arriving for longer than the body timeout is 408.
+
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -8,6 +11,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use serde_json::{Map, Value};
+use tower_http::timeout::TimeoutError;
 
 use super::problem::Problem;
 use super::ApiState;
@@ -55,7 +59,7 @@ impl FromRequest<ApiState> for JsonBody {
         let limit = state.config.limits.max_message_bytes;
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(|e| body_problem(e, limit))?;
+            .map_err(|e| body_problem(e, limit, state.server.body_timeout))?;
         if bytes.is_empty() {
             return Err(Problem::field(
                 StatusCode::BAD_REQUEST,
@@ -67,7 +71,16 @@ impl FromRequest<ApiState> for JsonBody {
     }
 }
 
-fn body_problem(e: BytesRejection, limit: usize) -> Problem {
+fn body_problem(e: BytesRejection, limit: usize, timeout: Duration) -> Problem {
+    if timed_out(&e) {
+        return Problem::status(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body stopped arriving for {} s; send it whole, without pauses",
+                timeout.as_secs_f64()
+            ),
+        );
+    }
     match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => Problem::status(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -75,6 +88,19 @@ fn body_problem(e: BytesRejection, limit: usize) -> Problem {
         ),
         status => Problem::status(status, e.body_text()),
     }
+}
+
+/// Whether reading the body failed because the body timeout struck (the
+/// server's `RequestBodyTimeoutLayer`, somewhere down the error's causes).
+fn timed_out(e: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<TimeoutError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The body as a JSON object, or a 400 problem naming `body`.

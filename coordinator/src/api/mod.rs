@@ -6,13 +6,23 @@
 //!   `type`, `title`, `status`, `detail`, and `errors` (field, reason) for
 //!   invalid input — the framework's own rejections included (see [`problem`]);
 //! - input is never a 5xx: bad JSON, wrong types, unknown ids are 4xx; only
-//!   an unavailable ledger or broker is 503 (retry);
-//! - request bodies are limited to `HOLDFAST_MAX_MESSAGE_BYTES` (413);
+//!   an unavailable ledger or broker, or a request over the request timeout,
+//!   is 503 (retry);
+//! - request bodies are limited to `HOLDFAST_MAX_MESSAGE_BYTES` (413), URLs
+//!   and header blocks to `HOLDFAST_HTTP_MAX_URL_BYTES` (414) and
+//!   `HOLDFAST_HTTP_MAX_HEADER_BYTES` (431);
+//! - slow clients are cut off: a request head must arrive within
+//!   `HOLDFAST_HTTP_HEADER_TIMEOUT_SECS` (else the connection is closed), a
+//!   body may pause for at most `HOLDFAST_HTTP_BODY_TIMEOUT_SECS` (408), a
+//!   whole request may take `HOLDFAST_HTTP_REQUEST_TIMEOUT_SECS` (503);
+//! - a handler that panics is answered 500, logged and counted;
 //! - the OpenAPI 3 document, generated from these handlers, is at `/openapi.json`.
 //!
 //! Modules: [`preview`], [`reservations`], [`batches`], [`accounts`] hold
 //! the handlers; [`body`] reads requests; [`auth`] checks the admin token;
-//! [`broker`] is the lazily reconnecting publisher batch requests need.
+//! [`broker`] is the lazily reconnecting publisher batch requests need;
+//! [`server`] accepts connections and [`guard`] wraps every request in the
+//! limits, timeouts and panic handling above.
 
 pub mod accounts;
 mod auth;
@@ -20,9 +30,11 @@ pub mod batches;
 mod body;
 pub mod broker;
 pub mod demo_page;
+mod guard;
 pub mod preview;
 pub mod problem;
 pub mod reservations;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
@@ -43,12 +55,14 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{OpenApi, ToSchema};
 
 pub use broker::Broker;
+use guard::GuardResponses;
 pub use problem::Problem;
+pub use server::ServerLimits;
 
 use crate::requests::CoordinatorConfig;
 
 /// Settings of the HTTP API role.
-#[derive(Args, Clone, Default)]
+#[derive(Args, Clone)]
 pub struct ApiSettings {
     /// Bearer token that the admin endpoints (grants) require; unset disables
     /// them (403). Prefer the environment variable: flags show in process lists.
@@ -69,6 +83,51 @@ pub struct ApiSettings {
     /// the API can then grant credits.
     #[arg(long, env = "HOLDFAST_DEMO_GRANTS", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     pub demo_grants: bool,
+
+    /// Seconds a client has to send a whole request head (request line and
+    /// headers); then, and after as long idle between two requests, the
+    /// connection is closed without an answer.
+    #[arg(long, env = "HOLDFAST_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_header_timeout_secs: u64,
+
+    /// Seconds a request body may pause before the request is answered 408.
+    #[arg(long, env = "HOLDFAST_HTTP_BODY_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_body_timeout_secs: u64,
+
+    /// Seconds a whole request (body and handling) may take before it is
+    /// answered 503; also how long a shutdown waits for requests in flight.
+    #[arg(long, env = "HOLDFAST_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_request_timeout_secs: u64,
+
+    /// Longest URL (path and query) in bytes; longer ones are answered 414.
+    #[arg(long, env = "HOLDFAST_HTTP_MAX_URL_BYTES", default_value_t = 8 * 1024,
+          value_parser = clap::value_parser!(u32).range(256..=server::HYPER_MAX_URL_BYTES as i64))]
+    pub http_max_url_bytes: u32,
+
+    /// Largest header block in bytes (each field counted as `name: value`
+    /// and a line end); larger ones are answered 431.
+    #[arg(long, env = "HOLDFAST_HTTP_MAX_HEADER_BYTES", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=64 * 1024))]
+    pub http_max_header_bytes: u32,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        let limits = ServerLimits::default();
+        Self {
+            admin_token: None,
+            admin_token_file: None,
+            demo_grants: false,
+            http_header_timeout_secs: limits.header_timeout.as_secs(),
+            http_body_timeout_secs: limits.body_timeout.as_secs(),
+            http_request_timeout_secs: limits.request_timeout.as_secs(),
+            http_max_url_bytes: limits.max_url_bytes as u32,
+            http_max_header_bytes: limits.max_header_bytes as u32,
+        }
+    }
 }
 
 impl std::fmt::Debug for ApiSettings {
@@ -77,6 +136,7 @@ impl std::fmt::Debug for ApiSettings {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("admin_token_file", &self.admin_token_file)
             .field("demo_grants", &self.demo_grants)
+            .field("server_limits", &self.server_limits())
             .finish()
     }
 }
@@ -89,6 +149,17 @@ impl ApiSettings {
             self.admin_token = Some(holdfast_common::config::read_secret(path)?);
         }
         Ok(())
+    }
+
+    /// The limits and timeouts of the HTTP server.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            body_timeout: Duration::from_secs(self.http_body_timeout_secs),
+            request_timeout: Duration::from_secs(self.http_request_timeout_secs),
+            max_url_bytes: self.http_max_url_bytes as usize,
+            max_header_bytes: self.http_max_header_bytes as usize,
+        }
     }
 }
 
@@ -111,6 +182,8 @@ pub struct ApiState {
     /// interval: `/readyz` fails when the last one that ran to its end is
     /// older than [`STALE_SWEEPS`] intervals.
     pub sweeps: Option<(Heartbeat, Duration)>,
+    /// Limits and timeouts of the HTTP server.
+    pub server: ServerLimits,
 }
 
 /// How many sweep intervals may pass without a complete sweep before a
@@ -142,6 +215,7 @@ impl ApiState {
             broker: Arc::new(broker),
             demo_grants: settings.demo_grants,
             sweeps: None,
+            server: settings.server_limits(),
         }
     }
 
@@ -174,7 +248,7 @@ impl ApiState {
         metrics,
     ),
     components(schemas(Problem)),
-    modifiers(&AdminToken),
+    modifiers(&AdminToken, &GuardResponses),
     tags(
         (name = "preview", description = "What a batch costs and what fits; holds nothing"),
         (name = "reservations", description = "Soft holds with a TTL"),
@@ -341,10 +415,8 @@ pub async fn serve_on(
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
     let broker = state.broker.clone();
-    let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let limits = state.server;
+    server::serve(router(state), listener, limits, shutdown).await;
     broker.close().await;
-    served?;
     Ok(())
 }
