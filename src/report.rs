@@ -101,7 +101,11 @@ pub fn batch(b: &BatchView) {
         b.batch_id, b.account_id, b.mode, b.state
     );
     if let Some(h) = &b.hold_id {
-        println!("  hold {} ({})", h, b.hold_state.as_deref().unwrap_or("?"));
+        println!(
+            "  hold {} ({})",
+            h,
+            b.hold_state.map_or("?", |s| s.as_str())
+        );
     }
     println!(
         "  items {}: run {}, succeeded {}, failed {}, skipped {}, pending {}",

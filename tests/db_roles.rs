@@ -9,7 +9,7 @@ use std::time::Duration;
 use holdfast::fleet::{Fleet, HttpAddr, Roles};
 use holdfast_common::config::Connections;
 use holdfast_common::database;
-use holdfast_common::ledger::{ItemOutcome, Ledger, LedgerError, Settled, Settlement};
+use holdfast_common::ledger::{ItemOutcome, ItemState, Ledger, LedgerError, Settled, Settlement};
 use holdfast_common::messages::BatchRequest;
 use serde_json::json;
 use support::*;
@@ -205,7 +205,7 @@ async fn only_the_admin_adds_credits_and_each_role_does_its_own_work() {
     assert_eq!(
         again.results[0],
         Settled::AlreadySettled {
-            state: "succeeded".into(),
+            state: ItemState::Succeeded,
             captured: 10
         }
     );

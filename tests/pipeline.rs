@@ -32,7 +32,7 @@ async fn granted_batch_captures_every_item_once_and_closes_its_hold() {
     );
 
     let b = t.wait_closed("b1").await;
-    assert_eq!(b.hold_state.as_deref(), Some("closed"));
+    assert_eq!(b.hold_state.map(|s| s.as_str()), Some("closed"));
     assert!(b
         .items
         .iter()

@@ -11,7 +11,7 @@ use axum::extract::Json;
 use axum::http::StatusCode;
 use axum::routing::post;
 use holdfast::fleet::Roles;
-use holdfast_common::ledger::{ItemOutcome, Settled, Settlement};
+use holdfast_common::ledger::{ItemOutcome, ItemState, Settled, Settlement};
 use holdfast_common::messages::BatchRequest;
 use serde_json::{json, Value};
 use support::*;
@@ -145,7 +145,7 @@ async fn settle_reports_duplicates_and_unknown_items_without_charging() {
                 overrun: 0
             },
             Settled::AlreadySettled {
-                state: "succeeded".into(),
+                state: ItemState::Succeeded,
                 captured: 7
             },
             Settled::Unknown
@@ -157,7 +157,7 @@ async fn settle_reports_duplicates_and_unknown_items_without_charging() {
         report.results,
         [
             Settled::AlreadySettled {
-                state: "succeeded".into(),
+                state: ItemState::Succeeded,
                 captured: 7
             },
             Settled::Captured {

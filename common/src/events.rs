@@ -99,7 +99,7 @@ pub async fn completed(
         let event = Event::Completed {
             batch_id: b.batch_id.clone(),
             account_id: b.account_id.clone(),
-            state: b.state.clone(),
+            state: b.state.to_string(),
             figures: b.figures.clone(),
         };
         let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;

@@ -71,7 +71,7 @@ pub mod record {
 
     use metrics::{counter, gauge, histogram};
 
-    use crate::ledger::{ClosedBatch, SettleReport, Settled, Settlement};
+    use crate::ledger::{BatchState, ClosedBatch, SettleReport, Settled, Settlement};
     use crate::messages::Decision;
 
     /// Publish every counter and histogram (and the stuck gauge) at zero, so that a first event shows
@@ -162,14 +162,14 @@ pub mod record {
 
     pub fn closed(batches: &[ClosedBatch]) {
         for b in batches {
-            let reason = match b.state.as_str() {
-                "expired" => "deadline",
-                "cancelled" => "cancelled",
+            let reason = match b.state {
+                BatchState::Expired => "deadline",
+                BatchState::Cancelled => "cancelled",
                 _ => "completed",
             };
             counter!("holdfast_credits_released_total", "reason" => reason)
                 .increment(b.figures.released.max(0) as u64);
-            counter!("holdfast_batches_closed_total", "state" => b.state.clone()).increment(1);
+            counter!("holdfast_batches_closed_total", "state" => b.state.as_str()).increment(1);
             histogram!("holdfast_batch_seconds").record(b.seconds);
         }
     }

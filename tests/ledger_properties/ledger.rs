@@ -28,7 +28,7 @@ pub fn ours(account: &str, closed: &[ClosedBatch]) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = closed
         .iter()
         .filter(|c| c.account_id == account)
-        .map(|c| (c.batch_id.clone(), c.state.clone()))
+        .map(|c| (c.batch_id.clone(), c.state.to_string()))
         .collect();
     v.sort();
     v
@@ -75,7 +75,7 @@ impl Real<'_> {
                 self.settled(l.settle(&s).await.unwrap())
             }
             Call::Cancel(b) => match l.cancel_batch(&model.batches[*b].request.batch_id).await {
-                Ok(c) => Obs::Cancel(c.state),
+                Ok(c) => Obs::Cancel(c.state.to_string()),
                 Err(e) => Obs::Refused(error_kind(&e)),
             },
             Call::ExpireOverdue { .. } => {

@@ -441,7 +441,8 @@ impl Model {
                 }
                 IState::Pending | IState::Queued => Settled::Unknown,
                 s => Settled::AlreadySettled {
-                    state: s.as_str().into(),
+                    state: holdfast_common::ledger::ItemState::parse(s.as_str())
+                        .expect("a model state is a ledger state"),
                     captured: item.captured,
                 },
             };

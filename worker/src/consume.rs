@@ -20,7 +20,7 @@ use holdfast_common::config::QueueSettings;
 use holdfast_common::dispatch::dispatch;
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
-use holdfast_common::ledger::{ItemOutcome, Ledger, Settled, Settlement};
+use holdfast_common::ledger::{BatchState, ItemOutcome, ItemState, Ledger, Settled, Settlement};
 use holdfast_common::messages::ItemJob;
 use holdfast_common::supervise::guard;
 use holdfast_common::telemetry::record;
@@ -213,7 +213,7 @@ enum Ran {
 }
 
 /// (item state, batch state) by (batch id, item id).
-type ItemStates = std::collections::HashMap<(String, String), (String, String)>;
+type ItemStates = std::collections::HashMap<(String, String), (ItemState, BatchState)>;
 
 /// Look up the items of a group of deliveries in one query, then start a
 /// task for each job that still has work to do. Runs as a task of its own, so
@@ -292,12 +292,12 @@ impl Item {
         self,
         delivery: Delivery,
         job: ItemJob,
-        state: Option<(String, String)>,
+        state: Option<(ItemState, BatchState)>,
     ) -> anyhow::Result<()> {
         holdfast_common::faults::panic_point("worker.job", &self.config.names.namespace);
         // Look before running: a duplicate job must not pay for the work twice.
         match state {
-            Some((item, batch)) if item == "pending" && batch == "cancelling" => {
+            Some((ItemState::Pending, BatchState::Cancelling)) => {
                 // The batch was cancelled before this item started: settle it
                 // uncharged, without running the generator.
                 let settlement = Settlement {
@@ -307,7 +307,7 @@ impl Item {
                 };
                 return self.finished(settlement, delivery).await;
             }
-            Some((item, _)) if item == "pending" => {}
+            Some((ItemState::Pending, _)) => {}
             Some((item, _)) => {
                 tracing::debug!(state = %item, "already settled; acknowledging the duplicate");
                 counter_duplicate();

@@ -6,14 +6,14 @@
 use serde::Serialize;
 
 use super::close::{finish, ClosedBatch};
-use super::{Ledger, LedgerError, Result};
+use super::{BatchState, Ledger, LedgerError, Result};
 
 /// What a cancel request did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Cancelled {
     pub batch_id: String,
     /// `cancelling` (items still running) or `cancelled` (closed now).
-    pub state: String,
+    pub state: BatchState,
     /// The close, when nothing was running.
     pub closed: Option<ClosedBatch>,
 }
@@ -26,14 +26,14 @@ impl Ledger {
             .retrying("cancel batch", || async {
                 let mut client = self.pool.get().await?;
                 let tx = client.transaction().await?;
-                let state: String = tx
+                let state: BatchState = tx
                     .query_opt("SELECT state FROM batches WHERE id = $1 FOR UPDATE", &[&batch_id])
                     .await?
                     .ok_or_else(|| LedgerError::NotFound(format!("no batch `{batch_id}`")))?
                     .get(0);
-                match state.as_str() {
-                    "granted" | "dispatched" => {}
-                    "cancelling" => {
+                match state {
+                    BatchState::Granted | BatchState::Dispatched => {}
+                    BatchState::Cancelling => {
                         return Ok(Cancelled { batch_id: batch_id.into(), state, closed: None });
                     }
                     other => {
@@ -61,8 +61,8 @@ impl Ledger {
                     closed = finish(&tx, &[batch_id.to_string()]).await?.closed.pop();
                 }
                 tx.commit().await?;
-                let state = if closed.is_some() { "cancelled" } else { "cancelling" };
-                Ok(Cancelled { batch_id: batch_id.into(), state: state.into(), closed })
+                let state = if closed.is_some() { BatchState::Cancelled } else { BatchState::Cancelling };
+                Ok(Cancelled { batch_id: batch_id.into(), state, closed })
             })
             .await?;
         if let Some(c) = &cancelled.closed {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::close::{finish, ClosedBatch};
-use super::{Ledger, Result};
+use super::{ItemState, Ledger, Result};
 
 /// What the generator reported for one item.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,9 +41,19 @@ pub enum Settled {
     /// Cancelled before it started, charged nothing.
     Cancelled,
     /// Settled before (a duplicate job, or the batch closed meanwhile): the first result stands.
-    AlreadySettled { state: String, captured: i64 },
+    AlreadySettled { state: ItemState, captured: i64 },
     /// No such item in an open batch: the job does not belong to this ledger.
     Unknown,
+}
+
+/// What one settle adds to a batch: the credits captured and the items
+/// settled per outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tally {
+    captured: i64,
+    succeeded: i32,
+    failed: i32,
+    cancelled: i32,
 }
 
 /// The result of [`Ledger::settle`], in input order, plus per-batch news.
@@ -121,9 +131,11 @@ impl Ledger {
             b.push(s.batch_id.as_str());
             it.push(s.item_id.as_str());
             let (k, a, r) = match &s.outcome {
-                ItemOutcome::Succeeded { actual_cost } => ("succeeded", *actual_cost, None),
-                ItemOutcome::Failed { reason } => ("failed", None, Some(reason.as_str())),
-                ItemOutcome::Cancelled => ("cancelled", None, Some("cancelled")),
+                ItemOutcome::Succeeded { actual_cost } => {
+                    (ItemState::Succeeded, *actual_cost, None)
+                }
+                ItemOutcome::Failed { reason } => (ItemState::Failed, None, Some(reason.as_str())),
+                ItemOutcome::Cancelled => (ItemState::Cancelled, None, Some("cancelled")),
             };
             kind.push(k);
             actual.push(a);
@@ -152,20 +164,19 @@ impl Ledger {
             .await?;
 
         let mut done: HashMap<(String, String), Settled> = HashMap::new();
-        // Per batch: (captured, succeeded, failed, cancelled).
-        let mut per_batch: BTreeMap<String, (i64, i32, i32, i32)> = BTreeMap::new();
+        let mut per_batch: BTreeMap<String, Tally> = BTreeMap::new();
         let (mut j_acct, mut j_hold, mut j_batch, mut j_item, mut j_kind, mut j_amount) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for row in &rows {
-            let (batch, item, state): (String, String, String) =
+            let (batch, item, state): (String, String, ItemState) =
                 (row.get(0), row.get(1), row.get(2));
             let (captured, overrun): (i64, i64) = (row.get(3), row.get(4));
             let meta = &batches[&batch];
             let entry = per_batch.entry(batch.clone()).or_default();
-            let settled = match state.as_str() {
-                "succeeded" => {
-                    entry.0 += captured;
-                    entry.1 += 1;
+            let settled = match state {
+                ItemState::Succeeded => {
+                    entry.captured += captured;
+                    entry.succeeded += 1;
                     for (kind, amount) in [("capture", captured), ("overrun", overrun)] {
                         if kind == "overrun" && amount == 0 {
                             continue;
@@ -179,12 +190,12 @@ impl Ledger {
                     }
                     Settled::Captured { captured, overrun }
                 }
-                "cancelled" => {
-                    entry.3 += 1;
+                ItemState::Cancelled => {
+                    entry.cancelled += 1;
                     Settled::Cancelled
                 }
                 _ => {
-                    entry.2 += 1;
+                    entry.failed += 1;
                     Settled::Failed
                 }
             };
@@ -203,10 +214,10 @@ impl Ledger {
         if !per_batch.is_empty() {
             let ids: Vec<&str> = per_batch.keys().map(String::as_str).collect();
             let holds: Vec<Uuid> = ids.iter().map(|id| batches[*id].hold_id).collect();
-            let caps: Vec<i64> = per_batch.values().map(|v| v.0).collect();
-            let succ: Vec<i32> = per_batch.values().map(|v| v.1).collect();
-            let fail: Vec<i32> = per_batch.values().map(|v| v.2).collect();
-            let canc: Vec<i32> = per_batch.values().map(|v| v.3).collect();
+            let caps: Vec<i64> = per_batch.values().map(|t| t.captured).collect();
+            let succ: Vec<i32> = per_batch.values().map(|t| t.succeeded).collect();
+            let fail: Vec<i32> = per_batch.values().map(|t| t.failed).collect();
+            let canc: Vec<i32> = per_batch.values().map(|t| t.cancelled).collect();
             tx.execute(
                 "UPDATE holds h SET captured = h.captured + t.c
                  FROM unnest($1::uuid[], $2::int8[]) AS t(id, c) WHERE h.id = t.id",
@@ -264,8 +275,8 @@ impl Ledger {
                 )
                 .await?
             {
-                let state: String = row.get(2);
-                let settled = if matches!(state.as_str(), "pending" | "queued") {
+                let state: ItemState = row.get(2);
+                let settled = if matches!(state, ItemState::Pending | ItemState::Queued) {
                     // Not settleable now (its batch is not open, or its chunk not reserved).
                     Settled::Unknown
                 } else {
@@ -290,15 +301,15 @@ impl Ledger {
                     // A later duplicate in the same call: the first result stands.
                     (Some(_), Some(r)) => match r {
                         Settled::Captured { captured, .. } => Settled::AlreadySettled {
-                            state: "succeeded".into(),
+                            state: ItemState::Succeeded,
                             captured: *captured,
                         },
                         Settled::Cancelled => Settled::AlreadySettled {
-                            state: "cancelled".into(),
+                            state: ItemState::Cancelled,
                             captured: 0,
                         },
                         _ => Settled::AlreadySettled {
-                            state: "failed".into(),
+                            state: ItemState::Failed,
                             captured: 0,
                         },
                     },

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
-use super::{Ledger, Result};
+use super::{BatchState, Ledger, Result};
 use crate::messages::BatchFigures;
 
 /// A batch this settle (or a reconciler) closed, with its final figures.
@@ -18,7 +18,7 @@ pub struct ClosedBatch {
     pub batch_id: String,
     pub account_id: String,
     /// `completed`, `expired` or `cancelled`.
-    pub state: String,
+    pub state: BatchState,
     pub figures: BatchFigures,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
@@ -54,10 +54,10 @@ pub(super) async fn finish(tx: &Transaction<'_>, batch_ids: &[String]) -> Result
         .await?;
     let (mut complete, mut cancelled) = (vec![], vec![]);
     for r in &rows {
-        let (id, state, chunk): (String, String, Option<i32>) = (r.get(0), r.get(1), r.get(2));
+        let (id, state, chunk): (String, BatchState, Option<i32>) = (r.get(0), r.get(1), r.get(2));
         let queued: bool = r.get(5);
-        match (state.as_str(), chunk, queued) {
-            ("cancelling", ..) => cancelled.push(id),
+        match (state, chunk, queued) {
+            (BatchState::Cancelling, ..) => cancelled.push(id),
             (_, Some(chunk), true) => {
                 if next_chunk(tx, &id, &r.get::<_, String>(3), r.get(4), chunk).await? {
                     out.advanced.push(id);
@@ -68,9 +68,9 @@ pub(super) async fn finish(tx: &Transaction<'_>, batch_ids: &[String]) -> Result
             _ => complete.push(id),
         }
     }
-    out.closed = close_batches(tx, &complete, "completed", "completed").await?;
+    out.closed = close_batches(tx, &complete, BatchState::Completed, "completed").await?;
     out.closed
-        .extend(close_batches(tx, &cancelled, "cancelled", "cancelled").await?);
+        .extend(close_batches(tx, &cancelled, BatchState::Cancelled, "cancelled").await?);
     Ok(out)
 }
 
@@ -148,7 +148,7 @@ async fn next_chunk(
 pub(super) async fn close_batches(
     tx: &Transaction<'_>,
     batch_ids: &[String],
-    final_state: &str,
+    final_state: BatchState,
     reason: &str,
 ) -> Result<Vec<ClosedBatch>> {
     if batch_ids.is_empty() {
@@ -235,7 +235,7 @@ pub(super) async fn close_batches(
             ClosedBatch {
                 batch_id,
                 account_id,
-                state: final_state.into(),
+                state: final_state,
                 figures,
                 reply_to,
                 correlation_id,

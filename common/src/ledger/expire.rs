@@ -7,7 +7,7 @@ use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use super::close::{close_batches, ClosedBatch};
-use super::{Ledger, Result};
+use super::{BatchState, Ledger, Result};
 
 /// Expire soft holds already locked by the caller: state `expired`, the whole
 /// amount released to `available`, one `expire` journal row each.
@@ -117,7 +117,7 @@ impl Ledger {
                     &[&ids],
                 )
                 .await?;
-                let closed = close_batches(&tx, &ids, "expired", "deadline").await?;
+                let closed = close_batches(&tx, &ids, BatchState::Expired, "deadline").await?;
                 tx.commit().await?;
                 Ok(closed)
             })

@@ -41,6 +41,7 @@ mod expire;
 mod gauges;
 mod reserve;
 mod soft_holds;
+mod states;
 mod stuck;
 mod views;
 
@@ -110,6 +111,7 @@ pub use capture::{ItemOutcome, SettleReport, Settled, Settlement};
 pub use close::ClosedBatch;
 pub use dispatch::PendingJob;
 pub use reserve::{ReserveInput, Reserved};
+pub use states::{BatchState, HoldState, ItemState};
 pub use stuck::Stuck;
 pub use views::{BatchView, ItemView};
 

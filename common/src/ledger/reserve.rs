@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use super::{Cached, Ledger, LedgerError, Result};
+use super::{BatchState, Cached, HoldState, ItemState, Ledger, LedgerError, Result};
 use crate::messages::{BatchRequest, Decision, Granted, Insufficient, LeftOut, Mode};
 use crate::pricing::{self, Plan};
 
@@ -226,8 +226,11 @@ impl Ledger {
             .await?
         {
             let decision = stored_decision(row.get(2))?;
-            let state: String = row.get(3);
-            seen.insert(row.get(0), (row.get(1), decision, state == "granted"));
+            let state: BatchState = row.get(3);
+            seen.insert(
+                row.get(0),
+                (row.get(1), decision, state == BatchState::Granted),
+            );
         }
 
         // Every account of the group once, in id order (the lock order).
@@ -327,11 +330,11 @@ async fn replay_of(
     if hash != fingerprint {
         return Err(LedgerError::Conflict(req.batch_id.clone()));
     }
-    let state: String = row.get(2);
+    let state: BatchState = row.get(2);
     Ok(Some(Reserved {
         decision: stored_decision(row.get(1))?,
         replayed: true,
-        needs_dispatch: state == "granted",
+        needs_dispatch: state == BatchState::Granted,
         dispatch_now: vec![],
     }))
 }
@@ -563,9 +566,9 @@ async fn insert_batches(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Resul
         hashes.push(b.fingerprint);
         modes.push(req.mode.as_str());
         states.push(if b.grant.is_some() {
-            "granted"
+            BatchState::Granted
         } else {
-            "denied"
+            BatchState::Denied
         });
         decisions.push(serde_json::to_value(&b.decision).expect("decisions serialise"));
         item_counts.push(req.items.len() as i32);
@@ -637,7 +640,7 @@ async fn consume_reservation(
     else {
         return refuse(format!("no reservation `{reservation}`"));
     };
-    let (account, amount, state): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
+    let (account, amount, state): (String, i64, HoldState) = (row.get(0), row.get(1), row.get(2));
     let (soft, past_ttl, when): (bool, Option<bool>, Option<String>) =
         (row.get(3), row.get(4), row.get(5));
     let when = when.unwrap_or_default();
@@ -646,8 +649,8 @@ async fn consume_reservation(
             "reservation `{reservation}` belongs to another account"
         ));
     }
-    match (state.as_str(), soft, past_ttl) {
-        ("open", true, Some(true)) => {
+    match (state, soft, past_ttl) {
+        (HoldState::Open, true, Some(true)) => {
             let released = super::expire::expire_locked(&tx, &[hold_id]).await?;
             tx.commit().await?;
             for amount in released {
@@ -657,13 +660,13 @@ async fn consume_reservation(
                 "reservation `{reservation}` expired at {when}; its credits were released"
             ));
         }
-        ("open", true, _) => {}
-        ("open", false, _) => {
+        (HoldState::Open, true, _) => {}
+        (HoldState::Open, false, _) => {
             return refuse(format!(
                 "reservation `{reservation}` is already used by a batch"
             ))
         }
-        ("expired", ..) => {
+        (HoldState::Expired, ..) => {
             return refuse(format!(
                 "reservation `{reservation}` expired at {when}; its credits were released"
             ))
@@ -754,9 +757,9 @@ async fn insert_items(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<
             priorities.push(item.priority);
             reserved.push(if runs { item.estimated_cost } else { 0 });
             states.push(match (runs, sequential) {
-                (true, _) => "pending",
-                (false, true) => "queued",
-                (false, false) => "skipped",
+                (true, _) => ItemState::Pending,
+                (false, true) => ItemState::Queued,
+                (false, false) => ItemState::Skipped,
             });
             reasons.push(if runs || sequential {
                 None

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Ledger, LedgerError, Result};
+use super::{HoldState, Ledger, LedgerError, Result};
 use crate::messages::Reservation;
 
 const SELECT: &str = "SELECT h.id::text, h.account_id, h.amount, h.state,
@@ -137,9 +137,9 @@ impl Ledger {
                     )
                     .await?
                     .ok_or_else(|| LedgerError::NotFound(format!("no reservation `{id}`")))?;
-                let (account, amount, state, soft): (String, i64, String, bool) =
+                let (account, amount, state, soft): (String, i64, HoldState, bool) =
                     (row.get(0), row.get(1), row.get(2), row.get(3));
-                if state != "open" {
+                if state != HoldState::Open {
                     return Ok(0);
                 }
                 if !soft {

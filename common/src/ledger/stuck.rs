@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Row;
 
-use super::{Ledger, Result};
+use super::{BatchState, Ledger, Result};
 
 /// An open hold whose credits should have been resolved by now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -128,7 +128,7 @@ fn deadline(r: &Row) -> Stuck {
     let (batch, hold): (String, String) = (r.get(0), r.get(1));
     let (amount, captured): (i64, i64) = (r.get(2), r.get(3));
     let (past, limit): (f64, String) = (r.get(4), r.get(5));
-    let (pending, state): (i64, String) = (r.get(6), r.get(7));
+    let (pending, state): (i64, BatchState) = (r.get(6), r.get(7));
     let credits = amount - captured;
     if pending == 0 {
         return Stuck {
@@ -148,7 +148,7 @@ fn deadline(r: &Row) -> Stuck {
         problem: format!(
             "{pending} item(s) still pending {} past the execution deadline ({limit}){}; hold {hold}: {}",
             how_long(past),
-            if state == "granted" {
+            if state == BatchState::Granted {
                 ", its jobs never all dispatched"
             } else {
                 ""

@@ -8,14 +8,14 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::close::figures_of;
-use super::{Ledger, Result};
+use super::{BatchState, HoldState, ItemState, Ledger, Result};
 use crate::messages::BatchFigures;
 
 /// One item as `batch show` prints it.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ItemView {
     pub item_id: String,
-    pub state: String,
+    pub state: ItemState,
     pub estimated_cost: i64,
     pub reserved: i64,
     pub captured: i64,
@@ -29,9 +29,9 @@ pub struct BatchView {
     pub batch_id: String,
     pub account_id: String,
     pub mode: String,
-    pub state: String,
+    pub state: BatchState,
     pub hold_id: Option<String>,
-    pub hold_state: Option<String>,
+    pub hold_state: Option<HoldState>,
     pub created_at: String,
     pub deadline_at: Option<String>,
     pub closed_at: Option<String>,
@@ -62,7 +62,7 @@ impl Ledger {
     pub async fn item_states(
         &self,
         items: &[(&str, &str)],
-    ) -> Result<HashMap<(String, String), (String, String)>> {
+    ) -> Result<HashMap<(String, String), (ItemState, BatchState)>> {
         let batches: Vec<&str> = items.iter().map(|(b, _)| *b).collect();
         let ids: Vec<&str> = items.iter().map(|(_, i)| *i).collect();
         self.retrying("item state", || async {

@@ -14,7 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use holdfast_common::events::{self, ReplyTo};
-use holdfast_common::ledger::BatchView;
+use holdfast_common::ledger::{BatchState, BatchView};
 use holdfast_common::messages::{BatchFigures, BatchRequest, Decision};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -120,7 +120,7 @@ pub struct CancelResponse {
     pub batch_id: String,
     /// `cancelling` (items still running finish; the rest is released when
     /// they have) or `cancelled` (closed now).
-    pub state: String,
+    pub state: BatchState,
     /// The final figures, when the batch closed at once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub figures: Option<BatchFigures>,
