@@ -179,7 +179,7 @@ impl Fleet {
         generator: Arc<dyn Generator>,
     ) -> anyhow::Result<Fleet> {
         let pool = database::pool(&conn.database_url, conn.db_pool_size)?;
-        let ledger = Ledger::new(pool);
+        let ledger = Ledger::new(pool).with_dispatch_grace(settings.reconciler.dispatch_grace());
         let names = Names::new(conn.namespace.clone());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();

@@ -4,7 +4,7 @@
 
 use crate::faults::crash_point;
 use crate::ledger::{Ledger, LedgerError};
-use crate::messages::{BatchRequest, ItemJob};
+use crate::messages::{Attempt, BatchRequest, ItemJob};
 use crate::topology::{json_properties, short, BrokerError, Confirms, Names, Publisher};
 
 /// Why a dispatch stopped before the end; the batch stays `granted` and will be sent again.
@@ -23,7 +23,7 @@ pub async fn dispatch(
     publisher: &Publisher,
     names: &Names,
     batch_id: &str,
-    attempt: u32,
+    attempt: Attempt,
     window: usize,
 ) -> Result<usize, DispatchError> {
     let (account_id, jobs) = ledger.pending_jobs(batch_id).await?;
@@ -37,7 +37,7 @@ pub async fn dispatch(
                 account_id: account_id.clone(),
                 reserved: job.reserved,
                 payload: job.payload.clone(),
-                attempt,
+                attempt: attempt.number(),
             };
             publish_job(publisher, names, &message, &mut confirms).await?;
         }
@@ -46,7 +46,7 @@ pub async fn dispatch(
         crash_point("coordinator.mid_dispatch");
     }
     ledger.mark_dispatched(&[batch_id]).await?;
-    tracing::debug!(%batch_id, jobs = sent, attempt, "dispatched");
+    tracing::debug!(%batch_id, jobs = sent, attempt = attempt.number(), "dispatched");
     Ok(sent)
 }
 
@@ -73,7 +73,7 @@ pub async fn dispatch_granted(
             account_id: request.account_id.clone(),
             reserved: item.estimated_cost,
             payload: item.payload.clone(),
-            attempt: 1,
+            attempt: Attempt::First.number(),
         };
         publish_job(publisher, names, &message, confirms).await?;
         if (n + 1) % window.max(1) == 0 {

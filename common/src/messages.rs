@@ -294,6 +294,27 @@ pub struct Reservation {
     pub batch_id: Option<String>,
 }
 
+/// Which publication of its item a job is (`attempt` on the wire).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// The first publication of a chunk's jobs (`1`): by the coordinator that
+    /// granted the batch, or by whoever reserved a sequential batch's next chunk.
+    First,
+    /// Published again (`2`): a redelivered request resuming its dispatch, or
+    /// a reconciler re-dispatching a batch whose coordinator died.
+    Again,
+}
+
+impl Attempt {
+    /// The number on the wire.
+    pub fn number(self) -> u32 {
+        match self {
+            Attempt::First => 1,
+            Attempt::Again => 2,
+        }
+    }
+}
+
 /// One item to generate (coordinator → jobs queue). Its AMQP `message_id` is
 /// [`ItemJob::message_id`]: `batch_id:item_id`, or a fixed-length hash of the
 /// two when that would not fit an AMQP short string.

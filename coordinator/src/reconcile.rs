@@ -15,6 +15,7 @@ use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::faults::panic_point;
 use holdfast_common::ledger::Ledger;
+use holdfast_common::messages::Attempt;
 use holdfast_common::supervise::{guard, Heartbeat};
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{self, Names, Publisher};
@@ -81,7 +82,15 @@ impl Reconciler {
             events::completed(&self.publisher, names, &closed).await?;
             for batch_id in &advanced {
                 let window = self.config.coordinator.confirm_window;
-                dispatch(&self.ledger, &self.publisher, names, batch_id, 1, window).await?;
+                dispatch(
+                    &self.ledger,
+                    &self.publisher,
+                    names,
+                    batch_id,
+                    Attempt::First,
+                    window,
+                )
+                .await?;
             }
             if ((closed.len() + advanced.len()) as i64) < CLAIM_LIMIT {
                 break;
@@ -110,7 +119,14 @@ impl Reconciler {
             let sent = guard(
                 "reconciler",
                 "sweep",
-                dispatch(&self.ledger, &self.publisher, names, &batch_id, 2, window),
+                dispatch(
+                    &self.ledger,
+                    &self.publisher,
+                    names,
+                    &batch_id,
+                    Attempt::Again,
+                    window,
+                ),
             )
             .await;
             match sent {

@@ -13,7 +13,7 @@ use holdfast_common::config::{CoordinatorSettings, Limits, QueueSettings};
 use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{Ledger, LedgerError, ReserveInput};
-use holdfast_common::messages::{BatchRequest, Decision, Rejected};
+use holdfast_common::messages::{Attempt, BatchRequest, Decision, Rejected};
 use holdfast_common::supervise::{guard, Panicked};
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
@@ -275,7 +275,7 @@ impl Published {
                 &intake.publisher,
                 &intake.config.names,
                 batch_id,
-                2,
+                Attempt::Again,
                 intake.config.settings.confirm_window,
             )
             .await

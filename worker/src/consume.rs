@@ -21,7 +21,7 @@ use holdfast_common::dispatch::dispatch;
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{BatchState, ItemOutcome, ItemState, Ledger, Settled, Settlement};
-use holdfast_common::messages::ItemJob;
+use holdfast_common::messages::{Attempt, ItemJob};
 use holdfast_common::supervise::guard;
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
@@ -616,7 +616,15 @@ async fn settle_and_ack(
     // Sequential batches whose next chunk this settle reserved: send its jobs
     // (a reconciler does it after the lease if this fails).
     for batch_id in &report.advanced {
-        if let Err(e) = dispatch(ledger, publisher, names, batch_id, 1, CHUNK_CONFIRM_WINDOW).await
+        if let Err(e) = dispatch(
+            ledger,
+            publisher,
+            names,
+            batch_id,
+            Attempt::First,
+            CHUNK_CONFIRM_WINDOW,
+        )
+        .await
         {
             tracing::warn!(%batch_id, error = %e, "next chunk not dispatched; the reconciler will");
         }

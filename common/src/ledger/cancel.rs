@@ -58,7 +58,7 @@ impl Ledger {
                     .get(0);
                 let mut closed = None;
                 if all_settled {
-                    closed = finish(&tx, &[batch_id.to_string()]).await?.closed.pop();
+                    closed = finish(&tx, &[batch_id.to_string()], self.dispatch_grace).await?.closed.pop();
                 }
                 tx.commit().await?;
                 let state = if closed.is_some() { BatchState::Cancelled } else { BatchState::Cancelling };

@@ -240,7 +240,7 @@ impl Ledger {
                 .map(|r| r.get(0))
                 .collect();
             settled.sort();
-            let finished = finish(&tx, &settled).await?;
+            let finished = finish(&tx, &settled, self.dispatch_grace).await?;
             let closed: Vec<&str> = finished
                 .closed
                 .iter()

@@ -4,6 +4,7 @@
 //! hand it out, or stop cleanly when that chunk no longer fits.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::Transaction;
@@ -37,7 +38,13 @@ pub(super) struct Finished {
 /// caller, sorted): a cancelling batch closes `cancelled`; a sequential batch
 /// with queued items reserves its next chunk, or stops when it no longer fits;
 /// any other closes `completed`.
-pub(super) async fn finish(tx: &Transaction<'_>, batch_ids: &[String]) -> Result<Finished> {
+/// A sequential batch whose next chunk is reserved is granted again, with a
+/// dispatch lease of `dispatch_grace`, like a batch granted by a coordinator.
+pub(super) async fn finish(
+    tx: &Transaction<'_>,
+    batch_ids: &[String],
+    dispatch_grace: Duration,
+) -> Result<Finished> {
     let mut out = Finished::default();
     if batch_ids.is_empty() {
         return Ok(out);
@@ -59,7 +66,16 @@ pub(super) async fn finish(tx: &Transaction<'_>, batch_ids: &[String]) -> Result
         match (state, chunk, queued) {
             (BatchState::Cancelling, ..) => cancelled.push(id),
             (_, Some(chunk), true) => {
-                if next_chunk(tx, &id, &r.get::<_, String>(3), r.get(4), chunk).await? {
+                if next_chunk(
+                    tx,
+                    &id,
+                    &r.get::<_, String>(3),
+                    r.get(4),
+                    chunk,
+                    dispatch_grace,
+                )
+                .await?
+                {
                     out.advanced.push(id);
                 } else {
                     complete.push(id);
@@ -82,6 +98,7 @@ async fn next_chunk(
     account: &str,
     hold: Uuid,
     chunk: i32,
+    dispatch_grace: Duration,
 ) -> Result<bool> {
     let next = tx
         .query(
@@ -133,9 +150,13 @@ async fn next_chunk(
     // if whoever reserved the chunk dies before publishing.
     tx.execute(
         "UPDATE batches SET run_count = run_count + $2, state = 'granted', dispatched_at = NULL,
-                            dispatch_lease = now() + interval '30 seconds'
+                            dispatch_lease = now() + make_interval(secs => $3)
          WHERE id = $1",
-        &[&batch_id, &(ids.len() as i32)],
+        &[
+            &batch_id,
+            &(ids.len() as i32),
+            &dispatch_grace.as_secs_f64(),
+        ],
     )
     .await?;
     crate::telemetry::record::chunk_reserved(cost);
@@ -308,7 +329,7 @@ impl Ledger {
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
-                let finished = finish(&tx, &ids).await?;
+                let finished = finish(&tx, &ids, self.dispatch_grace).await?;
                 tx.commit().await?;
                 Ok(finished)
             })

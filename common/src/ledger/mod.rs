@@ -221,6 +221,9 @@ pub type Result<T, E = LedgerError> = std::result::Result<T, E>;
 pub struct Ledger {
     pool: Pool,
     retry: ExponentialBuilder,
+    /// The dispatch lease of a sequential batch's next chunk (see
+    /// [`Ledger::with_dispatch_grace`]).
+    dispatch_grace: Duration,
 }
 
 impl Ledger {
@@ -232,7 +235,16 @@ impl Ledger {
                 .with_max_delay(Duration::from_secs(2))
                 .with_max_times(8)
                 .with_jitter(),
+            dispatch_grace: Duration::from_secs(30),
         }
+    }
+
+    /// How long a batch granted by a settle (a sequential batch's next chunk)
+    /// may stay undispatched before a reconciler sends its jobs: the fleet's
+    /// `HOLDFAST_DISPATCH_GRACE_SECS`, 30 s unless set.
+    pub fn with_dispatch_grace(mut self, dispatch_grace: Duration) -> Self {
+        self.dispatch_grace = dispatch_grace;
+        self
     }
 
     pub fn pool(&self) -> &Pool {
