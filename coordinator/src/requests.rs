@@ -12,7 +12,7 @@ use std::time::Duration;
 use holdfast_common::config::{CoordinatorSettings, Limits, QueueSettings};
 use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::faults::crash_point;
-use holdfast_common::ledger::{Ledger, LedgerError, ReserveInput};
+use holdfast_common::ledger::{wait_out, Ledger, LedgerError, ReserveInput, Transient};
 use holdfast_common::messages::{Attempt, BatchRequest, Decision, Rejected};
 use holdfast_common::supervise::{guard, Panicked};
 use holdfast_common::telemetry::record;
@@ -59,6 +59,13 @@ pub enum HandleError {
     Ledger(#[source] LedgerError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+}
+
+impl Transient for HandleError {
+    /// Only an unavailable ledger is waited out; a broker failure ends the session.
+    fn is_transient(&self) -> bool {
+        matches!(self, HandleError::Ledger(e) if e.is_transient())
+    }
 }
 
 impl From<DispatchError> for HandleError {
@@ -560,55 +567,48 @@ async fn process(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let reply = reply_of(delivery);
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match intake.handle(&delivery.data, &reply).await {
-            Ok(_) => {
+    let handled = wait_out("a batch request", shutdown, || {
+        intake.handle(&delivery.data, &reply)
+    })
+    .await;
+    match handled {
+        Ok(_) => {
+            if !delivery.acker.ack(BasicAckOptions::default()).await? {
+                record::ack_lost();
+            }
+            Ok(())
+        }
+        // Still unavailable when the shutdown came: another coordinator takes it.
+        Err(HandleError::Ledger(e)) if e.is_transient() => {
+            topology::requeue(delivery).await?;
+            Ok(())
+        }
+        Err(HandleError::Ledger(e)) => {
+            // Not transient, and not a problem intake could name. Retry a few
+            // times (RabbitMQ counts the deliveries); on the last one allowed,
+            // answer and park it ourselves rather than let it vanish into the
+            // dead-letter queue with no word to the producer.
+            let deliveries = topology::delivery_count(&delivery.properties) + 1;
+            if deliveries > intake.config.queues.request_delivery_limit {
+                tracing::error!(error = %e, deliveries, "request could not be decided; rejecting and parking it");
+                let batch_id = batch_id_of(&delivery.data);
+                let why = format!(
+                        "could not be decided after {deliveries} deliveries ({e}); parked for an operator"
+                    );
+                let rejected = Rejected::one(batch_id, "body", why);
+                intake
+                    .reject(&delivery.data, &reply, Box::new(rejected))
+                    .await?;
                 if !delivery.acker.ack(BasicAckOptions::default()).await? {
                     record::ack_lost();
                 }
                 return Ok(());
             }
-            Err(HandleError::Ledger(e)) if e.is_transient() => {
-                tracing::warn!(error = %e, ?delay, "ledger unavailable; holding the request");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => {
-                        topology::requeue(delivery).await?;
-                        return Ok(());
-                    }
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(HandleError::Ledger(e)) => {
-                // Not transient, and not a problem intake could name. Retry a few
-                // times (RabbitMQ counts the deliveries); on the last one allowed,
-                // answer and park it ourselves rather than let it vanish into the
-                // dead-letter queue with no word to the producer.
-                let deliveries = topology::delivery_count(&delivery.properties) + 1;
-                if deliveries > intake.config.queues.request_delivery_limit {
-                    tracing::error!(error = %e, deliveries, "request could not be decided; rejecting and parking it");
-                    let batch_id = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                        .ok()
-                        .and_then(|v| v["batch_id"].as_str().map(String::from));
-                    let why = format!(
-                        "could not be decided after {deliveries} deliveries ({e}); parked for an operator"
-                    );
-                    let rejected = Rejected::one(batch_id, "body", why);
-                    intake
-                        .reject(&delivery.data, &reply, Box::new(rejected))
-                        .await?;
-                    if !delivery.acker.ack(BasicAckOptions::default()).await? {
-                        record::ack_lost();
-                    }
-                    return Ok(());
-                }
-                tracing::error!(error = %e, deliveries, "request could not be decided; returning it to the queue");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                topology::requeue(delivery).await?;
-                return Ok(());
-            }
-            Err(HandleError::Broker(e)) => return Err(e.into()),
+            tracing::error!(error = %e, deliveries, "request could not be decided; returning it to the queue");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            topology::requeue(delivery).await?;
+            Ok(())
         }
+        Err(HandleError::Broker(e)) => Err(e.into()),
     }
 }

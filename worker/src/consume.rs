@@ -20,7 +20,9 @@ use holdfast_common::config::QueueSettings;
 use holdfast_common::dispatch::dispatch;
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
-use holdfast_common::ledger::{BatchState, ItemOutcome, ItemState, Ledger, Settled, Settlement};
+use holdfast_common::ledger::{
+    wait_out, BatchState, ItemOutcome, ItemState, Ledger, Settled, Settlement,
+};
 use holdfast_common::messages::{Attempt, ItemJob};
 use holdfast_common::supervise::guard;
 use holdfast_common::telemetry::record;
@@ -45,9 +47,6 @@ const REQUEUE: BasicNackOptions = BasicNackOptions {
     multiple: false,
     requeue: true,
 };
-
-/// Longest pause between two tries of an unavailable ledger.
-const MAX_LEDGER_WAIT: Duration = Duration::from_secs(5);
 
 /// Worker settings.
 #[derive(Args, Clone, Debug)]
@@ -367,20 +366,10 @@ impl Item {
         &self,
         keys: &[(&str, &str)],
     ) -> Result<ItemStates, holdfast_common::ledger::LedgerError> {
-        let mut delay = Duration::from_millis(500);
-        loop {
-            match self.ledger.item_states(keys).await {
-                Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
-                    tracing::warn!(error = %e, ?delay, jobs = keys.len(), "ledger unavailable; holding the jobs");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => {}
-                    }
-                    delay = (delay * 2).min(MAX_LEDGER_WAIT);
-                }
-                other => return other,
-            }
-        }
+        wait_out("the jobs of a group", &self.shutdown, || {
+            self.ledger.item_states(keys)
+        })
+        .await
     }
 
     /// Hand a settled item to the settler, which captures it and then acks.
@@ -639,21 +628,7 @@ async fn settle_patiently(
     settlements: &[Settlement],
     shutdown: &CancellationToken,
 ) -> Result<holdfast_common::ledger::SettleReport, holdfast_common::ledger::LedgerError> {
-    let mut delay = Duration::from_millis(500);
-    loop {
-        match ledger.settle(settlements).await {
-            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
-                tracing::warn!(error = %e, ?delay, items = settlements.len(),
-                    "ledger unavailable; holding the captures");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                delay = (delay * 2).min(MAX_LEDGER_WAIT);
-            }
-            other => return other,
-        }
-    }
+    wait_out("captures", shutdown, || ledger.settle(settlements)).await
 }
 
 /// One `batch.progress` event for each batch settled since the last one,
