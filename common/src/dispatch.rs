@@ -16,6 +16,15 @@ pub enum DispatchError {
     Broker(#[from] BrokerError),
 }
 
+impl From<DispatchError> for crate::topology::SessionError {
+    fn from(e: DispatchError) -> Self {
+        match e {
+            DispatchError::Ledger(e) => e.into(),
+            DispatchError::Broker(e) => e.into(),
+        }
+    }
+}
+
 /// Publish every pending job of `batch_id`, as the ledger has them (a
 /// replayed or stranded batch); returns how many were confirmed.
 pub async fn dispatch(

@@ -27,6 +27,22 @@ pub fn init_logging(json: bool) {
     };
 }
 
+/// An error and its causes, `: `-separated, for a log line.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        // `#[error(transparent)]` repeats its source's text: say it once.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the Prometheus recorder once per process and return its handle

@@ -8,7 +8,7 @@ use holdfast_common::ledger::{Ledger, LedgerError};
 use holdfast_common::messages::{Decision, Event, Rejected};
 use holdfast_common::pricing;
 use holdfast_common::supervise::guard;
-use holdfast_common::topology;
+use holdfast_common::topology::{self, SessionError};
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +45,7 @@ pub async fn consume(
     ledger: &Ledger,
     config: &CoordinatorConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), SessionError> {
     let mut session = topology::Session::open(
         &config.amqp_url,
         "holdfast-previews",
@@ -80,7 +80,7 @@ pub async fn consume(
                     topology::requeue(&delivery).await?;
                 }
             }
-            anyhow::Ok(())
+            Ok::<(), SessionError>(())
         };
         let guarded = guard("coordinator", "previews", handled);
         match session.while_connected(guarded).await? {

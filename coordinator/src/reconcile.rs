@@ -18,7 +18,7 @@ use holdfast_common::ledger::Ledger;
 use holdfast_common::messages::Attempt;
 use holdfast_common::supervise::{guard, Heartbeat};
 use holdfast_common::telemetry::record;
-use holdfast_common::topology::{self, Names, Publisher};
+use holdfast_common::topology::{self, Names, Publisher, SessionError};
 use tokio_util::sync::CancellationToken;
 
 use holdfast_common::dispatch::dispatch;
@@ -72,7 +72,7 @@ impl Reconciler {
     }
 
     /// One pass over everything the reconciler looks after.
-    pub async fn sweep_once(&mut self) -> anyhow::Result<SweepReport> {
+    pub async fn sweep_once(&mut self) -> Result<SweepReport, SessionError> {
         let mut report = SweepReport::default();
         let names = &self.config.names;
         panic_point("reconciler.sweep", &names.namespace);

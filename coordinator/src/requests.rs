@@ -17,7 +17,7 @@ use holdfast_common::messages::{Attempt, BatchRequest, Decision, Rejected};
 use holdfast_common::supervise::{guard, Panicked};
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
-    self, json_properties, parked_headers, BrokerError, Confirms, Names, Publisher,
+    self, json_properties, parked_headers, BrokerError, Confirms, Names, Publisher, SessionError,
 };
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -371,7 +371,7 @@ async fn consume(
     ledger: &Ledger,
     config: &CoordinatorConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), SessionError> {
     let mut session = topology::Session::open(
         &config.amqp_url,
         "holdfast-coordinator",
@@ -393,7 +393,7 @@ async fn consume(
     // time, so a broker or ledger failure surfaces before a third group
     // starts. Dropping the handle (a lost connection) stops the tail: its
     // requests are unacknowledged and come back, as after a crash.
-    let mut tail: Option<AbortOnDropHandle<anyhow::Result<()>>> = None;
+    let mut tail: Option<AbortOnDropHandle<Result<(), SessionError>>> = None;
     loop {
         let group = session.next_group(shutdown, max).await?;
         if group.is_empty() {
@@ -446,7 +446,7 @@ async fn finish_group(
     group: &[Delivery],
     published: Published,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), SessionError> {
     let outcomes = match guard("coordinator", "requests", published.finish(intake)).await {
         Ok(outcomes) => outcomes?,
         Err(panicked) => {
@@ -491,7 +491,7 @@ async fn process_alone(
     intake: &Intake,
     delivery: &Delivery,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), SessionError> {
     match guard(
         "coordinator",
         "requests",
@@ -511,7 +511,11 @@ async fn process_alone(
 /// its `completed` event says so); a request that was never decided is
 /// answered `rejected`. If the ledger cannot be reached for the cancel, the
 /// reconciler releases the hold at the batch's execution deadline.
-async fn poisoned(intake: &Intake, delivery: &Delivery, panicked: Panicked) -> anyhow::Result<()> {
+async fn poisoned(
+    intake: &Intake,
+    delivery: &Delivery,
+    panicked: Panicked,
+) -> Result<(), SessionError> {
     let batch_id = batch_id_of(&delivery.data);
     let deliveries = topology::delivery_count(&delivery.properties) + 1;
     tracing::error!(batch_id = batch_id.as_deref().unwrap_or("-"), deliveries, panic = %panicked.0,
@@ -565,7 +569,7 @@ async fn process(
     intake: &Intake,
     delivery: &Delivery,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), SessionError> {
     let reply = reply_of(delivery);
     let handled = wait_out("a batch request", shutdown, || {
         intake.handle(&delivery.data, &reply)

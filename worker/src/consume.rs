@@ -27,7 +27,7 @@ use holdfast_common::messages::{Attempt, ItemJob};
 use holdfast_common::supervise::guard;
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
-    self, delivery_count, json_properties, parked_headers, requeue, Names, Publisher,
+    self, delivery_count, json_properties, parked_headers, requeue, Names, Publisher, SessionError,
 };
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
@@ -117,7 +117,7 @@ async fn session(
     config: &WorkerConfig,
     generator: &Arc<dyn Generator>,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), SessionError> {
     // QoS is applied on every (re)connection: a fresh channel has none.
     let mut session = topology::Session::open(
         &config.amqp_url,
@@ -167,7 +167,7 @@ async fn session(
                     }
                 });
             }
-            Err(e) => break Err(anyhow::Error::from(e)),
+            Err(e) => break Err(SessionError::from(e)),
         }
     };
     // Stop taking jobs, let the running ones finish, capture and ack.
@@ -275,7 +275,7 @@ async fn start_group(item: Item, group: Vec<Delivery>, tasks: TaskTracker) {
 }
 
 /// Log a job that could not be settled (it stays unacknowledged).
-fn report(result: anyhow::Result<()>) {
+fn report(result: Result<(), SessionError>) {
     if let Err(e) = result {
         tracing::warn!(
             error = format!("{e:#}"),
@@ -292,7 +292,7 @@ impl Item {
         delivery: Delivery,
         job: ItemJob,
         state: Option<(ItemState, BatchState)>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionError> {
         holdfast_common::faults::panic_point("worker.job", &self.config.names.namespace);
         // Look before running: a duplicate job must not pay for the work twice.
         match state {
@@ -373,14 +373,18 @@ impl Item {
     }
 
     /// Hand a settled item to the settler, which captures it and then acks.
-    async fn finished(&self, settlement: Settlement, delivery: Delivery) -> anyhow::Result<()> {
+    async fn finished(
+        &self,
+        settlement: Settlement,
+        delivery: Delivery,
+    ) -> Result<(), SessionError> {
         self.done
             .send(Finished {
                 settlement,
                 delivery,
             })
             .await
-            .map_err(|_| anyhow::anyhow!("the settler stopped"))
+            .map_err(|_| SessionError::Task("the settler stopped".into()))
     }
 
     /// Run the generator, retrying transient failures with backoff. A panic
@@ -424,13 +428,13 @@ impl Item {
     }
 
     /// Park the job in the jobs dead-letter queue with the reason, then ack it.
-    async fn park(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+    async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), SessionError> {
         tracing::warn!(%reason, "parking job in the dead-letter queue");
         self.park_copy(delivery, reason).await?;
         ack(delivery).await
     }
 
-    async fn park_copy(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+    async fn park_copy(&self, delivery: &Delivery, reason: &str) -> Result<(), SessionError> {
         let mut props = json_properties().with_headers(parked_headers(reason));
         if let Some(id) = delivery.properties.message_id() {
             props = props.with_message_id(id.clone());
@@ -484,7 +488,7 @@ fn counter_duplicate() {
     record::duplicate_job();
 }
 
-async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
+async fn ack(delivery: &Delivery) -> Result<(), SessionError> {
     if !delivery.acker.ack(BasicAckOptions::default()).await? {
         record::ack_lost();
     }

@@ -61,8 +61,19 @@ impl Default for GeneratorSettings {
     }
 }
 
+/// Why the configured generator cannot be built: a setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum GeneratorSetupError {
+    #[error("the http generator needs --http-url (HOLDFAST_HTTP_URL)")]
+    MissingUrl,
+    #[error("the http generator's client cannot be built: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
 /// Build the configured built-in generator.
-pub fn build_generator(settings: &GeneratorSettings) -> anyhow::Result<Arc<dyn Generator>> {
+pub fn build_generator(
+    settings: &GeneratorSettings,
+) -> Result<Arc<dyn Generator>, GeneratorSetupError> {
     Ok(match settings.generator {
         GeneratorKind::Simulate => Arc::new(simulate::Simulate::new(simulate::SimulateSettings {
             latency: Duration::from_millis(settings.simulate_latency_ms),
@@ -70,9 +81,10 @@ pub fn build_generator(settings: &GeneratorSettings) -> anyhow::Result<Arc<dyn G
             failure_rate: settings.simulate_failure_rate,
         })),
         GeneratorKind::Http => {
-            let url = settings.http_url.clone().ok_or_else(|| {
-                anyhow::anyhow!("the http generator needs --http-url (HOLDFAST_HTTP_URL)")
-            })?;
+            let url = settings
+                .http_url
+                .clone()
+                .ok_or(GeneratorSetupError::MissingUrl)?;
             Arc::new(http::Http::new(
                 url,
                 Duration::from_secs(settings.http_timeout_secs),

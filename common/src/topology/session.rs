@@ -93,6 +93,43 @@ pub async fn requeue(delivery: &lapin::message::Delivery) -> Result<(), lapin::E
         .map(|_| ())
 }
 
+/// Why a role's session ended. The supervisor ([`supervise`]) logs it with
+/// its cause chain and starts a new session; whatever the session held
+/// unacknowledged goes back to its queue.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The broker went away or refused something: reconnect.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The ledger failed in a way waiting did not cure.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// The session itself panicked (a unit of work's panic is caught closer).
+    #[error(transparent)]
+    Panicked(#[from] crate::supervise::Panicked),
+    /// A task of the session ended without finishing its work.
+    #[error("a task of the session stopped: {0}")]
+    Task(String),
+}
+
+impl From<lapin::Error> for SessionError {
+    fn from(e: lapin::Error) -> Self {
+        SessionError::Broker(BrokerError::Amqp(e))
+    }
+}
+
+impl From<tokio::task::JoinError> for SessionError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        SessionError::Task(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for SessionError {
+    fn from(e: serde_json::Error) -> Self {
+        SessionError::Broker(BrokerError::Encode(e))
+    }
+}
+
 /// Run `session` until `shutdown`, starting it again with backoff whenever it
 /// fails (the broker restarted, the connection dropped) or panics (counted as
 /// a panic of `role`'s `task`). Each session builds its own connection,
@@ -107,7 +144,7 @@ pub async fn supervise<F, Fut>(
     mut session: F,
 ) where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = Result<(), SessionError>>,
 {
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
@@ -117,7 +154,7 @@ pub async fn supervise<F, Fut>(
             Err(panicked) => {
                 tracing::error!(role, task, session = name, panic = %panicked.0,
                     "session panicked; its unacknowledged deliveries return to the queue");
-                Err(anyhow::anyhow!(panicked))
+                Err(SessionError::Panicked(panicked))
             }
         };
         match ended {
@@ -128,7 +165,7 @@ pub async fn supervise<F, Fut>(
                 }
                 tracing::warn!(
                     role = name,
-                    error = format!("{e:#}"),
+                    error = %crate::telemetry::chain(&e),
                     ?delay,
                     "session ended; reconnecting"
                 );

@@ -402,7 +402,7 @@ pub async fn serve(
     state: ApiState,
     addr: SocketAddr,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     serve_on(state, listener, shutdown).await
 }
@@ -412,7 +412,7 @@ pub async fn serve_on(
     state: ApiState,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
     let broker = state.broker.clone();
     let limits = state.server;
