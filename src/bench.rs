@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures::StreamExt;
-use holdfast_common::config::{Connections, CoordinatorSettings, QueueSettings};
+use holdfast_common::config::{Connections, QueueSettings};
 use holdfast_common::database;
 use holdfast_common::ledger::{Ledger, ReserveInput};
 use holdfast_common::messages::{BatchRequest, ItemJob};
 use holdfast_common::topology::{self, json_properties, Names, Publisher};
+use holdfast_coordinator::config::CoordinatorSettings;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
     QueueDeleteOptions,

@@ -7,18 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use holdfast_common::config::{
-    Connections, CoordinatorSettings, Limits, QueueSettings, ReconcilerSettings,
-};
+use holdfast_common::config::{Connections, Limits, QueueSettings};
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::supervise::Heartbeat;
 use holdfast_common::telemetry;
 use holdfast_common::topology::{self, Names};
 use holdfast_coordinator::api::{self, ApiSettings, ApiState};
-use holdfast_coordinator::reconcile::{self, ReconcilerConfig};
-use holdfast_coordinator::requests::{self, CoordinatorConfig};
-use holdfast_worker::consume::{self, WorkerConfig, WorkerSettings};
+use holdfast_coordinator::config::{
+    CoordinatorConfig, CoordinatorSettings, ReconcilerConfig, ReconcilerSettings,
+};
+use holdfast_coordinator::{reconcile, requests};
+use holdfast_worker::config::{WorkerConfig, WorkerSettings};
+use holdfast_worker::consume;
 use holdfast_worker::{Generator, GeneratorSettings};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

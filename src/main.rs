@@ -8,12 +8,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use holdfast::fleet::{Fleet, FleetSettings, Roles};
 use holdfast::{demo, producer::Producer, report};
-use holdfast_common::config::{Connections, CoordinatorSettings, Limits, QueueSettings};
+use holdfast_common::config::{Connections, Limits, QueueSettings};
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::messages::{Decision, Event, Preview, Reservation};
 use holdfast_common::telemetry;
 use holdfast_common::topology::Names;
+use holdfast_coordinator::config::CoordinatorSettings;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

@@ -465,7 +465,8 @@ async fn a_healthy_fleet_that_ran_a_batch_has_nothing_stuck() {
 #[tokio::test]
 async fn the_reconcilers_audit_counts_a_hold_its_sweep_could_not_resolve() {
     use holdfast_common::topology::{self, Publisher};
-    use holdfast_coordinator::reconcile::{Reconciler, ReconcilerConfig};
+    use holdfast_coordinator::config::ReconcilerConfig;
+    use holdfast_coordinator::reconcile::Reconciler;
 
     let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
     t.grant("acme", 100).await;

@@ -7,6 +7,7 @@
 //! - [`api`]: the HTTP API role.
 
 pub mod api;
+pub mod config;
 pub mod intake;
 pub mod previews;
 pub mod reconcile;

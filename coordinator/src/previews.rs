@@ -12,8 +12,8 @@ use holdfast_common::topology::{self, SessionError};
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::CoordinatorConfig;
 use crate::intake;
-use crate::requests::CoordinatorConfig;
 
 /// Answer one preview body: the preview, or why it cannot be priced.
 pub async fn answer(

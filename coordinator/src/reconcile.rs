@@ -10,32 +10,18 @@
 //! [`ReconcilerSettings::stuck_grace`]: three sweeps, at least 10 s).
 //! Several reconcilers may run: each claim is `FOR UPDATE SKIP LOCKED`.
 
-use holdfast_common::config::{CoordinatorSettings, QueueSettings, ReconcilerSettings};
+use crate::config::ReconcilerConfig;
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::faults::panic_point;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::messages::Attempt;
-use holdfast_common::supervise::{guard, Heartbeat};
+use holdfast_common::supervise::guard;
 use holdfast_common::telemetry::record;
-use holdfast_common::topology::{self, Names, Publisher, SessionError};
+use holdfast_common::topology::{self, Publisher, SessionError};
 use tokio_util::sync::CancellationToken;
 
 use holdfast_common::dispatch::dispatch;
-
-/// Everything the reconciler role needs.
-#[derive(Clone, Debug)]
-pub struct ReconcilerConfig {
-    pub amqp_url: String,
-    pub names: Names,
-    pub queues: QueueSettings,
-    pub settings: ReconcilerSettings,
-    pub coordinator: CoordinatorSettings,
-    /// Audit the ledger every this many sweeps (0: never).
-    pub audit_every: u64,
-    /// Beats after every sweep that ran to its end; `/readyz` reads it.
-    pub heartbeat: Heartbeat,
-}
 
 /// What one sweep did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use holdfast_common::config::{CoordinatorSettings, Limits, QueueSettings};
+use crate::config::CoordinatorConfig;
 use holdfast_common::events::{self, ReplyTo};
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{wait_out, Ledger, LedgerError, ReserveInput, Transient};
@@ -17,7 +17,7 @@ use holdfast_common::messages::{Attempt, BatchRequest, Decision, Rejected};
 use holdfast_common::supervise::{guard, Panicked};
 use holdfast_common::telemetry::record;
 use holdfast_common::topology::{
-    self, json_properties, parked_headers, BrokerError, Confirms, Names, Publisher, SessionError,
+    self, json_properties, parked_headers, BrokerError, Confirms, Publisher, SessionError,
 };
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -26,18 +26,6 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::intake;
 use holdfast_common::dispatch::{dispatch, dispatch_granted, DispatchError};
-
-/// Everything the coordinator role needs.
-#[derive(Clone, Debug)]
-pub struct CoordinatorConfig {
-    pub amqp_url: String,
-    pub names: Names,
-    pub queues: QueueSettings,
-    pub limits: Limits,
-    pub settings: CoordinatorSettings,
-    /// How long a reconciler waits before re-dispatching a batch this coordinator granted.
-    pub dispatch_grace: Duration,
-}
 
 /// What became of one request.
 #[derive(Clone, Debug)]

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use clap::Args;
-use holdfast_common::config::QueueSettings;
 use holdfast_common::dispatch::dispatch;
 use holdfast_common::events;
 use holdfast_common::faults::crash_point;
@@ -37,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::config::WorkerConfig;
 use crate::generator::{Generated, Generator, GeneratorError};
 
 /// Jobs of a sequential batch's next chunk published per confirm wait.
@@ -47,51 +46,6 @@ const REQUEUE: BasicNackOptions = BasicNackOptions {
     multiple: false,
     requeue: true,
 };
-
-/// Worker settings.
-#[derive(Args, Clone, Debug)]
-pub struct WorkerSettings {
-    /// Unacknowledged jobs one worker holds, which is also how many run at once.
-    #[arg(long, env = "HOLDFAST_WORKER_PREFETCH", default_value_t = 64)]
-    pub worker_prefetch: u16,
-    /// Most items captured in one transaction.
-    #[arg(long, env = "HOLDFAST_SETTLE_BATCH", default_value_t = 128)]
-    pub settle_batch: usize,
-    /// Retries of a transient generator failure (after the first try) before the item fails.
-    #[arg(long, env = "HOLDFAST_GENERATOR_RETRIES", default_value_t = 3)]
-    pub generator_retries: usize,
-    /// First retry delay, in milliseconds (doubles each time, with jitter).
-    #[arg(long, env = "HOLDFAST_GENERATOR_RETRY_MS", default_value_t = 200)]
-    pub generator_retry_ms: u64,
-    /// Seconds in-flight items get to finish after a shutdown signal.
-    #[arg(long, env = "HOLDFAST_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
-    pub shutdown_timeout_secs: u64,
-    /// At most one progress event per batch per this many milliseconds.
-    #[arg(long, env = "HOLDFAST_PROGRESS_INTERVAL_MS", default_value_t = 1_000)]
-    pub progress_interval_ms: u64,
-}
-
-impl Default for WorkerSettings {
-    fn default() -> Self {
-        Self {
-            worker_prefetch: 64,
-            settle_batch: 128,
-            generator_retries: 3,
-            generator_retry_ms: 200,
-            shutdown_timeout_secs: 30,
-            progress_interval_ms: 1_000,
-        }
-    }
-}
-
-/// Everything the worker role needs.
-#[derive(Clone, Debug)]
-pub struct WorkerConfig {
-    pub amqp_url: String,
-    pub names: Names,
-    pub queues: QueueSettings,
-    pub settings: WorkerSettings,
-}
 
 /// A finished item waiting for its capture and ack.
 struct Finished {

@@ -59,7 +59,7 @@ use guard::GuardResponses;
 pub use problem::Problem;
 pub use server::ServerLimits;
 
-use crate::requests::CoordinatorConfig;
+use crate::config::CoordinatorConfig;
 
 /// Settings of the HTTP API role.
 #[derive(Args, Clone)]
