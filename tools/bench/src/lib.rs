@@ -8,6 +8,9 @@
 //! declared like the jobs queue; PostgreSQL with one-statement `UPDATE`s of
 //! one hot row from as many clients as the coordinator has consumers.
 
+pub mod cpu;
+mod naive;
+
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -26,9 +29,9 @@ use lapin::{Channel, Consumer};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench_cpu::CpuMeter;
-use crate::processes::RoleProcess;
-use crate::producer::Producer;
+use crate::cpu::CpuMeter;
+use holdfast::producer::Producer;
+use holdfast_harness::processes::RoleProcess;
 
 /// What to measure and how much.
 #[derive(Args, Clone, Debug)]
@@ -94,7 +97,7 @@ pub struct BenchReport {
     pub ratio_decisions_to_hot_row: f64,
     pub ratio_ledger_decisions_to_hot_row: f64,
     /// Where the CPU went in the end-to-end phases.
-    pub cpu: Vec<crate::bench_cpu::CpuSplit>,
+    pub cpu: Vec<crate::cpu::CpuSplit>,
 }
 
 fn job_body() -> Vec<u8> {
@@ -470,7 +473,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     let names = Names::new(conn.namespace.clone());
     let queues = QueueSettings::default();
     let coordinator = CoordinatorSettings::default();
-    let prefetch = crate::fleet::FleetSettings::default()
+    let prefetch = holdfast::fleet::FleetSettings::default()
         .worker
         .worker_prefetch;
     let mut r = BenchReport {
@@ -669,7 +672,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     producer.close().await;
 
     eprintln!("bench: naive per-item quota baseline");
-    let naive = crate::bench_naive::run(&conn, 40, 10, 5, r.pg_clients).await?;
+    let naive = crate::naive::run(&conn, 40, 10, 5, r.pg_clients).await?;
     r.naive_items_per_s = naive.items_per_s;
     r.naive_batches_half_done = naive.half_done;
     r.naive_batches = naive.batches;

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 use super::checks::Sent;
-use crate::producer::Producer;
+use holdfast::producer::Producer;
 
 /// How long one request may take to be confirmed, resends included.
 const SEND_DEADLINE: Duration = Duration::from_secs(180);

@@ -14,7 +14,7 @@ use holdfast_common::topology::Names;
 use super::checks::{self, Sampler, Sent};
 use super::services::Services;
 use super::Row;
-use crate::processes::{Ended, RoleProcess};
+use holdfast_harness::processes::{Ended, RoleProcess};
 
 /// Settings every role process of the harness gets: quick sweeps and leases,
 /// so that recovery shows within a scenario, and small pools.

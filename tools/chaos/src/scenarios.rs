@@ -18,7 +18,7 @@ use super::load::{items, Load, Request};
 use super::services::Services;
 use super::stage::{env, Stage};
 use super::Row;
-use crate::processes::Ended;
+use holdfast_harness::processes::Ended;
 
 /// Every scenario, in the order they run: the service restarts come after
 /// the process faults, the long concurrency run last.

@@ -50,7 +50,7 @@ pub async fn run(
     let queue = format!("{}.naive", conn.namespace);
     let amqp = topology::connect(&conn.amqp_url, "holdfast-bench-naive").await?;
     let ch = amqp.create_channel().await?;
-    crate::bench::declare_quorum(&ch, &queue).await?;
+    crate::declare_quorum(&ch, &queue).await?;
 
     let done: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
     let total = batches * items;
@@ -63,7 +63,7 @@ pub async fn run(
             counted.clone(),
             amqp.create_channel().await?,
         );
-        let mut consumer = crate::bench::consume(&amqp_ch, &queue, 64).await?;
+        let mut consumer = crate::consume(&amqp_ch, &queue, 64).await?;
         tasks.push(tokio::spawn(async move {
             let client = pool.get().await?;
             let stmt = client
@@ -109,7 +109,7 @@ pub async fn run(
         t.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    crate::bench::delete_after(amqp, &conn.amqp_url, &queue).await?;
+    crate::delete_after(amqp, &conn.amqp_url, &queue).await?;
     let done = done.lock().expect("not poisoned");
     let half_done = (0..batches)
         .filter(|b| matches!(done.get(b), Some(&n) if n > 0 && n < items))

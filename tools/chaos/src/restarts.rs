@@ -8,7 +8,7 @@ use super::load::Load;
 use super::scenarios::{grant, plans, scalar, start_load};
 use super::stage::Stage;
 use super::Row;
-use crate::rabbitmqctl;
+use holdfast_harness::rabbitmqctl;
 
 /// (role, prefetch) of every consuming channel of this namespace's roles, per RabbitMQ.
 async fn consumer_prefetch(s: &Stage<'_>) -> anyhow::Result<Vec<(String, u64)>> {

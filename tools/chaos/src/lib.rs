@@ -5,7 +5,7 @@
 //! The harness starts its own throwaway PostgreSQL and RabbitMQ
 //! ([`services`]), and for each scenario ([`scenarios`], [`restarts`],
 //! [`concurrency`]) a fresh database and namespace ([`stage`]) with real
-//! `holdfast` role processes ([`crate::processes`]). Producers ([`load`])
+//! `holdfast` role processes ([`holdfast_harness::processes`]). Producers ([`load`])
 //! publish batch requests while the scenario injects its faults (aborts at
 //! named crash points, as abrupt as SIGKILL; SIGTERM; broker and database
 //! restarts); then the fleet must settle and the checker ([`checks`]) counts
