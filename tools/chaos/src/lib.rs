@@ -1,21 +1,20 @@
-//! `holdfast chaos`: fault injection against real processes and real
+//! `holdfast-chaos`: fault injection against real processes and real
 //! services, then a ledger check, the way a Jepsen checker counts lost and
 //! duplicated messages.
 //!
 //! The harness starts its own throwaway PostgreSQL and RabbitMQ
-//! ([`services`]), and for each scenario ([`scenarios`], [`restarts`],
-//! [`concurrency`]) a fresh database and namespace ([`stage`]) with real
-//! `holdfast` role processes ([`holdfast_harness::processes`]). Producers ([`load`])
-//! publish batch requests while the scenario injects its faults (aborts at
-//! named crash points, as abrupt as SIGKILL; SIGTERM; broker and database
-//! restarts); then the fleet must settle and the checker ([`checks`]) counts
-//! what must never happen. Any non-zero count, or
-//! a scenario expectation that did not hold, fails the run.
+//! ([`services`]), and for each scenario ([`scenarios`]) a fresh database
+//! and namespace ([`stage`]) with real `holdfast` role processes
+//! ([`holdfast_harness::processes`]). Producers ([`load`]) publish batch
+//! requests while the scenario injects its faults (aborts at named crash
+//! points, as abrupt as SIGKILL; SIGTERM; broker and database restarts);
+//! then the fleet must settle and the checker ([`checks`]) counts what must
+//! never happen. Any non-zero count, or a scenario expectation that did not
+//! hold, fails the run; [`print`] shows the [`Report`] as a table.
 
 mod checks;
-mod concurrency;
 mod load;
-mod restarts;
+mod report;
 mod scenarios;
 mod services;
 mod stage;
@@ -24,9 +23,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use serde::Serialize;
 
 pub use checks::{count, Counts, Sent};
+pub use report::{print, Report, Row};
 pub use services::ServiceSettings;
 use services::Services;
 
@@ -47,63 +46,6 @@ pub struct ChaosArgs {
     /// Seconds a scenario may take to settle after its load and faults.
     #[arg(long, default_value_t = 120)]
     pub settle_timeout: u64,
-}
-
-/// One scenario's line of the table.
-#[derive(Clone, Debug, Serialize)]
-pub struct Row {
-    pub scenario: String,
-    #[serde(flatten)]
-    pub counts: Counts,
-    pub faults: u32,
-    /// Seconds from the last fault (or the end of the load) until settled; `None`: never.
-    pub recover_secs: Option<f64>,
-    /// Scenario expectations that did not hold.
-    pub failures: Vec<String>,
-    pub notes: Vec<String>,
-    pub passed: bool,
-}
-
-impl Row {
-    pub fn new(
-        scenario: &str,
-        counts: Counts,
-        faults: u32,
-        recover_secs: Option<f64>,
-        failures: Vec<String>,
-        notes: Vec<String>,
-    ) -> Self {
-        let passed = counts.clean() && failures.is_empty() && recover_secs.is_some();
-        Self {
-            scenario: scenario.to_string(),
-            counts,
-            faults,
-            recover_secs,
-            failures,
-            notes,
-            passed,
-        }
-    }
-
-    /// A scenario that could not run to its check.
-    fn broken(scenario: &str, error: &anyhow::Error) -> Self {
-        Self::new(
-            scenario,
-            Counts::default(),
-            0,
-            None,
-            vec![format!("scenario error: {error:#}")],
-            vec![],
-        )
-    }
-}
-
-/// The whole run.
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub rows: Vec<Row>,
-    pub wall_secs: f64,
-    pub passed: bool,
 }
 
 /// Run the selected scenarios on fresh throwaway services, removed afterwards
@@ -167,55 +109,4 @@ async fn run_scenarios(services: &mut Services, args: &ChaosArgs) -> Vec<Row> {
 /// The scenario names, for `--list`.
 pub fn scenario_names() -> &'static [&'static str] {
     scenarios::ALL
-}
-
-/// Print the table (and under it, what failed and the notes).
-pub fn print(report: &Report) {
-    println!(
-        "{:<28} {:>7} {:>6} {:>6} {:>5} {:>6} {:>9} {:>10} {:>5} {:>9}  result",
-        "scenario",
-        "batches",
-        "items",
-        "faults",
-        "lost",
-        "twice",
-        "overspend",
-        "open holds",
-        "drift",
-        "recover s"
-    );
-    for r in &report.rows {
-        let c = &r.counts;
-        println!(
-            "{:<28} {:>7} {:>6} {:>6} {:>5} {:>6} {:>9} {:>10} {:>5} {:>9}  {}",
-            r.scenario,
-            c.batches,
-            c.items,
-            r.faults,
-            c.lost,
-            c.captured_twice,
-            c.overspend,
-            c.open_holds,
-            c.drift,
-            r.recover_secs
-                .map_or("never".to_string(), |s| format!("{s:.1}")),
-            if r.passed { "ok" } else { "FAILED" }
-        );
-    }
-    println!(
-        "{} scenario(s), wall time {:.0}s: {}",
-        report.rows.len(),
-        report.wall_secs,
-        if report.passed { "PASSED" } else { "FAILED" }
-    );
-    for r in &report.rows {
-        for f in &r.failures {
-            println!("  {} FAILED: {f}", r.scenario);
-        }
-    }
-    for r in &report.rows {
-        if !r.notes.is_empty() {
-            println!("  {}: {}", r.scenario, r.notes.join("; "));
-        }
-    }
 }
