@@ -19,9 +19,9 @@ help:
 	@echo "make compose-secrets  passwords and URLs for docker/compose.yml in docker/secrets/"
 	@echo "make observability  check the dashboard and alerts against a live fleet"
 	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
-	@echo "make bench     measure throughput, latency and memory against the machine ceilings"
+	@echo "make bench     measure throughput, latency and memory against the machine ceilings (holdfast-bench)"
 	@echo "make browser   end-to-end tests of the reference page /demo in Chromium (Playwright)"
-	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked"
+	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked (holdfast-chaos)"
 
 services:
 	bash scripts/services.sh
