@@ -107,13 +107,13 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     end_to_end::warm_up(&producer, &ledger).await?;
-    let split;
-    (r.e2e_small_batches_items_per_s, split) =
+    let (rate, split) =
         end_to_end::small_batches(&producer, &ledger, children.pids(), args.small_batches).await?;
+    r.e2e_small_batches_items_per_s = rate;
     r.cpu.push(split);
-    let split;
-    (r.e2e_large_batch_items_per_s, split) =
+    let (rate, split) =
         end_to_end::large_batch(&producer, &ledger, children.pids(), args.large_batch).await?;
+    r.e2e_large_batch_items_per_s = rate;
     r.cpu.push(split);
     r.per_item_us_by_batch_size = end_to_end::growth(&producer, &ledger, args.growth_items).await?;
 
