@@ -19,9 +19,9 @@ help:
 	@echo "make compose-secrets  passwords and URLs for docker/compose.yml in docker/secrets/"
 	@echo "make observability  check the dashboard and alerts against a live fleet"
 	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
-	@echo "make bench     measure throughput, latency and memory against the machine ceilings"
+	@echo "make bench     measure throughput, latency and memory against the machine ceilings (holdfast-bench)"
 	@echo "make browser   end-to-end tests of the reference page /demo in Chromium (Playwright)"
-	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked"
+	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked (holdfast-chaos)"
 
 services:
 	bash scripts/services.sh
@@ -88,8 +88,11 @@ fuzz: services
 # Throughput, latency and memory against this machine's broker and PostgreSQL
 # ceilings, in one run (release build). See docs/performance.md.
 .PHONY: bench
+# holdfast-bench starts the roles from the `holdfast` binary beside it, which
+# `cargo run -p` does not build: build it first.
 bench: services
-	cargo run --release --quiet -- bench
+	cargo build --release --quiet --bin holdfast
+	cargo run --release --quiet -p holdfast-bench
 
 # End-to-end tests of the reference page (/demo) in Debian's Chromium with
 # playwright-core; saves docs/screenshots/*.png (scripts/browser-test.sh).
@@ -103,5 +106,8 @@ browser: services
 # non-zero on any loss, double capture, overspend, open hold or drift.
 # `services` only makes sure the packages are installed. See docs/reliability.md.
 .PHONY: chaos
+# holdfast-chaos starts the roles from the `holdfast` binary beside it, which
+# `cargo run -p` does not build: build it first.
 chaos: services
-	cargo run --quiet --bin holdfast -- chaos
+	cargo build --quiet --bin holdfast
+	cargo run --quiet -p holdfast-chaos

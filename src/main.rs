@@ -69,12 +69,6 @@ enum Command {
     /// Soft holds: show or cancel one.
     #[command(subcommand)]
     Reservation(ReservationCommand),
-    /// Measure throughput, latency and memory against the machine's ceilings.
-    Bench(holdfast::bench::BenchArgs),
-    /// Inject faults into real role processes on throwaway PostgreSQL and
-    /// RabbitMQ instances, then check the ledger; exit 1 if anything was lost,
-    /// charged twice, overspent, left open or drifted.
-    Chaos(holdfast::chaos::ChaosArgs),
 }
 
 #[derive(Subcommand)]
@@ -162,19 +156,11 @@ struct SubmitArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo tells its own story on stdout; keep the logs to warnings unless asked.
-    if matches!(cli.command, Command::Demo(_) | Command::Bench(_))
+    if matches!(cli.command, Command::Demo(_))
         && std::env::var_os("HOLDFAST_LOG").is_none()
         && std::env::var_os("RUST_LOG").is_none()
     {
         std::env::set_var("HOLDFAST_LOG", "warn");
-    }
-    // The chaos harness reports in its table; its own connections see every
-    // restart it causes, which is no news. The roles log to files.
-    if matches!(cli.command, Command::Chaos(_))
-        && std::env::var_os("HOLDFAST_LOG").is_none()
-        && std::env::var_os("RUST_LOG").is_none()
-    {
-        std::env::set_var("HOLDFAST_LOG", "error,lapin=off");
     }
     telemetry::init_logging(cli.log_json);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -381,30 +367,6 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Batch(BatchCommand::Cancel { id }) => cancel_batch(conn, &id, cli.json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
-        Command::Chaos(args) => {
-            if args.list {
-                for name in holdfast::chaos::scenario_names() {
-                    println!("{name}");
-                }
-                return Ok(0);
-            }
-            let report = holdfast::chaos::run(&args).await?;
-            if cli.json {
-                report::json(&report);
-            } else {
-                holdfast::chaos::print(&report);
-            }
-            Ok(if report.passed { 0 } else { 1 })
-        }
-        Command::Bench(args) => {
-            let report = holdfast::bench::run(conn, &args).await?;
-            if cli.json {
-                report::json(&report);
-            } else {
-                holdfast::bench::print(&report);
-            }
-            Ok(0)
-        }
     }
 }
 

@@ -7,9 +7,11 @@ mod support;
 use std::time::Duration;
 
 use holdfast::fleet::{Fleet, Roles};
-use holdfast::rabbitmqctl::{connections, consumer_prefetch, LIST_CHANNELS, LIST_CONNECTIONS};
 use holdfast_common::database;
 use holdfast_common::topology::Names;
+use holdfast_harness::rabbitmqctl::{
+    connections, consumer_prefetch, LIST_CHANNELS, LIST_CONNECTIONS,
+};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use support::*;

@@ -23,9 +23,12 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// The `holdfast` binary with none of the test process's `HOLDFAST_*`
 /// variables: the child sees only the settings its test gives it, whatever
-/// the shell that runs the tests exports.
+/// the shell that runs the tests exports. Cargo names the binary only to the
+/// tests of the package that builds it; the tool crates that share this
+/// module would find `holdfast` on the PATH.
 pub fn holdfast_command() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    let exe = option_env!("CARGO_BIN_EXE_holdfast").unwrap_or("holdfast");
+    let mut command = tokio::process::Command::new(exe);
     for (name, _) in std::env::vars_os() {
         if name.as_encoded_bytes().starts_with(b"HOLDFAST_") {
             command.env_remove(name);

@@ -3,11 +3,13 @@
 //! unfinished, a second capture of one item, a capture above its
 //! reservation, a negative sample, a hold left open) shows up in its column.
 
+// The product's test fleet, shared rather than copied.
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
 use std::time::Duration;
 
-use holdfast::chaos::{count, Sent};
+use holdfast_chaos::{count, Sent};
 use holdfast_common::messages::BatchRequest;
 use support::*;
 

@@ -11,10 +11,11 @@ use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::topology::Names;
 
-use super::checks::{self, Sampler, Sent};
-use super::services::Services;
-use super::Row;
-use crate::processes::{Ended, RoleProcess};
+use crate::checks::{self, Sampler, Sent};
+use crate::load::{Load, Request, ACCOUNT};
+use crate::report::Row;
+use crate::services::Services;
+use holdfast_harness::processes::{Ended, RoleProcess};
 
 /// Settings every role process of the harness gets: quick sweeps and leases,
 /// so that recovery shows within a scenario, and small pools.
@@ -138,6 +139,32 @@ impl<'a> Stage<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Grant `amount` credits to [`ACCOUNT`], creating it.
+    pub async fn grant(&self, amount: i64) -> anyhow::Result<()> {
+        self.ledger
+            .grant(ACCOUNT, amount, Some("chaos"), true)
+            .await?;
+        Ok(())
+    }
+
+    /// The one value `sql` selects from the stage's database.
+    pub async fn scalar(&self, sql: &str) -> anyhow::Result<i64> {
+        let c = self.ledger.pool().get().await?;
+        Ok(c.query_one(sql, &[]).await?.get(0))
+    }
+
+    /// Start producers on the stage's namespace, one per plan, `pace_ms` between requests.
+    pub fn load(&self, plans: Vec<Vec<Request>>, pace_ms: u64) -> Load {
+        Load::start(
+            &self.conn.amqp_url,
+            &self.names,
+            &self.queues,
+            plans,
+            Duration::from_millis(pace_ms),
+            false,
+        )
     }
 
     /// Take a process out of the fleet (to stop it).

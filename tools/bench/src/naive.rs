@@ -33,24 +33,11 @@ pub async fn run(
 ) -> anyhow::Result<Naive> {
     let pool = database::pool(&conn.database_url, consumers)?;
     let credits = (batches * items) as i64 * cost * 6 / 10;
-    let client = pool.get().await?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS naive_quota (id text PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0))",
-        )
-        .await?;
-    client
-        .execute(
-            "INSERT INTO naive_quota VALUES ('naive', $1)
-             ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance",
-            &[&credits],
-        )
-        .await?;
-    drop(client);
+    fill_quota(&pool, credits).await?;
     let queue = format!("{}.naive", conn.namespace);
     let amqp = topology::connect(&conn.amqp_url, "holdfast-bench-naive").await?;
     let ch = amqp.create_channel().await?;
-    crate::bench::declare_quorum(&ch, &queue).await?;
+    crate::queues::declare_quorum(&ch, &queue).await?;
 
     let done: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
     let total = batches * items;
@@ -63,7 +50,7 @@ pub async fn run(
             counted.clone(),
             amqp.create_channel().await?,
         );
-        let mut consumer = crate::bench::consume(&amqp_ch, &queue, 64).await?;
+        let mut consumer = crate::queues::consume(&amqp_ch, &queue, 64).await?;
         tasks.push(tokio::spawn(async move {
             let client = pool.get().await?;
             let stmt = client
@@ -85,31 +72,12 @@ pub async fn run(
     }
     let publisher = Publisher::new(&amqp).await?;
     let started = Instant::now();
-    // Every batch fired at once, its items interleaved with the others'.
-    let mut confirms = Vec::new();
-    for i in 0..items {
-        for b in 0..batches {
-            let body = json!({"batch": b, "item": i, "cost": cost}).to_string();
-            confirms.push(
-                publisher
-                    .publish("", &queue, body.as_bytes(), json_properties())
-                    .await?,
-            );
-            if confirms.len() >= 500 {
-                for c in confirms.drain(..) {
-                    Publisher::confirmed(c, &queue).await?;
-                }
-            }
-        }
-    }
-    for c in confirms {
-        Publisher::confirmed(c, &queue).await?;
-    }
+    publish_interleaved(&publisher, &queue, batches, items, cost).await?;
     for t in tasks {
         t.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    crate::bench::delete_after(amqp, &conn.amqp_url, &queue).await?;
+    crate::queues::delete_after(amqp, &conn.amqp_url, &queue).await?;
     let done = done.lock().expect("not poisoned");
     let half_done = (0..batches)
         .filter(|b| matches!(done.get(b), Some(&n) if n > 0 && n < items))
@@ -119,4 +87,53 @@ pub async fn run(
         batches,
         half_done,
     })
+}
+
+/// The naive quota: one row holding `credits`.
+async fn fill_quota(pool: &deadpool_postgres::Pool, credits: i64) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS naive_quota (id text PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0))",
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO naive_quota VALUES ('naive', $1)
+             ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance",
+            &[&credits],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Every batch fired at once, its items interleaved with the others',
+/// confirmed in windows of 500.
+async fn publish_interleaved(
+    publisher: &Publisher,
+    queue: &str,
+    batches: usize,
+    items: usize,
+    cost: i64,
+) -> anyhow::Result<()> {
+    let mut confirms = Vec::new();
+    for i in 0..items {
+        for b in 0..batches {
+            let body = json!({"batch": b, "item": i, "cost": cost}).to_string();
+            confirms.push(
+                publisher
+                    .publish("", queue, body.as_bytes(), json_properties())
+                    .await?,
+            );
+            if confirms.len() >= 500 {
+                for c in confirms.drain(..) {
+                    Publisher::confirmed(c, queue).await?;
+                }
+            }
+        }
+    }
+    for c in confirms {
+        Publisher::confirmed(c, queue).await?;
+    }
+    Ok(())
 }

@@ -14,53 +14,15 @@
 //! and, should that not run (a panic), by their `Drop`: PostgreSQL with an
 //! immediate stop, RabbitMQ by killing its process.
 
+mod host;
 mod postgres;
 mod rabbitmq;
 
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use anyhow::Context;
-use tokio::process::Command;
+use std::time::Instant;
 
 pub use postgres::Postgres;
 pub use rabbitmq::Rabbit;
-
-/// How long a service may take to start before the run gives up.
-const START_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// True when something accepts TCP connections on 127.0.0.1:`port`.
-pub fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).is_ok()
-}
-
-/// Refuse a port something already listens on: it would answer in our service's place.
-fn ensure_free(port: u16, what: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !port_open(port),
-        "port {port} (for the throwaway {what}) is already taken; choose another with the chaos flags"
-    );
-    Ok(())
-}
-
-/// Run `cmd` to completion; its standard output, or an error with both outputs.
-async fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("running {what}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Both throwaway services under one directory. Fields drop in order: the
 /// services stop, then their directory goes.

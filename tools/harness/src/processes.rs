@@ -1,17 +1,50 @@
 //! Role processes: `holdfast coordinator | worker | reconciler` started as
-//! child processes of this binary on given connections. `bench` measures each
-//! role's memory this way; `chaos` kills, pauses and terminates them one by one.
+//! child processes on given connections. `holdfast-bench` measures each
+//! role's memory this way; `holdfast-chaos` kills, pauses and terminates them
+//! one by one. The `holdfast` binary is found by [`holdfast_exe`].
 //!
 //! Every child is killed when its handle is dropped (`kill_on_drop`) and runs
 //! in its own process group, so a Ctrl-C in the terminal reaches only the
 //! parent, which then stops its children in order.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use holdfast_common::config::Connections;
 use tokio::process::{Child, Command};
+
+/// Names the `holdfast` binary to start, instead of the one beside this program.
+pub const HOLDFAST_BIN: &str = "HOLDFAST_BIN";
+
+/// The `holdfast` binary: `$HOLDFAST_BIN` when set, else the one cargo built
+/// beside this program (`target/<profile>/holdfast`, next to
+/// `holdfast-bench` and `holdfast-chaos`; one directory up from a test's
+/// `deps/`). Cargo does not build it for `cargo run -p holdfast-chaos`: the
+/// Makefile's `bench` and `chaos` targets build it first.
+pub fn holdfast_exe() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(HOLDFAST_BIN) {
+        return Ok(PathBuf::from(path));
+    }
+    let me = std::env::current_exe()?;
+    let candidates: Vec<PathBuf> = me
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("holdfast"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no `holdfast` binary at {}: build it first (`cargo build --bin holdfast`, \
+                 with `--release` for a release build) or name it in {HOLDFAST_BIN}",
+                me.with_file_name("holdfast").display()
+            )
+        })
+}
 
 /// One role process.
 pub struct RoleProcess {
@@ -53,7 +86,7 @@ impl RoleProcess {
         env: &[(String, String)],
         log: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
+        let exe = holdfast_exe()?;
         let mut cmd = Command::new(exe);
         cmd.arg(role)
             .env("HOLDFAST_DATABASE_URL", &conn.database_url)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
-use super::{ensure_free, output};
+use super::host::{ensure_free, output};
 
 /// Where the Debian packages (scripts/services.sh installs them) put the server binaries.
 const PG_LIB: &str = "/usr/lib/postgresql";

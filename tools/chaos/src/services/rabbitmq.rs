@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use super::{ensure_free, output, port_open, START_TIMEOUT};
+use super::host::{ensure_free, output, port_open, START_TIMEOUT};
 
 /// Where the Debian package (scripts/services.sh installs it) puts the scripts.
 const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";

@@ -11,11 +11,14 @@ use holdfast_common::topology::Names;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use super::checks::Sent;
-use crate::producer::Producer;
+use crate::checks::Sent;
+use holdfast::producer::Producer;
 
 /// How long one request may take to be confirmed, resends included.
 const SEND_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The account the scenarios' producers charge (the concurrency run has its own).
+pub const ACCOUNT: &str = "acme";
 
 /// One batch request.
 #[derive(Clone, Debug)]
@@ -183,4 +186,27 @@ impl Load {
         }
         Ok(sent)
     }
+}
+
+/// `producers` plans of `each` all-or-nothing batches of varied sizes and costs.
+pub fn plans(
+    prefix: &str,
+    producers: usize,
+    each: usize,
+    sizes: std::ops::Range<usize>,
+    latency_ms: u64,
+) -> Vec<Vec<Request>> {
+    let span = sizes.end.saturating_sub(sizes.start).max(1);
+    (0..producers)
+        .map(|p| {
+            (0..each)
+                .map(|b| {
+                    let id = format!("{prefix}-p{p}-b{b}");
+                    let n = sizes.start + (p * 7 + b * 5) % span;
+                    let cost = 1 + ((p + 3 * b) % 9) as i64;
+                    Request::new(&id, ACCOUNT, "all_or_nothing", items(n, cost, latency_ms))
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -12,10 +12,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use super::checks::Sent;
-use super::load::{Request, ResilientProducer};
-use super::stage::Stage;
-use super::Row;
+use crate::checks::Sent;
+use crate::load::{Request, ResilientProducer};
+use crate::report::Row;
+use crate::stage::Stage;
 
 const PRODUCERS: usize = 64;
 const ROUNDS: usize = 3;

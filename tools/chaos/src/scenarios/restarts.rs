@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::load::Load;
-use super::scenarios::{grant, plans, scalar, start_load};
-use super::stage::Stage;
-use super::Row;
-use crate::rabbitmqctl;
+use holdfast_harness::rabbitmqctl;
+
+use crate::load::{plans, Load};
+use crate::report::Row;
+use crate::stage::Stage;
 
 /// (role, prefetch) of every consuming channel of this namespace's roles, per RabbitMQ.
 async fn consumer_prefetch(s: &Stage<'_>) -> anyhow::Result<Vec<(String, u64)>> {
@@ -25,11 +25,8 @@ async fn consumer_prefetch(s: &Stage<'_>) -> anyhow::Result<Vec<(String, u64)>> 
 
 /// Batches granted and not closed yet: the work a fault interrupts.
 async fn running(s: &Stage<'_>) -> anyhow::Result<i64> {
-    scalar(
-        s,
-        "SELECT count(*) FROM batches WHERE state IN ('granted', 'dispatched', 'cancelling')",
-    )
-    .await
+    s.scalar("SELECT count(*) FROM batches WHERE state IN ('granted', 'dispatched', 'cancelling')")
+        .await
 }
 
 /// Wait (up to 30 s) until some batch is running, so that the fault hits
@@ -48,14 +45,14 @@ async fn when_running(s: &Stage<'_>) -> anyhow::Result<i64> {
 /// Load for the service restarts: 8 producers sending for about 10 s,
 /// batches of 5 to 30 items of 400 ms, which keep the fleet busy for longer.
 fn restart_load(s: &Stage<'_>) -> Load {
-    start_load(s, plans(s.name, 8, 12, 5..30, 400), 800)
+    s.load(plans(s.name, 8, 12, 5..30, 400), 800)
 }
 
 /// The broker is restarted twice while batches run, once stopped in order,
 /// once killed with SIGKILL; every role must come back by itself, the consumers with their prefetch, and what was not
 /// confirmed is sent again (producers' requests, coordinators' jobs).
 pub async fn rabbitmq(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
-    grant(&s, 1_000_000).await?;
+    s.grant(1_000_000).await?;
     s.fleet(2, 2, 1, &[])?;
     let load = restart_load(&s);
     for kill in [false, true] {
@@ -100,7 +97,7 @@ pub async fn rabbitmq(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row>
 /// next start) while batches run: once restarted at once, once after 30 s
 /// away. Roles retry with backoff; nothing is lost or captured twice.
 pub async fn postgresql(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
-    grant(&s, 1_000_000).await?;
+    s.grant(1_000_000).await?;
     s.fleet(2, 2, 1, &[])?;
     let load = restart_load(&s);
     for pause in [Duration::ZERO, Duration::from_secs(100)] {

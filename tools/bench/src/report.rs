@@ -1,0 +1,198 @@
+//! The report: one run's figures, and the table they print as.
+
+use serde::Serialize;
+
+use crate::cpu::CpuSplit;
+
+/// One run's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub broker_ceiling_msgs_per_s: f64,
+    pub pg_hot_row_updates_per_s: f64,
+    pub pg_clients: usize,
+    pub e2e_small_batches_items_per_s: f64,
+    pub e2e_large_batch_items_per_s: f64,
+    pub decisions_hot_account_per_s: f64,
+    pub decisions_many_accounts_per_s: f64,
+    pub ledger_decisions_hot_account_per_s: f64,
+    pub ledger_decisions_many_accounts_per_s: f64,
+    pub ledger_group: usize,
+    pub decision_latency_ms_p50: f64,
+    pub decision_latency_ms_p99: f64,
+    pub latency_rate_per_s: f64,
+    /// The broker alone at the same rate: a request on a quorum queue, a
+    /// consumer that answers at once, the answer on the reply queue.
+    pub broker_round_trip_ms_p50: f64,
+    pub broker_round_trip_ms_p99: f64,
+    /// The same offered rate with the workers running the granted jobs meanwhile.
+    pub decision_latency_busy_ms_p50: f64,
+    pub decision_latency_busy_ms_p99: f64,
+    pub per_item_us_by_batch_size: Vec<(usize, f64)>,
+    pub peak_rss_mib: Vec<(String, f64)>,
+    pub naive_items_per_s: f64,
+    pub naive_batches_half_done: usize,
+    pub naive_batches: usize,
+    pub holdfast_batches_half_done: usize,
+    pub ratio_e2e_to_broker: f64,
+    pub ratio_decisions_to_hot_row: f64,
+    pub ratio_ledger_decisions_to_hot_row: f64,
+    /// Where the CPU went in the end-to-end phases.
+    pub cpu: Vec<CpuSplit>,
+}
+
+/// The machine, as the report's title names it: cores and memory.
+pub(crate) fn machine() -> String {
+    format!("{} cores, {}", num_cpus(), memory())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Total memory from `/proc/meminfo`, e.g. `8 GiB RAM`.
+fn memory() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.0} GiB RAM", kb / 1024.0 / 1024.0))
+        .unwrap_or_default()
+}
+
+/// Print the report as a table: the figures, time per item by batch size,
+/// peak memory per role, then the CPU split of each phase.
+pub fn print(r: &BenchReport) {
+    println!("Holdfast bench on {}", r.machine);
+    println!("  {:<52} {:>12}", "measure", "value");
+    for (k, v) in rows(r) {
+        println!("  {k:<52} {v:>12}");
+    }
+    for (size, us) in &r.per_item_us_by_batch_size {
+        println!(
+            "  {:<52} {:>12.1}",
+            format!("time per item (µs), batches of {size}"),
+            us
+        );
+    }
+    for (role, mib) in &r.peak_rss_mib {
+        println!("  {:<52} {:>12.1}", format!("peak RSS MiB, {role}"), mib);
+    }
+    for split in &r.cpu {
+        println!(
+            "CPU seconds, {} ({:.1} s wall, {} cores):",
+            split.phase,
+            split.wall_seconds,
+            num_cpus()
+        );
+        for (component, seconds) in &split.cpu_seconds {
+            println!("  {component:<52} {seconds:>12.2}");
+        }
+    }
+}
+
+/// The table's (measure, value) rows, in the order they print.
+fn rows(r: &BenchReport) -> Vec<(String, String)> {
+    vec![
+        (
+            "broker ceiling (quorum, confirms, acked) msg/s".into(),
+            format!("{:.0}", r.broker_ceiling_msgs_per_s),
+        ),
+        (
+            format!("PostgreSQL hot-row UPDATE tx/s ({} clients)", r.pg_clients),
+            format!("{:.0}", r.pg_hot_row_updates_per_s),
+        ),
+        (
+            "end to end, 10-item batches, one account, items/s".into(),
+            format!("{:.0}", r.e2e_small_batches_items_per_s),
+        ),
+        (
+            "end to end, one large batch, items/s".into(),
+            format!("{:.0}", r.e2e_large_batch_items_per_s),
+        ),
+        (
+            "decisions/s, one hot account".into(),
+            format!("{:.0}", r.decisions_hot_account_per_s),
+        ),
+        (
+            "decisions/s, 100 accounts".into(),
+            format!("{:.0}", r.decisions_many_accounts_per_s),
+        ),
+        (
+            format!(
+                "ledger decisions/s, one hot account ({} per tx)",
+                r.ledger_group
+            ),
+            format!("{:.0}", r.ledger_decisions_hot_account_per_s),
+        ),
+        (
+            format!(
+                "ledger decisions/s, 100 accounts ({} per tx)",
+                r.ledger_group
+            ),
+            format!("{:.0}", r.ledger_decisions_many_accounts_per_s),
+        ),
+        (
+            format!("decision latency p50 ms at {:.0}/s", r.latency_rate_per_s),
+            format!("{:.1}", r.decision_latency_ms_p50),
+        ),
+        (
+            format!("decision latency p99 ms at {:.0}/s", r.latency_rate_per_s),
+            format!("{:.1}", r.decision_latency_ms_p99),
+        ),
+        (
+            format!(
+                "  the broker alone (echo), p50 / p99 ms at {:.0}/s",
+                r.latency_rate_per_s
+            ),
+            format!(
+                "{:.1} / {:.1}",
+                r.broker_round_trip_ms_p50, r.broker_round_trip_ms_p99
+            ),
+        ),
+        (
+            format!(
+                "  same, workers running the jobs: p50 ms at {:.0}/s",
+                r.latency_rate_per_s
+            ),
+            format!("{:.1}", r.decision_latency_busy_ms_p50),
+        ),
+        (
+            format!(
+                "  same, workers running the jobs: p99 ms at {:.0}/s",
+                r.latency_rate_per_s
+            ),
+            format!("{:.1}", r.decision_latency_busy_ms_p99),
+        ),
+        (
+            "naive per-item quota, items/s".into(),
+            format!("{:.0}", r.naive_items_per_s),
+        ),
+        (
+            "naive: batches left half done".into(),
+            format!("{} of {}", r.naive_batches_half_done, r.naive_batches),
+        ),
+        (
+            "holdfast: batches left half done".into(),
+            format!("{}", r.holdfast_batches_half_done),
+        ),
+        (
+            "ratio end to end / broker ceiling".into(),
+            format!("{:.2}", r.ratio_e2e_to_broker),
+        ),
+        (
+            "ratio decisions / hot-row ceiling".into(),
+            format!("{:.2}", r.ratio_decisions_to_hot_row),
+        ),
+        (
+            "ratio ledger decisions / hot-row ceiling".into(),
+            format!("{:.2}", r.ratio_ledger_decisions_to_hot_row),
+        ),
+    ]
+}
