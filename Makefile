@@ -13,7 +13,7 @@ help:
 	@echo "make test      run the workspace tests (nextest if installed)"
 	@echo "make lint      check formatting and run clippy with warnings denied"
 	@echo "make fmt       format the code"
-	@echo "make ci        lint + test + observability, as run by CI"
+	@echo "make ci        what CI runs (.ci/run): lint, test, chaos, fuzz, observability, browser"
 	@echo "make fleet     start 2 coordinators, 3 workers, 1 reconciler as local processes"
 	@echo "make fleet-status / make fleet-stop   inspect or stop that fleet"
 	@echo "make compose-secrets  passwords and URLs for docker/compose.yml in docker/secrets/"
@@ -52,7 +52,8 @@ lint:
 fmt:
 	cargo fmt --all
 
-ci: lint test observability
+# The same steps, in the same order, as .ci/run.
+ci: lint test chaos fuzz observability browser
 
 # The compose fleet of docker/compose.yml as local processes, on the local
 # services (scripts/fleet.sh; settings in its header). Returns once every
