@@ -22,8 +22,8 @@ use utoipa::ToSchema;
 use super::body::{JsonBody, PathId};
 use super::problem::Problem;
 use super::ApiState;
+use crate::decide::{HandleError, Intake, Outcome};
 use crate::intake;
-use crate::requests::{HandleError, Intake, Outcome};
 
 /// Submit a batch request; the answer is its decision.
 #[utoipa::path(
