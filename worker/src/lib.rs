@@ -11,6 +11,8 @@ pub mod config;
 pub mod consume;
 pub mod generator;
 pub mod http;
+mod job;
+mod settle;
 pub mod simulate;
 
 use std::sync::Arc;
