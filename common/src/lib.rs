@@ -1,9 +1,14 @@
 //! What Holdfast's roles share, and nothing else.
 //!
+//! The ledger's files follow a batch: `ledger::reserve` (one hold for the
+//! batch) → [`dispatch`] and `ledger::dispatch` (publish its jobs, record it)
+//! → `ledger::capture` (each item's cost) → `ledger::close` (release the
+//! rest), with `ledger::expire` and `ledger::cancel` as the other endings.
+//!
 //! - [`ledger`]: the credit ledger in PostgreSQL (grant, reserve, capture, close, audit).
 //! - [`messages`]: the JSON wire types exchanged over RabbitMQ.
 //! - [`pricing`]: which items of a batch fit the credits available, and the human sentence.
-//! - [`topology`]: AMQP names, declarations and a confirming publisher.
+//! - [`topology`]: AMQP names and declarations, the confirming publisher, sessions.
 //! - [`events`]: publishing decisions, progress and completions to producers.
 //! - [`dispatch`]: publishing a batch's item jobs with publisher confirms.
 //! - [`config`]: settings from flags, `HOLDFAST_*` variables and local defaults.

@@ -1,8 +1,25 @@
-//! Holdfast's coordinator crate: request intake, pricing and one reservation
-//! per batch, dispatch of item jobs, the reconciler, and the HTTP API.
+//! Holdfast's coordinator crate: request intake, the decider that takes one
+//! reservation per batch and dispatches its jobs, the reconciler, and the
+//! HTTP API.
 //!
+//! A batch request's way through it:
+//!
+//! ```text
+//! <ns>.requests ─▶ requests (the role: a group of deliveries)
+//!                   ├─▶ intake   bytes → BatchRequest, or `rejected` naming each field
+//!                   ├─▶ decide   one ledger transaction for the group (ledger::reserve),
+//!                   │            answer each (events), publish the granted jobs (dispatch)
+//!                   └─▶ ack each delivery once its outcome is committed and confirmed
+//! POST /v1/batches ─▶ api::batches ─▶ intake, decide (the same path, answered over HTTP)
+//! <ns>.previews ─▶ previews: price without holding, answer to reply_to
+//! every sweep ─▶ reconcile: close finished, expire overdue, re-dispatch stranded, audit
+//! ```
+//!
+//! - [`config`]: the coordinator's and reconciler's settings and configurations.
 //! - [`intake`]: bytes → validated request, or a rejection naming each field.
-//! - [`requests`]: the coordinator role (consume, decide, answer, dispatch, ack).
+//! - [`decide`]: the decider: reserve in one transaction, answer, dispatch.
+//! - [`requests`]: the coordinator role (consume, decide, ack; poison requests parked).
+//! - [`previews`]: quota previews over AMQP.
 //! - [`reconcile`]: the reconciler role.
 //! - [`api`]: the HTTP API role.
 

@@ -1,10 +1,21 @@
 //! Holdfast's worker, a library first: implement [`Generator`] for your own
 //! paid work and run [`consume::run`], or use the built-in generators.
 //!
+//! A job's way through it:
+//!
+//! ```text
+//! <ns>.jobs ─▶ consume (the role: a group of deliveries, one task per job)
+//!               └─▶ job     look the item up (a duplicate is acked, a cancelled batch's
+//!                           item settled uncharged), run the Generator, catch its panic
+//!                    └─▶ settle  capture many items in one transaction (ledger::capture),
+//!                                ack after the commit, announce closed batches, send a
+//!                                sequential batch's next chunk, coalesce progress events
+//! ```
+//!
 //! - [`generator`]: the trait and its error type.
 //! - [`simulate`]: latency, cost factor and failures from config or payload.
 //! - [`http`]: POST the job to a URL; the answer carries the actual cost.
-//! - [`consume`]: the worker role (consume, generate, capture, ack).
+//! - [`consume`]: the worker role.
 //! - [`config`]: the worker's settings.
 
 pub mod config;
