@@ -55,14 +55,15 @@ impl From<DispatchError> for HandleError {
     }
 }
 
-/// Decides requests. One per consumer; cheap to build.
-pub struct Intake {
+/// The decider: validates requests, decides them in the ledger, answers,
+/// and dispatches the granted ones. One per consumer; cheap to build.
+pub struct Decider {
     pub(crate) ledger: Ledger,
     pub(crate) config: CoordinatorConfig,
     pub(crate) publisher: Publisher,
 }
 
-impl Intake {
+impl Decider {
     pub fn new(ledger: Ledger, config: CoordinatorConfig, publisher: Publisher) -> Self {
         Self {
             ledger,
@@ -94,7 +95,7 @@ impl Intake {
         self.decide_many(requests).await?.finish(self).await
     }
 
-    /// The first half of [`Intake::handle_many`]: validate, decide in one
+    /// The first half of [`Decider::handle_many`]: validate, decide in one
     /// transaction, and publish every answer and job. What is left (the
     /// broker's confirms, the dispatch record) is in the returned
     /// [`Published`], so a consumer can decide its next group meanwhile.
@@ -216,7 +217,7 @@ impl Intake {
     }
 }
 
-impl Intake {
+impl Decider {
     /// Put a request in the requests dead-letter queue with `reason`.
     pub(crate) async fn park(&self, body: &[u8], reason: &str) -> Result<(), BrokerError> {
         let props = json_properties().with_headers(parked_headers(reason));
@@ -228,7 +229,7 @@ impl Intake {
     }
 }
 
-/// A group decided and published by [`Intake::decide_many`], waiting for
+/// A group decided and published by [`Decider::decide_many`], waiting for
 /// the broker's confirms and the record of its dispatch.
 pub struct Published {
     outcomes: Vec<Option<Result<Outcome, LedgerError>>>,
@@ -245,23 +246,23 @@ impl Published {
     /// grants left pending. One outcome per request, in order.
     pub async fn finish(
         mut self,
-        intake: &Intake,
+        decider: &Decider,
     ) -> Result<Vec<Result<Outcome, LedgerError>>, BrokerError> {
         self.confirms.wait().await?;
         let fresh: Vec<&str> = self.fresh.iter().map(String::as_str).collect();
-        if let Err(e) = intake.ledger.mark_dispatched(&fresh).await {
+        if let Err(e) = decider.ledger.mark_dispatched(&fresh).await {
             // The jobs are out; a reconciler re-sends them after the lease,
             // and workers settle each item once.
             tracing::warn!(error = %e, "could not record the dispatch; a reconciler will resend");
         }
         for (i, batch_id) in &self.replays {
             match dispatch(
-                &intake.ledger,
-                &intake.publisher,
-                &intake.config.names,
+                &decider.ledger,
+                &decider.publisher,
+                &decider.config.names,
                 batch_id,
                 Attempt::Again,
-                intake.config.settings.confirm_window,
+                decider.config.settings.confirm_window,
             )
             .await
             {

@@ -21,7 +21,7 @@ use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::decide::{HandleError, Intake, Published};
+use crate::decide::{Decider, HandleError, Published};
 
 fn reply_of(delivery: &Delivery) -> ReplyTo {
     ReplyTo::of(&delivery.properties)
@@ -73,7 +73,7 @@ async fn consume(
         config.settings.coordinator_prefetch,
     )
     .await?;
-    let intake = Arc::new(Intake::new(
+    let decider = Arc::new(Decider::new(
         ledger.clone(),
         config.clone(),
         session.publisher.clone(),
@@ -95,7 +95,7 @@ async fn consume(
             .iter()
             .map(|d| (d.data.as_slice(), reply_of(d)))
             .collect();
-        let decided = guard("coordinator", "requests", intake.decide_many(&requests));
+        let decided = guard("coordinator", "requests", decider.decide_many(&requests));
         let decided = session.while_connected(decided).await?;
         drop(requests);
         if let Some(previous) = tail.take() {
@@ -110,15 +110,15 @@ async fn consume(
                     "deciding a group of requests panicked; handling each on its own");
                 for delivery in &group {
                     session
-                        .while_connected(process_alone(&intake, delivery, shutdown))
+                        .while_connected(process_alone(&decider, delivery, shutdown))
                         .await??;
                 }
                 continue;
             }
         };
-        let (intake, shutdown) = (intake.clone(), shutdown.clone());
+        let (decider, shutdown) = (decider.clone(), shutdown.clone());
         tail = Some(AbortOnDropHandle::new(tokio::spawn(async move {
-            finish_group(&intake, &group, published, &shutdown).await
+            finish_group(&decider, &group, published, &shutdown).await
         })));
     }
     if let Some(previous) = tail.take() {
@@ -134,18 +134,18 @@ async fn consume(
 /// through [`process`] on its own, which waits out an outage or parks what
 /// keeps failing.
 async fn finish_group(
-    intake: &Intake,
+    decider: &Decider,
     group: &[Delivery],
     published: Published,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let outcomes = match guard("coordinator", "requests", published.finish(intake)).await {
+    let outcomes = match guard("coordinator", "requests", published.finish(decider)).await {
         Ok(outcomes) => outcomes?,
         Err(panicked) => {
             tracing::error!(batch_ids = ?batch_ids(group), panic = %panicked.0,
                 "finishing a group of requests panicked; handling each on its own");
             for delivery in group {
-                process_alone(intake, delivery, shutdown).await?;
+                process_alone(decider, delivery, shutdown).await?;
             }
             return Ok(());
         }
@@ -157,7 +157,7 @@ async fn finish_group(
                     record::ack_lost();
                 }
             }
-            Err(_) => process_alone(intake, delivery, shutdown).await?,
+            Err(_) => process_alone(decider, delivery, shutdown).await?,
         }
     }
     Ok(())
@@ -180,19 +180,19 @@ fn batch_id_of(body: &[u8]) -> Option<String> {
 
 /// [`process`], with a panic caught: see [`poisoned`].
 async fn process_alone(
-    intake: &Intake,
+    decider: &Decider,
     delivery: &Delivery,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     match guard(
         "coordinator",
         "requests",
-        process(intake, delivery, shutdown),
+        process(decider, delivery, shutdown),
     )
     .await
     {
         Ok(processed) => processed,
-        Err(panicked) => poisoned(intake, delivery, panicked).await,
+        Err(panicked) => poisoned(decider, delivery, panicked).await,
     }
 }
 
@@ -204,7 +204,7 @@ async fn process_alone(
 /// answered `rejected`. If the ledger cannot be reached for the cancel, the
 /// reconciler releases the hold at the batch's execution deadline.
 async fn poisoned(
-    intake: &Intake,
+    decider: &Decider,
     delivery: &Delivery,
     panicked: Panicked,
 ) -> Result<(), SessionError> {
@@ -212,7 +212,7 @@ async fn poisoned(
     let deliveries = topology::delivery_count(&delivery.properties) + 1;
     tracing::error!(batch_id = batch_id.as_deref().unwrap_or("-"), deliveries, panic = %panicked.0,
         "handling the request panicked");
-    if deliveries <= intake.config.queues.request_delivery_limit {
+    if deliveries <= decider.config.queues.request_delivery_limit {
         topology::requeue(delivery).await?;
         return Ok(());
     }
@@ -222,12 +222,12 @@ async fn poisoned(
     );
     let mut answered = false;
     if let Some(id) = &batch_id {
-        match intake.ledger.cancel_batch(id).await {
+        match decider.ledger.cancel_batch(id).await {
             Ok(cancelled) => {
                 tracing::warn!(batch_id = %id, state = %cancelled.state,
                     "cancelled the batch of a request that kept panicking; its credits are released");
                 if let Some(closed) = cancelled.closed {
-                    events::completed(&intake.publisher, &intake.config.names, &[closed]).await?;
+                    events::completed(&decider.publisher, &decider.config.names, &[closed]).await?;
                 }
                 answered = true;
             }
@@ -237,12 +237,12 @@ async fn poisoned(
                 "could not cancel the batch of a request that kept panicking; the reconciler releases it at its deadline"),
         }
     }
-    intake.park(&delivery.data, &why).await?;
+    decider.park(&delivery.data, &why).await?;
     if !answered {
         let rejected = Rejected::one(batch_id, "body", why);
         events::decision(
-            &intake.publisher,
-            &intake.config.names,
+            &decider.publisher,
+            &decider.config.names,
             &reply_of(delivery),
             &Decision::Rejected(rejected),
         )
@@ -258,13 +258,13 @@ async fn poisoned(
 /// waited out here with backoff (the request stays ours, unacknowledged): a
 /// valid request is never dead-lettered because PostgreSQL blinked.
 async fn process(
-    intake: &Intake,
+    decider: &Decider,
     delivery: &Delivery,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let reply = reply_of(delivery);
     let handled = wait_out("a batch request", shutdown, || {
-        intake.handle(&delivery.data, &reply)
+        decider.handle(&delivery.data, &reply)
     })
     .await;
     match handled {
@@ -285,14 +285,14 @@ async fn process(
             // answer and park it ourselves rather than let it vanish into the
             // dead-letter queue with no word to the producer.
             let deliveries = topology::delivery_count(&delivery.properties) + 1;
-            if deliveries > intake.config.queues.request_delivery_limit {
+            if deliveries > decider.config.queues.request_delivery_limit {
                 tracing::error!(error = %e, deliveries, "request could not be decided; rejecting and parking it");
                 let batch_id = batch_id_of(&delivery.data);
                 let why = format!(
                         "could not be decided after {deliveries} deliveries ({e}); parked for an operator"
                     );
                 let rejected = Rejected::one(batch_id, "body", why);
-                intake
+                decider
                     .reject(&delivery.data, &reply, Box::new(rejected))
                     .await?;
                 if !delivery.acker.ack(BasicAckOptions::default()).await? {

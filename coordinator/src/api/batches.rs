@@ -4,7 +4,7 @@
 //! `POST /v1/batches` validates first: input the intake rejects is answered
 //! 422 at once, touching neither the ledger nor the broker (the caller has
 //! the answer, so nothing is parked). A valid request goes through
-//! [`Intake::handle`]: reserve, publish the decision event, dispatch the jobs.
+//! [`Decider::handle`]: reserve, publish the decision event, dispatch the jobs.
 //! If RabbitMQ fails after the decision was recorded, the answer is 503 and
 //! the same request sent again replays the decision and resumes the dispatch
 //! (a reconciler also re-dispatches it after the grace period).
@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use super::body::{JsonBody, PathId};
 use super::problem::Problem;
 use super::ApiState;
-use crate::decide::{HandleError, Intake, Outcome};
+use crate::decide::{Decider, HandleError, Outcome};
 use crate::intake;
 
 /// Submit a batch request; the answer is its decision.
@@ -49,8 +49,8 @@ pub async fn submit(State(s): State<ApiState>, JsonBody(body): JsonBody) -> Resp
         Ok(p) => p,
         Err(e) => return Problem::broker(&e).into_response(),
     };
-    let intake = Intake::new(s.ledger.clone(), (*s.config).clone(), publisher);
-    match intake.handle(&body, &ReplyTo::default()).await {
+    let decider = Decider::new(s.ledger.clone(), (*s.config).clone(), publisher);
+    match decider.handle(&body, &ReplyTo::default()).await {
         Ok(Outcome::Decided {
             decision, replayed, ..
         }) => match *decision {
