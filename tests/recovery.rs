@@ -464,9 +464,7 @@ async fn a_healthy_fleet_that_ran_a_batch_has_nothing_stuck() {
 /// locked (the sweep skips locked rows), then nothing once it is free.
 #[tokio::test]
 async fn the_reconcilers_audit_counts_a_hold_its_sweep_could_not_resolve() {
-    use holdfast_common::topology::{self, Publisher};
-    use holdfast_coordinator::config::ReconcilerConfig;
-    use holdfast_coordinator::reconcile::Reconciler;
+    use holdfast_common::topology;
 
     let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
     t.grant("acme", 100).await;
@@ -485,26 +483,7 @@ async fn the_reconcilers_audit_counts_a_hold_its_sweep_could_not_resolve() {
     )
     .await;
 
-    let amqp = topology::connect(&t.conn.amqp_url, "test-reconciler")
-        .await
-        .unwrap();
-    let channel = amqp.create_channel().await.unwrap();
-    topology::declare(&channel, &t.names, &t.settings.queues)
-        .await
-        .unwrap();
-    let mut reconciler = Reconciler::new(
-        t.ledger.clone(),
-        Publisher::new(&amqp).await.unwrap(),
-        ReconcilerConfig {
-            amqp_url: t.conn.amqp_url.clone(),
-            names: t.names.clone(),
-            queues: t.settings.queues.clone(),
-            settings: t.settings.reconciler.clone(),
-            coordinator: t.settings.coordinator.clone(),
-            audit_every: 1,
-            heartbeat: Default::default(),
-        },
-    );
+    let (amqp, mut reconciler) = t.reconciler().await;
 
     let mut locker = t.ledger.pool().get().await.unwrap();
     let lock = locker.transaction().await.unwrap();
@@ -526,6 +505,5 @@ async fn the_reconcilers_audit_counts_a_hold_its_sweep_could_not_resolve() {
         "{report:?}"
     );
     assert_eq!(t.wait_closed("locked").await.state, "expired");
-    topology::close_channel(&channel, "done").await;
     topology::close(&amqp, "done").await;
 }

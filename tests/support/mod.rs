@@ -308,6 +308,53 @@ impl TestFleet {
         topology::close(&conn, "bye").await;
     }
 
+    /// A reconciler of this namespace for a test to drive with
+    /// `sweep_once`, on a connection of its own (keep it while sweeping).
+    pub async fn reconciler(
+        &self,
+    ) -> (
+        lapin::Connection,
+        holdfast_coordinator::reconcile::Reconciler,
+    ) {
+        let amqp = topology::connect(&self.conn.amqp_url, "test-reconciler")
+            .await
+            .expect("RabbitMQ answers");
+        let channel = amqp.create_channel().await.unwrap();
+        topology::declare(&channel, &self.names, &self.settings.queues)
+            .await
+            .unwrap();
+        topology::close_channel(&channel, "declared").await;
+        let config = holdfast_coordinator::config::ReconcilerConfig {
+            amqp_url: self.conn.amqp_url.clone(),
+            names: self.names.clone(),
+            queues: self.settings.queues.clone(),
+            settings: self.settings.reconciler.clone(),
+            coordinator: self.settings.coordinator.clone(),
+            audit_every: 1,
+            heartbeat: Default::default(),
+        };
+        let publisher = topology::Publisher::new(&amqp).await.unwrap();
+        let reconciler = holdfast_coordinator::reconcile::Reconciler::new(
+            self.ledger.clone(),
+            publisher,
+            config,
+        );
+        (amqp, reconciler)
+    }
+
+    /// The next job on the jobs queue, unacknowledged, taken on `channel`
+    /// (keep it open until the job is acknowledged).
+    pub async fn next_job(&self, channel: &lapin::Channel) -> lapin::message::Delivery {
+        eventually("a job on the jobs queue", || async {
+            channel
+                .basic_get(self.names.jobs().into(), BasicGetOptions { no_ack: false })
+                .await
+                .unwrap()
+                .map(|m| m.delivery)
+        })
+        .await
+    }
+
     pub async fn stop(mut self) {
         self.stop_roles().await;
     }

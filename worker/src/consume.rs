@@ -14,10 +14,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use holdfast_common::ledger::Ledger;
+use holdfast_common::ledger::{ItemOutcome, Ledger, Settled};
 use holdfast_common::messages::ItemJob;
 use holdfast_common::supervise::guard;
-use holdfast_common::topology::{self, requeue, SessionError};
+use holdfast_common::topology::{self, requeue, Publisher, SessionError};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicNackOptions};
 use lapin::Acker;
@@ -28,8 +28,8 @@ use tracing::Instrument;
 
 use crate::config::WorkerConfig;
 use crate::generator::Generator;
-use crate::job::Item;
-use crate::settle::{settle_loop, Finished};
+use crate::job::{Item, JobOutcome, Step};
+use crate::settle::{settle_and_ack, settle_loop, Finished};
 
 /// Return a delivery to its queue (counted against its delivery limit).
 pub(crate) const REQUEUE: BasicNackOptions = BasicNackOptions {
@@ -90,7 +90,7 @@ async fn session(
                     generator: generator.clone(),
                     publisher: publisher.clone(),
                     config: config.clone(),
-                    done: tx.clone(),
+                    done: Some(tx.clone()),
                     shutdown: shutdown.clone(),
                 };
                 let ackers: Vec<Acker> = group.iter().map(|d| d.acker.clone()).collect();
@@ -175,7 +175,13 @@ pub(crate) async fn start_group(item: Item, group: Vec<Delivery>, tasks: TaskTra
         let acker = delivery.acker.clone();
         tasks.spawn(
             async move {
-                match guard("worker", "jobs", item.run_job(delivery, job, state)).await {
+                let ran = async {
+                    match item.run_job(&delivery, job, state).await? {
+                        Step::Settle(settlement) => item.finished(settlement, delivery).await,
+                        Step::Done(_) => Ok(()),
+                    }
+                };
+                match guard("worker", "jobs", ran).await {
                     Ok(ran) => report(ran),
                     // The generator's own panics are caught in `generate`;
                     // this is one of ours. The job comes back, and past its
@@ -200,4 +206,72 @@ pub(crate) fn report(result: Result<(), SessionError>) {
             "job not settled; it will be redelivered"
         );
     }
+}
+
+/// Process one delivery of the jobs queue from start to end, as the worker
+/// role would, without a session or a settler: look the item up, run
+/// `generator`, capture, acknowledge, announce a batch it closes, and send a
+/// sequential batch's next chunk. For tests and tools that drive the worker
+/// one step at a time; a panic is not caught here.
+pub async fn process_one(
+    ledger: &Ledger,
+    generator: Arc<dyn Generator>,
+    publisher: &Publisher,
+    config: &WorkerConfig,
+    delivery: Delivery,
+) -> Result<JobOutcome, SessionError> {
+    let item = Item {
+        ledger: ledger.clone(),
+        generator,
+        publisher: publisher.clone(),
+        config: config.clone(),
+        done: None,
+        shutdown: CancellationToken::new(),
+    };
+    let job = match serde_json::from_slice::<ItemJob>(&delivery.data) {
+        Ok(job) => job,
+        Err(e) => {
+            let reason = format!("not an item job: {e}");
+            item.park(&delivery, &reason).await?;
+            return Ok(JobOutcome::Parked { reason });
+        }
+    };
+    let key = (job.batch_id.clone(), job.item_id.clone());
+    let states = item
+        .item_states(&[(key.0.as_str(), key.1.as_str())])
+        .await?;
+    let settlement = match item
+        .run_job(&delivery, job, states.get(&key).copied())
+        .await?
+    {
+        Step::Settle(settlement) => settlement,
+        Step::Done(outcome) => return Ok(outcome),
+    };
+    let finished = [Finished {
+        settlement,
+        delivery,
+    }];
+    let mut progress = Default::default();
+    let settled = settle_and_ack(
+        ledger,
+        publisher,
+        config,
+        &finished,
+        &mut progress,
+        &item.shutdown,
+    )
+    .await;
+    Ok(match settled.into_iter().next() {
+        Some(Settled::Captured { captured, overrun }) => JobOutcome::Captured { captured, overrun },
+        Some(Settled::Failed) => JobOutcome::Failed {
+            reason: match &finished[0].settlement.outcome {
+                ItemOutcome::Failed { reason } => reason.clone(),
+                _ => String::new(),
+            },
+        },
+        Some(Settled::Cancelled) => JobOutcome::Cancelled,
+        Some(Settled::AlreadySettled { .. }) => JobOutcome::Duplicate,
+        Some(Settled::Unknown) => JobOutcome::Unknown,
+        None => JobOutcome::Returned,
+    })
 }

@@ -29,8 +29,36 @@ pub(crate) struct Item {
     pub(crate) generator: Arc<dyn Generator>,
     pub(crate) publisher: Publisher,
     pub(crate) config: WorkerConfig,
-    pub(crate) done: mpsc::Sender<Finished>,
+    /// The settler; `None` when the caller settles itself ([`process_one`]).
+    pub(crate) done: Option<mpsc::Sender<Finished>>,
     pub(crate) shutdown: CancellationToken,
+}
+
+/// What became of one job ([`process_one`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Ran and captured: `captured` (at most the reservation) and the
+    /// `overrun` reported above it.
+    Captured { captured: i64, overrun: i64 },
+    /// The generator failed (or crashed on every delivery): not charged.
+    Failed { reason: String },
+    /// Its batch was cancelled before it started: not charged, not run.
+    Cancelled,
+    /// Its item was settled before (a duplicate delivery): acknowledged, not run again.
+    Duplicate,
+    /// The capture found no pending item (its batch closed meanwhile): acknowledged.
+    Unknown,
+    /// Not a job of this ledger, or not a job at all: parked in the dead-letter queue.
+    Parked { reason: String },
+    /// Handed back to its queue (the generator crashed before the last
+    /// delivery, or the ledger was unavailable at shutdown).
+    Returned,
+}
+
+/// Where a job stands once it has run: to be captured, or already dealt with.
+pub(crate) enum Step {
+    Settle(Settlement),
+    Done(JobOutcome),
 }
 
 /// The generator either answered or crashed (panicked).
@@ -46,11 +74,11 @@ impl Item {
     /// Run one job whose item is in `state` (item state, batch state), or
     /// does not exist (`None`).
     pub(crate) async fn run_job(
-        self,
-        delivery: Delivery,
+        &self,
+        delivery: &Delivery,
         job: ItemJob,
         state: Option<(ItemState, BatchState)>,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Step, SessionError> {
         holdfast_common::faults::panic_point("worker.job", &self.config.names.namespace);
         // Look before running: a duplicate job must not pay for the work twice.
         match state {
@@ -62,16 +90,22 @@ impl Item {
                     item_id: job.item_id,
                     outcome: ItemOutcome::Cancelled,
                 };
-                return self.finished(settlement, delivery).await;
+                return Ok(Step::Settle(settlement));
             }
             Some((ItemState::Pending, _)) => {}
             Some((item, _)) => {
                 tracing::debug!(state = %item, "already settled; acknowledging the duplicate");
                 counter_duplicate();
-                ack(&delivery).await?;
-                return Ok(());
+                ack(delivery).await?;
+                return Ok(Step::Done(JobOutcome::Duplicate));
             }
-            None => return self.park(&delivery, "no such item in the ledger").await,
+            None => {
+                let reason = "no such item in the ledger";
+                self.park(delivery, reason).await?;
+                return Ok(Step::Done(JobOutcome::Parked {
+                    reason: reason.into(),
+                }));
+            }
         }
         let started = Instant::now();
         let outcome = match self.generate(&job).await {
@@ -90,7 +124,7 @@ impl Item {
                     // The last delivery RabbitMQ allows: fail the item (uncharged) and park the job.
                     tracing::error!(%why, deliveries, "generator crashed on every delivery; failing the item");
                     self.park_copy(
-                        &delivery,
+                        delivery,
                         &format!("generator crashed {deliveries} times: {why}"),
                     )
                     .await?;
@@ -99,8 +133,8 @@ impl Item {
                     }
                 } else {
                     tracing::warn!(%why, deliveries, "generator crashed; returning the job");
-                    requeue(&delivery).await?;
-                    return Ok(());
+                    requeue(delivery).await?;
+                    return Ok(Step::Done(JobOutcome::Returned));
                 }
             }
         };
@@ -111,7 +145,7 @@ impl Item {
             item_id: job.item_id,
             outcome,
         };
-        self.finished(settlement, delivery).await
+        Ok(Step::Settle(settlement))
     }
 
     /// The state of each job's item and batch. While the ledger is
@@ -131,18 +165,21 @@ impl Item {
     }
 
     /// Hand a settled item to the settler, which captures it and then acks.
-    async fn finished(
+    pub(crate) async fn finished(
         &self,
         settlement: Settlement,
         delivery: Delivery,
     ) -> Result<(), SessionError> {
+        let stopped = || SessionError::Task("the settler stopped".into());
         self.done
+            .as_ref()
+            .ok_or_else(stopped)?
             .send(Finished {
                 settlement,
                 delivery,
             })
             .await
-            .map_err(|_| SessionError::Task("the settler stopped".into()))
+            .map_err(|_| stopped())
     }
 
     /// Run the generator, retrying transient failures with backoff. A panic

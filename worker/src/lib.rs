@@ -30,7 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{GeneratorKind, GeneratorSettings, WorkerConfig, WorkerSettings};
+pub use consume::process_one;
 pub use generator::{Generated, Generator, GeneratorError};
+pub use job::JobOutcome;
 
 /// Why the configured generator cannot be built: a setting to fix.
 #[derive(Debug, thiserror::Error)]

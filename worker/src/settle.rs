@@ -98,6 +98,8 @@ pub(crate) async fn settle_loop(
 
 /// Capture one batch of finished items, ack their jobs after the commit,
 /// announce what closed and dispatch what a sequential batch reserved next.
+/// The result of each capture, in order; none when the capture failed and
+/// the jobs went back to their queue.
 pub(crate) async fn settle_and_ack(
     ledger: &Ledger,
     publisher: &Publisher,
@@ -105,7 +107,7 @@ pub(crate) async fn settle_and_ack(
     batch: &[Finished],
     progress: &mut std::collections::BTreeSet<String>,
     shutdown: &CancellationToken,
-) {
+) -> Vec<Settled> {
     let names = &config.names;
     holdfast_common::faults::panic_point("worker.settle", &names.namespace);
     let settlements: Vec<Settlement> = batch.iter().map(|f| f.settlement.clone()).collect();
@@ -118,7 +120,7 @@ pub(crate) async fn settle_and_ack(
             for f in batch {
                 let _ = requeue(&f.delivery).await;
             }
-            return;
+            return Vec::new();
         }
     };
     crash_point("worker.after_capture");
@@ -155,6 +157,7 @@ pub(crate) async fn settle_and_ack(
             tracing::warn!(%batch_id, error = %e, "next chunk not dispatched; the reconciler will");
         }
     }
+    report.results
 }
 
 /// Settle, asking again with backoff while the ledger is unavailable (the
