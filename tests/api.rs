@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use holdfast::fleet::{FleetSettings, HttpAddr, Roles};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -114,23 +112,16 @@ impl Api {
 
     /// Poll the batch until it is closed.
     async fn wait_closed(&self, batch_id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        eventually(&format!("batch {batch_id} closes"), || async {
             let r = self.get(&format!("/v1/batches/{batch_id}")).await;
             assert_eq!(r.status, 200, "{r:?}");
-            if matches!(
+            matches!(
                 r.body["state"].as_str(),
                 Some("completed" | "cancelled" | "expired")
-            ) {
-                return r.body;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "batch {batch_id} did not close: {:#}",
-                r.body
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            )
+            .then_some(r.body)
+        })
+        .await
     }
 }
 
@@ -678,15 +669,11 @@ async fn cancel_over_http_settles_exact_figures() {
     let d = api.post("/v1/batches", &req).await;
     assert_eq!(d.status, 201, "{d:?}");
     // Cancel once the first item has succeeded: some have run, most have not.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually("an item of the slow batch runs", || async {
         let b = api.get("/v1/batches/slow").await;
-        if b.body["figures"]["succeeded"].as_i64().unwrap() > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no item ran: {b:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (b.body["figures"]["succeeded"].as_i64().unwrap() > 0).then_some(())
+    })
+    .await;
 
     let c = api
         .raw(Method::POST, "/v1/batches/slow/cancel", None, "")

@@ -110,21 +110,11 @@ async fn an_expired_hold_releases_once_and_refuses_its_batch_with_the_reason() {
         "open"
     );
     // The fleet's reconciler sweeps every 200 ms: expired within a sweep of the deadline.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while t
-        .ledger
-        .reservation(&hold.reservation_id)
-        .await
-        .unwrap()
-        .state
-        != "expired"
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not expired within a bounded time"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the soft hold expires", || async {
+        let r = t.ledger.reservation(&hold.reservation_id).await.unwrap();
+        (r.state == "expired").then_some(())
+    })
+    .await;
     assert_eq!(
         t.ledger.expire_soft_holds(100).await.unwrap(),
         0,
@@ -301,20 +291,11 @@ async fn cancel_mid_batch_finishes_running_items_and_releases_the_rest() {
         &t.submit(&json!({"batch_id": "stop", "account_id": "acme", "items": items}))
             .await,
     );
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while t
-        .ledger
-        .batch("stop")
-        .await
-        .unwrap()
-        .unwrap()
-        .figures
-        .succeeded
-        == 0
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("an item of the batch runs", || async {
+        let b = t.ledger.batch("stop").await.unwrap().unwrap();
+        (b.figures.succeeded > 0).then_some(())
+    })
+    .await;
     let c = t.ledger.cancel_batch("stop").await.unwrap();
     assert_eq!(c.state, "cancelling");
     assert_eq!(

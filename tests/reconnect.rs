@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use holdfast::fleet::{Fleet, Roles};
 use holdfast_common::database;
 use holdfast_common::topology::Names;
@@ -48,14 +46,10 @@ async fn roles_reconnect_with_their_prefetch_after_the_broker_drops_them() {
     settings.worker.worker_prefetch = 7;
     let mut t = TestFleet::start_with(settings, Roles::NO_API, None).await;
     let ns = t.conn.namespace.clone();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while worker_prefetch(&ns).await != [7] {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never consumed with prefetch 7"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("the worker consumes with prefetch 7", || async {
+        (worker_prefetch(&ns).await == [7]).then_some(())
+    })
+    .await;
     let before = our_connections(&ns).await;
     let roles: Vec<_> = before
         .iter()
@@ -79,20 +73,15 @@ async fn roles_reconnect_with_their_prefetch_after_the_broker_drops_them() {
         assert!(status.success(), "close_connection {pid}");
     }
     // New connections, and the worker's new channel has its prefetch again.
-    while {
+    eventually("the worker comes back with prefetch 7", || async {
         let now = our_connections(&ns).await;
         let fresh = now
             .iter()
             .filter(|(p, n)| n == "holdfast-worker" && !roles.iter().any(|(o, _)| o == p))
             .count();
-        fresh == 0 || worker_prefetch(&ns).await != [7]
-    } {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker did not come back with prefetch 7"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (fresh > 0 && worker_prefetch(&ns).await == [7]).then_some(())
+    })
+    .await;
     // And the fleet works again, end to end.
     t.grant("acme", 100).await;
     granted(&t.submit(&request("after", "acme", 20, 2)).await);

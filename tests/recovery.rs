@@ -263,18 +263,11 @@ async fn force(t: &TestFleet, sql: &str) {
 
 /// Poll the ledger until the batch is in `state`.
 async fn wait_state(t: &TestFleet, batch_id: &str, state: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually(&format!("batch {batch_id} reaches {state}"), || async {
         let b = t.ledger.batch(batch_id).await.unwrap();
-        if b.as_ref().map(|b| b.state.as_str()) == Some(state) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "batch {batch_id} never reached {state}: {b:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (b.as_ref().map(|b| b.state.as_str()) == Some(state)).then_some(())
+    })
+    .await
 }
 
 #[tokio::test]
@@ -360,21 +353,11 @@ async fn audit_flags_a_hold_forced_past_its_deadline() {
     )
     .await;
     assert_eq!(t.wait_closed("overdue").await.state, "expired");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while t
-        .ledger
-        .reservation(&soft.reservation_id)
-        .await
-        .unwrap()
-        .state
-        == "open"
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "soft hold never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the soft hold expires", || async {
+        let r = t.ledger.reservation(&soft.reservation_id).await.unwrap();
+        (r.state != "open").then_some(())
+    })
+    .await;
     assert_eq!(t.ledger.stuck(Duration::ZERO).await.unwrap(), vec![]);
     t.assert_exact().await;
     t.stop().await;

@@ -6,7 +6,6 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
 use holdfast::fleet::Roles;
 use support::*;
@@ -78,19 +77,11 @@ async fn secrets_come_from_files_and_never_reach_the_logs() {
     // Ready once it answers on the database and the broker read from the files.
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the coordinator did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("the coordinator becomes ready", || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
     // The admin token from the file is the one that works.
     let grant = |token: &'static str| {
         http.post(format!("{base}/v1/accounts/acme/grants"))

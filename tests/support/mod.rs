@@ -213,22 +213,15 @@ impl TestFleet {
 
     /// Poll the ledger until the batch is closed.
     pub async fn wait_closed(&self, batch_id: &str) -> BatchView {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(b) = self.ledger.batch(batch_id).await.unwrap() {
-                if matches!(
-                    b.state.as_str(),
-                    "completed" | "expired" | "cancelled" | "denied"
-                ) {
-                    return b;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "batch {batch_id} did not close within {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(&format!("batch {batch_id} closes"), || async {
+            let b = self.ledger.batch(batch_id).await.unwrap()?;
+            matches!(
+                b.state.as_str(),
+                "completed" | "expired" | "cancelled" | "denied"
+            )
+            .then_some(b)
+        })
+        .await
     }
 
     /// Assert the audit finds nothing.
@@ -276,21 +269,18 @@ impl TestFleet {
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
         let mut jobs = Vec::new();
-        let deadline = tokio::time::Instant::now() + WAIT;
         while jobs.len() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} of {n} jobs arrived",
-                jobs.len()
-            );
-            match ch
-                .basic_get(self.names.jobs().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-            {
-                Some(m) => jobs.push(m.delivery.data.clone()),
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
+            let job = eventually(
+                &format!("job {} of {n} arrives", jobs.len() + 1),
+                || async {
+                    ch.basic_get(self.names.jobs().into(), BasicGetOptions { no_ack: true })
+                        .await
+                        .unwrap()
+                        .map(|m| m.delivery.data.clone())
+                },
+            )
+            .await;
+            jobs.push(job);
         }
         for body in &jobs {
             for _ in 0..times {
