@@ -51,15 +51,10 @@ impl Mode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ItemRequest {
     /// Unique within the batch: 1 to 128 characters, no control characters.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$"
-    )]
     pub item_id: String,
     /// Estimated cost in the account's smallest credit unit; reserved for the item
     /// (at most `HOLDFAST_MAX_ITEM_COST`, 1,000,000,000 by default).
-    #[schema(minimum = 1, maximum = 1_000_000_000)]
+    #[schema(minimum = 1)]
     pub estimated_cost: i64,
     /// Higher runs first under `priority_fit`.
     #[serde(default)]
@@ -73,21 +68,11 @@ pub struct ItemRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BatchRequest {
     /// The producer's idempotency key.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$"
-    )]
     pub batch_id: String,
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$",
-        example = "acme"
-    )]
+    #[schema(example = "acme")]
     pub account_id: String,
     /// At least one item, at most `HOLDFAST_MAX_ITEMS` (10,000 by default); ids unique.
-    #[schema(min_items = 1, max_items = 10_000)]
+    #[schema(min_items = 1)]
     pub items: Vec<ItemRequest>,
     #[serde(default)]
     pub mode: Mode,

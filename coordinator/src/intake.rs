@@ -8,7 +8,8 @@ use holdfast_common::config::Limits;
 use holdfast_common::messages::{BatchRequest, FieldError, ItemRequest, Mode, Rejected};
 use serde_json::{Map, Value};
 
-const MAX_ID_CHARS: usize = 128;
+/// The most characters an id (batch, account, item) may have.
+pub const MAX_ID_CHARS: usize = 128;
 
 /// Collects field errors while walking the JSON.
 #[derive(Default)]

@@ -51,7 +51,7 @@ async fn view(s: &ApiState, id: &str) -> Result<AccountView, Problem> {
     get,
     path = "/v1/accounts/{id}",
     tag = "accounts",
-    params(("id" = String, Path, description = "The account id", example = "acme", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    params(("id" = String, Path, description = "The account id", example = "acme")),
     responses(
         (status = 200, description = "The account", body = AccountView),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
@@ -154,7 +154,7 @@ fn parse_grant(body: &[u8]) -> Result<Grant, Problem> {
     post,
     path = "/v1/accounts/{id}/grants",
     tag = "accounts",
-    params(("id" = String, Path, description = "The account id", example = "acme", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    params(("id" = String, Path, description = "The account id", example = "acme")),
     request_body(content = GrantRequest, content_type = "application/json"),
     security(("admin_token" = [])),
     responses(

@@ -85,7 +85,7 @@ pub async fn submit(State(s): State<ApiState>, JsonBody(body): JsonBody) -> Resp
     get,
     path = "/v1/batches/{id}",
     tag = "batches",
-    params(("id" = String, Path, description = "The batch_id", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    params(("id" = String, Path, description = "The batch_id")),
     responses(
         (status = 200, description = "The batch", body = BatchView),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
@@ -132,7 +132,7 @@ pub struct CancelResponse {
     post,
     path = "/v1/batches/{id}/cancel",
     tag = "batches",
-    params(("id" = String, Path, description = "The batch_id", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    params(("id" = String, Path, description = "The batch_id")),
     responses(
         (status = 200, description = "Cancelled and closed now: the final figures", body = CancelResponse),
         (status = 202, description = "Cancelling: running items finish, then the hold closes", body = CancelResponse),

@@ -28,6 +28,7 @@ pub mod accounts;
 mod auth;
 pub mod batches;
 mod body;
+pub mod bounds;
 pub mod broker;
 pub mod demo_page;
 mod guard;
@@ -37,7 +38,7 @@ pub mod reservations;
 pub mod server;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
@@ -182,6 +183,8 @@ pub struct ApiState {
     /// interval: `/readyz` fails when the last one that ran to its end is
     /// older than [`STALE_SWEEPS`] intervals.
     pub sweeps: Option<(Heartbeat, Duration)>,
+    /// `/openapi.json`, rendered once with this process's limits.
+    pub openapi: Arc<str>,
     /// Limits and timeouts of the HTTP server.
     pub server: ServerLimits,
 }
@@ -203,6 +206,10 @@ impl ApiState {
             config.names.clone(),
             config.queues.clone(),
         );
+        // Strings, numbers and maps always serialise.
+        let openapi = openapi_document(&config)
+            .to_pretty_json()
+            .unwrap_or_default();
         Self {
             ledger,
             metrics,
@@ -215,6 +222,7 @@ impl ApiState {
             broker: Arc::new(broker),
             demo_grants: settings.demo_grants,
             sweeps: None,
+            openapi: openapi.into(),
             server: settings.server_limits(),
         }
     }
@@ -272,11 +280,16 @@ impl utoipa::Modify for AdminToken {
     }
 }
 
-static OPENAPI_JSON: LazyLock<String> = LazyLock::new(|| {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document serialises")
-});
+/// The OpenAPI document with the bounds this process enforces (see [`bounds`]).
+pub fn openapi_document(config: &CoordinatorConfig) -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    let bounds = bounds::Bounds {
+        limits: config.limits.clone(),
+        max_ttl_secs: config.settings.max_reservation_ttl_secs,
+    };
+    utoipa::Modify::modify(&bounds, &mut doc);
+    doc
+}
 
 /// The routes.
 pub fn router(state: ApiState) -> Router {
@@ -306,10 +319,10 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-async fn openapi() -> Response {
+async fn openapi(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        OPENAPI_JSON.as_str(),
+        s.openapi.to_string(),
     )
         .into_response()
 }

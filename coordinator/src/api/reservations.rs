@@ -30,32 +30,22 @@ pub enum ReservationRequest {
     /// A number of credits.
     Amount {
         /// The account whose credits are held.
-        #[schema(
-            min_length = 1,
-            max_length = 128,
-            pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$",
-            example = "acme"
-        )]
+        #[schema(example = "acme")]
         account_id: String,
         /// Credits to hold.
         #[schema(minimum = 1)]
         amount: i64,
         /// Seconds until the hold expires unless a batch consumes it (default 300,
         /// at most `HOLDFAST_MAX_RESERVATION_TTL_SECS`, 900 by default).
-        #[schema(minimum = 1, maximum = 900)]
+        #[schema(minimum = 1)]
         ttl_seconds: Option<u64>,
     },
     /// The total of a batch's items: reserve exactly what the batch request will cost.
     Items {
         /// The account whose credits are held.
-        #[schema(
-            min_length = 1,
-            max_length = 128,
-            pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$",
-            example = "acme"
-        )]
+        #[schema(example = "acme")]
         account_id: String,
-        #[schema(min_items = 1, max_items = 10_000)]
+        #[schema(min_items = 1)]
         items: Vec<ItemRequest>,
         /// The mode of the batch to come (`selected` holds only `item_ids`).
         mode: Option<Mode>,
@@ -64,26 +54,21 @@ pub enum ReservationRequest {
         item_ids: Option<Vec<String>>,
         /// Seconds until the hold expires unless a batch consumes it (default 300,
         /// at most `HOLDFAST_MAX_RESERVATION_TTL_SECS`, 900 by default).
-        #[schema(minimum = 1, maximum = 900)]
+        #[schema(minimum = 1)]
         ttl_seconds: Option<u64>,
     },
     /// `count` × `cost`.
     Count {
         /// The account whose credits are held.
-        #[schema(
-            min_length = 1,
-            max_length = 128,
-            pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$",
-            example = "acme"
-        )]
+        #[schema(example = "acme")]
         account_id: String,
-        #[schema(minimum = 1, maximum = 10_000)]
+        #[schema(minimum = 1)]
         count: u64,
-        #[schema(minimum = 1, maximum = 1_000_000_000)]
+        #[schema(minimum = 1)]
         cost: i64,
         /// Seconds until the hold expires unless a batch consumes it (default 300,
         /// at most `HOLDFAST_MAX_RESERVATION_TTL_SECS`, 900 by default).
-        #[schema(minimum = 1, maximum = 900)]
+        #[schema(minimum = 1)]
         ttl_seconds: Option<u64>,
     },
 }
@@ -227,7 +212,7 @@ pub async fn create(
     get,
     path = "/v1/reservations/{id}",
     tag = "reservations",
-    params(("id" = String, Path, description = "The reservation_id", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    params(("id" = String, Path, description = "The reservation_id")),
     responses(
         (status = 200, description = "The reservation", body = Reservation),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
@@ -248,7 +233,7 @@ pub async fn show(
     delete,
     path = "/v1/reservations/{id}",
     tag = "reservations",
-    params(("id" = String, Path, description = "The reservation_id", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]+$")),
+    params(("id" = String, Path, description = "The reservation_id")),
     responses(
         (status = 200, description = "The reservation, now closed (or as it already was)", body = Reservation),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
