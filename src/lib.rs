@@ -2,6 +2,8 @@
 //! client (what `submit` does, and what tests and the tools under `tools/`
 //! drive), the demo scenario and the command line's printing.
 
+pub mod cli;
+pub mod commands;
 pub mod demo;
 pub mod fleet;
 pub mod producer;

@@ -1,0 +1,144 @@
+//! The operator's command line: every subcommand and its flags, as clap
+//! parses them. [`crate::commands::run`] carries them out.
+
+use clap::{Parser, Subcommand};
+use holdfast_common::config::{Connections, Limits, QueueSettings};
+use holdfast_coordinator::config::CoordinatorSettings;
+
+use crate::fleet::FleetSettings;
+
+#[derive(Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Credit quotas for Generate All batches: one hold per batch, jobs only when granted."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Connections,
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Write logs as JSON lines.
+    #[arg(long, env = "HOLDFAST_LOG_JSON", global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create the database if missing and apply pending migrations (safe to repeat).
+    Migrate,
+    /// Run every role in one process: coordinator, worker, reconciler, HTTP API.
+    Run(FleetSettings),
+    /// Run the coordinator role only.
+    Coordinator(FleetSettings),
+    /// Run the worker role only.
+    Worker(FleetSettings),
+    /// Run the reconciler role only.
+    Reconciler(FleetSettings),
+    /// Accounts: create, grant credits, show balances.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Publish a batch request like a producer would and print the decision.
+    Submit(SubmitArgs),
+    /// Batches.
+    #[command(subcommand)]
+    Batch(BatchCommand),
+    /// Recompute every balance and hold from the journal, and name the holds
+    /// stuck past their deadline, TTL or dispatch lease; exit 1 on either.
+    Audit(AuditArgs),
+    /// A scripted Generate All scenario on the local services.
+    Demo(FleetSettings),
+    /// Price a batch request against the account's credits; holds nothing.
+    /// Exit 0 when it fits, 2 when it does not, 3 when the input is invalid.
+    Preview(PreviewArgs),
+    /// Hold credits for a while (a soft hold) so that a batch can start later.
+    Reserve(ReserveArgs),
+    /// Soft holds: show or cancel one.
+    #[command(subcommand)]
+    Reservation(ReservationCommand),
+}
+
+#[derive(Subcommand)]
+pub enum AccountCommand {
+    /// Create an account with no credits.
+    Create { id: String },
+    /// Add credits to an account.
+    Grant {
+        id: String,
+        /// Credits to add, in the smallest unit (a positive whole number).
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        /// A reference stored in the journal (invoice, reason).
+        #[arg(long)]
+        note: Option<String>,
+        /// Create the account if it does not exist.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Show balance, held and available credits.
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum BatchCommand {
+    /// Show a batch: decision, hold, figures and items.
+    Show { id: String },
+    /// Cancel a running batch: nothing new starts, the rest is released.
+    Cancel { id: String },
+}
+
+#[derive(clap::Args)]
+pub struct AuditArgs {
+    /// Call a hold stuck only once it is this many seconds past its deadline,
+    /// TTL or dispatch lease (a running reconciler resolves it before then).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub stuck_after: u64,
+}
+
+#[derive(clap::Args)]
+pub struct PreviewArgs {
+    /// The request as JSON (`items`, or `count` and `cost`): a file path, or `-` for standard input.
+    pub file: String,
+    #[command(flatten)]
+    pub limits: Limits,
+    #[command(flatten)]
+    pub coordinator: CoordinatorSettings,
+}
+
+#[derive(clap::Args)]
+pub struct ReserveArgs {
+    pub account: String,
+    /// Credits to hold, in the smallest unit.
+    #[arg(allow_negative_numbers = true)]
+    pub amount: i64,
+    /// Seconds until the hold expires unless a batch consumes it.
+    #[arg(long, default_value_t = holdfast_coordinator::api::reservations::DEFAULT_TTL_SECS)]
+    pub ttl: u64,
+    #[command(flatten)]
+    pub coordinator: CoordinatorSettings,
+}
+
+#[derive(Subcommand)]
+pub enum ReservationCommand {
+    /// Show a reservation.
+    Show { id: String },
+    /// Cancel a reservation no batch has used: its credits return at once.
+    Cancel { id: String },
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// The request as JSON: a file path, or `-` for standard input.
+    pub file: String,
+    /// Also wait for the batch to finish and print its summary.
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait for each answer.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub queues: QueueSettings,
+}

@@ -1,0 +1,408 @@
+//! What each command does: start roles, or read and change the ledger, or
+//! talk to a running fleet as a producer would, and print the result.
+
+use std::io::Read;
+use std::time::Duration;
+
+use crate::fleet::{Fleet, FleetSettings, Roles};
+use crate::{demo, producer::Producer, report};
+use anyhow::Context;
+use holdfast_common::config::Connections;
+use holdfast_common::database;
+use holdfast_common::ledger::Ledger;
+use holdfast_common::messages::{Decision, Event, Preview, Reservation};
+use holdfast_common::telemetry;
+use holdfast_common::topology::Names;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{
+    AccountCommand, BatchCommand, Cli, Command, PreviewArgs, ReservationCommand, ReserveArgs,
+    SubmitArgs,
+};
+
+/// Cancel the token on SIGINT or SIGTERM.
+fn on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested: finishing in-flight work");
+        token.cancel();
+    });
+}
+
+async fn serve(
+    conn: &Connections,
+    settings: &FleetSettings,
+    roles: Roles,
+    migrate: bool,
+) -> anyhow::Result<i32> {
+    if migrate {
+        database::migrate(&conn.database_url)
+            .await
+            .with_context(|| format!("migrating {}", database::describe(&conn.database_url)))?;
+    }
+    if roles.api {
+        let _ = telemetry::metrics();
+    }
+    let mut settings = settings.clone();
+    settings.api.load_secret_files()?;
+    let fleet = Fleet::start(conn, &settings, roles).await?;
+    on_signal(fleet.shutdown_token());
+    fleet.wait().await;
+    Ok(0)
+}
+
+fn ledger(conn: &Connections) -> anyhow::Result<Ledger> {
+    Ok(Ledger::new(database::pool(&conn.database_url, 2)?))
+}
+
+pub async fn run(mut cli: Cli) -> anyhow::Result<i32> {
+    cli.conn.load_secret_files()?;
+    let conn = &cli.conn;
+    match cli.command {
+        Command::Migrate => {
+            let r = database::migrate(&conn.database_url)
+                .await
+                .with_context(|| format!("migrating {}", database::describe(&conn.database_url)))?;
+            if cli.json {
+                report::json(
+                    &serde_json::json!({"created_database": r.created_database, "applied": r.applied}),
+                );
+            } else {
+                if r.created_database {
+                    println!(
+                        "created database {}",
+                        database::describe(&conn.database_url)
+                    );
+                }
+                match r.applied.len() {
+                    0 => println!("migrations: up to date"),
+                    _ => println!("migrations applied: {}", r.applied.join(", ")),
+                }
+            }
+            Ok(0)
+        }
+        Command::Run(s) => serve(conn, &s, Roles::ALL, true).await,
+        Command::Coordinator(s) => {
+            serve(
+                conn,
+                &s,
+                Roles {
+                    coordinator: true,
+                    api: true,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+        }
+        Command::Worker(s) => {
+            serve(
+                conn,
+                &s,
+                Roles {
+                    worker: true,
+                    api: true,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+        }
+        Command::Reconciler(s) => {
+            serve(
+                conn,
+                &s,
+                Roles {
+                    reconciler: true,
+                    api: true,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+        }
+        Command::Account(cmd) => {
+            let ledger = ledger(conn)?;
+            let account = match cmd {
+                AccountCommand::Create { id } => ledger.create_account(&id).await?,
+                AccountCommand::Grant {
+                    id,
+                    amount,
+                    note,
+                    create,
+                } => ledger.grant(&id, amount, note.as_deref(), create).await?,
+                AccountCommand::Show { id } => {
+                    // The same view as GET /v1/accounts/{id}: balances and the open holds.
+                    let account = ledger.account(&id).await?;
+                    let holds = ledger.open_holds(&id).await?;
+                    if cli.json {
+                        let mut v = serde_json::to_value(&account)?;
+                        v["holds"] = serde_json::to_value(&holds)?;
+                        report::json(&v);
+                    } else {
+                        report::account(&account);
+                        for h in &holds {
+                            println!(
+                                "  hold {}  {} credits  {}",
+                                h.reservation_id,
+                                h.amount,
+                                match (&h.batch_id, &h.expires_at) {
+                                    (Some(b), _) => format!("batch {b}"),
+                                    (None, Some(e)) => format!("soft hold, expires {e}"),
+                                    (None, None) => String::new(),
+                                }
+                            );
+                        }
+                    }
+                    return Ok(0);
+                }
+            };
+            if cli.json {
+                report::json(&account);
+            } else {
+                report::account(&account);
+            }
+            Ok(0)
+        }
+        Command::Batch(BatchCommand::Show { id }) => match ledger(conn)?.batch(&id).await? {
+            Some(b) if cli.json => {
+                report::json(&b);
+                Ok(0)
+            }
+            Some(b) => {
+                report::batch(&b);
+                Ok(0)
+            }
+            None => {
+                eprintln!("no batch `{id}`");
+                Ok(1)
+            }
+        },
+        Command::Audit(args) => {
+            let ledger = ledger(conn)?;
+            let drift = ledger.audit().await?;
+            let stuck = ledger.stuck(Duration::from_secs(args.stuck_after)).await?;
+            if cli.json {
+                report::json(&serde_json::json!({"drift": drift, "stuck": stuck}));
+            } else {
+                report::audit(&drift);
+                report::stuck(&stuck, args.stuck_after);
+            }
+            Ok(if drift.is_empty() && stuck.is_empty() {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Submit(args) => submit(conn, args, cli.json).await,
+        Command::Preview(args) => preview(conn, args, cli.json).await,
+        Command::Reserve(args) => reserve(conn, args, cli.json).await,
+        Command::Reservation(cmd) => {
+            let ledger = ledger(conn)?;
+            let r = match cmd {
+                ReservationCommand::Show { id } => ledger.reservation(&id).await?,
+                ReservationCommand::Cancel { id } => ledger.cancel_soft(&id).await?,
+            };
+            print_reservation(&r, cli.json);
+            Ok(0)
+        }
+        Command::Batch(BatchCommand::Cancel { id }) => cancel_batch(conn, &id, cli.json).await,
+        Command::Demo(s) => demo::run(conn, &s).await,
+    }
+}
+
+async fn submit(conn: &Connections, args: SubmitArgs, json: bool) -> anyhow::Result<i32> {
+    let mut body = Vec::new();
+    if args.file == "-" {
+        std::io::stdin().read_to_end(&mut body)?;
+    } else {
+        body = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file))?;
+    }
+    let names = Names::new(conn.namespace.clone());
+    let timeout = Duration::from_secs(args.timeout);
+    let mut producer = Producer::connect(&conn.amqp_url, &names, &args.queues).await?;
+    let correlation = uuid::Uuid::new_v4().to_string();
+    let decision = producer.submit(&body, &correlation, timeout).await?;
+    let mut out = vec![serde_json::to_value(Event::Decision(decision.clone()))?];
+    if !json {
+        report::decision(&decision);
+    }
+    if args.wait && matches!(decision, Decision::Granted(_)) {
+        let done = producer.completed_for(&correlation, timeout).await?;
+        if !json {
+            report::completed(&done);
+        }
+        out.push(serde_json::to_value(done)?);
+    }
+    if json {
+        report::json(&out);
+    }
+    producer.close().await;
+    Ok(match decision {
+        Decision::Granted(_) => 0,
+        Decision::Insufficient(_) => 2,
+        Decision::Rejected(_) => 3,
+    })
+}
+
+fn read_input(file: &str) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    if file == "-" {
+        std::io::stdin().read_to_end(&mut body)?;
+    } else {
+        body = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+    }
+    Ok(body)
+}
+
+async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::Result<i32> {
+    let body = read_input(&args.file)?;
+    let request = match holdfast_coordinator::intake::parse_preview(&body, &args.limits) {
+        Ok(r) => r,
+        Err(rejected) => {
+            if json {
+                report::json(&rejected);
+            } else {
+                eprintln!("invalid request: {}", rejected.reason);
+            }
+            return Ok(3);
+        }
+    };
+    let account = ledger(conn)?.account(&request.account_id).await?;
+    let p = holdfast_common::pricing::preview(
+        &request,
+        account.available,
+        args.coordinator.sequential_chunk,
+    );
+    if json {
+        report::json(&p);
+    } else {
+        print_preview(&p);
+    }
+    Ok(if p.fits { 0 } else { 2 })
+}
+
+fn print_preview(p: &Preview) {
+    use holdfast_common::pricing::thousands;
+    println!("{}", p.message);
+    if let Some(advice) = &p.advice {
+        println!("{advice}");
+    }
+    println!(
+        "account {}, mode {}: {} of {} items fit in order ({} credits), {} by priority ({} credits); {}",
+        p.account_id,
+        p.mode.as_str(),
+        p.first_fit.count,
+        p.items_total,
+        thousands(p.first_fit.cost),
+        p.priority_fit.count,
+        thousands(p.priority_fit.cost),
+        if p.fits {
+            "it would be granted".to_string()
+        } else {
+            format!("{} credits short", thousands(p.shortfall))
+        }
+    );
+}
+
+async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::Result<i32> {
+    let max = args.coordinator.max_reservation_ttl_secs;
+    if args.ttl == 0 || args.ttl > max {
+        anyhow::bail!("--ttl must be from 1 to {max} seconds (HOLDFAST_MAX_RESERVATION_TTL_SECS)");
+    }
+    let ttl = Duration::from_secs(args.ttl);
+    match ledger(conn)?
+        .reserve_soft(&args.account, args.amount, ttl)
+        .await
+    {
+        Ok(r) => {
+            print_reservation(&r, json);
+            Ok(0)
+        }
+        Err(e @ holdfast_common::ledger::LedgerError::Insufficient { .. }) => {
+            eprintln!("{e}");
+            Ok(2)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_reservation(r: &Reservation, json: bool) {
+    if json {
+        return report::json(r);
+    }
+    println!(
+        "reservation {}  account {}  {} credits  {}{}{}",
+        r.reservation_id,
+        r.account_id,
+        holdfast_common::pricing::thousands(r.amount),
+        r.state,
+        r.expires_at
+            .as_deref()
+            .map(|t| format!("  expires {t}"))
+            .unwrap_or_default(),
+        r.batch_id
+            .as_deref()
+            .map(|b| format!("  batch {b}"))
+            .unwrap_or_default(),
+    );
+}
+
+/// Cancel a batch in the ledger; when it closed at once, announce it like a worker would.
+async fn cancel_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Result<i32> {
+    use holdfast_common::ledger::LedgerError;
+    let cancelled = match ledger(conn)?.cancel_batch(id).await {
+        Ok(c) => c,
+        Err(e @ (LedgerError::NotFound(_) | LedgerError::WrongState(_))) => {
+            eprintln!("{e}");
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(closed) = &cancelled.closed {
+        if let Err(e) = announce_closed(conn, closed).await {
+            eprintln!(
+                "warning: the batch is cancelled but its completed event was not published: {e:#}"
+            );
+        }
+    }
+    if json {
+        report::json(&cancelled);
+        return Ok(0);
+    }
+    match &cancelled.closed {
+        Some(c) => {
+            let f = &c.figures;
+            println!(
+                "batch {id} cancelled: {} succeeded, {} failed, {} cancelled; reserved {}, captured {}, released {}",
+                f.succeeded, f.failed, f.cancelled, f.reserved, f.captured, f.released
+            );
+        }
+        None => println!(
+            "batch {id} cancelling: running items finish, then the rest of its hold is released"
+        ),
+    }
+    Ok(0)
+}
+
+async fn announce_closed(
+    conn: &Connections,
+    closed: &holdfast_common::ledger::ClosedBatch,
+) -> anyhow::Result<()> {
+    let names = Names::new(conn.namespace.clone());
+    let amqp = tokio::time::timeout(
+        Duration::from_secs(10),
+        holdfast_common::topology::connect(&conn.amqp_url, "holdfast-cli"),
+    )
+    .await
+    .context("connecting to RabbitMQ timed out")??;
+    let publisher = holdfast_common::topology::Publisher::new(&amqp).await?;
+    holdfast_common::events::completed(&publisher, &names, std::slice::from_ref(closed)).await?;
+    holdfast_common::topology::close(&amqp, "done").await;
+    Ok(())
+}
