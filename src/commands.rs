@@ -10,14 +10,14 @@ use anyhow::Context;
 use holdfast_common::config::Connections;
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
-use holdfast_common::messages::{Decision, Event, Preview, Reservation};
+use holdfast_common::messages::{Decision, Event};
 use holdfast_common::telemetry;
 use holdfast_common::topology::Names;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
-    AccountCommand, BatchCommand, Cli, Command, PreviewArgs, ReservationCommand, ReserveArgs,
-    SubmitArgs,
+    AccountCommand, AuditArgs, BatchCommand, Cli, Command, PreviewArgs, ReservationCommand,
+    ReserveArgs, SubmitArgs,
 };
 
 /// Cancel the token on SIGINT or SIGTERM.
@@ -60,160 +60,139 @@ fn ledger(conn: &Connections) -> anyhow::Result<Ledger> {
     Ok(Ledger::new(database::pool(&conn.database_url, 2)?))
 }
 
+/// Carry out `cli`'s command; the process's exit code.
 pub async fn run(mut cli: Cli) -> anyhow::Result<i32> {
     cli.conn.load_secret_files()?;
-    let conn = &cli.conn;
+    let (conn, json) = (&cli.conn, cli.json);
+    let alone = |roles: Roles| Roles { api: true, ..roles };
     match cli.command {
-        Command::Migrate => {
-            let r = database::migrate(&conn.database_url)
-                .await
-                .with_context(|| format!("migrating {}", database::describe(&conn.database_url)))?;
-            if cli.json {
-                report::json(
-                    &serde_json::json!({"created_database": r.created_database, "applied": r.applied}),
-                );
-            } else {
-                if r.created_database {
-                    println!(
-                        "created database {}",
-                        database::describe(&conn.database_url)
-                    );
-                }
-                match r.applied.len() {
-                    0 => println!("migrations: up to date"),
-                    _ => println!("migrations applied: {}", r.applied.join(", ")),
-                }
-            }
-            Ok(0)
-        }
+        Command::Migrate => migrate(conn, json).await,
         Command::Run(s) => serve(conn, &s, Roles::ALL, true).await,
-        Command::Coordinator(s) => {
-            serve(
-                conn,
-                &s,
-                Roles {
-                    coordinator: true,
-                    api: true,
-                    ..Default::default()
-                },
-                false,
-            )
-            .await
-        }
+        Command::Coordinator(s) => serve(conn, &s, alone(Roles::COORDINATOR), false).await,
         Command::Worker(s) => {
-            serve(
-                conn,
-                &s,
-                Roles {
-                    worker: true,
-                    api: true,
-                    ..Default::default()
-                },
-                false,
-            )
-            .await
+            let roles = Roles {
+                worker: true,
+                ..Default::default()
+            };
+            serve(conn, &s, alone(roles), false).await
         }
         Command::Reconciler(s) => {
-            serve(
-                conn,
-                &s,
-                Roles {
-                    reconciler: true,
-                    api: true,
-                    ..Default::default()
-                },
-                false,
-            )
-            .await
-        }
-        Command::Account(cmd) => {
-            let ledger = ledger(conn)?;
-            let account = match cmd {
-                AccountCommand::Create { id } => ledger.create_account(&id).await?,
-                AccountCommand::Grant {
-                    id,
-                    amount,
-                    note,
-                    create,
-                } => ledger.grant(&id, amount, note.as_deref(), create).await?,
-                AccountCommand::Show { id } => {
-                    // The same view as GET /v1/accounts/{id}: balances and the open holds.
-                    let account = ledger.account(&id).await?;
-                    let holds = ledger.open_holds(&id).await?;
-                    if cli.json {
-                        let mut v = serde_json::to_value(&account)?;
-                        v["holds"] = serde_json::to_value(&holds)?;
-                        report::json(&v);
-                    } else {
-                        report::account(&account);
-                        for h in &holds {
-                            println!(
-                                "  hold {}  {} credits  {}",
-                                h.reservation_id,
-                                h.amount,
-                                match (&h.batch_id, &h.expires_at) {
-                                    (Some(b), _) => format!("batch {b}"),
-                                    (None, Some(e)) => format!("soft hold, expires {e}"),
-                                    (None, None) => String::new(),
-                                }
-                            );
-                        }
-                    }
-                    return Ok(0);
-                }
+            let roles = Roles {
+                reconciler: true,
+                ..Default::default()
             };
-            if cli.json {
-                report::json(&account);
-            } else {
-                report::account(&account);
-            }
-            Ok(0)
+            serve(conn, &s, alone(roles), false).await
         }
-        Command::Batch(BatchCommand::Show { id }) => match ledger(conn)?.batch(&id).await? {
-            Some(b) if cli.json => {
-                report::json(&b);
-                Ok(0)
-            }
-            Some(b) => {
-                report::batch(&b);
-                Ok(0)
-            }
-            None => {
-                eprintln!("no batch `{id}`");
-                Ok(1)
-            }
-        },
-        Command::Audit(args) => {
-            let ledger = ledger(conn)?;
-            let drift = ledger.audit().await?;
-            let stuck = ledger.stuck(Duration::from_secs(args.stuck_after)).await?;
-            if cli.json {
-                report::json(&serde_json::json!({"drift": drift, "stuck": stuck}));
-            } else {
-                report::audit(&drift);
-                report::stuck(&stuck, args.stuck_after);
-            }
-            Ok(if drift.is_empty() && stuck.is_empty() {
-                0
-            } else {
-                1
-            })
-        }
-        Command::Submit(args) => submit(conn, args, cli.json).await,
-        Command::Preview(args) => preview(conn, args, cli.json).await,
-        Command::Reserve(args) => reserve(conn, args, cli.json).await,
-        Command::Reservation(cmd) => {
-            let ledger = ledger(conn)?;
-            let r = match cmd {
-                ReservationCommand::Show { id } => ledger.reservation(&id).await?,
-                ReservationCommand::Cancel { id } => ledger.cancel_soft(&id).await?,
-            };
-            print_reservation(&r, cli.json);
-            Ok(0)
-        }
-        Command::Batch(BatchCommand::Cancel { id }) => cancel_batch(conn, &id, cli.json).await,
+        Command::Account(cmd) => account(conn, cmd, json).await,
+        Command::Batch(BatchCommand::Show { id }) => show_batch(conn, &id, json).await,
+        Command::Batch(BatchCommand::Cancel { id }) => cancel_batch(conn, &id, json).await,
+        Command::Audit(args) => audit(conn, args, json).await,
+        Command::Submit(args) => submit(conn, args, json).await,
+        Command::Preview(args) => preview(conn, args, json).await,
+        Command::Reserve(args) => reserve(conn, args, json).await,
+        Command::Reservation(cmd) => reservation(conn, cmd, json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
     }
+}
+
+/// `holdfast migrate`: create the database if missing, apply pending migrations.
+async fn migrate(conn: &Connections, json: bool) -> anyhow::Result<i32> {
+    let r = database::migrate(&conn.database_url)
+        .await
+        .with_context(|| format!("migrating {}", database::describe(&conn.database_url)))?;
+    if json {
+        report::json(
+            &serde_json::json!({"created_database": r.created_database, "applied": r.applied}),
+        );
+        return Ok(0);
+    }
+    if r.created_database {
+        println!(
+            "created database {}",
+            database::describe(&conn.database_url)
+        );
+    }
+    match r.applied.len() {
+        0 => println!("migrations: up to date"),
+        _ => println!("migrations applied: {}", r.applied.join(", ")),
+    }
+    Ok(0)
+}
+
+/// `holdfast account create | grant | show`.
+async fn account(conn: &Connections, cmd: AccountCommand, json: bool) -> anyhow::Result<i32> {
+    let ledger = ledger(conn)?;
+    let account = match cmd {
+        AccountCommand::Create { id } => ledger.create_account(&id).await?,
+        AccountCommand::Grant {
+            id,
+            amount,
+            note,
+            create,
+        } => ledger.grant(&id, amount, note.as_deref(), create).await?,
+        AccountCommand::Show { id } => {
+            // The same view as GET /v1/accounts/{id}: balances and the open holds.
+            let account = ledger.account(&id).await?;
+            let holds = ledger.open_holds(&id).await?;
+            if json {
+                let mut v = serde_json::to_value(&account)?;
+                v["holds"] = serde_json::to_value(&holds)?;
+                report::json(&v);
+            } else {
+                report::account(&account);
+                report::holds(&holds);
+            }
+            return Ok(0);
+        }
+    };
+    if json {
+        report::json(&account);
+    } else {
+        report::account(&account);
+    }
+    Ok(0)
+}
+
+/// `holdfast batch show`.
+async fn show_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Result<i32> {
+    match ledger(conn)?.batch(id).await? {
+        Some(b) if json => report::json(&b),
+        Some(b) => report::batch(&b),
+        None => {
+            eprintln!("no batch `{id}`");
+            return Ok(1);
+        }
+    }
+    Ok(0)
+}
+
+/// `holdfast audit`: drift and stuck money; exits 1 if there is any.
+async fn audit(conn: &Connections, args: AuditArgs, json: bool) -> anyhow::Result<i32> {
+    let ledger = ledger(conn)?;
+    let drift = ledger.audit().await?;
+    let stuck = ledger.stuck(Duration::from_secs(args.stuck_after)).await?;
+    if json {
+        report::json(&serde_json::json!({"drift": drift, "stuck": stuck}));
+    } else {
+        report::audit(&drift);
+        report::stuck(&stuck, args.stuck_after);
+    }
+    Ok(i32::from(!(drift.is_empty() && stuck.is_empty())))
+}
+
+/// `holdfast reservation show | cancel`.
+async fn reservation(
+    conn: &Connections,
+    cmd: ReservationCommand,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let ledger = ledger(conn)?;
+    let r = match cmd {
+        ReservationCommand::Show { id } => ledger.reservation(&id).await?,
+        ReservationCommand::Cancel { id } => ledger.cancel_soft(&id).await?,
+    };
+    report::reservation(&r, json);
+    Ok(0)
 }
 
 async fn submit(conn: &Connections, args: SubmitArgs, json: bool) -> anyhow::Result<i32> {
@@ -282,32 +261,9 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
     if json {
         report::json(&p);
     } else {
-        print_preview(&p);
+        report::preview(&p);
     }
     Ok(if p.fits { 0 } else { 2 })
-}
-
-fn print_preview(p: &Preview) {
-    use holdfast_common::pricing::thousands;
-    println!("{}", p.message);
-    if let Some(advice) = &p.advice {
-        println!("{advice}");
-    }
-    println!(
-        "account {}, mode {}: {} of {} items fit in order ({} credits), {} by priority ({} credits); {}",
-        p.account_id,
-        p.mode.as_str(),
-        p.first_fit.count,
-        p.items_total,
-        thousands(p.first_fit.cost),
-        p.priority_fit.count,
-        thousands(p.priority_fit.cost),
-        if p.fits {
-            "it would be granted".to_string()
-        } else {
-            format!("{} credits short", thousands(p.shortfall))
-        }
-    );
 }
 
 async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::Result<i32> {
@@ -321,7 +277,7 @@ async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::R
         .await
     {
         Ok(r) => {
-            print_reservation(&r, json);
+            report::reservation(&r, json);
             Ok(0)
         }
         Err(e @ holdfast_common::ledger::LedgerError::Insufficient { .. }) => {
@@ -330,27 +286,6 @@ async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::R
         }
         Err(e) => Err(e.into()),
     }
-}
-
-fn print_reservation(r: &Reservation, json: bool) {
-    if json {
-        return report::json(r);
-    }
-    println!(
-        "reservation {}  account {}  {} credits  {}{}{}",
-        r.reservation_id,
-        r.account_id,
-        holdfast_common::pricing::thousands(r.amount),
-        r.state,
-        r.expires_at
-            .as_deref()
-            .map(|t| format!("  expires {t}"))
-            .unwrap_or_default(),
-        r.batch_id
-            .as_deref()
-            .map(|b| format!("  batch {b}"))
-            .unwrap_or_default(),
-    );
 }
 
 /// Cancel a batch in the ledger; when it closed at once, announce it like a worker would.

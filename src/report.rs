@@ -166,3 +166,62 @@ pub fn stuck(stuck: &[Stuck], after_secs: u64) {
         }
     }
 }
+
+/// The open holds of an account, one a line, under [`account`].
+pub fn holds(holds: &[holdfast_common::messages::Reservation]) {
+    for h in holds {
+        let what = match (&h.batch_id, &h.expires_at) {
+            (Some(b), _) => format!("batch {b}"),
+            (None, Some(e)) => format!("soft hold, expires {e}"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "  hold {}  {} credits  {}",
+            h.reservation_id, h.amount, what
+        );
+    }
+}
+
+pub fn preview(p: &holdfast_common::messages::Preview) {
+    use holdfast_common::pricing::thousands;
+    println!("{}", p.message);
+    if let Some(advice) = &p.advice {
+        println!("{advice}");
+    }
+    println!(
+        "account {}, mode {}: {} of {} items fit in order ({} credits), {} by priority ({} credits); {}",
+        p.account_id,
+        p.mode.as_str(),
+        p.first_fit.count,
+        p.items_total,
+        thousands(p.first_fit.cost),
+        p.priority_fit.count,
+        thousands(p.priority_fit.cost),
+        if p.fits {
+            "it would be granted".to_string()
+        } else {
+            format!("{} credits short", thousands(p.shortfall))
+        }
+    );
+}
+
+pub fn reservation(r: &holdfast_common::messages::Reservation, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "reservation {}  account {}  {} credits  {}{}{}",
+        r.reservation_id,
+        r.account_id,
+        holdfast_common::pricing::thousands(r.amount),
+        r.state,
+        r.expires_at
+            .as_deref()
+            .map(|t| format!("  expires {t}"))
+            .unwrap_or_default(),
+        r.batch_id
+            .as_deref()
+            .map(|b| format!("  batch {b}"))
+            .unwrap_or_default(),
+    );
+}
