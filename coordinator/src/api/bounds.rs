@@ -36,17 +36,8 @@ impl utoipa::Modify for Bounds {
                 self.walk(schema);
             }
         }
-        for item in openapi.paths.paths.values_mut() {
-            let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ];
-            for operation in operations.into_iter().flatten() {
-                self.parameters(operation);
-            }
+        for operation in super::operations(openapi) {
+            self.parameters(operation);
         }
     }
 }

@@ -155,42 +155,30 @@ impl utoipa::Modify for GuardResponses {
                 )
                 .build()
         };
-        for item in openapi.paths.paths.values_mut() {
-            let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ];
-            for op in operations.into_iter().flatten() {
-                let responses = &mut op.responses.responses;
-                responses.insert(
-                    "414".into(),
-                    problem("URL longer than HOLDFAST_HTTP_MAX_URL_BYTES").into(),
-                );
-                responses.insert(
-                    "431".into(),
-                    problem("Header fields larger than HOLDFAST_HTTP_MAX_HEADER_BYTES").into(),
-                );
-                match responses.get_mut("503") {
-                    Some(RefOr::T(documented)) => {
-                        documented.description =
-                            format!("{}; or {TIMEOUT}", documented.description);
-                    }
-                    Some(RefOr::Ref(_)) => {}
-                    None => {
-                        responses
-                            .insert("503".into(), problem(&format!("{TIMEOUT}; retry")).into());
-                    }
+        for op in super::operations(openapi) {
+            let responses = &mut op.responses.responses;
+            responses.insert(
+                "414".into(),
+                problem("URL longer than HOLDFAST_HTTP_MAX_URL_BYTES").into(),
+            );
+            responses.insert(
+                "431".into(),
+                problem("Header fields larger than HOLDFAST_HTTP_MAX_HEADER_BYTES").into(),
+            );
+            match responses.get_mut("503") {
+                Some(RefOr::T(documented)) => {
+                    documented.description = format!("{}; or {TIMEOUT}", documented.description);
                 }
-                if op.request_body.is_some() {
-                    responses.insert(
-                        "408".into(),
-                        problem("The body paused longer than HOLDFAST_HTTP_BODY_TIMEOUT_SECS")
-                            .into(),
-                    );
+                Some(RefOr::Ref(_)) => {}
+                None => {
+                    responses.insert("503".into(), problem(&format!("{TIMEOUT}; retry")).into());
                 }
+            }
+            if op.request_body.is_some() {
+                responses.insert(
+                    "408".into(),
+                    problem("The body paused longer than HOLDFAST_HTTP_BODY_TIMEOUT_SECS").into(),
+                );
             }
         }
     }

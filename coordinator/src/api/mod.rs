@@ -280,6 +280,23 @@ impl utoipa::Modify for AdminToken {
     }
 }
 
+/// Every operation of a document (the methods this API serves).
+pub(crate) fn operations(
+    openapi: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    openapi.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+    })
+}
+
 /// The OpenAPI document with the bounds this process enforces (see [`bounds`]).
 pub fn openapi_document(config: &CoordinatorConfig) -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
