@@ -32,6 +32,7 @@ pub mod bounds;
 pub mod broker;
 pub mod demo_page;
 mod guard;
+mod heads;
 pub mod preview;
 pub mod problem;
 pub mod reservations;

@@ -4,12 +4,12 @@
 //! clients that send slowly would each hold a connection, and a graceful
 //! shutdown would wait on them, forever).
 //!
-//! What hyper itself refuses, before any of our code sees the request, is
-//! answered by hyper with an empty body: a malformed request line or header
-//! (400), a request target over 65,534 bytes (414), more than 100 header
-//! fields or a request head over [`HEAD_BUFFER_BYTES`] (431). Our own limits
-//! ([`ServerLimits`]) sit below hyper's, so every request a real client sends
-//! gets a problem document (see [`super::guard`]). A client that has not sent
+//! What hyper itself would refuse with an empty body (a request target over
+//! 65,534 bytes, more than 100 header fields, a head over
+//! [`HEAD_BUFFER_BYTES`], malformed syntax) is refused first, with a problem
+//! document, by the watch every connection reads through
+//! ([`super::heads`]); our other limits ([`ServerLimits`]) sit below hyper's
+//! and are answered by [`super::guard`]. A client that has not sent
 //! a whole request head within the header timeout is disconnected without an
 //! answer; the same timeout closes an idle keep-alive connection.
 
@@ -28,6 +28,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::guard;
+use super::heads::HeadWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The most a request head (request line and header fields) may take in
 /// hyper's read buffer; above it hyper answers 431 on its own. It holds the
@@ -156,7 +158,18 @@ async fn connection(
             answer
         }
     });
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    // A second handle on the socket, to answer a head the watch refuses
+    // once hyper has let go of the connection.
+    let (stream, answer) = match two_handles(stream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "HTTP connection dropped: no second handle");
+            return;
+        }
+    };
+    let most_head = limits.max_url_bytes + limits.max_header_bytes + HEAD_SLACK;
+    let (watched, refused) = HeadWatch::new(stream, limits.max_url_bytes, most_head);
+    let connection = builder.serve_connection(TokioIo::new(watched), service);
     let mut connection = std::pin::pin!(connection);
     let served = tokio::select! {
         served = connection.as_mut() => served,
@@ -181,6 +194,39 @@ async fn connection(
         // Timeouts, resets and parse errors: the client's doing.
         tracing::debug!(%peer, error = %e, "HTTP connection ended");
     }
+    let refusal = refused.lock().ok().and_then(|mut slot| slot.take());
+    if let Some(refusal) = refusal {
+        tracing::debug!(%peer, status = %refusal.status, detail = %refusal.detail, "request head refused");
+        let mut answer = answer;
+        let answered = async {
+            answer.write_all(&refusal.response()).await?;
+            answer.shutdown().await?;
+            // Read what the client still sends until it closes: closing with
+            // unread data would reset the connection, and the client could
+            // lose the answer.
+            let mut sink = [0u8; 8192];
+            while answer.read(&mut sink).await? > 0 {}
+            std::io::Result::Ok(())
+        };
+        match tokio::time::timeout(limits.header_timeout, answered).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "a refused request's answer was not delivered")
+            }
+            Err(_) => tracing::debug!(%peer, "a refused request's client did not close in time"),
+        }
+    }
+}
+
+/// Room in a request head beyond the URL and header limits (the request
+/// line's method and version, line ends).
+const HEAD_SLACK: usize = 1024;
+
+/// Two handles on one socket (a duplicated descriptor).
+fn two_handles(stream: TcpStream) -> std::io::Result<(TcpStream, TcpStream)> {
+    let stream = stream.into_std()?;
+    let other = stream.try_clone()?;
+    Ok((TcpStream::from_std(stream)?, TcpStream::from_std(other)?))
 }
 
 /// Counts one request of a connection as in flight until dropped.
