@@ -59,66 +59,78 @@ impl Reconciler {
 
     /// One pass over everything the reconciler looks after.
     pub async fn sweep_once(&mut self) -> Result<SweepReport, SessionError> {
-        let mut report = SweepReport::default();
+        panic_point("reconciler.sweep", &self.config.names.namespace);
+        let mut report = SweepReport {
+            closed: self.close_finished().await?,
+            expired_holds: self.ledger.expire_soft_holds(CLAIM_LIMIT).await?,
+            expired: self.expire_overdue().await?,
+            redispatched: self.redispatch_stranded().await?,
+            ..Default::default()
+        };
+        self.refresh_gauges().await?;
+        self.sweeps += 1;
+        let every = self.config.audit_every;
+        if every > 0 && self.sweeps % every == 1 % every {
+            self.audit(&mut report).await?;
+        }
+        Ok(report)
+    }
+
+    /// Close the batches whose items are all settled (a worker normally
+    /// does it), and send the jobs of a sequential batch's next chunk.
+    async fn close_finished(&self) -> Result<usize, SessionError> {
         let names = &self.config.names;
-        panic_point("reconciler.sweep", &names.namespace);
+        let window = self.config.coordinator.confirm_window;
+        let mut count = 0;
         loop {
             let (closed, advanced) = self.ledger.close_finished(CLAIM_LIMIT).await?;
-            report.closed += closed.len();
+            count += closed.len();
             events::completed(&self.publisher, names, &closed).await?;
             for batch_id in &advanced {
-                let window = self.config.coordinator.confirm_window;
-                dispatch(
-                    &self.ledger,
-                    &self.publisher,
-                    names,
-                    batch_id,
-                    Attempt::First,
-                    window,
-                )
-                .await?;
+                let (ledger, publisher) = (&self.ledger, &self.publisher);
+                dispatch(ledger, publisher, names, batch_id, Attempt::First, window).await?;
             }
             if ((closed.len() + advanced.len()) as i64) < CLAIM_LIMIT {
-                break;
+                return Ok(count);
             }
         }
-        report.expired_holds = self.ledger.expire_soft_holds(CLAIM_LIMIT).await?;
+    }
+
+    /// Close the batches past their execution deadline: unsettled items fail, the rest is released.
+    async fn expire_overdue(&self) -> Result<usize, SessionError> {
+        let mut count = 0;
         loop {
             let expired = self.ledger.expire_overdue(CLAIM_LIMIT).await?;
-            report.expired += expired.len();
+            count += expired.len();
             for b in &expired {
                 tracing::warn!(batch_id = %b.batch_id, failed = b.figures.failed, released = b.figures.released,
                     "batch passed its execution deadline; unsettled items failed");
             }
-            events::completed(&self.publisher, names, &expired).await?;
+            events::completed(&self.publisher, &self.config.names, &expired).await?;
             if (expired.len() as i64) < CLAIM_LIMIT {
-                break;
+                return Ok(count);
             }
         }
+    }
+
+    /// Publish again the jobs of granted batches whose coordinator died
+    /// before the broker confirmed them all (their dispatch lease ran out).
+    async fn redispatch_stranded(&self) -> Result<usize, SessionError> {
+        let names = &self.config.names;
+        let window = self.config.coordinator.confirm_window;
         let lease = self.config.settings.dispatch_grace();
+        let mut count = 0;
         for batch_id in self.ledger.claim_undispatched(lease, CLAIM_LIMIT).await? {
             // Dying here leaves the claim to run out: after the lease another
             // reconciler takes the batch (the chaos harness kills one here).
             crash_point("reconciler.mid_sweep");
             tracing::warn!(%batch_id, "batch granted but not fully dispatched; dispatching again");
-            let window = self.config.coordinator.confirm_window;
-            let sent = guard(
-                "reconciler",
-                "sweep",
-                dispatch(
-                    &self.ledger,
-                    &self.publisher,
-                    names,
-                    &batch_id,
-                    Attempt::Again,
-                    window,
-                ),
-            )
-            .await;
-            match sent {
+            let (ledger, publisher) = (&self.ledger, &self.publisher);
+            let sent = dispatch(ledger, publisher, names, &batch_id, Attempt::Again, window);
+            match guard("reconciler", "sweep", sent).await {
                 Ok(sent) => {
                     sent?;
-                    report.redispatched += 1;
+                    count += 1;
                 }
                 // The claim runs out and the batch is tried again after the
                 // lease; its execution deadline closes it if it never goes.
@@ -126,31 +138,37 @@ impl Reconciler {
                     "re-dispatch panicked; the sweep goes on"),
             }
         }
+        Ok(count)
+    }
+
+    /// The ledger's gauges: credits held, open holds, dispatch backlog, overdue holds.
+    async fn refresh_gauges(&self) -> Result<(), SessionError> {
         let (held, holds) = self.ledger.held_totals().await?;
         record::held(held, holds);
         let (backlog, overdue) = self.ledger.backlog_totals().await?;
         record::dispatch_backlog(backlog);
         record::holds_overdue(overdue);
-        self.sweeps += 1;
-        if self.config.audit_every > 0
-            && self.sweeps % self.config.audit_every == 1 % self.config.audit_every
-        {
-            let drift = self.ledger.audit().await?;
-            for d in &drift {
-                tracing::error!(subject = %d.subject, problem = %d.problem, "ledger drift");
-            }
-            report.drift = Some(drift.len());
-            let stuck = self
-                .ledger
-                .stuck(self.config.settings.stuck_grace())
-                .await?;
-            for s in &stuck {
-                tracing::error!(subject = %s.subject, kind = %s.kind, credits = s.credits,
-                    problem = %s.problem, "stuck credits");
-            }
-            report.stuck = Some(stuck.len());
+        Ok(())
+    }
+
+    /// Recompute the ledger from the journal and look for stuck money; log
+    /// each finding at ERROR.
+    async fn audit(&self, report: &mut SweepReport) -> Result<(), SessionError> {
+        let drift = self.ledger.audit().await?;
+        for d in &drift {
+            tracing::error!(subject = %d.subject, problem = %d.problem, "ledger drift");
         }
-        Ok(report)
+        report.drift = Some(drift.len());
+        let stuck = self
+            .ledger
+            .stuck(self.config.settings.stuck_grace())
+            .await?;
+        for s in &stuck {
+            tracing::error!(subject = %s.subject, kind = %s.kind, credits = s.credits,
+                problem = %s.problem, "stuck credits");
+        }
+        report.stuck = Some(stuck.len());
+        Ok(())
     }
 }
 
