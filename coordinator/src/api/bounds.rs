@@ -1,8 +1,8 @@
 //! The OpenAPI document's bounds, from the limits this process enforces.
 //!
-//! Every id (a field named `account_id`, `batch_id`, `item_id` or
-//! `reservation_id`, each entry of `item_ids`, and every `{id}` in a path)
-//! gets the id rules of [`crate::intake`]: 1 to [`MAX_ID_CHARS`] characters,
+//! Every id of a request body (a field named `account_id`, `batch_id`,
+//! `item_id` or `reservation_id`, each entry of `item_ids`) and every `{id}`
+//! in a path gets the id rules of [`crate::intake`]: 1 to [`MAX_ID_CHARS`] characters,
 //! none of them a control character ([`ID_PATTERN`]). Item lists get
 //! `HOLDFAST_MAX_ITEMS`, costs `HOLDFAST_MAX_ITEM_COST`, soft-hold TTLs
 //! `HOLDFAST_MAX_RESERVATION_TTL_SECS`. They are set here, from the running
@@ -19,6 +19,15 @@ pub use crate::intake::MAX_ID_CHARS;
 /// Any character but a control character (C0, DEL and C1), as the intake checks.
 pub const ID_PATTERN: &str = "^[^\\x00-\\x1F\\x7F-\\x9F]+$";
 
+/// The request bodies the bounds apply to. Not the answers: a rejection or
+/// a problem document echoes the id a client sent, valid or not.
+const REQUESTS: [&str; 4] = [
+    "BatchRequest",
+    "ItemRequest",
+    "PreviewRequest",
+    "ReservationRequest",
+];
+
 /// Fields that carry an id.
 const ID_FIELDS: [&str; 4] = ["account_id", "batch_id", "item_id", "reservation_id"];
 
@@ -32,8 +41,10 @@ pub struct Bounds {
 impl utoipa::Modify for Bounds {
     fn modify(&self, openapi: &mut OpenApi) {
         if let Some(components) = openapi.components.as_mut() {
-            for schema in components.schemas.values_mut() {
-                self.walk(schema);
+            for (name, schema) in components.schemas.iter_mut() {
+                if REQUESTS.contains(&name.as_str()) {
+                    self.walk(schema);
+                }
             }
         }
         for operation in super::operations(openapi) {
@@ -183,11 +194,25 @@ mod tests {
             .iter()
             .any(|v| v["properties"]["count"]["maximum"] == 7));
         let reservation = at(&format!("{schemas}/ReservationRequest/oneOf"));
+        // Each way to hold states the TTL bound, beside the preview's body or in it.
+        let ttl_max = |v: &Value| {
+            std::iter::once(v)
+                .chain(v["allOf"].as_array().into_iter().flatten())
+                .any(|s| s["properties"]["ttl_seconds"]["maximum"] == 60)
+        };
+        assert!(
+            reservation.as_array().unwrap().iter().all(ttl_max),
+            "{reservation:#}"
+        );
         assert!(reservation
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|v| v["properties"]["ttl_seconds"]["maximum"] == 60));
+            .to_string()
+            .contains("#/components/schemas/PreviewRequest"));
+        // Answers echo what was sent: no bounds there.
+        assert!(doc
+            .pointer(&format!(
+                "{schemas}/Extensions/properties/account_id/pattern"
+            ))
+            .is_none());
         let id = at("/paths/~1v1~1batches~1{id}/get/parameters/0/schema");
         assert_eq!(
             (id["maxLength"].clone(), id["pattern"].clone()),

@@ -8,13 +8,14 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use holdfast_common::messages::{FieldError, ItemRequest, Mode, Reservation};
+use holdfast_common::messages::{FieldError, Reservation};
 use holdfast_common::pricing;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::body::{self, JsonBody, PathId};
+use super::preview::PreviewRequest;
 use super::problem::Problem;
 use super::ApiState;
 use crate::intake;
@@ -22,7 +23,8 @@ use crate::intake;
 /// TTL of a soft hold whose request names none (capped by the configured maximum).
 pub const DEFAULT_TTL_SECS: u64 = 300;
 
-/// Credits to hold: an `amount`, or a batch (`items`, or `count` × `cost`) whose total is held.
+/// Credits to hold: an `amount`, or a batch whose total is held, described
+/// exactly as `POST /v1/preview` takes it (`items`, or `count` × `cost`).
 #[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 #[allow(dead_code)] // Describes the body for the OpenAPI document; parsed by hand.
@@ -40,32 +42,11 @@ pub enum ReservationRequest {
         #[schema(minimum = 1)]
         ttl_seconds: Option<u64>,
     },
-    /// The total of a batch's items: reserve exactly what the batch request will cost.
-    Items {
-        /// The account whose credits are held.
-        #[schema(example = "acme")]
-        account_id: String,
-        #[schema(min_items = 1)]
-        items: Vec<ItemRequest>,
-        /// The mode of the batch to come (`selected` holds only `item_ids`).
-        mode: Option<Mode>,
-        /// With `mode: selected` (and only then): the items the batch will run.
-        #[schema(min_items = 1)]
-        item_ids: Option<Vec<String>>,
-        /// Seconds until the hold expires unless a batch consumes it (default 300,
-        /// at most `HOLDFAST_MAX_RESERVATION_TTL_SECS`, 900 by default).
-        #[schema(minimum = 1)]
-        ttl_seconds: Option<u64>,
-    },
-    /// `count` × `cost`.
-    Count {
-        /// The account whose credits are held.
-        #[schema(example = "acme")]
-        account_id: String,
-        #[schema(minimum = 1)]
-        count: u64,
-        #[schema(minimum = 1)]
-        cost: i64,
+    /// The total of a batch: reserve exactly what the batch request will cost.
+    Batch {
+        /// The batch, as a preview prices it.
+        #[serde(flatten)]
+        batch: PreviewRequest,
         /// Seconds until the hold expires unless a batch consumes it (default 300,
         /// at most `HOLDFAST_MAX_RESERVATION_TTL_SECS`, 900 by default).
         #[schema(minimum = 1)]
