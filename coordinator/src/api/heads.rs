@@ -26,6 +26,10 @@ use super::problem::{Problem, PROBLEM_JSON};
 /// The most header fields hyper parses (it answers 431 above it).
 const MAX_HEADERS: usize = 100;
 
+/// A head is parsed on every read up to this size (so a bad byte in a
+/// request line is caught before hyper answers it), then once a line.
+const EVERY_READ_BYTES: usize = 1024;
+
 /// Room for the method and the protocol version beside the URL on the request line.
 const REQUEST_LINE_SLACK: usize = 64;
 
@@ -96,10 +100,11 @@ impl Watch {
                     head.extend_from_slice(bytes);
                     let end = find_end(head, before.saturating_sub(3));
                     let used = end.map_or(bytes.len(), |e| e - before);
+                    let line_ended = bytes[..used].contains(&b'\n');
                     bytes = &bytes[used..];
                     let head = std::mem::take(head);
                     let head = &head[..end.unwrap_or(head.len())];
-                    match self.judge(head, end.is_some()) {
+                    match self.judge(head, end.is_some(), line_ended) {
                         Ok(Next::More) => self.position = Position::Head(head.to_vec()),
                         Ok(Next::Body(0)) => self.position = Position::Head(Vec::new()),
                         Ok(Next::Body(n)) => self.position = Position::Body(n),
@@ -112,8 +117,9 @@ impl Watch {
         None
     }
 
-    /// What a head (`complete`, or so far) says comes next, or why it is refused.
-    fn judge(&self, head: &[u8], complete: bool) -> Result<Next, Refusal> {
+    /// What a head (`complete`, or so far, `new_line` when a line of it just
+    /// ended) says comes next, or why it is refused.
+    fn judge(&self, head: &[u8], complete: bool, new_line: bool) -> Result<Next, Refusal> {
         let line_ended = head.contains(&b'\n');
         let line = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
         if line > self.max_line {
@@ -130,6 +136,11 @@ impl Watch {
                 status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 detail: format!("the request head is over {} bytes", self.max_head),
             });
+        }
+        // Past its first KiB, a head is parsed again only when a line of it
+        // ends: a client trickling bytes costs no full parse per byte.
+        if !complete && !new_line && head.len() > EVERY_READ_BYTES {
+            return Ok(Next::More);
         }
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut fields);
