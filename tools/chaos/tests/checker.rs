@@ -4,7 +4,7 @@
 //! reservation, a negative sample, a hold left open) shows up in its column.
 
 // The product's test fleet, shared rather than copied.
-#[path = "../../../tests/support/mod.rs"]
+#[path = "../../../tests/integration/support/mod.rs"]
 mod support;
 
 use std::time::Duration;

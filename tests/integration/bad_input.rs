@@ -2,7 +2,7 @@
 //! parked in the dead-letter queue with its reason, holds nothing, and the
 //! coordinator goes on serving the next request.
 
-mod support;
+use crate::support;
 
 use holdfast::fleet::Roles;
 use serde_json::json;

@@ -2,7 +2,7 @@
 //! points (they abort, as abruptly as SIGKILL), and every batch still runs to
 //! completion exactly once.
 
-mod support;
+use crate::support;
 
 use std::process::Stdio;
 use std::time::Duration;

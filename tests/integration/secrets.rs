@@ -2,7 +2,7 @@
 //! show in logs or error messages: the binary runs with its database URL,
 //! broker URL and admin token in files, logging at debug level.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::Stdio;

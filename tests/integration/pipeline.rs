@@ -1,7 +1,7 @@
 //! The core pipeline end to end on real PostgreSQL and RabbitMQ: one hold per
 //! batch, jobs only when granted, actual cost captured, remainder released.
 
-mod support;
+use crate::support;
 
 use holdfast_common::messages::{Event, Mode};
 use serde_json::json;

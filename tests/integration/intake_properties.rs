@@ -5,7 +5,7 @@
 //! AMQP message (a `message_id` of at most 255 bytes), never a panic.
 //! The last test sends such requests through a fleet on the real services.
 
-mod support;
+use crate::support;
 
 use holdfast_common::config::Limits;
 use holdfast_common::dispatch::job_message;

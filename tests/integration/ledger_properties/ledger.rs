@@ -10,7 +10,7 @@ use holdfast_common::messages::{BatchRequest, Decision, ItemRequest, Mode};
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::model::{error_kind, Call, Model, Obs, Outcome, CHUNK};
+use super::model::{error_kind, Call, Model, Obs, Outcome, CHUNK};
 use crate::support::reserve_input;
 
 /// Deadlines and TTLs of the test: they pass only when the test says so.

@@ -2,7 +2,7 @@
 //! items or an oversized payload is refused by a coordinator (and its HTTP
 //! API) whose database cannot even be reached, and nothing reaches the ledger.
 
-mod support;
+use crate::support;
 
 use holdfast::fleet::{Fleet, HttpAddr, Roles};
 use holdfast_common::config::Connections;

@@ -2,7 +2,7 @@
 //! race, sequential mode, cancel, preview parity, and exactly one completed
 //! event per batch.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

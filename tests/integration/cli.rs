@@ -1,7 +1,7 @@
 //! The command line as an operator uses it: migrate (twice), accounts,
 //! submit --wait, batch show, and audit's exit code on drift.
 
-mod support;
+use crate::support;
 
 use std::process::Output;
 

@@ -2,7 +2,7 @@
 //! itself, and the consumers come back with their prefetch: QoS belongs to a
 //! channel, so a recovered connection without it would flood one worker.
 
-mod support;
+use crate::support;
 
 use holdfast::fleet::{Fleet, Roles};
 use holdfast_common::database;

@@ -22,14 +22,13 @@
 //! One database for the whole test, a fresh account per case. The seed is
 //! fixed, so CI runs the same cases every time; `PROPTEST_RNG_SEED` and
 //! `PROPTEST_CASES` explore others. A failing case is saved in
-//! `tests/ledger_properties/main.proptest-regressions` (commit it) and replayed
-//! first.
+//! `tests/integration/ledger_properties/mod.proptest-regressions` (commit it)
+//! and replayed first.
 //!
 //! Modules: [`model`] predicts, [`ledger`] runs the same calls on PostgreSQL,
 //! [`invariants`] checks the database after every step.
 
-#[path = "../support/mod.rs"]
-mod support;
+use crate::support;
 
 mod invariants;
 mod ledger;
@@ -47,9 +46,9 @@ use proptest::test_runner::{
 use support::*;
 use tokio_postgres::Client;
 
-use crate::invariants::check;
-use crate::ledger::{request, split, Real};
-use crate::model::{Call, IState, Kind, MBatch, Model, Obs, Outcome, SState};
+use self::invariants::check;
+use self::ledger::{request, split, Real};
+use self::model::{Call, IState, Kind, MBatch, Model, Obs, Outcome, SState};
 
 /// Cases in CI (each runs up to 40 steps, every step checked).
 const CASES: u32 = 20;

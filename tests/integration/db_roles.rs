@@ -2,7 +2,7 @@
 //! its real code as a LOGIN user in its group, and a worker (or coordinator,
 //! or reconciler) cannot add credits or create accounts, whatever SQL it sends.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! shutdown does not wait on slow clients. Every wait is bounded (20 s) and
 //! nothing asserts speed.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

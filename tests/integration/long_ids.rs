@@ -3,7 +3,7 @@
 //! HTTP. Whatever goes into an AMQP short string (255 bytes) is bounded by
 //! construction, so no id can make a role panic or strand a hold.
 
-mod support;
+use crate::support;
 
 use holdfast::fleet::{HttpAddr, Roles};
 use serde_json::{json, Value};

@@ -2,7 +2,7 @@
 //! overruns are capped and recorded, silence charges the reservation, and
 //! duplicates never charge twice.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -4,8 +4,8 @@
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use crate::ledger::Real;
-use crate::model::{Model, SState};
+use super::ledger::Real;
+use super::model::{Model, SState};
 
 /// Every invariant of the design for `account`, in SQL of this test; then the
 /// model's balances and states; then the ledger's own audit of the database.

@@ -3,7 +3,7 @@
 //! the role goes on. Panics are injected with scoped fault points
 //! (`panic:NAME@NAMESPACE`), so tests sharing a process do not see them.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Many producers racing on one account never overspend, and the journal
 //! agrees with the balances afterwards.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

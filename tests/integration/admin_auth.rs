@@ -3,7 +3,7 @@
 //! token and with a wrong one, and the reference page's grant is off unless
 //! the server enables it. None of the refused calls changes the ledger.
 
-mod support;
+use crate::support;
 
 use holdfast::fleet::{HttpAddr, Roles};
 use serde_json::{json, Value};

@@ -3,7 +3,7 @@
 //! until released, batches submitted and cancelled over HTTP settle exactly,
 //! and every malformed input is a 4xx problem document, never a 5xx.
 
-mod support;
+use crate::support;
 
 use holdfast::fleet::{FleetSettings, HttpAddr, Roles};
 use reqwest::Method;

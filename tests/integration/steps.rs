@@ -2,7 +2,7 @@
 //! one delivery of the jobs queue through the whole worker path, and the
 //! reconciler's `sweep_once` does one sweep; no waiting for background tasks.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

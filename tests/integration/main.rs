@@ -1,0 +1,24 @@
+//! The integration suite: one test binary (linked once, not once per file)
+//! whose modules each drive real PostgreSQL and RabbitMQ; see [`support`].
+
+mod support;
+
+mod admin_auth;
+mod api;
+mod bad_input;
+mod cli;
+mod concurrency;
+mod db_roles;
+mod decisions;
+mod http_errors;
+mod intake_properties;
+mod ledger_properties;
+mod limits;
+mod long_ids;
+mod pipeline;
+mod reconnect;
+mod recovery;
+mod secrets;
+mod settlement;
+mod steps;
+mod supervision;
