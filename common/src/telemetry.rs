@@ -87,13 +87,16 @@ pub mod record {
 
     use metrics::{counter, gauge, histogram};
 
-    use crate::ledger::{BatchState, ClosedBatch, SettleReport, Settled, Settlement};
+    use crate::ledger::{BatchState, ClosedBatch, GrantSource, SettleReport, Settled, Settlement};
     use crate::messages::Decision;
 
     /// Publish every counter and histogram (and the stuck gauge) at zero, so that a first event shows
     /// as an increase (`rate`, `increase`) and dashboards show 0, not no data.
     pub(crate) fn zero() {
-        counter!("holdfast_credits_granted_total").absolute(0);
+        for source in crate::ledger::GrantSource::ALL {
+            counter!("holdfast_credits_granted_total", "source" => source.as_str()).absolute(0);
+            counter!("holdfast_credits_expired_total", "source" => source.as_str()).absolute(0);
+        }
         counter!("holdfast_credits_reserved_total").absolute(0);
         counter!("holdfast_credits_captured_total").absolute(0);
         counter!("holdfast_overrun_credits_total").absolute(0);
@@ -126,8 +129,18 @@ pub mod record {
         let _ = histogram!("holdfast_batch_seconds");
     }
 
-    pub fn granted(amount: i64) {
-        counter!("holdfast_credits_granted_total").increment(amount.max(0) as u64);
+    pub fn granted(source: GrantSource, amount: i64) {
+        counter!("holdfast_credits_granted_total", "source" => source.as_str())
+            .increment(amount.max(0) as u64);
+    }
+
+    /// Credits of a grant that expired unused (left over at its expiry, or
+    /// released by a hold after it).
+    pub fn credits_expired(source: GrantSource, amount: i64) {
+        if amount > 0 {
+            counter!("holdfast_credits_expired_total", "source" => source.as_str())
+                .increment(amount as u64);
+        }
     }
 
     pub fn decided(decision: &Decision, took: Duration) {

@@ -191,9 +191,7 @@ async fn a_group_priced_on_credits_spent_meanwhile_is_decided_again_under_the_lo
     let tx = other.transaction().await.unwrap();
     tx.batch_execute(
         "WITH h AS (INSERT INTO holds (account_id, amount) VALUES ('hot', 90) RETURNING id)
-         INSERT INTO journal (account_id, hold_id, kind, amount, held_delta)
-         SELECT 'hot', id, 'hold', 90, 90 FROM h;
-         UPDATE accounts SET held = held + 90 WHERE id = 'hot';",
+         SELECT holdfast_take('hot', ARRAY[id], ARRAY[NULL]::text[], ARRAY[90::int8], 'other') FROM h;",
     )
     .await
     .unwrap();

@@ -3,6 +3,7 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::grants::GrantSpec;
 use super::{Ledger, LedgerError, Result};
 
 /// An account's credits. `available = balance - held`.
@@ -29,7 +30,7 @@ pub struct JournalEntry {
     pub note: Option<String>,
 }
 
-fn valid_id(id: &str) -> Result<()> {
+pub(super) fn valid_id(id: &str) -> Result<()> {
     if id.is_empty() || id.chars().count() > 128 || id.chars().any(char::is_control) {
         return Err(LedgerError::Invalid(
             "account id must be 1 to 128 printable characters".into(),
@@ -59,8 +60,9 @@ impl Ledger {
         self.account(id).await
     }
 
-    /// Add `amount` posted credits (journal kind `grant`), creating the account
-    /// if `create` is set and it does not exist.
+    /// Add `amount` manual credits that never expire (a grant with a new
+    /// id), creating the account if `create` is set and it does not exist.
+    /// [`Ledger::add_grant`] takes the other terms of a grant.
     pub async fn grant(
         &self,
         id: &str,
@@ -68,49 +70,11 @@ impl Ledger {
         note: Option<&str>,
         create: bool,
     ) -> Result<Account> {
-        valid_id(id)?;
-        if amount <= 0 {
-            return Err(LedgerError::Invalid(format!(
-                "a grant must be a positive number of credits, got {amount}"
-            )));
-        }
-        self.retrying("grant", || async {
-            let mut client = self.pool.get().await?;
-            let tx = client.transaction().await?;
-            if create {
-                tx.execute(
-                    "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
-                    &[&id],
-                )
-                .await?;
-            }
-            let n = tx
-                .execute(
-                    "UPDATE accounts SET balance = balance + $2, updated_at = now() WHERE id = $1",
-                    &[&id, &amount],
-                )
-                .await
-                .map_err(|e| match e.code() {
-                    Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => {
-                        LedgerError::Invalid("the balance would overflow".into())
-                    }
-                    _ => e.into(),
-                })?;
-            if n == 0 {
-                return Err(LedgerError::UnknownAccount(id.into()));
-            }
-            tx.execute(
-                "INSERT INTO journal (account_id, kind, amount, balance_delta, note)
-                 VALUES ($1, 'grant', $2, $2, $3)",
-                &[&id, &amount, &note],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
-        })
-        .await?;
-        crate::telemetry::record::granted(amount);
-        self.account(id).await
+        let spec = GrantSpec {
+            note: note.map(str::to_owned),
+            ..GrantSpec::manual(amount)
+        };
+        Ok(self.add_grant(id, &spec, create).await?.account)
     }
 
     /// Balances of one account.

@@ -23,6 +23,42 @@ const CHECKS: &[&str] = &[
      LEFT JOIN (SELECT account_id, sum(balance_delta) b, sum(held_delta) h FROM journal GROUP BY account_id) j
        ON j.account_id = a.id
      WHERE a.balance <> COALESCE(j.b, 0) OR a.held <> COALESCE(j.h, 0)",
+    // Each grant: remaining and held equal the sums of the journal rows that name it.
+    "SELECT 'grant ' || g.id || ' (account ' || g.account_id || ')',
+            format('remaining %s, held %s, but the journal sums to remaining %s, held %s',
+                   g.remaining, g.held, COALESCE(j.b, 0), COALESCE(j.h, 0))
+     FROM grants g
+     LEFT JOIN (SELECT account_id, grant_id, sum(balance_delta) b, sum(held_delta) h
+                FROM journal WHERE grant_id IS NOT NULL GROUP BY account_id, grant_id) j
+       ON j.account_id = g.account_id AND j.grant_id = g.id
+     WHERE g.remaining <> COALESCE(j.b, 0) OR g.held <> COALESCE(j.h, 0)",
+    // Each grant's held is what open holds took of it.
+    "SELECT 'grant ' || g.id || ' (account ' || g.account_id || ')',
+            format('held %s, but open holds took %s of it', g.held, COALESCE(o.s, 0))
+     FROM grants g
+     LEFT JOIN (SELECT al.account_id, al.grant_id, sum(al.amount) s
+                FROM hold_allocations al JOIN holds h ON h.id = al.hold_id
+                WHERE h.state = 'open' GROUP BY al.account_id, al.grant_id) o
+       ON o.account_id = g.account_id AND o.grant_id = g.id
+     WHERE g.held <> COALESCE(o.s, 0)",
+    // Each hold took its amount from grants; a resolved one settled every
+    // allocation. (Holds resolved before grants existed have none.)
+    "SELECT 'hold ' || h.id,
+            format('amount %s state %s, but its allocations total %s (settled %s)',
+                   h.amount, h.state, COALESCE(a.s, 0), COALESCE(a.settled, 0))
+     FROM holds h
+     LEFT JOIN (SELECT hold_id, sum(amount) s, sum(captured + released + expired) settled
+                FROM hold_allocations GROUP BY hold_id) a ON a.hold_id = h.id
+     WHERE (h.state = 'open' OR a.hold_id IS NOT NULL)
+       AND (h.amount <> COALESCE(a.s, 0) OR (h.state <> 'open' AND a.settled <> a.s))",
+    // The account's balance and held are the sums over its grants.
+    "SELECT 'account ' || a.id,
+            format('balance %s, held %s, but its grants total remaining %s, held %s',
+                   a.balance, a.held, COALESCE(g.r, 0), COALESCE(g.h, 0))
+     FROM accounts a
+     LEFT JOIN (SELECT account_id, sum(remaining) r, sum(held) h FROM grants GROUP BY account_id) g
+       ON g.account_id = a.id
+     WHERE a.balance <> COALESCE(g.r, 0) OR a.held <> COALESCE(g.h, 0)",
     // Held equals the open holds.
     "SELECT 'account ' || a.id, format('held %s, but its open holds total %s', a.held, COALESCE(o.s, 0))
      FROM accounts a
@@ -41,7 +77,7 @@ const CHECKS: &[&str] = &[
      LEFT JOIN (SELECT hold_id,
                        sum(amount) FILTER (WHERE kind = 'hold') AS hold,
                        sum(amount) FILTER (WHERE kind = 'capture') AS capture,
-                       sum(amount) FILTER (WHERE kind IN ('release', 'expire')) AS release,
+                       sum(amount) FILTER (WHERE kind IN ('release', 'expire', 'grant_expire', 'void')) AS release,
                        sum(amount) FILTER (WHERE kind = 'settle') AS settle
                 FROM journal WHERE hold_id IS NOT NULL GROUP BY hold_id) j ON j.hold_id = h.id
      LEFT JOIN (SELECT batch_id, sum(captured) AS captured FROM items GROUP BY batch_id) i ON i.batch_id = b.id

@@ -5,8 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use deadpool_postgres::Transaction;
 use serde::Serialize;
-use tokio_postgres::{Row, Transaction};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::close::{finish, ClosedBatch};

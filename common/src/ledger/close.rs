@@ -3,13 +3,14 @@
 //! for a sequential batch with items still queued, reserve the next chunk and
 //! hand it out, or stop cleanly when that chunk no longer fits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
+use deadpool_postgres::Transaction;
 use serde::Serialize;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
+use super::grants::{self, Unused};
 use super::{BatchState, Ledger, Result};
 use crate::messages::BatchFigures;
 
@@ -111,7 +112,7 @@ async fn next_chunk(
     let cost: i64 = next.iter().map(|r| r.get::<_, i64>(1)).sum();
     let available: i64 = tx
         .query_one(
-            "SELECT balance - held FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+            "SELECT holdfast_available(id) FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
             &[&account],
         )
         .await?
@@ -130,15 +131,13 @@ async fn next_chunk(
         &[&hold, &cost],
     )
     .await?;
-    tx.execute(
-        "UPDATE accounts SET held = held + $2, updated_at = now() WHERE id = $1",
-        &[&account, &cost],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO journal (account_id, hold_id, batch_id, kind, amount, held_delta, note)
-         VALUES ($1, $2, $3, 'hold', $4, $4, 'next chunk')",
-        &[&account, &hold, &batch_id, &cost],
+    grants::take(
+        tx,
+        account,
+        &[hold],
+        &[Some(batch_id)],
+        &[cost],
+        Some("next chunk"),
     )
     .await?;
     tx.execute(
@@ -189,45 +188,18 @@ pub(super) async fn close_batches(
     if rows.is_empty() {
         return Ok(vec![]);
     }
-    // Account rows last, in id order (the lock order).
-    let mut per_account: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-    let (mut j_acct, mut j_hold, mut j_batch, mut j_kind, mut j_amount, mut j_bal, mut j_held) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut closed_ids = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let (batch, account, hold): (String, String, Uuid) = (row.get(0), row.get(1), row.get(2));
-        let (amount, captured, released): (i64, i64, i64) = (row.get(3), row.get(4), row.get(5));
-        let e = per_account.entry(account.clone()).or_default();
-        e.0 += captured;
-        e.1 += amount;
-        for (kind, amt, bal, held) in [
-            ("settle", captured, -captured, -captured),
-            ("release", released, 0, -released),
-        ] {
-            j_acct.push(account.clone());
-            j_hold.push(hold);
-            j_batch.push(batch.clone());
-            j_kind.push(kind);
-            j_amount.push(amt);
-            j_bal.push(bal);
-            j_held.push(held);
-        }
+    // Each hold posted to its grants and its account, accounts in id order
+    // (the lock order).
+    let mut resolved: Vec<(String, String, Uuid, i64)> = rows
+        .iter()
+        .map(|r| (r.get(1), r.get(0), r.get(2), r.get(4)))
+        .collect();
+    resolved.sort();
+    let mut closed_ids = Vec::with_capacity(resolved.len());
+    for (_, batch, hold, captured) in resolved {
+        grants::resolve(tx, hold, captured, Some(&batch), Unused::Release, reason).await?;
         closed_ids.push(batch);
     }
-    for (account, (captured, amount)) in &per_account {
-        tx.execute(
-            "UPDATE accounts SET balance = balance - $2, held = held - $3, updated_at = now() WHERE id = $1",
-            &[account, captured, amount],
-        )
-        .await?;
-    }
-    let notes: Vec<&str> = j_kind.iter().map(|_| reason).collect();
-    tx.execute(
-        "INSERT INTO journal (account_id, hold_id, batch_id, kind, amount, balance_delta, held_delta, note)
-         SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[], $8::text[])",
-        &[&j_acct, &j_hold, &j_batch, &j_kind, &j_amount, &j_bal, &j_held, &notes],
-    )
-    .await?;
     tx.execute(
         "UPDATE batches SET state = $2, closed_at = now(), dispatch_lease = NULL WHERE id = ANY($1)",
         &[&closed_ids, &final_state],

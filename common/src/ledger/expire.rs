@@ -3,10 +3,11 @@
 //! several reconcilers share the work instead of repeating it, and a hold
 //! resolves exactly once whoever gets there first. Expiry is never early.
 
-use tokio_postgres::Transaction;
+use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
 use super::close::{close_batches, ClosedBatch};
+use super::grants::{self, Unused};
 use super::{BatchState, Ledger, Result};
 
 /// Expire soft holds already locked by the caller: state `expired`, the whole
@@ -21,26 +22,16 @@ pub(super) async fn expire_locked(tx: &Transaction<'_>, ids: &[Uuid]) -> Result<
             &[&ids],
         )
         .await?;
-    let mut per_account = std::collections::BTreeMap::<String, i64>::new();
-    for r in &rows {
-        *per_account.entry(r.get(1)).or_default() += r.get::<_, i64>(2);
+    // Each back to its grants, accounts in id order (the lock order).
+    let mut expired: Vec<(String, Uuid, i64)> = rows
+        .iter()
+        .map(|r| (r.get(1), r.get(0), r.get(2)))
+        .collect();
+    expired.sort();
+    for (_, hold, _) in &expired {
+        grants::resolve(tx, *hold, 0, None, Unused::Expire, "ttl").await?;
     }
-    for (account, amount) in &per_account {
-        tx.execute(
-            "UPDATE accounts SET held = held - $2, updated_at = now() WHERE id = $1",
-            &[account, amount],
-        )
-        .await?;
-    }
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-    let accounts: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
-    let amounts: Vec<i64> = rows.iter().map(|r| r.get(2)).collect();
-    tx.execute(
-        "INSERT INTO journal (account_id, hold_id, kind, amount, held_delta, note)
-         SELECT a, h, 'expire', x, -x, 'ttl' FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS t(a, h, x)",
-        &[&accounts, &ids, &amounts],
-    )
-    .await?;
+    let amounts = expired.iter().map(|(.., amount)| *amount).collect();
     Ok(amounts)
 }
 

@@ -39,6 +39,7 @@ mod close;
 mod dispatch;
 mod expire;
 mod gauges;
+mod grants;
 mod patience;
 mod reserve;
 mod soft_holds;
@@ -111,6 +112,7 @@ pub use cancel::Cancelled;
 pub use capture::{ItemOutcome, SettleReport, Settled, Settlement};
 pub use close::ClosedBatch;
 pub use dispatch::PendingJob;
+pub use grants::{Grant, GrantSource, GrantSpec, Granted};
 pub use patience::{wait_out, Transient};
 pub use reserve::{ReserveInput, Reserved};
 pub use states::{BatchState, HoldState, ItemState};
@@ -129,6 +131,9 @@ pub enum LedgerError {
     /// The account exists already (create).
     #[error("account `{0}` already exists")]
     AccountExists(String),
+    /// The grant id was used before with different terms: reject.
+    #[error("account `{account}` already has a grant `{grant}` with other terms")]
+    GrantConflict { account: String, grant: String },
     /// The batch id was used before with a different request body: reject.
     #[error("batch `{0}` was already submitted with a different request")]
     Conflict(String),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::grants::{self, Unused};
 use super::{HoldState, Ledger, LedgerError, Result};
 use crate::messages::Reservation;
 
@@ -52,7 +53,7 @@ impl Ledger {
                 let tx = client.transaction().await?;
                 let available: i64 = tx
                     .query_opt(
-                        "SELECT balance - held FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+                        "SELECT holdfast_available(id) FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
                         &[&account_id],
                     )
                     .await?
@@ -72,17 +73,8 @@ impl Ledger {
                     )
                     .await?
                     .get(0);
-                tx.execute(
-                    "UPDATE accounts SET held = held + $2, updated_at = now() WHERE id = $1",
-                    &[&account_id, &amount],
-                )
-                .await?;
-                tx.execute(
-                    "INSERT INTO journal (account_id, hold_id, kind, amount, held_delta, note)
-                     VALUES ($1, $2, 'hold', $3, $3, 'soft hold')",
-                    &[&account_id, &id, &amount],
-                )
-                .await?;
+                grants::take(&tx, account_id, &[id], &[None], &[amount], Some("soft hold"))
+                    .await?;
                 tx.commit().await?;
                 Ok(id)
             })
@@ -132,13 +124,13 @@ impl Ledger {
                 let tx = client.transaction().await?;
                 let row = tx
                     .query_opt(
-                        "SELECT account_id, amount, state, expires_at IS NOT NULL FROM holds WHERE id = $1 FOR UPDATE",
+                        "SELECT amount, state, expires_at IS NOT NULL FROM holds WHERE id = $1 FOR UPDATE",
                         &[&uuid],
                     )
                     .await?
                     .ok_or_else(|| LedgerError::NotFound(format!("no reservation `{id}`")))?;
-                let (account, amount, state, soft): (String, i64, HoldState, bool) =
-                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                let (amount, state, soft): (i64, HoldState, bool) =
+                    (row.get(0), row.get(1), row.get(2));
                 if state != HoldState::Open {
                     return Ok(0);
                 }
@@ -154,17 +146,7 @@ impl Ledger {
                     &[&uuid],
                 )
                 .await?;
-                tx.execute(
-                    "UPDATE accounts SET held = held - $2, updated_at = now() WHERE id = $1",
-                    &[&account, &amount],
-                )
-                .await?;
-                tx.execute(
-                    "INSERT INTO journal (account_id, hold_id, kind, amount, held_delta, note)
-                     VALUES ($1, $2, 'release', $3, -$3::int8, 'cancelled')",
-                    &[&account, &uuid, &amount],
-                )
-                .await?;
+                grants::resolve(&tx, uuid, 0, None, Unused::Release, "cancelled").await?;
                 tx.commit().await?;
                 Ok(amount)
             })

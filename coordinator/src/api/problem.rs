@@ -159,6 +159,12 @@ impl From<LedgerError> for Problem {
                 ),
             )
             .with_batch(b),
+            e @ LedgerError::GrantConflict { .. } => Self::new(
+                S::CONFLICT,
+                "grant-conflict",
+                "Grant conflict",
+                format!("{e}; use a new grant_id"),
+            ),
             LedgerError::Invalid(why) => {
                 Self::new(S::BAD_REQUEST, "invalid-request", "Invalid request", why)
             }

@@ -239,9 +239,11 @@ impl Ledger {
         accounts.sort_unstable();
         accounts.dedup();
         let read = match lock {
-            AccountLock::AtTheEnd => "SELECT id, balance - held FROM accounts WHERE id = ANY($1)",
+            AccountLock::AtTheEnd => {
+                "SELECT id, holdfast_available(id) FROM accounts WHERE id = ANY($1)"
+            }
             AccountLock::First => {
-                "SELECT id, balance - held FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+                "SELECT id, holdfast_available(id) FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
             }
         };
         let mut available: HashMap<String, i64> = tx
@@ -296,8 +298,9 @@ impl Ledger {
         insert_holds(&tx, &new_batches).await?;
         insert_batches(&tx, &new_batches).await?;
         insert_items(&tx, &new_batches).await?;
-        // Last: the account rows, so that their lock lasts one statement.
-        raise_held(&tx, &new_batches).await?;
+        // Last: the account rows and their grants, so that their lock lasts
+        // one statement per account.
+        take_from_grants(&tx, &new_batches).await?;
         tx.commit().await?;
         Ok(results)
     }

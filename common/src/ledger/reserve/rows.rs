@@ -136,42 +136,41 @@ impl<'a> NewBatch<'a> {
     }
 }
 
-/// Raise each account's `held` by its new holds, one update per account in id
-/// order. The `available >= 0` check refuses it if the credits are gone.
-pub(super) async fn raise_held(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()> {
-    let mut per_account: std::collections::BTreeMap<&str, i64> = Default::default();
+/// Take each new hold from its account's grants in burn-down order (see
+/// `holdfast_take` in the migrations), one call per account in id order:
+/// the allocation and `hold` journal rows per grant touched, then `held`.
+/// The database refuses it (check violation) if the credits are gone.
+pub(super) async fn take_from_grants(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()> {
+    type Holds<'b> = (Vec<Uuid>, Vec<Option<&'b str>>, Vec<i64>);
+    let mut per_account: std::collections::BTreeMap<&str, Holds> = Default::default();
     for b in batches {
         if let Some(g) = b.grant.as_ref().filter(|g| !g.existing_hold) {
-            *per_account
+            let e = per_account
                 .entry(b.input.request.account_id.as_str())
-                .or_default() += g.total;
+                .or_default();
+            e.0.push(g.hold_id);
+            e.1.push(Some(b.input.request.batch_id.as_str()));
+            e.2.push(g.total);
         }
     }
-    if per_account.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<&str> = per_account.keys().copied().collect();
-    let totals: Vec<i64> = per_account.values().copied().collect();
-    if ids.len() > 1 {
+    if per_account.len() > 1 {
         // Several accounts: lock them in id order first, so that two groups
         // sharing accounts queue instead of deadlocking.
+        let ids: Vec<&str> = per_account.keys().copied().collect();
         tx.execute_cached(
             "SELECT 1 FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
             &[&ids],
         )
         .await?;
     }
-    tx.execute_cached(
-        "UPDATE accounts a SET held = a.held + t.total, updated_at = now()
-         FROM unnest($1::text[], $2::int8[]) AS t(id, total)
-         WHERE a.id = t.id",
-        &[&ids, &totals],
-    )
-    .await?;
+    for (account, (holds, batch_ids, totals)) in &per_account {
+        super::super::grants::take(tx, account, holds, batch_ids, totals, None).await?;
+    }
     Ok(())
 }
 
-/// The new holds of granted batches and their journal rows.
+/// The new holds of granted batches (their journal rows come with the grants
+/// they take, in [`take_from_grants`]).
 pub(super) async fn insert_holds(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()> {
     let grants: Vec<(&NewBatch, &NewGrant)> = batches
         .iter()
@@ -185,22 +184,12 @@ pub(super) async fn insert_holds(tx: &Transaction<'_>, batches: &[NewBatch<'_>])
         .iter()
         .map(|(b, _)| b.input.request.account_id.as_str())
         .collect();
-    let batch_ids: Vec<&str> = grants
-        .iter()
-        .map(|(b, _)| b.input.request.batch_id.as_str())
-        .collect();
     let holds: Vec<Uuid> = grants.iter().map(|(_, g)| g.hold_id).collect();
     let totals: Vec<i64> = grants.iter().map(|(_, g)| g.total).collect();
     tx.execute_cached(
         "INSERT INTO holds (id, account_id, amount)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[])",
         &[&holds, &accounts, &totals],
-    )
-    .await?;
-    tx.execute_cached(
-        "INSERT INTO journal (account_id, hold_id, batch_id, kind, amount, held_delta)
-         SELECT a, h, b, 'hold', t, t FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int8[]) AS u(a, h, b, t)",
-        &[&accounts, &holds, &batch_ids, &totals],
     )
     .await?;
     Ok(())
