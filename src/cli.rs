@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use holdfast_common::config::{Connections, Limits, QueueSettings};
+use holdfast_common::ledger::GrantSource;
 use holdfast_coordinator::config::CoordinatorSettings;
 
 use crate::fleet::FleetSettings;
@@ -65,21 +66,50 @@ pub enum Command {
 pub enum AccountCommand {
     /// Create an account with no credits.
     Create { id: String },
-    /// Add credits to an account.
+    /// Add credits to an account, as one grant.
     Grant {
         id: String,
         /// Credits to add, in the smallest unit (a positive whole number).
         #[arg(allow_negative_numbers = true)]
         amount: i64,
-        /// A reference stored in the journal (invoice, reason).
-        #[arg(long)]
+        /// What is left of the grant expires this many seconds from now.
+        #[arg(long, value_name = "SECS", conflicts_with = "expires_at")]
+        expires_in: Option<u64>,
+        /// What is left of the grant expires at this time (RFC 3339).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Lower is used first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// plan, purchase, promotion or manual.
+        #[arg(long, default_value = "manual", value_parser = parse_source)]
+        source: GrantSource,
+        /// Idempotency key within the account (default: a new id). The same
+        /// id with the same terms adds nothing the second time.
+        #[arg(long, value_name = "G")]
+        grant_id: Option<String>,
+        /// A reference stored with the grant and in the journal (invoice, reason).
+        #[arg(long, value_name = "T")]
         note: Option<String>,
         /// Create the account if it does not exist.
         #[arg(long)]
         create: bool,
     },
-    /// Show balance, held and available credits.
+    /// Void what a grant has left (what open holds took of it stays theirs).
+    Void { id: String, grant_id: String },
+    /// Show balance, held and available credits, the grants and the open holds.
     Show { id: String },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("not an RFC 3339 time ({e}); for example 2027-01-01T00:00:00Z"))
+}
+
+fn parse_source(s: &str) -> Result<GrantSource, String> {
+    s.parse()
+        .map_err(|e: holdfast_common::ledger::LedgerError| e.to_string())
 }
 
 #[derive(Subcommand)]

@@ -9,6 +9,7 @@ use crate::{demo, producer::Producer, report};
 use anyhow::Context;
 use holdfast_common::config::Connections;
 use holdfast_common::database;
+use holdfast_common::ledger::GrantSpec;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::messages::{Decision, Event};
 use holdfast_common::telemetry;
@@ -127,19 +128,60 @@ async fn account(conn: &Connections, cmd: AccountCommand, json: bool) -> anyhow:
         AccountCommand::Grant {
             id,
             amount,
+            expires_in,
+            expires_at,
+            priority,
+            source,
+            grant_id,
             note,
             create,
-        } => ledger.grant(&id, amount, note.as_deref(), create).await?,
+        } => {
+            let expires_at = match expires_in {
+                Some(secs) => Some(
+                    i64::try_from(secs)
+                        .ok()
+                        .and_then(chrono::Duration::try_seconds)
+                        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                        .ok_or_else(|| anyhow::anyhow!("--expires-in {secs} is too far away"))?,
+                ),
+                None => expires_at,
+            };
+            let spec = GrantSpec {
+                grant_id,
+                amount,
+                source,
+                priority,
+                expires_at,
+                note,
+            };
+            let granted = ledger.add_grant(&id, &spec, create).await?;
+            if !json {
+                report::granted(&granted);
+            }
+            granted.account
+        }
+        AccountCommand::Void { id, grant_id } => {
+            let grant = ledger.void_grant(&id, &grant_id, None).await?;
+            if json {
+                report::json(&grant);
+            } else {
+                report::grants(std::slice::from_ref(&grant));
+            }
+            return Ok(0);
+        }
         AccountCommand::Show { id } => {
-            // The same view as GET /v1/accounts/{id}: balances and the open holds.
+            // The same view as GET /v1/accounts/{id}: balances, grants, open holds.
             let account = ledger.account(&id).await?;
+            let grants = ledger.grants(&id).await?;
             let holds = ledger.open_holds(&id).await?;
             if json {
                 let mut v = serde_json::to_value(&account)?;
+                v["grants"] = serde_json::to_value(&grants)?;
                 v["holds"] = serde_json::to_value(&holds)?;
                 report::json(&v);
             } else {
                 report::account(&account);
+                report::grants(&grants);
                 report::holds(&holds);
             }
             return Ok(0);

@@ -23,6 +23,36 @@ pub fn account(a: &Account) {
     );
 }
 
+/// What `account grant` added (or found added before under its id).
+pub fn granted(g: &holdfast_common::ledger::Granted) {
+    if g.replayed {
+        println!(
+            "grant {} was added before with the same terms: nothing added",
+            g.grant.grant_id
+        );
+    }
+}
+
+/// The grants of an account, one line each, in burn-down order.
+pub fn grants(grants: &[holdfast_common::ledger::Grant]) {
+    for g in grants {
+        println!(
+            "  grant {:<24} {:<9} priority {:>3}  remaining {:>10} of {:>10}  held {:>10}  {}{}",
+            g.grant_id,
+            g.source.as_str(),
+            g.priority,
+            thousands(g.remaining),
+            thousands(g.amount),
+            thousands(g.held),
+            g.state,
+            g.expires_at
+                .as_deref()
+                .map(|e| format!(", expires {e}"))
+                .unwrap_or_default(),
+        );
+    }
+}
+
 pub fn decision(d: &Decision) {
     match d {
         Decision::Granted(g) => {

@@ -4,7 +4,8 @@
 //! are all settled (or reserves a sequential batch's next chunk), closes batches past
 //! their execution deadline (unsettled items fail, the rest is released),
 //! re-dispatches batches whose coordinator died before the broker confirmed
-//! every job, refreshes the gauges, and now and then audits the ledger: drift
+//! every job, expires what grants past their expiry have left, refreshes the
+//! gauges, and now and then audits the ledger: drift
 //! (balances against the journal) and stuck money (holds this very sweep
 //! should have resolved, past their limit by more than
 //! [`ReconcilerSettings::stuck_grace`]: three sweeps, at least 10 s).
@@ -31,6 +32,8 @@ pub struct SweepReport {
     pub redispatched: usize,
     /// Soft holds expired (their TTL passed with no batch consuming them).
     pub expired_holds: usize,
+    /// Credits of grants past their expiry that expired unused.
+    pub expired_credits: i64,
     /// Drift found, when this sweep audited.
     pub drift: Option<usize>,
     /// Stuck holds found, when this sweep audited.
@@ -65,6 +68,9 @@ impl Reconciler {
             expired_holds: self.ledger.expire_soft_holds(CLAIM_LIMIT).await?,
             expired: self.expire_overdue().await?,
             redispatched: self.redispatch_stranded().await?,
+            // Last, so that what this sweep released to a grant past its
+            // expiry expires with it now.
+            expired_credits: self.ledger.expire_grants(CLAIM_LIMIT).await?,
             ..Default::default()
         };
         self.refresh_gauges().await?;

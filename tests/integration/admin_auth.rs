@@ -6,6 +6,7 @@
 use crate::support;
 
 use holdfast::fleet::{HttpAddr, Roles};
+use holdfast_common::ledger::GrantSpec;
 use serde_json::{json, Value};
 use support::*;
 
@@ -17,7 +18,11 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
     settings.http_addr = HttpAddr(Some("127.0.0.1:0".parse().unwrap()));
     settings.api.admin_token = Some(TOKEN.into());
     let t = TestFleet::start_with(settings, Roles::ALL, None).await;
-    t.grant("acme", 100).await;
+    let spec = GrantSpec {
+        grant_id: Some("g1".into()),
+        ..GrantSpec::manual(100)
+    };
+    t.ledger.add_grant("acme", &spec, true).await.unwrap();
     let base = format!("http://{}", t.fleets[0].http_addr().unwrap());
     let http = reqwest::Client::new();
 
@@ -36,13 +41,20 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
                 .as_array()
                 .is_some_and(|s| s.iter().any(|r| r.get("admin_token").is_some()));
             if secured {
-                admin_ops.push((method.to_uppercase(), path.replace("{id}", "acme")));
+                let path = path.replace("{id}", "acme").replace("{grant_id}", "g1");
+                admin_ops.push((method.to_uppercase(), path));
             }
         }
     }
     assert_eq!(
         admin_ops,
-        [("POST".to_string(), "/v1/accounts/acme/grants".to_string())],
+        [
+            ("POST".to_string(), "/v1/accounts/acme/grants".to_string()),
+            (
+                "DELETE".to_string(),
+                "/v1/accounts/acme/grants/g1".to_string()
+            ),
+        ],
         "the admin operations; a new one must be added to this test"
     );
 
@@ -102,5 +114,18 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(t.available("acme").await, 105);
+    let r = http
+        .delete(format!("{base}/v1/accounts/acme/grants/g1"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let voided: Value = r.json().await.unwrap();
+    assert_eq!(
+        (voided["state"].as_str(), voided["remaining"].as_i64()),
+        (Some("voided"), Some(0))
+    );
+    assert_eq!(t.available("acme").await, 5);
     t.stop().await;
 }

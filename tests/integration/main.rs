@@ -10,6 +10,7 @@ mod cli;
 mod concurrency;
 mod db_roles;
 mod decisions;
+mod grants_api;
 mod http_errors;
 mod intake_properties;
 mod ledger_properties;

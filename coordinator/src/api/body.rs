@@ -136,6 +136,24 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     }
 }
 
+/// Two path segments, `{id}` and `{grant_id}`, each checked like an id.
+pub struct PathIds(pub String, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathIds {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let Path((id, second)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Problem::field(StatusCode::BAD_REQUEST, "id", e.body_text()))?;
+        intake::check_id(&id)
+            .map_err(|reason| Problem::field(StatusCode::BAD_REQUEST, "id", reason))?;
+        intake::check_id(&second)
+            .map_err(|reason| Problem::field(StatusCode::BAD_REQUEST, "grant_id", reason))?;
+        Ok(PathIds(id, second))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,16 +145,7 @@ pub async fn grant(
             true,
         )
         .await?;
-    let a = s.ledger.account(&g.account_id).await?;
-    let holds = s.ledger.open_holds(&g.account_id).await?;
-    Ok(Json(AccountView {
-        id: a.id,
-        balance: a.balance,
-        held: a.held,
-        available: a.available,
-        open_holds: a.open_holds,
-        holds,
-    }))
+    Ok(Json(super::accounts::view(&s, &g.account_id).await?))
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use clap::Args;
 use holdfast_common::ledger::Ledger;
@@ -252,6 +252,7 @@ impl ApiState {
         batches::cancel,
         accounts::show,
         accounts::grant,
+        accounts::void,
         healthz,
         ready,
         metrics,
@@ -328,6 +329,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/accounts/{id}", get(accounts::show))
         .route("/v1/accounts/{id}/grants", post(accounts::grant))
+        .route(
+            "/v1/accounts/{id}/grants/{grant_id}",
+            delete(accounts::void),
+        )
         .route("/demo", get(demo_page::page))
         .route("/demo/demo.css", get(demo_page::css))
         .route("/demo/demo.js", get(demo_page::js))
