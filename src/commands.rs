@@ -294,11 +294,12 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
             return Ok(3);
         }
     };
-    let account = ledger(conn)?.account(&request.account_id).await?;
+    let pots = ledger(conn)?.pots(&request.account_id).await?;
     let p = holdfast_common::pricing::preview(
         &request,
-        account.available,
+        &pots,
         args.coordinator.sequential_chunk,
+        args.coordinator.execution_timeout(),
     );
     if json {
         report::json(&p);

@@ -16,6 +16,7 @@
 //! - [`supervise`]: catching a panic in one unit of work, so no panic ends a role.
 //! - [`faults`]: named crash points used by the fault-injection tests.
 
+pub mod breakdown;
 pub mod config;
 pub mod database;
 pub mod dispatch;

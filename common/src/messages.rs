@@ -121,6 +121,75 @@ pub struct Granted {
     /// Sequential mode: items reserved per chunk (`reserved` is the first chunk's cost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<usize>,
+    /// The grants the hold took `reserved` from, in the order it used them.
+    #[serde(default)]
+    pub breakdown: Vec<Draw>,
+    /// "120 credits held: 80 from your plan allowance (resets on 1 January), 40 from top-ups."
+    #[serde(default)]
+    pub message: String,
+    /// Said when credits the hold took expire before `deadline_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_notice: Option<String>,
+}
+
+/// Where a grant's credits come from; also its rank in the burn-down order
+/// among grants of equal priority and expiry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantSource {
+    /// A periodic allowance of the account's plan.
+    Plan,
+    /// Credits bought.
+    Purchase,
+    /// Credits given away (used before plan and bought credits).
+    Promotion,
+    /// Credits granted by an operator (and balances from before grants).
+    #[default]
+    Manual,
+}
+
+impl GrantSource {
+    pub const ALL: [GrantSource; 4] = [
+        GrantSource::Plan,
+        GrantSource::Purchase,
+        GrantSource::Promotion,
+        GrantSource::Manual,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantSource::Plan => "plan",
+            GrantSource::Purchase => "purchase",
+            GrantSource::Promotion => "promotion",
+            GrantSource::Manual => "manual",
+        }
+    }
+}
+
+impl std::str::FromStr for GrantSource {
+    type Err = crate::ledger::LedgerError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        GrantSource::ALL
+            .into_iter()
+            .find(|g| g.as_str() == s)
+            .ok_or_else(|| {
+                crate::ledger::LedgerError::Invalid(format!(
+                    "source must be plan, purchase, promotion or manual, got `{s}`"
+                ))
+            })
+    }
+}
+
+/// What a batch draws (or would draw) from one grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Draw {
+    pub grant_id: String,
+    pub source: GrantSource,
+    pub amount: i64,
+    /// RFC 3339; absent: the grant never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// A subset of the items that the available credits cover.
@@ -166,6 +235,9 @@ pub struct Insufficient {
     /// "This action costs 120 credits. You have 100 credits available (20 short)."
     pub detail: String,
     pub options: Vec<Choice>,
+    /// The grants the first-fit option (`first_fit`) would draw from.
+    #[serde(default)]
+    pub breakdown: Vec<Draw>,
 }
 
 /// One problem with a request, naming the field.
@@ -258,11 +330,19 @@ pub struct Preview {
     pub priority_fit: FitSet,
     /// Credits missing for everything (0 when it fits).
     pub shortfall: i64,
-    /// "This action will cost ~120 credits. You have 95 credits."
+    /// "This action will cost ~120 credits: 80 from your plan allowance
+    /// (resets on 1 January), 40 from top-ups. You have 195 credits."
     pub message: String,
     /// When short: "You have enough credits to generate 7 out of 10 items."
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advice: Option<String>,
+    /// The grants the batch would draw from (as much of `total_cost` as is
+    /// available), in the order it would use them.
+    #[serde(default)]
+    pub breakdown: Vec<Draw>,
+    /// Said when credits the batch would use expire before its deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_notice: Option<String>,
 }
 
 /// A soft hold: credits set aside for a batch that has not started yet.

@@ -2,6 +2,7 @@
 //! and what to tell a person when they do not. Pure functions, so the preview
 //! and the reservation answer the same question the same way.
 
+use crate::breakdown::{self, Pot};
 use crate::messages::{BatchRequest, Choice, FitSet, ItemRequest, LeftOut, Mode, Preview};
 
 /// What the request asks to run, before credits are considered: indices into `items`.
@@ -92,20 +93,55 @@ pub struct Shortfall {
 }
 
 /// What a preview tells a person before they click: the cost, what they
-/// have, and what fits. Uses the same rules as [`plan`].
-pub fn preview(req: &BatchRequest, available: i64, chunk_size: usize) -> Preview {
+/// have, what fits, and which grants (`pots`, in burn-down order) it would
+/// draw from. Uses the same rules as [`plan`]; a batch granted now would run
+/// until `execution_timeout` from now.
+pub fn preview(
+    req: &BatchRequest,
+    pots: &[Pot],
+    chunk_size: usize,
+    execution_timeout: std::time::Duration,
+) -> Preview {
     let items = &req.items;
     let wanted = requested(req);
     let total = cost_of(items, &wanted);
-    let available = available.max(0);
-    let fits = match plan_chunked(req, available, chunk_size) {
-        Plan::Run { .. } => true,
-        Plan::Short(_) => false,
+    let available = breakdown::available(pots);
+    let (fits, drawn) = match plan_chunked(req, available, chunk_size) {
+        Plan::Run { total, .. } => (true, total),
+        Plan::Short(s) => (false, s.first_fit.cost),
     };
     let first = fit_set(items, &first_fit(items, &wanted, available));
     let by_priority = fit_set(items, &priority_fit(items, &wanted, available));
     let n = wanted.len();
     let advice = (total > available).then(|| k_of_n(first.count, n));
+    let now = chrono::Utc::now();
+    let draws = breakdown::would_draw(pots, drawn);
+    let deadline =
+        now + chrono::Duration::from_std(execution_timeout).unwrap_or(chrono::Duration::days(1));
+    // Fits: where the cost comes from. Does not fit: where the credits the
+    // account has are.
+    let said = if fits {
+        breakdown::describe(&draws, now)
+    } else {
+        breakdown::describe(&breakdown::would_draw(pots, available), now)
+    };
+    let message = match (fits, said.is_empty()) {
+        (_, true) => format!(
+            "This action will cost ~{} credits. You have {} credits.",
+            thousands(total),
+            thousands(available)
+        ),
+        (true, false) => format!(
+            "This action will cost ~{} credits: {said}. You have {} credits.",
+            thousands(total),
+            thousands(available)
+        ),
+        (false, false) => format!(
+            "This action will cost ~{} credits. You have {} credits: {said}.",
+            thousands(total),
+            thousands(available)
+        ),
+    };
     Preview {
         account_id: req.account_id.clone(),
         mode: req.mode,
@@ -117,12 +153,10 @@ pub fn preview(req: &BatchRequest, available: i64, chunk_size: usize) -> Preview
         first_fit: first,
         priority_fit: by_priority,
         shortfall: (total - available).max(0),
-        message: format!(
-            "This action will cost ~{} credits. You have {} credits.",
-            thousands(total),
-            thousands(available)
-        ),
+        message,
         advice,
+        expiry_notice: breakdown::expiry_notice(&draws, deadline, now),
+        breakdown: draws,
     }
 }
 

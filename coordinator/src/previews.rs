@@ -25,11 +25,12 @@ pub async fn answer(
         Ok(r) => r,
         Err(rejected) => return Ok(Event::Decision(Decision::Rejected(*rejected))),
     };
-    match ledger.account(&request.account_id).await {
-        Ok(account) => Ok(Event::Preview(pricing::preview(
+    match ledger.pots(&request.account_id).await {
+        Ok(pots) => Ok(Event::Preview(pricing::preview(
             &request,
-            account.available,
+            &pots,
             config.settings.sequential_chunk,
+            config.settings.execution_timeout(),
         ))),
         Err(LedgerError::UnknownAccount(a)) => {
             let mut r = Rejected::one(None, "account_id", format!("unknown account `{a}`"));

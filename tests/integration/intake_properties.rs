@@ -90,7 +90,13 @@ fn check(body: &[u8]) -> Result<(), TestCaseError> {
             }
             for available in [0, 1, i64::MAX / 2] {
                 let _ = pricing::plan(&request, available);
-                let _ = pricing::preview(&request, available, 10);
+                let pots = [holdfast_common::breakdown::Pot {
+                    grant_id: "g".into(),
+                    source: Default::default(),
+                    expires_at: None,
+                    free: available,
+                }];
+                let _ = pricing::preview(&request, &pots, 10, std::time::Duration::from_secs(60));
             }
         }
         Err(rejected) => {

@@ -6,6 +6,7 @@ mod support;
 mod admin_auth;
 mod api;
 mod bad_input;
+mod breakdown;
 mod cli;
 mod concurrency;
 mod db_roles;

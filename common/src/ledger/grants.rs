@@ -6,11 +6,9 @@
 //! migrations/V5__grants.sql), so every path that takes or resolves a hold
 //! follows the same rule; this module calls them and reads grants back.
 
-use std::str::FromStr;
-
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_postgres::error::SqlState;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -18,55 +16,7 @@ use uuid::Uuid;
 use super::accounts::{valid_id, Account};
 use super::reserve::rfc3339;
 use super::{Cached, Ledger, LedgerError, Result};
-
-/// Where a grant's credits come from; also its rank in the burn-down order
-/// among grants of equal priority and expiry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum GrantSource {
-    /// A periodic allowance of the account's plan.
-    Plan,
-    /// Credits bought.
-    Purchase,
-    /// Credits given away (used before plan and bought credits).
-    Promotion,
-    /// Credits granted by an operator (and balances from before grants).
-    #[default]
-    Manual,
-}
-
-impl GrantSource {
-    pub const ALL: [GrantSource; 4] = [
-        GrantSource::Plan,
-        GrantSource::Purchase,
-        GrantSource::Promotion,
-        GrantSource::Manual,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GrantSource::Plan => "plan",
-            GrantSource::Purchase => "purchase",
-            GrantSource::Promotion => "promotion",
-            GrantSource::Manual => "manual",
-        }
-    }
-}
-
-impl FromStr for GrantSource {
-    type Err = LedgerError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        GrantSource::ALL
-            .into_iter()
-            .find(|g| g.as_str() == s)
-            .ok_or_else(|| {
-                LedgerError::Invalid(format!(
-                    "source must be plan, purchase, promotion or manual, got `{s}`"
-                ))
-            })
-    }
-}
+pub use crate::messages::GrantSource;
 
 /// A grant to add. `grant_id` is the idempotency key within the account: the
 /// same id with the same terms is a replay, with other terms a conflict.
@@ -185,6 +135,42 @@ pub(super) async fn take(
     tx.execute_cached(
         "SELECT holdfast_take($1, $2, $3, $4, $5)",
         &[&account, &holds, &batch_ids, &amounts, &note],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The draws a group of holds was priced on: `holds[k]` is the 1-based
+/// index of the hold (in the `take_planned` call) that draws `amounts[k]`
+/// from grant `grants[k]`, in burn-down order per hold.
+#[derive(Default)]
+pub(super) struct Plan<'a> {
+    pub(super) holds: Vec<i32>,
+    pub(super) grants: Vec<&'a str>,
+    pub(super) amounts: Vec<i64>,
+}
+
+/// Like [`take`], and the database checks that the burn-down it applies is
+/// `plan`: a check violation if the grants changed since the pricing read.
+pub(super) async fn take_planned(
+    tx: &Transaction<'_>,
+    account: &str,
+    holds: &[Uuid],
+    batch_ids: &[Option<&str>],
+    amounts: &[i64],
+    plan: &Plan<'_>,
+) -> Result<()> {
+    tx.execute_cached(
+        "SELECT holdfast_take($1, $2, $3, $4, NULL, $5, $6, $7)",
+        &[
+            &account,
+            &holds,
+            &batch_ids,
+            &amounts,
+            &plan.holds,
+            &plan.grants,
+            &plan.amounts,
+        ],
     )
     .await?;
     Ok(())

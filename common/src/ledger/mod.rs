@@ -114,7 +114,7 @@ pub use close::ClosedBatch;
 pub use dispatch::PendingJob;
 pub use grants::{Grant, GrantSource, GrantSpec, Granted};
 pub use patience::{wait_out, Transient};
-pub use reserve::{ReserveInput, Reserved};
+pub use reserve::{rfc3339, ReserveInput, Reserved};
 pub use states::{BatchState, HoldState, ItemState};
 pub use stuck::Stuck;
 pub use views::{BatchView, ItemView};

@@ -76,10 +76,11 @@ pub async fn preview(
 ) -> Result<Json<Preview>, Problem> {
     let request = intake::parse_preview(&body, &s.config.limits)
         .map_err(|r| Problem::rejected(StatusCode::BAD_REQUEST, *r))?;
-    let account = s.ledger.account(&request.account_id).await?;
+    let pots = s.ledger.pots(&request.account_id).await?;
     Ok(Json(pricing::preview(
         &request,
-        account.available,
+        &pots,
         s.config.settings.sequential_chunk,
+        s.config.settings.execution_timeout(),
     )))
 }

@@ -3,11 +3,11 @@
 use uuid::Uuid;
 
 use super::super::{Cached, HoldState, LedgerError, Result};
-use crate::messages::{LeftOut, Mode};
+use crate::messages::{Draw, LeftOut, Mode};
 use crate::pricing::{self};
 
 use super::rows::{insert_batches, insert_items, NewBatch, NewGrant};
-use super::{ReserveInput, Reserved};
+use super::{rfc3339, ReserveInput, Reserved};
 
 /// Grant a batch from a soft hold: no second credit check, provided the hold
 /// is still open, belongs to the account, is not used yet, and holds exactly
@@ -102,6 +102,27 @@ pub(super) async fn consume_reservation(
     let item_ids = run.iter().map(|&i| req.items[i].item_id.clone()).collect();
     let mut grant = NewGrant::new(input, hold_id, total, run);
     grant.existing_hold = true;
+    // What the soft hold took, grant by grant, is what the batch draws.
+    grant.draws = tx
+        .query_cached(
+            "SELECT al.grant_id, g.source, g.expires_at, al.amount
+             FROM hold_allocations al
+             JOIN grants g ON g.account_id = al.account_id AND g.id = al.grant_id
+             WHERE al.hold_id = $1
+             ORDER BY g.priority, g.expires_at NULLS LAST, g.source_rank, g.effective_at, g.id",
+            &[&hold_id],
+        )
+        .await?
+        .iter()
+        .map(|r| Draw {
+            grant_id: r.get(0),
+            source: r.get::<_, String>(1).parse().unwrap_or_default(),
+            expires_at: r
+                .get::<_, Option<chrono::DateTime<chrono::Utc>>>(2)
+                .map(rfc3339),
+            amount: r.get(3),
+        })
+        .collect();
     let batch = NewBatch::granted(input, fingerprint, grant, item_ids, left_out);
     insert_batches(&tx, std::slice::from_ref(&batch)).await?;
     insert_items(&tx, std::slice::from_ref(&batch)).await?;

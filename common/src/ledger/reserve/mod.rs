@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio_postgres::error::SqlState;
 
 use super::{BatchState, Cached, Ledger, LedgerError, Result};
+use crate::breakdown::Pot;
 use crate::messages::{BatchRequest, Decision};
 
 /// A validated request and what goes with it.
@@ -44,7 +45,7 @@ pub struct Reserved {
     pub dispatch_now: Vec<usize>,
 }
 
-pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
+pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
@@ -201,6 +202,20 @@ impl Ledger {
         Ok(reserved)
     }
 
+    /// The spendable grants of account `id` in burn-down order, as a
+    /// decision would read them now (a preview prices on these).
+    pub async fn pots(&self, id: &str) -> Result<Vec<Pot>> {
+        self.retrying("read grants", || async {
+            let client = self.pool.get().await?;
+            let rows = client.query_cached(SPENDABLE, &[&vec![id]]).await?;
+            if rows.is_empty() {
+                return Err(LedgerError::UnknownAccount(id.into()));
+            }
+            Ok(rows.iter().filter_map(pot).collect())
+        })
+        .await
+    }
+
     /// One try at deciding `group` (input index, input, fingerprint) in one transaction.
     async fn reserve_group_once(
         &self,
@@ -239,19 +254,14 @@ impl Ledger {
         accounts.sort_unstable();
         accounts.dedup();
         let read = match lock {
-            AccountLock::AtTheEnd => {
-                "SELECT id, holdfast_available(id) FROM accounts WHERE id = ANY($1)"
-            }
-            AccountLock::First => {
-                "SELECT id, holdfast_available(id) FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
-            }
+            AccountLock::AtTheEnd => SPENDABLE,
+            AccountLock::First => SPENDABLE_LOCKED,
         };
-        let mut available: HashMap<String, i64> = tx
-            .query_cached(read, &[&accounts])
-            .await?
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let mut credits: HashMap<String, Vec<Pot>> = HashMap::new();
+        for r in tx.query_cached(read, &[&accounts]).await? {
+            let pots = credits.entry(r.get(0)).or_default();
+            pots.extend(pot(&r));
+        }
 
         let mut results = Vec::with_capacity(group.len());
         let mut new_batches: Vec<NewBatch> = Vec::new();
@@ -271,14 +281,13 @@ impl Ledger {
                 });
                 continue;
             }
-            let Some(credits) = available.get_mut(&req.account_id) else {
+            let Some(pots) = credits.get_mut(&req.account_id) else {
                 results.push(Err(LedgerError::UnknownAccount(req.account_id.clone())));
                 continue;
             };
-            let batch = NewBatch::price(input, fingerprint, *credits);
-            if let Some(grant) = &batch.grant {
-                *credits -= grant.total;
-            }
+            // A grant takes its draw from `pots`: the next request of the
+            // same account is priced on what is left.
+            let batch = NewBatch::price(input, fingerprint, pots);
             seen.insert(
                 req.batch_id.clone(),
                 (fingerprint.clone(), batch.decision.clone(), false),
@@ -304,6 +313,34 @@ impl Ledger {
         tx.commit().await?;
         Ok(results)
     }
+}
+
+/// Every account of a group with its spendable grants, one row per grant in
+/// burn-down order (one row with no grant for an account with none): what
+/// `holdfast_take` will apply, read with the transaction's `now()`.
+const SPENDABLE: &str = "SELECT a.id, g.id, g.source, g.expires_at, g.remaining - g.held
+     FROM accounts a
+     LEFT JOIN grants g ON g.account_id = a.id AND g.state = 'active' AND g.remaining > g.held
+                       AND (g.expires_at IS NULL OR g.expires_at > now())
+     WHERE a.id = ANY($1)
+     ORDER BY a.id, g.priority, g.expires_at NULLS LAST, g.source_rank, g.effective_at, g.id";
+/// The same, with the account rows locked first (in id order).
+const SPENDABLE_LOCKED: &str = "SELECT a.id, g.id, g.source, g.expires_at, g.remaining - g.held
+     FROM accounts a
+     LEFT JOIN grants g ON g.account_id = a.id AND g.state = 'active' AND g.remaining > g.held
+                       AND (g.expires_at IS NULL OR g.expires_at > now())
+     WHERE a.id = ANY($1)
+     ORDER BY a.id, g.priority, g.expires_at NULLS LAST, g.source_rank, g.effective_at, g.id
+     FOR NO KEY UPDATE OF a";
+
+/// The grant of a [`SPENDABLE`] row, if it has one.
+fn pot(r: &tokio_postgres::Row) -> Option<Pot> {
+    Some(Pot {
+        grant_id: r.get::<_, Option<String>>(1)?,
+        source: r.get::<_, String>(2).parse().unwrap_or_default(),
+        expires_at: r.get(3),
+        free: r.get(4),
+    })
 }
 
 /// The decision stored for a batch.

@@ -5,9 +5,11 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
+use super::super::grants;
 use super::super::{BatchState, Cached, ItemState, Result};
-use crate::messages::{Decision, Granted, Insufficient, LeftOut, Mode};
-use crate::pricing::{self, Plan};
+use crate::breakdown::{self, Pot};
+use crate::messages::{Decision, Draw, Granted, Insufficient, LeftOut, Mode};
+use crate::pricing::{self, thousands, Plan};
 
 use super::{rfc3339, ReserveInput};
 
@@ -30,6 +32,8 @@ pub(super) struct NewGrant {
     pub(super) chunk_size: Option<i32>,
     pub(super) deadline: DateTime<Utc>,
     pub(super) lease: DateTime<Utc>,
+    /// The grants the hold takes `total` from, in burn-down order.
+    pub(super) draws: Vec<Draw>,
 }
 
 impl NewGrant {
@@ -52,40 +56,47 @@ impl NewGrant {
             lease: now
                 + chrono::Duration::from_std(input.dispatch_grace)
                     .unwrap_or(chrono::Duration::seconds(30)),
+            draws: vec![],
         }
     }
 }
 
 impl<'a> NewBatch<'a> {
-    /// Price `input` against `available` credits: a grant or a denial.
+    /// Price `input` against the account's spendable grants (`pots`, in
+    /// burn-down order): a grant, which takes its draw from `pots`, or a denial.
     pub(super) fn price(
         input: &'a ReserveInput<'a>,
         fingerprint: &'a [u8],
-        available: i64,
+        pots: &mut [Pot],
     ) -> Self {
         let req = input.request;
         let chunk_size = (req.mode == Mode::Sequential).then_some(input.chunk_size.max(1));
+        let available = breakdown::available(pots);
         match pricing::plan_chunked(req, available, input.chunk_size) {
-            Plan::Short(s) => NewBatch {
-                input,
-                fingerprint,
-                decision: Decision::Insufficient(Insufficient {
-                    batch_id: req.batch_id.clone(),
-                    account_id: req.account_id.clone(),
-                    mode: req.mode,
-                    total_cost: s.total_cost,
-                    available: s.available,
-                    shortfall: s.shortfall,
-                    items_total: s.items_total,
-                    fit_count: s.first_fit.count,
-                    first_fit: s.first_fit,
-                    priority_fit: s.priority_fit,
-                    message: s.message,
-                    detail: s.detail,
-                    options: s.options,
-                }),
-                grant: None,
-            },
+            Plan::Short(s) => {
+                let first_fit_draw = breakdown::would_draw(pots, s.first_fit.cost);
+                NewBatch {
+                    input,
+                    fingerprint,
+                    decision: Decision::Insufficient(Insufficient {
+                        batch_id: req.batch_id.clone(),
+                        account_id: req.account_id.clone(),
+                        mode: req.mode,
+                        total_cost: s.total_cost,
+                        available: s.available,
+                        shortfall: s.shortfall,
+                        items_total: s.items_total,
+                        fit_count: s.first_fit.count,
+                        first_fit: s.first_fit,
+                        priority_fit: s.priority_fit,
+                        breakdown: first_fit_draw,
+                        message: s.message,
+                        detail: s.detail,
+                        options: s.options,
+                    }),
+                    grant: None,
+                }
+            }
             Plan::Run {
                 run,
                 left_out,
@@ -93,6 +104,7 @@ impl<'a> NewBatch<'a> {
             } => {
                 let mut grant = NewGrant::new(input, Uuid::new_v4(), total, run);
                 grant.chunk_size = chunk_size.map(|c| c as i32);
+                grant.draws = breakdown::draw(pots, total);
                 let item_ids = match chunk_size {
                     // Sequential: every item is meant to run, chunk by chunk.
                     Some(_) => req.items.iter().map(|i| i.item_id.clone()).collect(),
@@ -115,6 +127,13 @@ impl<'a> NewBatch<'a> {
         left_out: Vec<LeftOut>,
     ) -> Self {
         let req = input.request;
+        let now = Utc::now();
+        let said = breakdown::describe(&grant.draws, now);
+        let message = if said.is_empty() {
+            format!("{} credits held.", thousands(grant.total))
+        } else {
+            format!("{} credits held: {said}.", thousands(grant.total))
+        };
         let decision = Decision::Granted(Granted {
             batch_id: req.batch_id.clone(),
             account_id: req.account_id.clone(),
@@ -126,6 +145,9 @@ impl<'a> NewBatch<'a> {
             left_out,
             deadline_at: rfc3339(grant.deadline),
             chunk_size: grant.chunk_size.map(|c| c as usize),
+            expiry_notice: breakdown::expiry_notice(&grant.draws, grant.deadline, now),
+            breakdown: grant.draws.clone(),
+            message,
         });
         NewBatch {
             input,
@@ -141,16 +163,21 @@ impl<'a> NewBatch<'a> {
 /// the allocation and `hold` journal rows per grant touched, then `held`.
 /// The database refuses it (check violation) if the credits are gone.
 pub(super) async fn take_from_grants(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()> {
-    type Holds<'b> = (Vec<Uuid>, Vec<Option<&'b str>>, Vec<i64>);
-    let mut per_account: std::collections::BTreeMap<&str, Holds> = Default::default();
+    let mut per_account: std::collections::BTreeMap<&str, Takes> = Default::default();
     for b in batches {
         if let Some(g) = b.grant.as_ref().filter(|g| !g.existing_hold) {
             let e = per_account
                 .entry(b.input.request.account_id.as_str())
                 .or_default();
-            e.0.push(g.hold_id);
-            e.1.push(Some(b.input.request.batch_id.as_str()));
-            e.2.push(g.total);
+            e.holds.push(g.hold_id);
+            e.batch_ids.push(Some(b.input.request.batch_id.as_str()));
+            e.amounts.push(g.total);
+            let index = e.holds.len() as i32;
+            for d in &g.draws {
+                e.plan.holds.push(index);
+                e.plan.grants.push(d.grant_id.as_str());
+                e.plan.amounts.push(d.amount);
+            }
         }
     }
     if per_account.len() > 1 {
@@ -163,10 +190,19 @@ pub(super) async fn take_from_grants(tx: &Transaction<'_>, batches: &[NewBatch<'
         )
         .await?;
     }
-    for (account, (holds, batch_ids, totals)) in &per_account {
-        super::super::grants::take(tx, account, holds, batch_ids, totals, None).await?;
+    for (account, t) in &per_account {
+        grants::take_planned(tx, account, &t.holds, &t.batch_ids, &t.amounts, &t.plan).await?;
     }
     Ok(())
+}
+
+/// The holds one account takes in a group, and the draws they were priced on.
+#[derive(Default)]
+struct Takes<'b> {
+    holds: Vec<Uuid>,
+    batch_ids: Vec<Option<&'b str>>,
+    amounts: Vec<i64>,
+    plan: grants::Plan<'b>,
 }
 
 /// The new holds of granted batches (their journal rows come with the grants
