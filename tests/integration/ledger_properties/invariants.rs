@@ -25,9 +25,40 @@ pub async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> 
     );
     prop_assert_eq!(
         (balance, held),
-        (model.balance, model.held),
+        (model.balance(), model.held()),
         "balance and held vs the model"
     );
+
+    // Every grant as the model has it: what is left, what holds took, its state.
+    let rows = q("SELECT id, remaining, held, state FROM grants WHERE account_id = $1").await;
+    let mut got: Vec<(String, i64, i64, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, i64, i64, String)> = model
+        .grants
+        .iter()
+        .map(|g| {
+            (
+                g.id.clone(),
+                g.remaining,
+                g.held,
+                g.state.as_str().to_string(),
+            )
+        })
+        .collect();
+    want.sort();
+    prop_assert_eq!(got, want, "grants vs the model");
+    for g in &model.grants {
+        prop_assert!(
+            g.held >= 0 && g.held <= g.remaining,
+            "grant {} held {} remaining {}",
+            g.id,
+            g.held,
+            g.remaining
+        );
+    }
 
     // Balances equal the journal; held equals the open holds.
     let rows = q(

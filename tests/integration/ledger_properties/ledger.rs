@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use holdfast_common::ledger::{
-    ClosedBatch, ItemOutcome, Ledger, LedgerError, ReserveInput, Reserved, SettleReport, Settlement,
+    ClosedBatch, GrantSpec, ItemOutcome, Ledger, LedgerError, ReserveInput, Reserved, SettleReport,
+    Settlement,
 };
 use holdfast_common::messages::{BatchRequest, Decision, ItemRequest, Mode};
 use serde_json::Value;
@@ -59,11 +60,41 @@ impl Real<'_> {
     pub async fn apply(&self, model: &Model, call: &Call) -> Obs {
         let l = self.ledger;
         match call {
-            Call::Grant(a) => {
-                l.grant(self.account, *a, Some("property"), false)
+            Call::Grant(t) => {
+                let grant_id = format!("g{}", model.grants.len());
+                let spec = GrantSpec {
+                    grant_id: Some(grant_id.clone()),
+                    amount: t.amount,
+                    source: t.source,
+                    priority: t.priority,
+                    expires_at: t
+                        .hours
+                        .map(|h| chrono::Utc::now() + chrono::Duration::hours(i64::from(h))),
+                    note: Some("property".into()),
+                };
+                l.add_grant(self.account, &spec, false).await.unwrap();
+                // Back-date every grant alike (their order stays), so that
+                // the test can move an expiry into the past at once.
+                self.db
+                    .execute(
+                        "UPDATE grants SET effective_at = effective_at - interval '10 days'
+                         WHERE account_id = $1 AND id = $2",
+                        &[&self.account, &grant_id],
+                    )
                     .await
                     .unwrap();
                 Obs::Done
+            }
+            Call::ExpireGrants => {
+                l.expire_grants(10_000).await.unwrap();
+                Obs::Done
+            }
+            Call::VoidGrant(g) => {
+                let g = l
+                    .void_grant(self.account, &model.grants[*g].id, None)
+                    .await
+                    .unwrap();
+                Obs::Voided(g.state, g.remaining)
             }
             Call::Reserve(req) => decision_obs(l.reserve(&input(req)).await),
             Call::Replay(b) => decision_obs(l.reserve(&input(&model.batches[*b].request)).await),
@@ -122,6 +153,18 @@ impl Real<'_> {
             .execute(
                 "UPDATE batches SET deadline_at = now() - interval '1 second' WHERE id = $1",
                 &[&batch_id],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Move a grant's expiry into the past.
+    pub async fn pass_expiry(&self, grant_id: &str) {
+        self.db
+            .execute(
+                "UPDATE grants SET expires_at = clock_timestamp() - interval '1 millisecond'
+                 WHERE account_id = $1 AND id = $2",
+                &[&self.account, &grant_id],
             )
             .await
             .unwrap();

@@ -1,11 +1,16 @@
 //! A property test of the ledger against the real PostgreSQL: random
-//! interleavings of grant, reserve (all_or_nothing, first_fit, sequential),
+//! interleavings of grants (of every source, priority and expiry; expiries
+//! passing, the reconciler expiring them, voids), reserve (all_or_nothing,
+//! first_fit, sequential),
 //! replayed requests, capture with random actual costs (overruns, zero, no cost
 //! reported, failures, cancelled jobs), duplicate captures, cancel, execution
 //! deadlines passing and the reconciler's expiry, soft holds (taken, started,
 //! cancelled, expired) keep every invariant of the design:
 //!
 //! - `available ≥ 0` and `held ≥ 0`, always;
+//! - every grant has what the model's burn-down order leaves it (`remaining`,
+//!   `held`, state), never below what holds took of it; what expired or was
+//!   voided is counted once;
 //! - per hold, `amount = captured + released + open` (open holds released
 //!   nothing; a resolved hold accounts for every credit), and it resolves once;
 //! - a closed batch has nothing pending and its hold is resolved;
@@ -37,7 +42,7 @@ mod model;
 use std::collections::BTreeSet;
 
 use holdfast::fleet::Roles;
-use holdfast_common::ledger::{Ledger, Settled};
+use holdfast_common::ledger::{GrantSource, Ledger, Settled};
 use holdfast_common::messages::Mode;
 use proptest::prelude::*;
 use proptest::test_runner::{
@@ -48,7 +53,7 @@ use tokio_postgres::Client;
 
 use self::invariants::check;
 use self::ledger::{request, split, Real};
-use self::model::{Call, IState, Kind, MBatch, Model, Obs, Outcome, SState};
+use self::model::{Call, GState, GrantTerms, IState, Kind, MBatch, Model, Obs, Outcome, SState};
 
 /// Cases in CI (each runs up to 40 steps, every step checked).
 const CASES: u32 = 20;
@@ -58,6 +63,16 @@ const SEED: u64 = 0x484f_4c44;
 #[derive(Clone, Debug)]
 enum Op {
     Grant(i64),
+    /// A grant with terms: amount, source, priority, expiry in hours.
+    GrantWith(i64, GrantSource, i32, Option<u8>),
+    /// The test's clock: this grant's expiry passes.
+    PassExpiry(usize),
+    ExpireGrants,
+    VoidGrant(usize),
+    /// A reservation against the reconciler's expiry of grants.
+    RaceReserveExpireGrants(Kind, Vec<i64>),
+    /// A capture (that may close its batch) against the expiry of grants.
+    RaceCaptureExpireGrants(usize, usize, Outcome),
     Reserve(Kind, Vec<i64>),
     Replay(usize),
     Settle(usize, usize, Outcome),
@@ -93,8 +108,36 @@ fn outcome() -> impl Strategy<Value = Outcome> {
 
 fn op() -> impl Strategy<Value = Op> {
     let ix = || 0usize..16;
+    let source = || {
+        prop_oneof![
+            Just(GrantSource::Plan),
+            Just(GrantSource::Purchase),
+            Just(GrantSource::Promotion),
+            Just(GrantSource::Manual),
+        ]
+    };
+    let kind = || {
+        prop_oneof![
+            Just(Kind::AllOrNothing),
+            Just(Kind::FirstFit),
+            Just(Kind::Sequential)
+        ]
+    };
     prop_oneof![
         3 => (1i64..=120).prop_map(Op::Grant),
+        5 => (
+            1i64..=80,
+            source(),
+            prop_oneof![3 => Just(0i32), 1 => Just(1)],
+            prop_oneof![2 => Just(None), 1 => Just(Some(1u8)), 1 => Just(Some(2u8))],
+        )
+            .prop_map(|(a, s, p, h)| Op::GrantWith(a, s, p, h)),
+        2 => ix().prop_map(Op::PassExpiry),
+        2 => Just(Op::ExpireGrants),
+        1 => ix().prop_map(Op::VoidGrant),
+        1 => (kind(), prop::collection::vec(1i64..=20, 1..=5))
+            .prop_map(|(k, c)| Op::RaceReserveExpireGrants(k, c)),
+        1 => (ix(), ix(), outcome()).prop_map(|(b, i, o)| Op::RaceCaptureExpireGrants(b, i, o)),
         5 => (
             prop_oneof![Just(Kind::AllOrNothing), Just(Kind::FirstFit), Just(Kind::Sequential)],
             prop::collection::vec(1i64..=20, 1..=5)
@@ -146,15 +189,40 @@ fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
             false => pending[i % pending.len()],
         }
     };
+    let grant = |g: usize| (!model.grants.is_empty()).then(|| g % model.grants.len());
+    let mode = |kind: &Kind| match kind {
+        Kind::AllOrNothing => Mode::AllOrNothing,
+        Kind::FirstFit => Mode::FirstFit,
+        Kind::Sequential => Mode::Sequential,
+    };
     Some(match op {
-        Op::Grant(a) => vec![Call::Grant(*a)],
+        Op::Grant(a) => vec![Call::Grant(GrantTerms {
+            amount: *a,
+            source: GrantSource::Manual,
+            priority: 0,
+            hours: None,
+        })],
+        Op::GrantWith(a, source, priority, hours) => vec![Call::Grant(GrantTerms {
+            amount: *a,
+            source: *source,
+            priority: *priority,
+            hours: *hours,
+        })],
+        Op::ExpireGrants => vec![Call::ExpireGrants],
+        Op::VoidGrant(g) => vec![Call::VoidGrant(grant(*g)?)],
+        Op::RaceReserveExpireGrants(kind, costs) => vec![
+            Call::Reserve(request(model, n, mode(kind), costs, None)),
+            Call::ExpireGrants,
+        ],
+        Op::RaceCaptureExpireGrants(b, i, o) => {
+            let b = running(*b)?;
+            vec![
+                Call::Settle(vec![(b, item(b, *i), o.clone())]),
+                Call::ExpireGrants,
+            ]
+        }
         Op::Reserve(kind, costs) => {
-            let mode = match kind {
-                Kind::AllOrNothing => Mode::AllOrNothing,
-                Kind::FirstFit => Mode::FirstFit,
-                Kind::Sequential => Mode::Sequential,
-            };
-            vec![Call::Reserve(request(model, n, mode, costs, None))]
+            vec![Call::Reserve(request(model, n, mode(kind), costs, None))]
         }
         Op::Replay(b) => vec![Call::Replay(batch(*b)?)],
         Op::Settle(b, i, o) => {
@@ -221,7 +289,7 @@ fn resolve(model: &Model, n: usize, op: &Op) -> Option<Vec<Call>> {
             Call::ExpireOverdue { skip: vec![] },
             Call::ExpireOverdue { skip: vec![] },
         ],
-        Op::PassDeadline(_) | Op::PassTtl(_) => vec![],
+        Op::PassDeadline(_) | Op::PassTtl(_) | Op::PassExpiry(_) => vec![],
     })
 }
 
@@ -339,13 +407,7 @@ async fn run_case(
         account: &account,
         drift_before: ledger.audit().await.unwrap(),
     };
-    let mut model = Model {
-        account: account.clone(),
-        balance: 0,
-        held: 0,
-        batches: vec![],
-        softs: vec![],
-    };
+    let mut model = Model::new(account.clone());
     for (n, op) in ops.iter().enumerate() {
         let Some(calls) = resolve(&model, n, op) else {
             continue;
@@ -370,6 +432,22 @@ async fn run_case(
         if let Some(s) = ttl.filter(|&s| model.softs[s].state == SState::Open) {
             real.pass_ttl(&model.softs[s].id).await;
             model.softs[s].past_ttl = true;
+        }
+        let expiry = match op {
+            Op::PassExpiry(g) if !model.grants.is_empty() => Some(g % model.grants.len()),
+            // A race with the expiry of grants: the first grant in use expires.
+            Op::RaceReserveExpireGrants(..) | Op::RaceCaptureExpireGrants(..) => model
+                .grants
+                .iter()
+                .position(|g| g.held > 0 || g.remaining > 0),
+            _ => None,
+        };
+        if let Some(g) = expiry.filter(|&g| {
+            let g = &model.grants[g];
+            g.state == GState::Active && !g.past_expiry
+        }) {
+            real.pass_expiry(&model.grants[g].id).await;
+            model.pass_expiry(g);
         }
         match calls.as_slice() {
             [] => {}
@@ -427,6 +505,18 @@ async fn run_case(
         }
         check(&real, &model).await?;
     }
+    for g in &model.grants {
+        tally.add(format!("grant ended {}", g.state.as_str()));
+    }
+    for b in &model.batches {
+        let grants: BTreeSet<usize> = b.alloc.iter().map(|(g, _)| *g).collect();
+        if grants.len() > 1 {
+            tally.add("hold spanning grants");
+        }
+    }
+    if model.lost > 0 {
+        tally.add("case with credits expired or voided");
+    }
     // Exactly-once charging, whatever happened: what left the account is
     // what the succeeded items were charged.
     let charged: i64 = model
@@ -443,7 +533,17 @@ async fn run_case(
         .await
         .unwrap()
         .get(0);
-    prop_assert_eq!(model.balance, granted - charged);
+    let lost: i64 = db
+        .query_one(
+            "SELECT COALESCE(sum(amount), 0)::int8 FROM journal
+             WHERE account_id = $1 AND kind IN ('grant_expire', 'void')",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    prop_assert_eq!(lost, model.lost, "credits expired or voided");
+    prop_assert_eq!(model.balance(), granted - charged - lost);
     Ok(())
 }
 

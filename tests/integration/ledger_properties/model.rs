@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use holdfast_common::ledger::{LedgerError, Settled};
+use holdfast_common::ledger::{GrantSource, LedgerError, Settled};
 use holdfast_common::messages::{BatchRequest, Mode};
 
 /// Items per chunk of a sequential batch.
@@ -73,6 +73,8 @@ pub struct MBatch {
     pub soft: Option<usize>,
     /// The decision as first answered; a replay repeats it.
     pub decision: Obs,
+    /// What its hold took from each grant (index into `grants`).
+    pub alloc: Vec<(usize, i64)>,
 }
 
 impl MBatch {
@@ -98,14 +100,80 @@ pub struct MSoft {
     pub amount: i64,
     pub state: SState,
     pub past_ttl: bool,
+    pub alloc: Vec<(usize, i64)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GState {
+    Active,
+    Expired,
+    Voided,
+}
+
+impl GState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GState::Active => "active",
+            GState::Expired => "expired",
+            GState::Voided => "voided",
+        }
+    }
+}
+
+/// The terms of a grant the test adds.
+#[derive(Clone, Debug)]
+pub struct GrantTerms {
+    pub amount: i64,
+    pub source: GrantSource,
+    pub priority: i32,
+    /// Expires this many hours from now; `None`: never.
+    pub hours: Option<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct MGrant {
+    /// `g<index>`.
+    pub id: String,
+    pub priority: i32,
+    /// The order of `expires_at`: `None` never; a grant whose expiry the test
+    /// moved into the past sorts before every future one, in the order moved.
+    pub expiry: Option<i64>,
+    pub source_rank: u8,
+    /// Creation order (`effective_at`).
+    pub seq: usize,
+    pub remaining: i64,
+    pub held: i64,
+    pub state: GState,
+    pub past_expiry: bool,
+}
+
+impl MGrant {
+    fn key(&self) -> (i32, i64, u8, usize) {
+        (
+            self.priority,
+            self.expiry.unwrap_or(i64::MAX),
+            self.source_rank,
+            self.seq,
+        )
+    }
+    fn spendable(&self) -> i64 {
+        if self.state == GState::Active && !self.past_expiry {
+            self.remaining - self.held
+        } else {
+            0
+        }
+    }
 }
 
 /// The expected state of one account.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub account: String,
-    pub balance: i64,
-    pub held: i64,
+    pub grants: Vec<MGrant>,
+    /// Expiries the test moved into the past so far.
+    pub passes: i64,
+    /// Credits expired or voided with their grants.
+    pub lost: i64,
     pub batches: Vec<MBatch>,
     pub softs: Vec<MSoft>,
 }
@@ -113,7 +181,10 @@ pub struct Model {
 /// A concrete call on the ledger, resolved from an [`Op`] against the model.
 #[derive(Clone, Debug)]
 pub enum Call {
-    Grant(i64),
+    Grant(GrantTerms),
+    /// The reconciler's expiry of grants past their `expires_at`.
+    ExpireGrants,
+    VoidGrant(usize),
     Reserve(BatchRequest),
     Replay(usize),
     Settle(Vec<(usize, usize, Outcome)>),
@@ -152,6 +223,8 @@ pub enum Obs {
     Expired(usize),
     Soft(Result<(), (i64, i64)>),
     Reservation(String),
+    /// A voided grant's state and remaining credits afterwards.
+    Voided(String, i64),
 }
 
 pub fn error_kind(e: &LedgerError) -> String {
@@ -168,8 +241,83 @@ pub fn error_kind(e: &LedgerError) -> String {
 }
 
 impl Model {
+    pub fn new(account: String) -> Self {
+        Model {
+            account,
+            grants: vec![],
+            passes: 0,
+            lost: 0,
+            batches: vec![],
+            softs: vec![],
+        }
+    }
+
+    pub fn balance(&self) -> i64 {
+        self.grants.iter().map(|g| g.remaining).sum()
+    }
+
+    pub fn held(&self) -> i64 {
+        self.grants.iter().map(|g| g.held).sum()
+    }
+
+    /// What active grants not past their expiry have left, less what holds took.
     pub fn available(&self) -> i64 {
-        self.balance - self.held
+        self.grants.iter().map(MGrant::spendable).sum()
+    }
+
+    /// The grants in burn-down order.
+    fn order(&self) -> Vec<usize> {
+        let mut ix: Vec<usize> = (0..self.grants.len()).collect();
+        ix.sort_by_key(|&i| self.grants[i].key());
+        ix
+    }
+
+    /// Take `amount` (which `available` covers) in burn-down order.
+    fn take(&mut self, amount: i64) -> Vec<(usize, i64)> {
+        let mut need = amount;
+        let mut alloc = vec![];
+        for g in self.order() {
+            let part = need.min(self.grants[g].spendable());
+            if part > 0 {
+                self.grants[g].held += part;
+                alloc.push((g, part));
+                need -= part;
+            }
+        }
+        assert_eq!(need, 0, "the model took more than was available");
+        alloc
+    }
+
+    /// Resolve a hold that took `alloc` with `captured` spent: captures in
+    /// burn-down order, the rest back to active grants or gone with the others.
+    fn resolve(&mut self, alloc: &[(usize, i64)], captured: i64) {
+        let mut per_grant: std::collections::BTreeMap<usize, i64> = Default::default();
+        for (g, a) in alloc {
+            *per_grant.entry(*g).or_default() += a;
+        }
+        let mut left = captured;
+        for g in self.order() {
+            let Some(&a) = per_grant.get(&g) else {
+                continue;
+            };
+            let c = a.min(left);
+            left -= c;
+            let grant = &mut self.grants[g];
+            grant.remaining -= c;
+            grant.held -= a;
+            if grant.state != GState::Active {
+                grant.remaining -= a - c;
+                self.lost += a - c;
+            }
+        }
+        assert_eq!(left, 0, "captured more than the hold");
+    }
+
+    /// Move grant `g`'s expiry into the past (the test's clock).
+    pub fn pass_expiry(&mut self, g: usize) {
+        self.grants[g].expiry = Some(self.passes);
+        self.grants[g].past_expiry = true;
+        self.passes += 1;
     }
 
     pub fn batch_ix(&self, id: &str) -> Option<usize> {
@@ -179,9 +327,44 @@ impl Model {
     /// Predict `call`'s answer and apply its effects.
     pub fn apply(&mut self, call: &Call) -> Obs {
         match call {
-            Call::Grant(a) => {
-                self.balance += a;
+            Call::Grant(t) => {
+                let seq = self.grants.len();
+                self.grants.push(MGrant {
+                    id: format!("g{seq}"),
+                    priority: t.priority,
+                    expiry: t.hours.map(|h| 1_000_000 * i64::from(h) + seq as i64),
+                    source_rank: match t.source {
+                        GrantSource::Promotion => 0,
+                        GrantSource::Plan => 1,
+                        GrantSource::Purchase => 2,
+                        GrantSource::Manual => 3,
+                    },
+                    seq,
+                    remaining: t.amount,
+                    held: 0,
+                    state: GState::Active,
+                    past_expiry: false,
+                });
                 Obs::Done
+            }
+            Call::ExpireGrants => {
+                for g in &mut self.grants {
+                    if g.state == GState::Active && g.past_expiry {
+                        self.lost += g.remaining - g.held;
+                        g.remaining = g.held;
+                        g.state = GState::Expired;
+                    }
+                }
+                Obs::Done
+            }
+            Call::VoidGrant(g) => {
+                let g = &mut self.grants[*g];
+                if g.state == GState::Active {
+                    self.lost += g.remaining - g.held;
+                    g.remaining = g.held;
+                    g.state = GState::Voided;
+                }
+                Obs::Voided(g.state.as_str().into(), g.remaining)
             }
             Call::Reserve(req) => self.reserve(req),
             Call::Replay(b) => match &self.batches[*b].decision {
@@ -225,22 +408,25 @@ impl Model {
                 if *amount > self.available() {
                     Obs::Soft(Err((*amount, self.available())))
                 } else {
-                    self.held += amount;
+                    let alloc = self.take(*amount);
                     self.softs.push(MSoft {
                         id: String::new(), // the ledger's id, set by the caller
                         amount: *amount,
                         state: SState::Open,
                         past_ttl: false,
+                        alloc,
                     });
                     Obs::Soft(Ok(()))
                 }
             }
             Call::ExpireSoft { skip } => {
                 let mut n = 0;
-                for (i, s) in self.softs.iter_mut().enumerate() {
+                for i in 0..self.softs.len() {
+                    let s = &self.softs[i];
                     if s.state == SState::Open && s.past_ttl && Some(i) != *skip {
-                        s.state = SState::Expired;
-                        self.held -= s.amount;
+                        self.softs[i].state = SState::Expired;
+                        let alloc = self.softs[i].alloc.clone();
+                        self.resolve(&alloc, 0);
                         n += 1;
                     }
                 }
@@ -251,7 +437,8 @@ impl Model {
                 match soft.state {
                     SState::Open => {
                         soft.state = SState::Closed;
-                        self.held -= soft.amount;
+                        let alloc = soft.alloc.clone();
+                        self.resolve(&alloc, 0);
                         Obs::Reservation("closed".into())
                     }
                     SState::Consumed => Obs::Refused("wrong_state".into()),
@@ -290,13 +477,14 @@ impl Model {
                             overdue: false,
                             soft: Some(*s),
                             decision: decision.clone(),
+                            alloc: soft.alloc.clone(),
                         });
                         decision
                     }
                     (SState::Open, true) => {
                         // Started after its TTL: the start expires it and is refused.
                         self.softs[*s].state = SState::Expired;
-                        self.held -= soft.amount;
+                        self.resolve(&soft.alloc, 0);
                         Obs::Refused("reservation".into())
                     }
                     _ => Obs::Refused("reservation".into()),
@@ -351,6 +539,7 @@ impl Model {
                 overdue: false,
                 soft: None,
                 decision: decision.clone(),
+                alloc: vec![],
             });
             return decision;
         }
@@ -374,7 +563,7 @@ impl Model {
                 }
             })
             .collect();
-        self.held += total;
+        let alloc = self.take(total);
         let ids = if sequential {
             req.items.iter().map(|i| i.item_id.clone()).collect()
         } else {
@@ -395,6 +584,7 @@ impl Model {
             overdue: false,
             soft: None,
             decision: decision.clone(),
+            alloc,
         });
         decision
     }
@@ -468,6 +658,7 @@ impl Model {
             if self.batches[b].sequential && !queued.is_empty() {
                 let cost: i64 = queued.iter().map(|&i| self.batches[b].items[i].cost).sum();
                 if cost <= self.available() {
+                    let more = self.take(cost);
                     let batch = &mut self.batches[b];
                     for &i in &queued {
                         batch.items[i].state = IState::Pending;
@@ -475,7 +666,7 @@ impl Model {
                     }
                     batch.amount += cost;
                     batch.state = "granted".into();
-                    self.held += cost;
+                    batch.alloc.extend(more);
                     advanced.push(batch.request.batch_id.clone());
                     continue;
                 }
@@ -520,9 +711,8 @@ impl Model {
     /// Close batch `b`: post its captures, release the rest of its hold.
     pub fn close(&mut self, b: usize, state: &str) -> (String, String) {
         let captured = self.batches[b].captured();
-        let amount = self.batches[b].amount;
-        self.balance -= captured;
-        self.held -= amount;
+        let alloc = self.batches[b].alloc.clone();
+        self.resolve(&alloc, captured);
         let batch = &mut self.batches[b];
         batch.state = state.into();
         if let Some(s) = batch.soft {
