@@ -11,6 +11,7 @@ mod cli;
 mod concurrency;
 mod db_roles;
 mod decisions;
+mod grants;
 mod grants_api;
 mod http_errors;
 mod intake_properties;

@@ -6,7 +6,9 @@ use utoipa::ToSchema;
 use super::grants::GrantSpec;
 use super::{Ledger, LedgerError, Result};
 
-/// An account's credits. `available = balance - held`.
+/// An account's credits: `balance` (what its grants have left), `held` (its open
+/// holds) and `available` (what its active grants not past their expiry have
+/// left, less what holds took of them).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Account {
     pub id: String,
@@ -84,7 +86,8 @@ impl Ledger {
             let row = client
                 .query_opt(
                     "SELECT a.id, a.balance, a.held,
-                            (SELECT count(*) FROM holds h WHERE h.account_id = a.id AND h.state = 'open')
+                            (SELECT count(*) FROM holds h WHERE h.account_id = a.id AND h.state = 'open'),
+                            holdfast_available(a.id)
                      FROM accounts a WHERE a.id = $1",
                     &[&id],
                 )
@@ -95,7 +98,9 @@ impl Ledger {
                 id: row.get(0),
                 balance,
                 held,
-                available: balance - held,
+                // Not `balance - held`: a grant past its expiry counts for
+                // nothing even before the reconciler's sweep expires it.
+                available: row.get(4),
                 open_holds: row.get(3),
             })
         })

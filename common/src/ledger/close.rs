@@ -110,11 +110,15 @@ async fn next_chunk(
         .await?;
     let ids: Vec<String> = next.iter().map(|r| r.get(0)).collect();
     let cost: i64 = next.iter().map(|r| r.get::<_, i64>(1)).sum();
+    // The lock first, then the grants in a statement of their own: read in
+    // the locking statement they would be as they were before any wait.
+    tx.execute(
+        "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+        &[&account],
+    )
+    .await?;
     let available: i64 = tx
-        .query_one(
-            "SELECT holdfast_available(id) FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
-            &[&account],
-        )
+        .query_one("SELECT holdfast_available($1)", &[&account])
         .await?
         .get(0);
     if cost > available {

@@ -51,13 +51,18 @@ impl Ledger {
             .retrying("reserve soft hold", || async {
                 let mut client = self.pool.get().await?;
                 let tx = client.transaction().await?;
+                // The lock first, then the grants in a statement of their
+                // own: read in the locking statement they would be as they
+                // were before any wait for the lock.
+                tx.query_opt(
+                    "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+                    &[&account_id],
+                )
+                .await?
+                .ok_or_else(|| LedgerError::UnknownAccount(account_id.into()))?;
                 let available: i64 = tx
-                    .query_opt(
-                        "SELECT holdfast_available(id) FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
-                        &[&account_id],
-                    )
+                    .query_one("SELECT holdfast_available($1)", &[&account_id])
                     .await?
-                    .ok_or_else(|| LedgerError::UnknownAccount(account_id.into()))?
                     .get(0);
                 if amount > available {
                     return Err(LedgerError::Insufficient {
@@ -73,8 +78,15 @@ impl Ledger {
                     )
                     .await?
                     .get(0);
-                grants::take(&tx, account_id, &[id], &[None], &[amount], Some("soft hold"))
-                    .await?;
+                grants::take(
+                    &tx,
+                    account_id,
+                    &[id],
+                    &[None],
+                    &[amount],
+                    Some("soft hold"),
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(id)
             })

@@ -253,12 +253,15 @@ impl Ledger {
             .collect();
         accounts.sort_unstable();
         accounts.dedup();
-        let read = match lock {
-            AccountLock::AtTheEnd => SPENDABLE,
-            AccountLock::First => SPENDABLE_LOCKED,
-        };
+        if lock == AccountLock::First {
+            // Its own statement: the grants are read by the next one, whose
+            // snapshot (read committed) sees what a transaction we waited
+            // for on the account row changed. Read in the same statement as
+            // the lock, they would be as they were before the wait.
+            tx.execute_cached(LOCK_ACCOUNTS, &[&accounts]).await?;
+        }
         let mut credits: HashMap<String, Vec<Pot>> = HashMap::new();
-        for r in tx.query_cached(read, &[&accounts]).await? {
+        for r in tx.query_cached(SPENDABLE, &[&accounts]).await? {
             let pots = credits.entry(r.get(0)).or_default();
             pots.extend(pot(&r));
         }
@@ -324,14 +327,9 @@ const SPENDABLE: &str = "SELECT a.id, g.id, g.source, g.expires_at, g.remaining 
                        AND (g.expires_at IS NULL OR g.expires_at > now())
      WHERE a.id = ANY($1)
      ORDER BY a.id, g.priority, g.expires_at NULLS LAST, g.source_rank, g.effective_at, g.id";
-/// The same, with the account rows locked first (in id order).
-const SPENDABLE_LOCKED: &str = "SELECT a.id, g.id, g.source, g.expires_at, g.remaining - g.held
-     FROM accounts a
-     LEFT JOIN grants g ON g.account_id = a.id AND g.state = 'active' AND g.remaining > g.held
-                       AND (g.expires_at IS NULL OR g.expires_at > now())
-     WHERE a.id = ANY($1)
-     ORDER BY a.id, g.priority, g.expires_at NULLS LAST, g.source_rank, g.effective_at, g.id
-     FOR NO KEY UPDATE OF a";
+/// The accounts of a group, locked in id order (the lock order).
+pub(super) const LOCK_ACCOUNTS: &str =
+    "SELECT 1 FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
 
 /// The grant of a [`SPENDABLE`] row, if it has one.
 fn pot(r: &tokio_postgres::Row) -> Option<Pot> {
