@@ -11,13 +11,16 @@
 #    directory, scraping every fleet process and RabbitMQ every second, with
 #    docker/prometheus/alerts.yml loaded. Its jobs are the ones of
 #    docker/prometheus/prometheus.yml (checked), only the targets differ.
-# 5. Drives a scenario with `holdfast submit`: granted batches, an
+# 5. Grants credits over the admin API (every source; a plan allowance and a
+#    promotion expire a few seconds later, in the reconciler's sweep) and
+#    drives a scenario with `holdfast submit`: granted batches, an
 #    insufficient one, a failing item, an overrun, rejected requests.
 # 6. Runs scripts/check-observability.py: every panel query of
 #    docker/grafana/dashboards/holdfast.json and every alert rule is evaluated
 #    through Prometheus's HTTP API and must parse and return series; the
-#    scenario's numbers must show up exactly; the logs must be JSON, carry the
-#    batch ids, and contain no credentials.
+#    scenario's numbers must show up exactly (credits granted and expired by
+#    source included); the logs must be JSON, carry the batch ids, name the
+#    expired grants, and contain no credentials.
 # Stops everything it started. Exit code 0 only if every check passed.
 #
 #   scripts/verify-observability.sh          (make observability)
@@ -34,6 +37,8 @@ NS="obs-verify-$STAMP"
 DB="holdfast_obs_verify_$STAMP"
 # The password is not needed (local trust auth) but must never reach a log.
 SECRET="obs-pw-$STAMP"
+# The admin token of the fleet's HTTP API (grants); it must never reach a log either.
+ADMIN_TOKEN="obs-admin-$STAMP-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 DB_URL="postgres://postgres:$SECRET@127.0.0.1:5432/$DB"
 ADMIN_URL="postgres://postgres@127.0.0.1:5432/postgres"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/holdfast-observability.XXXXXX")"
@@ -176,6 +181,7 @@ FLEET_PORT="$(free_run 6)"
 export HOLDFAST_NAMESPACE="$NS" HOLDFAST_DATABASE_URL="$DB_URL"
 export HOLDFAST_AMQP_URL="${HOLDFAST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export HOLDFAST_LOG_JSON=true HOLDFAST_SWEEP_INTERVAL_MS=1000 HOLDFAST_AUDIT_EVERY=2
+export HOLDFAST_ADMIN_TOKEN="$ADMIN_TOKEN"
 FLEET_STARTED=1
 HOLDFAST_FLEET_DIR="$FLEET_DIR" HOLDFAST_FLEET_PORT="$FLEET_PORT" scripts/fleet.sh start
 
@@ -252,8 +258,30 @@ SC="$WORK/scenario"
 mkdir -p "$SC"
 ACME="$NS-acme"
 POOR="$NS-poor"
-"$BIN" account grant "$ACME" 1000000 --create >/dev/null
-"$BIN" account grant "$POOR" 10 --create >/dev/null
+GRANTS="$NS-grants"
+# Grants go through a coordinator's admin API, so that the process that
+# counts them (holdfast_credits_granted_total{source}) is one Prometheus
+# scrapes; `holdfast account grant` would count them in its own short-lived
+# process.
+API="http://127.0.0.1:$(HOLDFAST_FLEET_PORT="$FLEET_PORT" scripts/fleet.sh ports | awk '$1 == "coordinator" && !p { p = $2 } END { print p }')"
+grant() { # grant ACCOUNT JSON-BODY
+    curl -sS -o "$SC/grant.out" -w '%{http_code}' -X POST "$API/v1/accounts/$1/grants" \
+        -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' -d "$2" \
+        >"$SC/grant.status" || die "POST $API/v1/accounts/$1/grants: no answer"
+    [ "$(cat "$SC/grant.status")" = 200 ] ||
+        die "POST /v1/accounts/$1/grants $2: HTTP $(cat "$SC/grant.status"): $(cat "$SC/grant.out")"
+}
+grant "$ACME" '{"amount": 1000000, "create": true}'
+grant "$POOR" '{"amount": 10, "create": true}'
+# An account with a grant of each other source; no batch uses it. The plan
+# allowance and the promotion expire in a few seconds: the reconciler's sweep
+# expires them whole (holdfast_credits_expired_total{source}); the top-up
+# never expires.
+SOON="$(date -u -d '+3 seconds' +%Y-%m-%dT%H:%M:%SZ)"
+grant "$GRANTS" "{\"amount\": 100, \"source\": \"plan\", \"grant_id\": \"plan\", \"expires_at\": \"$SOON\", \"create\": true}"
+grant "$GRANTS" "{\"amount\": 30, \"source\": \"promotion\", \"grant_id\": \"welcome\", \"expires_at\": \"$SOON\"}"
+grant "$GRANTS" '{"amount": 50, "source": "purchase", "grant_id": "topup"}'
+echo "  granted over $API: manual 1000010 ($ACME, $POOR); plan 100 and promotion 30 expiring at $SOON, purchase 50 ($GRANTS)"
 
 # items PREFIX N COST [EXTRA-SIMULATE-JSON]: N items with latencies spread
 # over 10..900 ms (so the histograms have something to show).
@@ -322,7 +350,8 @@ for _ in $(seq 60); do
     [ "$(q 'sum(holdfast_credits_released_total)')" = "$RELEASED" ] &&
         [ "$(q 'max(holdfast_holds_open)')" = 0 ] &&
         [ "$(q 'max(holdfast_ledger_drift)')" = 0 ] &&
-        [ "$(q "sum(rabbitmq_detailed_queue_messages{queue=\"$NS.requests.dead\"})")" = 2 ] && break
+        [ "$(q "sum(rabbitmq_detailed_queue_messages{queue=\"$NS.requests.dead\"})")" = 2 ] &&
+        [ "$(q 'sum(holdfast_credits_expired_total)')" = 130 ] && break
     sleep 0.5
 done
 # Two more scrapes so that every rate() window holds the final values.
@@ -343,6 +372,15 @@ python3 scripts/check-observability.py --summary "$WORK/summary" \
     --expect "sum(holdfast_credits_reserved_total)=$RESERVED" \
     --expect "sum(holdfast_credits_captured_total)=$CAPTURED" \
     --expect "sum(holdfast_credits_released_total{reason=\"completed\"})=$RELEASED" \
+    --expect "sum(holdfast_credits_granted_total{source=\"manual\"})=1000010" \
+    --expect "sum(holdfast_credits_granted_total{source=\"plan\"})=100" \
+    --expect "sum(holdfast_credits_granted_total{source=\"promotion\"})=30" \
+    --expect "sum(holdfast_credits_granted_total{source=\"purchase\"})=50" \
+    --expect "sum(holdfast_credits_expired_total{source=\"plan\"})=100" \
+    --expect "sum(holdfast_credits_expired_total{source=\"promotion\"})=30" \
+    --expect "sum(holdfast_credits_expired_total{source=\"purchase\"})=0" \
+    --expect "sum(holdfast_credits_expired_total{source=\"manual\"})=0" \
+    --expect "count(sum by (source) (holdfast_credits_expired_total))=4" \
     --expect "sum(holdfast_items_total{outcome=\"succeeded\"})=57" \
     --expect "sum(holdfast_items_total{outcome=\"failed\"})=1" \
     --expect "sum(holdfast_overrun_credits_total)=987" \
@@ -369,18 +407,18 @@ fi
 [ "$check_rc" = 0 ] || exit 1
 
 step "logs"
-python3 - "$FLEET_DIR" "$NS" "$SECRET" <<'EOF'
+python3 - "$FLEET_DIR" "$NS" "$SECRET" "$ADMIN_TOKEN" <<'EOF'
 import glob, json, os, re, sys
-fleet, ns, secret = sys.argv[1:]
+fleet, ns, secret, token = sys.argv[1:]
 credential = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@\"]+:[^@\s\"/]+@", re.I)
 problems, lines, with_batch = [], 0, 0
-mentioned, items = set(), set()
+mentioned, items, expired = set(), set(), set()
 for path in sorted(glob.glob(os.path.join(fleet, "*.log"))):
     name = os.path.basename(path)
     for n, line in enumerate(open(path, errors="replace"), 1):
         line = line.rstrip("\n")
         where = f"{name}:{n}"
-        if secret in line or "guest:guest" in line or credential.search(line):
+        if secret in line or token in line or "guest:guest" in line or credential.search(line):
             problems.append(f"{where}: a credential is logged: {line[:200]}")
         if name == "migrate.log":
             continue  # its last line is the command's own report on stdout
@@ -400,9 +438,13 @@ for path in sorted(glob.glob(os.path.join(fleet, "*.log"))):
             mentioned.add(ids["batch_id"])
         if ids.get("batch_id") and ids.get("item_id"):
             items.add((ids["batch_id"], ids["item_id"]))
-        # A line about one of this run's batches names it in a batch_id field.
         fields = entry.get("fields", {})
-        if ns in json.dumps(fields) and ns not in ids.get("batch_id", "") and "queue" not in fields:
+        if fields.get("message") == "grant expired" and fields.get("account") == f"{ns}-grants":
+            expired.add(fields.get("grant"))
+        # A line about one of this run's batches names it in a batch_id field
+        # (lines about an account's grant name the account and the grant).
+        about = {k: v for k, v in fields.items() if k not in ("account", "grant")}
+        if ns in json.dumps(about) and ns not in ids.get("batch_id", "") and "queue" not in fields:
             problems.append(f"{where}: mentions a batch without a batch_id field: {line[:200]}")
 expected = {f"{ns}-{b}" for b in ["gen-1", "gen-2", "gen-3", "gen-4", "gen-5", "fail", "overrun", "short", "bad"]}
 for b in sorted(expected - mentioned):
@@ -411,8 +453,14 @@ for b in sorted(expected - mentioned):
 for b, i in [(f"{ns}-fail", "broken"), (f"{ns}-overrun", "greedy")]:
     if (b, i) not in items:
         problems.append(f"no log line carries batch_id={b} and item_id={i}")
+# The reconciler logs each grant it expires, with the account and the grant.
+for g in sorted({"plan", "welcome"} - expired):
+    problems.append(f"no 'grant expired' line names account={ns}-grants grant={g}")
+if expired - {"plan", "welcome"}:
+    problems.append(f"grants expired that should not have: {sorted(expired - {'plan', 'welcome'})}")
 print(f"logs: {lines} JSON lines, {with_batch} with a batch_id; all {len(expected)} decided batches named; "
-      f"no credentials (searched for the database password, guest:guest and user:password@ URLs)")
+      f"the 2 expired grants named; no credentials (searched for the database password, the admin token, "
+      f"guest:guest and user:password@ URLs)")
 for p in problems:
     print("  -", p)
 sys.exit(1 if problems else 0)

@@ -14,8 +14,10 @@ const BIN = process.env.HOLDFAST_BIN;
 const ACCOUNT = process.env.HOLDFAST_DEMO_ACCOUNT || "demo-studio";
 const SHOTS = process.env.HOLDFAST_SCREENSHOTS;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-if (!BASE || !BIN || !SHOTS) {
-  console.error("set HOLDFAST_BASE_URL, HOLDFAST_BIN and HOLDFAST_SCREENSHOTS");
+// The server's admin token: the breakdown test adds grants of several sources.
+const ADMIN_TOKEN = process.env.HOLDFAST_ADMIN_TOKEN;
+if (!BASE || !BIN || !SHOTS || !ADMIN_TOKEN) {
+  console.error("set HOLDFAST_BASE_URL, HOLDFAST_BIN, HOLDFAST_SCREENSHOTS and HOLDFAST_ADMIN_TOKEN");
   process.exit(2);
 }
 
@@ -31,6 +33,18 @@ function eq(actual, expected, what) {
 async function getJson(path) {
   const res = await fetch(`${BASE}${path}`);
   if (!res.ok) throw new Error(`GET ${path}: HTTP ${res.status} ${await res.text()}`);
+  return res.json();
+}
+
+// POST /v1/accounts/{id}/grants with the admin token (creating the account).
+async function adminGrant(account, grant) {
+  const path = `/v1/accounts/${encodeURIComponent(account)}/grants`;
+  const res = await fetch(`${BASE}${path}`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${ADMIN_TOKEN}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ create: true, ...grant }),
+  });
+  if (!res.ok) throw new Error(`POST ${path}: HTTP ${res.status} ${await res.text()}`);
   return res.json();
 }
 
@@ -60,6 +74,32 @@ async function checkLedger(batchId, want) {
 
 async function waitForPreview(page, text) {
   await page.locator("#preview-line").filter({ hasText: text }).waitFor({ timeout: 10_000 });
+}
+
+// The breakdown under the preview line, as shown: one entry per line, and
+// the list found by its accessible name (its label), inside the live region.
+async function breakdown(page, label) {
+  const list = page.locator("#preview[aria-live=polite]").getByRole("list", { name: label, exact: true });
+  await list.waitFor({ timeout: 10_000 });
+  return list.locator("li").evaluateAll((lis) => lis.map((li) => ({
+    grant: li.dataset.grantId,
+    source: li.dataset.source,
+    text: li.textContent.replace(/\s+/g, " ").trim(),
+    expires: li.querySelector("time") ? li.querySelector("time").dateTime : null,
+  })));
+}
+
+// A day as the page (and the server's sentences) write expiry dates, in UTC:
+// "1 January 2027".
+const MONTHS = ["January", "February", "March", "April", "May", "June", "July",
+  "August", "September", "October", "November", "December"];
+function day(iso) {
+  const t = new Date(iso);
+  return `${t.getUTCDate()} ${MONTHS[t.getUTCMonth()]} ${t.getUTCFullYear()}`;
+}
+
+function eqJson(actual, expected, what) {
+  eq(JSON.stringify(actual), JSON.stringify(expected), what);
 }
 
 // The summary of a batch other than the last one seen: the page's next batch.
@@ -92,6 +132,13 @@ const test = (name, fn) => tests.push({ name, fn });
 // payload), so a batch releases 2 credits for each of them that ran.
 test("enough credits: Generate All runs every item to the end", async (page) => {
   await waitForPreview(page, "This action will cost ~120 credits. You have 197 credits.");
+  // The account's one grant (a plain manual one, from `holdfast account grant`).
+  const lines = await breakdown(page, "The 120 credits come from, in this order:");
+  eq(lines.length, 1, "breakdown lines");
+  eq(lines[0].source, "manual", "breakdown source");
+  eq(lines[0].text, "120 from granted credits", "breakdown line");
+  eq(lines[0].expires, null, "breakdown expiry");
+  eq(await page.locator("#preview-expiry").count(), 0, "no expiry notice");
   await page.screenshot({ path: join(SHOTS, "preview.png") });
   // Keyboard: the button is reachable and activates with Enter.
   await page.locator("#generate-all").focus();
@@ -193,6 +240,44 @@ test("not enough: add credits grants the shortfall, then runs everything", async
     mode: "all_or_nothing", run: 10, succeeded: 10, failed: 0, skipped: 0,
     reserved: 120, captured: 114, released: 6, overrun: 0, balance: 6,
   });
+});
+
+test("breakdown: each grant the batch draws from, with its source and expiry", async (page) => {
+  // Another account, with two grants of different sources: a plan allowance
+  // that expires in 20 minutes (before a batch's deadline, an hour by
+  // default) and a top-up that never expires. Burn-down order: the plan
+  // allowance first (it expires sooner), then the top-up.
+  const account = `${ACCOUNT}-grants`;
+  const planExpiry = new Date(Math.floor(Date.now() / 1000) * 1000 + 20 * 60_000).toISOString();
+  await adminGrant(account, { grant_id: "plan-browser", source: "plan", amount: 80, expires_at: planExpiry });
+  await adminGrant(account, { grant_id: "topup-browser", source: "purchase", amount: 100 });
+  await page.locator("#account").fill(account);
+  await waitForPreview(page, "This action will cost ~120 credits. You have 180 credits.");
+  const planDay = day(planExpiry);
+  let lines = await breakdown(page, "The 120 credits come from, in this order:");
+  eqJson(lines.map((l) => [l.grant, l.source, l.text]), [
+    ["plan-browser", "plan", `80 from your plan allowance (resets on ${planDay})`],
+    ["topup-browser", "purchase", "40 from top-ups"],
+  ], "breakdown lines");
+  eq(new Date(lines[0].expires).getTime(), new Date(planExpiry).getTime(), "plan expiry <time datetime>");
+  eq(lines[1].expires, null, "the top-up has no expiry");
+  const notice = (await page.locator("#preview[aria-live=polite] #preview-expiry").textContent()).trim();
+  check(notice.startsWith("80 of these credits expire on ") && notice.includes("before this batch's deadline"),
+    `the expiry notice, got ${JSON.stringify(notice)}`);
+  // Short: the breakdown is what the first items that fit would use.
+  await page.locator("#cost-photo-01").fill("80");
+  await waitForPreview(page, "This action will cost ~188 credits. You have 180 credits.");
+  lines = await breakdown(page, "Generating the first 9 would use 176 credits, in this order:");
+  eqJson(lines.map((l) => [l.grant, l.text]), [
+    ["plan-browser", `80 from your plan allowance (resets on ${planDay})`],
+    ["topup-browser", "96 from top-ups"],
+  ], "breakdown lines when short");
+  // Back to the demo account and its prices.
+  await page.locator("#cost-photo-01").fill("12");
+  await page.locator("#account").fill(ACCOUNT);
+  await waitForPreview(page, "This action will cost ~120 credits. You have 6 credits.");
+  eq(await page.locator("#preview-expiry").count(), 0, "no expiry notice for the demo account");
+  await audit();
 });
 
 mkdirSync(SHOTS, { recursive: true });

@@ -12,6 +12,11 @@ const TERMINAL = new Set(["completed", "expired", "cancelled", "denied"]);
 
 const fmt = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
 const n = (x) => fmt.format(x);
+// Expiry days as the server's sentences write them ("1 January 2027"), in
+// UTC like the server, so the breakdown and the expiry notice agree.
+const dayFmt = new Intl.DateTimeFormat("en-GB", {
+  day: "numeric", month: "long", year: "numeric", timeZone: "UTC",
+});
 const credits = (x) => `${n(x)} ${x === 1 ? "credit" : "credits"}`;
 const $ = (id) => document.getElementById(id);
 
@@ -181,8 +186,76 @@ async function refresh() {
   advice.textContent = p.fits
     ? ` Enough for all ${n(items.length)} items.`
     : ` ${p.advice || ""}`;
-  preview.replaceChildren(line, document.createElement("br"), advice);
+  const text = document.createElement("p");
+  text.className = "preview-text";
+  text.append(line, document.createElement("br"), advice);
+  preview.replaceChildren(text, ...renderBreakdown(p));
   $("generate-all").disabled = busy;
+}
+
+// Where a grant's credits come from, in the words of the preview's message.
+function sourceWords(source, expires) {
+  const plain = {
+    plan: "your plan credits", purchase: "top-ups",
+    promotion: "promotional credits", manual: "granted credits",
+  };
+  const dated = {
+    plan: ["your plan allowance", "resets on"], purchase: ["top-ups", "expire on"],
+    promotion: ["promotional credits", "expire on"], manual: ["granted credits", "expire on"],
+  };
+  if (!expires) return { what: plain[source] || `${source} credits` };
+  const [what, verb] = dated[source] || [`${source} credits`, "expire on"];
+  return { what, verb };
+}
+
+// The preview's breakdown: one line per grant the batch would draw from, in
+// burn-down order (when it fits: the whole cost; when it does not: what the
+// first items that fit would use), then the expiry notice, if any.
+function renderBreakdown(p) {
+  const draws = Array.isArray(p.breakdown) ? p.breakdown : [];
+  const out = [];
+  if (draws.length) {
+    const drawn = draws.reduce((s, d) => s + d.amount, 0);
+    const box = document.createElement("div");
+    box.id = "preview-breakdown";
+    box.className = "breakdown";
+    const label = document.createElement("p");
+    label.id = "preview-breakdown-label";
+    label.className = "breakdown-label";
+    label.textContent = p.fits
+      ? `The ${credits(drawn)} come from, in this order:`
+      : `Generating the first ${n(p.first_fit.count)} would use ${credits(drawn)}, in this order:`;
+    const list = document.createElement("ul");
+    list.setAttribute("aria-labelledby", label.id);
+    for (const d of draws) {
+      const li = document.createElement("li");
+      li.dataset.grantId = d.grant_id;
+      li.dataset.source = d.source;
+      const amount = document.createElement("span");
+      amount.className = "amount";
+      amount.textContent = n(d.amount);
+      const words = sourceWords(d.source, d.expires_at);
+      li.append(amount, ` from ${words.what}`);
+      const at = d.expires_at ? new Date(d.expires_at) : null;
+      if (at && !Number.isNaN(at.getTime())) {
+        const time = document.createElement("time");
+        time.dateTime = d.expires_at;
+        time.textContent = dayFmt.format(at);
+        li.append(` (${words.verb} `, time, ")");
+      }
+      list.append(li);
+    }
+    box.append(label, list);
+    out.push(box);
+  }
+  if (p.expiry_notice) {
+    const notice = document.createElement("p");
+    notice.id = "preview-expiry";
+    notice.className = "expiry-notice";
+    notice.textContent = p.expiry_notice;
+    out.push(notice);
+  }
+  return out;
 }
 
 // ---- submitting and following a batch --------------------------------------

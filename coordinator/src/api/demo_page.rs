@@ -1,6 +1,8 @@
 //! The reference page at `/demo`: a "Generate All" screen for ten demo items
-//! that previews the cost, submits the batch, follows its progress, and, when
-//! the credits are short, offers the decision's choices in a dialog.
+//! that previews the cost (with the preview's `breakdown`: one line per grant
+//! the batch would draw from, and its `expiry_notice`), submits the batch,
+//! follows its progress, and, when the credits are short, offers the
+//! decision's choices in a dialog.
 //!
 //! Plain HTML, CSS and JavaScript, embedded in the binary; no build step.
 //! The page only calls the public `/v1` endpoints, plus `POST /demo/grant`
