@@ -8,6 +8,7 @@
 //! declared like the jobs queue ([`queues`]); PostgreSQL with one-statement
 //! `UPDATE`s of one hot row from as many clients as the coordinator has
 //! consumers. Then: decisions in the ledger alone ([`ledger_decisions`]),
+//! on accounts with one grant beside accounts with five ([`grant_decisions`]),
 //! runs through the whole fleet ([`end_to_end`]), decision latency beside
 //! the broker's own round trip ([`latency`]), where the CPU went ([`cpu`]),
 //! and the naive per-item quota it replaces ([`naive`]). [`run`] calls them
@@ -16,6 +17,7 @@
 mod ceilings;
 pub mod cpu;
 mod end_to_end;
+mod grant_decisions;
 mod latency;
 mod ledger_decisions;
 mod naive;
@@ -60,6 +62,11 @@ pub struct BenchArgs {
     /// is timed over the same work).
     #[arg(long, default_value_t = 10_000)]
     pub growth_items: usize,
+    /// Timed rounds of each side of the grant comparison (one grant against
+    /// five per account); a round is 3 decisions on each of 32 accounts per
+    /// client, 384 in all.
+    #[arg(long, default_value_t = 6)]
+    pub grant_rounds: usize,
     /// Seconds of the half-load latency run.
     #[arg(long, default_value_t = 5)]
     pub latency_seconds: u64,
@@ -101,6 +108,17 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         r.ledger_decisions_hot_account_per_s,
         r.ledger_decisions_many_accounts_per_s,
     ) = ledger_decisions::rates(&conn, args.decisions * 5, r.pg_clients, r.ledger_group).await?;
+    eprintln!(
+        "bench: ledger decisions, one grant against five ({} rounds of {} requests each, alternating)",
+        args.grant_rounds,
+        r.pg_clients * r.ledger_group * grant_decisions::PER_ROUND
+    );
+    let g = grant_decisions::rates(&conn, args.grant_rounds, r.pg_clients, r.ledger_group).await?;
+    r.ledger_decisions_one_grant_per_s = g.one_per_s;
+    r.ledger_decisions_five_grants_per_s = g.five_per_s;
+    r.five_grants_draws_per_decision = g.five_draws_per_decision;
+    r.grant_decisions_per_side = g.decisions;
+    r.ratio_five_grants_to_one_grant_time_per_decision = g.one_per_s / g.five_per_s;
     // The producer declares the topology before the role processes start, so
     // that they do not race each other to create its quorum queues.
     let producer = Producer::connect(&conn.amqp_url, &names, &queues).await?;

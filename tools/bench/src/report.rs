@@ -18,6 +18,16 @@ pub struct BenchReport {
     pub ledger_decisions_hot_account_per_s: f64,
     pub ledger_decisions_many_accounts_per_s: f64,
     pub ledger_group: usize,
+    /// Ledger decisions on accounts with one grant, timed in rounds
+    /// alternating with those on accounts with five grants.
+    pub ledger_decisions_one_grant_per_s: f64,
+    /// The same on accounts with five grants, each decision drawing from two
+    /// or three of them.
+    pub ledger_decisions_five_grants_per_s: f64,
+    /// Grants a decision drew from, on average, on the five-grant accounts.
+    pub five_grants_draws_per_decision: f64,
+    /// Decisions timed on each of the two sides.
+    pub grant_decisions_per_side: usize,
     pub decision_latency_ms_p50: f64,
     pub decision_latency_ms_p99: f64,
     pub latency_rate_per_s: f64,
@@ -37,6 +47,8 @@ pub struct BenchReport {
     pub ratio_e2e_to_broker: f64,
     pub ratio_decisions_to_hot_row: f64,
     pub ratio_ledger_decisions_to_hot_row: f64,
+    /// Time per decision on five grants over that on one (target ≤ 1.3).
+    pub ratio_five_grants_to_one_grant_time_per_decision: f64,
     /// Where the CPU went in the end-to-end phases.
     pub cpu: Vec<CpuSplit>,
 }
@@ -139,6 +151,24 @@ fn rows(r: &BenchReport) -> Vec<(String, String)> {
             format!("{:.0}", r.ledger_decisions_many_accounts_per_s),
         ),
         (
+            format!(
+                "ledger decisions/s, one-grant accounts ({} per tx)",
+                r.ledger_group
+            ),
+            format!("{:.0}", r.ledger_decisions_one_grant_per_s),
+        ),
+        (
+            format!(
+                "ledger decisions/s, five-grant accounts ({} per tx)",
+                r.ledger_group
+            ),
+            format!("{:.0}", r.ledger_decisions_five_grants_per_s),
+        ),
+        (
+            "  grants drawn per decision, five grants".into(),
+            format!("{:.2}", r.five_grants_draws_per_decision),
+        ),
+        (
             format!("decision latency p50 ms at {:.0}/s", r.latency_rate_per_s),
             format!("{:.1}", r.decision_latency_ms_p50),
         ),
@@ -193,6 +223,10 @@ fn rows(r: &BenchReport) -> Vec<(String, String)> {
         (
             "ratio ledger decisions / hot-row ceiling".into(),
             format!("{:.2}", r.ratio_ledger_decisions_to_hot_row),
+        ),
+        (
+            "ratio time per decision, five grants / one (≤ 1.3)".into(),
+            format!("{:.2}", r.ratio_five_grants_to_one_grant_time_per_decision),
         ),
     ]
 }
