@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use holdfast_common::config::{Connections, Limits, QueueSettings};
-use holdfast_common::ledger::GrantSource;
+use holdfast_common::ledger::{GrantSource, Period};
 use holdfast_coordinator::config::CoordinatorSettings;
 
 use crate::fleet::FleetSettings;
@@ -39,7 +39,7 @@ pub enum Command {
     Worker(FleetSettings),
     /// Run the reconciler role only.
     Reconciler(FleetSettings),
-    /// Accounts: create, grant credits, show balances.
+    /// Accounts: create, grant credits, allowances, show balances.
     #[command(subcommand)]
     Account(AccountCommand),
     /// Publish a batch request like a producer would and print the decision.
@@ -97,7 +97,55 @@ pub enum AccountCommand {
     },
     /// Void what a grant has left (what open holds took of it stays theirs).
     Void { id: String, grant_id: String },
-    /// Show balance, held and available credits, the grants and the open holds.
+    /// Give an account credits every period (a plan's allowance): the
+    /// reconciler issues each period's `plan` grant once the period begins.
+    Allowance {
+        id: String,
+        /// Credits each period, in the smallest unit (a positive whole number).
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        /// day, week or month (a calendar month, in UTC).
+        #[arg(long, value_parser = parse_period)]
+        period: Period,
+        /// The start of the first period (RFC 3339, at most 366 days ago;
+        /// missed periods are issued at once). Default: now.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        anchor: Option<chrono::DateTime<chrono::Utc>>,
+        /// Most unused credits carried from one period into the next.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            allow_negative_numbers = true
+        )]
+        rollover_cap: i64,
+        /// Idempotency key within the account (default: a new id). The same
+        /// id with the same terms changes nothing the second time.
+        #[arg(long, value_name = "A")]
+        allowance_id: Option<String>,
+    },
+    /// Change an allowance's terms from its next period on.
+    AllowanceChange {
+        id: String,
+        allowance_id: String,
+        /// Credits each period from the next period on.
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        /// day, week or month; a new length starts at the end of the current period.
+        #[arg(long, value_parser = parse_period)]
+        period: Period,
+        /// Most unused credits carried into each period from the next one on.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            allow_negative_numbers = true
+        )]
+        rollover_cap: i64,
+    },
+    /// Stop an allowance after its current period (its current grant stays).
+    AllowanceStop { id: String, allowance_id: String },
+    /// Show balance, held and available credits, the grants, the allowances and the open holds.
     Show { id: String },
 }
 
@@ -105,6 +153,11 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| format!("not an RFC 3339 time ({e}); for example 2027-01-01T00:00:00Z"))
+}
+
+fn parse_period(s: &str) -> Result<Period, String> {
+    s.parse()
+        .map_err(|e: holdfast_common::ledger::LedgerError| e.to_string())
 }
 
 fn parse_source(s: &str) -> Result<GrantSource, String> {

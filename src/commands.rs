@@ -9,8 +9,8 @@ use crate::{demo, producer::Producer, report};
 use anyhow::Context;
 use holdfast_common::config::Connections;
 use holdfast_common::database;
-use holdfast_common::ledger::GrantSpec;
 use holdfast_common::ledger::Ledger;
+use holdfast_common::ledger::{AllowanceSpec, AllowanceTerms, GrantSpec};
 use holdfast_common::messages::{Decision, Event};
 use holdfast_common::telemetry;
 use holdfast_common::topology::Names;
@@ -120,7 +120,8 @@ async fn migrate(conn: &Connections, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// `holdfast account create | grant | show`.
+/// `holdfast account create | grant | void | allowance | allowance-change |
+/// allowance-stop | show`.
 async fn account(conn: &Connections, cmd: AccountCommand, json: bool) -> anyhow::Result<i32> {
     let ledger = ledger(conn)?;
     let account = match cmd {
@@ -169,19 +170,69 @@ async fn account(conn: &Connections, cmd: AccountCommand, json: bool) -> anyhow:
             }
             return Ok(0);
         }
+        AccountCommand::Allowance {
+            id,
+            amount,
+            period,
+            anchor,
+            rollover_cap,
+            allowance_id,
+        } => {
+            let spec = AllowanceSpec {
+                allowance_id,
+                terms: AllowanceTerms {
+                    amount,
+                    period,
+                    rollover_cap,
+                },
+                anchor,
+            };
+            let allowed = ledger.create_allowance(&id, &spec).await?;
+            if json {
+                report::json(&allowed.allowance);
+            } else {
+                report::allowed(&allowed);
+            }
+            return Ok(0);
+        }
+        AccountCommand::AllowanceChange {
+            id,
+            allowance_id,
+            amount,
+            period,
+            rollover_cap,
+        } => {
+            let terms = AllowanceTerms {
+                amount,
+                period,
+                rollover_cap,
+            };
+            let allowance = ledger.change_allowance(&id, &allowance_id, &terms).await?;
+            report::allowance_printed(&allowance, json);
+            return Ok(0);
+        }
+        AccountCommand::AllowanceStop { id, allowance_id } => {
+            let allowance = ledger.stop_allowance(&id, &allowance_id).await?;
+            report::allowance_printed(&allowance, json);
+            return Ok(0);
+        }
         AccountCommand::Show { id } => {
-            // The same view as GET /v1/accounts/{id}: balances, grants, open holds.
+            // The same view as GET /v1/accounts/{id}: balances, grants,
+            // allowances, open holds.
             let account = ledger.account(&id).await?;
             let grants = ledger.grants(&id).await?;
+            let allowances = ledger.allowances(&id).await?;
             let holds = ledger.open_holds(&id).await?;
             if json {
                 let mut v = serde_json::to_value(&account)?;
                 v["grants"] = serde_json::to_value(&grants)?;
+                v["allowances"] = serde_json::to_value(&allowances)?;
                 v["holds"] = serde_json::to_value(&holds)?;
                 report::json(&v);
             } else {
                 report::account(&account);
                 report::grants(&grants);
+                report::allowances(&allowances);
                 report::holds(&holds);
             }
             return Ok(0);

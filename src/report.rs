@@ -53,6 +53,59 @@ pub fn grants(grants: &[holdfast_common::ledger::Grant]) {
     }
 }
 
+/// The allowances of an account, one line each (and a pending change).
+pub fn allowances(allowances: &[holdfast_common::ledger::Allowance]) {
+    for a in allowances {
+        let rollover = match a.rollover_cap {
+            0 => String::new(),
+            cap => format!(", rollover up to {}", thousands(cap)),
+        };
+        let next = match (&a.next_period_start, &a.stops_at) {
+            (Some(n), _) => format!("next period {n}"),
+            (None, Some(s)) => format!("no period after {s}"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "  allowance {:<20} {:>10} a {}{}  {}  {}",
+            a.allowance_id,
+            thousands(a.amount),
+            a.period.as_str(),
+            rollover,
+            a.state,
+            next
+        );
+        if let Some(t) = &a.next_terms {
+            println!(
+                "    from {}: {} a {}, rollover up to {}",
+                t.effective_from,
+                thousands(t.amount),
+                t.period.as_str(),
+                thousands(t.rollover_cap)
+            );
+        }
+    }
+}
+
+/// What `account allowance` created (or found created before under its id).
+pub fn allowed(a: &holdfast_common::ledger::Allowed) {
+    if a.replayed {
+        println!(
+            "allowance {} exists with the same terms: nothing changed",
+            a.allowance.allowance_id
+        );
+    }
+    allowances(std::slice::from_ref(&a.allowance));
+}
+
+/// One allowance, as JSON or a line.
+pub fn allowance_printed(a: &holdfast_common::ledger::Allowance, as_json: bool) {
+    if as_json {
+        json(a);
+    } else {
+        allowances(std::slice::from_ref(a));
+    }
+}
+
 pub fn decision(d: &Decision) {
     match d {
         Decision::Granted(g) => {

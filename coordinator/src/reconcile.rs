@@ -4,8 +4,8 @@
 //! are all settled (or reserves a sequential batch's next chunk), closes batches past
 //! their execution deadline (unsettled items fail, the rest is released),
 //! re-dispatches batches whose coordinator died before the broker confirmed
-//! every job, expires what grants past their expiry have left, refreshes the
-//! gauges, and now and then audits the ledger: drift
+//! every job, issues the allowance periods that have begun, expires what
+//! grants past their expiry have left, refreshes the gauges, and now and then audits the ledger: drift
 //! (balances against the journal) and stuck money (holds this very sweep
 //! should have resolved, past their limit by more than
 //! [`ReconcilerSettings::stuck_grace`]: three sweeps, at least 10 s).
@@ -32,6 +32,9 @@ pub struct SweepReport {
     pub redispatched: usize,
     /// Soft holds expired (their TTL passed with no batch consuming them).
     pub expired_holds: usize,
+    /// Credits of allowance periods issued (`plan` grants; rollovers move
+    /// credits and are not counted).
+    pub issued_credits: i64,
     /// Credits of grants past their expiry that expired unused.
     pub expired_credits: i64,
     /// Drift found, when this sweep audited.
@@ -68,6 +71,10 @@ impl Reconciler {
             expired_holds: self.ledger.expire_soft_holds(CLAIM_LIMIT).await?,
             expired: self.expire_overdue().await?,
             redispatched: self.redispatch_stranded().await?,
+            // Before the expiry, so that a period's grant is there as soon
+            // as the previous one expires (the previous one's rollover does
+            // not depend on it: its grants wait for the issuance).
+            issued_credits: self.ledger.issue_allowances(CLAIM_LIMIT).await?,
             // Last, so that what this sweep released to a grant past its
             // expiry expires with it now.
             expired_credits: self.ledger.expire_grants(CLAIM_LIMIT).await?,

@@ -6,7 +6,7 @@
 use crate::support;
 
 use holdfast::fleet::{HttpAddr, Roles};
-use holdfast_common::ledger::GrantSpec;
+use holdfast_common::ledger::{AllowanceSpec, AllowanceTerms, GrantSpec, Period};
 use serde_json::{json, Value};
 use support::*;
 
@@ -23,6 +23,17 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
         ..GrantSpec::manual(100)
     };
     t.ledger.add_grant("acme", &spec, true).await.unwrap();
+    // An allowance whose first period is a month away: nothing to issue meanwhile.
+    let pro = AllowanceSpec {
+        allowance_id: Some("pro".into()),
+        terms: AllowanceTerms {
+            amount: 500,
+            period: Period::Month,
+            rollover_cap: 0,
+        },
+        anchor: Some(chrono::Utc::now() + chrono::Duration::days(30)),
+    };
+    t.ledger.create_allowance("acme", &pro).await.unwrap();
     let base = format!("http://{}", t.fleets[0].http_addr().unwrap());
     let http = reqwest::Client::new();
 
@@ -41,7 +52,10 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
                 .as_array()
                 .is_some_and(|s| s.iter().any(|r| r.get("admin_token").is_some()));
             if secured {
-                let path = path.replace("{id}", "acme").replace("{grant_id}", "g1");
+                let path = path
+                    .replace("{id}", "acme")
+                    .replace("{grant_id}", "g1")
+                    .replace("{allowance_id}", "pro");
                 admin_ops.push((method.to_uppercase(), path));
             }
         }
@@ -49,6 +63,18 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
     assert_eq!(
         admin_ops,
         [
+            (
+                "POST".to_string(),
+                "/v1/accounts/acme/allowances".to_string()
+            ),
+            (
+                "DELETE".to_string(),
+                "/v1/accounts/acme/allowances/pro".to_string()
+            ),
+            (
+                "PUT".to_string(),
+                "/v1/accounts/acme/allowances/pro".to_string()
+            ),
             ("POST".to_string(), "/v1/accounts/acme/grants".to_string()),
             (
                 "DELETE".to_string(),
@@ -104,6 +130,16 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
         t.ledger.account("newcomer").await,
         Err(holdfast_common::ledger::LedgerError::UnknownAccount(_))
     ));
+    let allowances = t.ledger.allowances("acme").await.unwrap();
+    assert_eq!(
+        (
+            allowances.len(),
+            allowances[0].amount,
+            allowances[0].state.as_str()
+        ),
+        (1, 500, "active"),
+        "no refused call created, changed or stopped an allowance"
+    );
     // With the token it works: the refusals above were about the token.
     let r = http
         .post(format!("{base}/v1/accounts/acme/grants"))
@@ -127,5 +163,34 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
         (Some("voided"), Some(0))
     );
     assert_eq!(t.available("acme").await, 5);
+    let allowances = format!("{base}/v1/accounts/acme/allowances");
+    let r = http
+        .post(&allowances)
+        .bearer_auth(TOKEN)
+        .json(&json!({"amount": 5, "period": "week", "anchor": "2099-01-01T00:00:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .put(format!("{allowances}/pro"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"amount": 600, "period": "month"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .delete(format!("{allowances}/pro"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let stopped: Value = r.json().await.unwrap();
+    assert_eq!(
+        (stopped["state"].as_str(), stopped["amount"].as_i64()),
+        (Some("stopped"), Some(600))
+    );
     t.stop().await;
 }

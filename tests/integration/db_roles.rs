@@ -1,6 +1,9 @@
 //! Least-privilege database roles (migrations/V3__roles.sql): each role runs
 //! its real code as a LOGIN user in its group, and a worker (or coordinator,
 //! or reconciler) cannot add credits or create accounts, whatever SQL it sends.
+//! Allowances (V7): the admin manages them, and the reconciler issues them
+//! only through `holdfast_issue_allowance`, which issues nothing but what an
+//! allowance defines for a period that has begun.
 
 use crate::support;
 
@@ -9,7 +12,10 @@ use std::time::Duration;
 use holdfast::fleet::{Fleet, HttpAddr, Roles};
 use holdfast_common::config::Connections;
 use holdfast_common::database;
-use holdfast_common::ledger::{ItemOutcome, ItemState, Ledger, LedgerError, Settled, Settlement};
+use holdfast_common::ledger::{
+    AllowanceSpec, AllowanceTerms, ItemOutcome, ItemState, Ledger, LedgerError, Period, Settled,
+    Settlement,
+};
 use holdfast_common::messages::BatchRequest;
 use serde_json::json;
 use support::*;
@@ -234,15 +240,141 @@ async fn only_the_admin_adds_credits_and_each_role_does_its_own_work() {
     t.assert_exact().await;
 }
 
+fn allowance(
+    id: &str,
+    amount: i64,
+    anchor: Option<chrono::DateTime<chrono::Utc>>,
+) -> AllowanceSpec {
+    AllowanceSpec {
+        allowance_id: Some(id.into()),
+        terms: AllowanceTerms {
+            amount,
+            period: Period::Day,
+            rollover_cap: 10,
+        },
+        anchor,
+    }
+}
+
+#[tokio::test]
+async fn only_the_reconciler_issues_allowances_and_only_what_they_define() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    let users = Users::create(&t).await;
+    let admin = users.ledger(&t, "admin");
+    let coordinator = users.ledger(&t, "coordinator");
+    let worker = users.ledger(&t, "worker");
+    let reconciler = users.ledger(&t, "reconciler");
+
+    // The admin manages allowances: this one's second daily period began an hour ago.
+    admin.create_account("acme").await.unwrap();
+    let now: chrono::DateTime<chrono::Utc> = connect(&t.conn.database_url)
+        .await
+        .query_one("SELECT now()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let anchor = now - chrono::Duration::hours(25);
+    admin
+        .create_allowance("acme", &allowance("plan", 100, Some(anchor)))
+        .await
+        .unwrap();
+    admin
+        .create_allowance(
+            "acme",
+            &allowance("spare", 5, Some(now + chrono::Duration::days(1))),
+        )
+        .await
+        .unwrap();
+    admin.stop_allowance("acme", "spare").await.unwrap();
+    // Nobody else does.
+    for ledger in [&coordinator, &worker, &reconciler] {
+        denied(
+            ledger
+                .create_allowance("acme", &allowance("mine", 1_000, None))
+                .await,
+        );
+        let terms = AllowanceTerms {
+            amount: 1_000,
+            period: Period::Day,
+            rollover_cap: 0,
+        };
+        denied(ledger.change_allowance("acme", "plan", &terms).await);
+        denied(ledger.stop_allowance("acme", "plan").await);
+    }
+    // Only the reconciler issues them.
+    for ledger in [&admin, &coordinator, &worker] {
+        denied(ledger.issue_allowances(100).await);
+    }
+    assert_eq!(reconciler.issue_allowances(100).await.unwrap(), 200);
+    let a = admin.account("acme").await.unwrap();
+    assert_eq!(
+        (a.balance, a.available),
+        (200, 110),
+        "the second period and its rollover"
+    );
+
+    // Whatever SQL it sends, the reconciler adds nothing else.
+    let r = connect(&users.url(&t, "reconciler")).await;
+    for sql in [
+        "INSERT INTO grants (account_id, id, amount, remaining, source) VALUES ('acme', 'mine', 5, 5, 'plan')",
+        "INSERT INTO allowances (account_id, id, anchor, next_period_start) VALUES ('acme', 'mine', now(), now())",
+        "UPDATE allowances SET next_period_start = anchor",
+        "UPDATE allowance_terms SET amount = 1000000",
+        "INSERT INTO allowance_terms (account_id, allowance_id, effective_from, amount, period, anchor)
+         VALUES ('acme', 'plan', now(), 1000000, 'day', now())",
+        "INSERT INTO journal (account_id, grant_id, kind, amount, balance_delta) VALUES ('acme', 'mine', 'rollover', 5, 5)",
+        "ALTER FUNCTION holdfast_issue_allowance(text, text, integer) SECURITY INVOKER",
+        "CREATE OR REPLACE FUNCTION holdfast_period_after(timestamptz, text, timestamptz) RETURNS timestamptz
+         LANGUAGE sql AS $$ SELECT now() - interval '1 year' $$",
+    ] {
+        let e = r.batch_execute(sql).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e}"
+        );
+    }
+    // Calling the function again issues nothing: both periods that began
+    // are issued, the next has not begun, `spare` stopped before its first.
+    for id in ["plan", "spare"] {
+        let rows = r
+            .query(
+                "SELECT * FROM holdfast_issue_allowance('acme', $1, 100)",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        assert!(rows.is_empty(), "{id}");
+    }
+    let w = connect(&users.url(&t, "worker")).await;
+    let e = w
+        .query(
+            "SELECT * FROM holdfast_issue_allowance('acme', 'plan', 100)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
+    // Everyone reads them (any process may serve the account view).
+    for ledger in [&coordinator, &worker, &reconciler] {
+        assert_eq!(ledger.allowances("acme").await.unwrap().len(), 2);
+    }
+    assert_eq!(admin.account("acme").await.unwrap().balance, 200);
+    t.assert_exact().await;
+}
+
 #[tokio::test]
 async fn the_fleet_runs_with_one_database_user_per_role() {
     let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
     let users = Users::create(&t).await;
-    users
-        .ledger(&t, "admin")
-        .grant("acme", 1_000, None, true)
+    let admin = users.ledger(&t, "admin");
+    admin.grant("acme", 1_000, None, true).await.unwrap();
+    // The reconciler process issues this allowance's first period.
+    admin
+        .create_allowance("acme", &allowance("plan", 100, None))
         .await
         .unwrap();
+
     // The worker process serves the HTTP API too: asked to grant, it refuses.
     let mut api = t.settings.clone();
     api.http_addr = HttpAddr(Some("127.0.0.1:0".parse().unwrap()));
@@ -306,8 +438,16 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
     assert_eq!(t.wait_closed("plain").await.state, "completed");
     let s = t.wait_closed("seq").await;
     assert_eq!((s.state.as_str(), s.figures.succeeded), ("completed", 25));
+    eventually("the reconciler issues the allowance", || async {
+        let grants = t.ledger.grants("acme").await.unwrap();
+        grants
+            .iter()
+            .any(|g| g.allowance_id.as_deref() == Some("plan"))
+            .then_some(())
+    })
+    .await;
     let a = t.ledger.account("acme").await.unwrap();
-    assert_eq!((a.balance, a.held), (1_000 - 50 - 50, 0));
+    assert_eq!((a.balance, a.held), (1_000 + 100 - 50 - 50, 0));
     t.assert_exact().await;
     t.stop().await;
 }

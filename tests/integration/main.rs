@@ -4,6 +4,7 @@
 mod support;
 
 mod admin_auth;
+mod allowances;
 mod api;
 mod bad_input;
 mod breakdown;

@@ -52,6 +52,11 @@ impl GrantSpec {
                     "grant_id must be 1 to 128 printable characters".into(),
                 ));
             }
+            if id.starts_with(ALLOWANCE_GRANT_PREFIX) {
+                return Err(LedgerError::Invalid(format!(
+                    "grant_id must not start with `{ALLOWANCE_GRANT_PREFIX}`: the grants of allowances are named so"
+                )));
+            }
         }
         if self.note.as_ref().is_some_and(|n| n.len() > 1024) {
             return Err(LedgerError::Invalid(
@@ -61,6 +66,10 @@ impl GrantSpec {
         Ok(())
     }
 }
+
+/// How the grants an allowance issues are named (`allowance:<id>:<period
+/// start>`, and `…:rollover`); no other grant may use it.
+pub const ALLOWANCE_GRANT_PREFIX: &str = "allowance:";
 
 /// One grant of an account, as `account show` and `GET /v1/accounts/{id}` list it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
@@ -86,6 +95,14 @@ pub struct Grant {
     pub expires_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The allowance that issued it (its period's grant, or the rollover
+    /// into that period); absent for other grants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowance_id: Option<String>,
+    /// RFC 3339: the start of the allowance period it was issued for;
+    /// absent for a rollover grant and for other grants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period_start: Option<String>,
 }
 
 /// What adding a grant did.
@@ -101,7 +118,8 @@ pub struct Granted {
 const GRANT_COLUMNS: &str = "id, source, priority, amount, remaining, held,
        CASE WHEN state = 'active' AND (expires_at IS NULL OR expires_at > now())
             THEN remaining - held ELSE 0 END,
-       state, effective_at, expires_at, note";
+       state, effective_at, expires_at, note,
+       allowance_id, period_start";
 const BURN_DOWN: &str = "priority, expires_at NULLS LAST, source_rank, effective_at, id";
 
 fn grant_row(r: &tokio_postgres::Row) -> Grant {
@@ -118,6 +136,8 @@ fn grant_row(r: &tokio_postgres::Row) -> Grant {
         effective_at: rfc3339(r.get(8)),
         expires_at: r.get::<_, Option<DateTime<Utc>>>(9).map(rfc3339),
         note: r.get(10),
+        allowance_id: r.get(11),
+        period_start: r.get::<_, Option<DateTime<Utc>>>(12).map(rfc3339),
     }
 }
 
@@ -373,7 +393,10 @@ impl Ledger {
     /// Expire what is left of grants past their expiry, up to `limit`
     /// accounts' worth, each account in its own transaction. Never early;
     /// several reconcilers share the work (an account whose row is locked is
-    /// left to the next sweep). Returns the credits expired.
+    /// left to the next sweep). A grant of an allowance whose next period
+    /// rolls its unused credits over waits for that period's issuance
+    /// (`holdfast_awaits_rollover`, migrations/V7__allowances.sql). Returns
+    /// the credits expired.
     pub async fn expire_grants(&self, limit: i64) -> Result<i64> {
         let accounts: Vec<String> = self
             .retrying("find grants to expire", || async {
@@ -382,6 +405,7 @@ impl Ledger {
                     .query(
                         "SELECT DISTINCT account_id FROM grants
                          WHERE state = 'active' AND expires_at <= now()
+                           AND NOT holdfast_awaits_rollover(account_id, allowance_id, expires_at)
                          ORDER BY account_id LIMIT $1",
                         &[&limit],
                     )

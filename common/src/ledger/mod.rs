@@ -2,6 +2,8 @@
 //!
 //! Operations and their guarantees (see docs/state-machines.md):
 //! - [`Ledger::grant`] adds posted credits.
+//! - [`Ledger::create_allowance`] gives an account credits every period; the
+//!   reconciler issues each period's grant once ([`Ledger::issue_allowances`]).
 //! - [`Ledger::reserve`] prices a batch under the account's row lock and either
 //!   takes one hold for everything that runs or records a denial. Idempotent on
 //!   the batch id.
@@ -32,6 +34,7 @@
 // The flow, one file a step: reserve → dispatch → capture → close (release),
 // with expire and cancel as the other ways a hold resolves.
 mod accounts;
+mod allowances;
 mod audit;
 mod cancel;
 mod capture;
@@ -57,6 +60,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 pub use accounts::{Account, JournalEntry};
+pub use allowances::{
+    check_allowance_id, Allowance, AllowanceSpec, AllowanceTerms, Allowed, Issued, NextTerms,
+    Period, MAX_ALLOWANCE_ID_CHARS, MAX_BACKDATE_DAYS,
+};
 
 /// The decision path's statements (reserve, holds, dispatch record) are
 /// prepared once per connection and kept in deadpool's statement cache: one
@@ -112,7 +119,7 @@ pub use cancel::Cancelled;
 pub use capture::{ItemOutcome, SettleReport, Settled, Settlement};
 pub use close::ClosedBatch;
 pub use dispatch::PendingJob;
-pub use grants::{Grant, GrantSource, GrantSpec, Granted};
+pub use grants::{Grant, GrantSource, GrantSpec, Granted, ALLOWANCE_GRANT_PREFIX};
 pub use patience::{wait_out, Transient};
 pub use reserve::{rfc3339, ReserveInput, Reserved};
 pub use states::{BatchState, HoldState, ItemState};
@@ -134,6 +141,10 @@ pub enum LedgerError {
     /// The grant id was used before with different terms: reject.
     #[error("account `{account}` already has a grant `{grant}` with other terms")]
     GrantConflict { account: String, grant: String },
+    /// The allowance id is taken by an allowance with other terms: reject
+    /// (change an allowance with PUT, or use a new id).
+    #[error("account `{account}` already has an allowance `{allowance}` with other terms")]
+    AllowanceConflict { account: String, allowance: String },
     /// The batch id was used before with a different request body: reject.
     #[error("batch `{0}` was already submitted with a different request")]
     Conflict(String),

@@ -1,11 +1,12 @@
-//! Accounts over HTTP: balances with their grants and open holds, and
-//! (admin only) adding and voiding grants.
+//! Accounts over HTTP: balances with their grants, allowances and open
+//! holds, and (admin only) adding and voiding grants. Allowances are
+//! managed in [`super::allowances`].
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use holdfast_common::ledger::{Grant, GrantSource, GrantSpec};
+use holdfast_common::ledger::{Allowance, Grant, GrantSource, GrantSpec, ALLOWANCE_GRANT_PREFIX};
 use holdfast_common::messages::Reservation;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -35,6 +36,8 @@ pub struct AccountView {
     pub open_holds: i64,
     /// The grants, in the order new holds use them (active first).
     pub grants: Vec<Grant>,
+    /// The allowances, oldest first: each issues one `plan` grant per period.
+    pub allowances: Vec<Allowance>,
     /// The open holds: soft holds (with `expires_at`) and running batches' holds (with `batch_id`).
     pub holds: Vec<Reservation>,
 }
@@ -42,6 +45,7 @@ pub struct AccountView {
 pub(super) async fn view(s: &ApiState, id: &str) -> Result<AccountView, Problem> {
     let a = s.ledger.account(id).await?;
     let grants = s.ledger.grants(id).await?;
+    let allowances = s.ledger.allowances(id).await?;
     let holds = s.ledger.open_holds(id).await?;
     Ok(AccountView {
         id: a.id,
@@ -50,11 +54,12 @@ pub(super) async fn view(s: &ApiState, id: &str) -> Result<AccountView, Problem>
         available: a.available,
         open_holds: a.open_holds,
         grants,
+        allowances,
         holds,
     })
 }
 
-/// Balance, held and available credits, and the open holds.
+/// Balance, held and available credits, the grants, the allowances and the open holds.
 #[utoipa::path(
     get,
     path = "/v1/accounts/{id}",
@@ -160,6 +165,13 @@ fn parse_grant(body: &[u8]) -> Result<NewGrant, Problem> {
     };
     let grant_id = match obj.get("grant_id") {
         None | Some(Value::Null) => None,
+        Some(Value::String(g)) if g.starts_with(ALLOWANCE_GRANT_PREFIX) => {
+            bad(
+                "grant_id",
+                format!("must not start with `{ALLOWANCE_GRANT_PREFIX}`: the grants of allowances are named so"),
+            );
+            None
+        }
         Some(Value::String(g)) => match crate::intake::check_id(g) {
             Ok(()) => Some(g.clone()),
             Err(reason) => {

@@ -136,20 +136,26 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     }
 }
 
-/// Two path segments, `{id}` and `{grant_id}`, each checked like an id.
+/// Two path segments, `{id}` and a second id (`{grant_id}`,
+/// `{allowance_id}`), each checked like an id; a problem names the segment
+/// as the route does.
 pub struct PathIds(pub String, pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathIds {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
-        let Path((id, second)) = Path::<(String, String)>::from_request_parts(parts, state)
+        let Path(segments) = Path::<Vec<(String, String)>>::from_request_parts(parts, state)
             .await
             .map_err(|e| Problem::field(StatusCode::BAD_REQUEST, "id", e.body_text()))?;
+        let [(_, id), (name, second)] =
+            <[(String, String); 2]>::try_from(segments).map_err(|_| {
+                Problem::status(StatusCode::INTERNAL_SERVER_ERROR, "route without two ids")
+            })?;
         intake::check_id(&id)
             .map_err(|reason| Problem::field(StatusCode::BAD_REQUEST, "id", reason))?;
         intake::check_id(&second)
-            .map_err(|reason| Problem::field(StatusCode::BAD_REQUEST, "grant_id", reason))?;
+            .map_err(|reason| Problem::field(StatusCode::BAD_REQUEST, &name, reason))?;
         Ok(PathIds(id, second))
     }
 }

@@ -3,13 +3,15 @@
 //! Every id of a request body (a field named `account_id`, `batch_id`,
 //! `item_id` or `reservation_id`, each entry of `item_ids`) and every `{id}`
 //! in a path gets the id rules of [`crate::intake`]: 1 to [`MAX_ID_CHARS`] characters,
-//! none of them a control character ([`ID_PATTERN`]). Item lists get
+//! none of them a control character ([`ID_PATTERN`]); an `allowance_id`, in
+//! a body or a path, the same rules within [`MAX_ALLOWANCE_ID_CHARS`]. Item lists get
 //! `HOLDFAST_MAX_ITEMS`, costs `HOLDFAST_MAX_ITEM_COST`, soft-hold TTLs
 //! `HOLDFAST_MAX_RESERVATION_TTL_SECS`. They are set here, from the running
 //! configuration, and nowhere else, so the document cannot drift from what
 //! the intake enforces.
 
 use holdfast_common::config::Limits;
+use holdfast_common::ledger::MAX_ALLOWANCE_ID_CHARS;
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::schema::{ArrayItems, Schema};
 use utoipa::openapi::{OpenApi, RefOr};
@@ -21,7 +23,8 @@ pub const ID_PATTERN: &str = "^[^\\x00-\\x1F\\x7F-\\x9F]+$";
 
 /// The request bodies the bounds apply to. Not the answers: a rejection or
 /// a problem document echoes the id a client sent, valid or not.
-const REQUESTS: [&str; 4] = [
+const REQUESTS: [&str; 5] = [
+    "AllowanceRequest",
     "BatchRequest",
     "ItemRequest",
     "PreviewRequest",
@@ -56,10 +59,13 @@ impl utoipa::Modify for Bounds {
 impl Bounds {
     fn parameters(&self, operation: &mut Operation) {
         for parameter in operation.parameters.iter_mut().flatten() {
-            if parameter.name == "id" {
-                if let Some(RefOr::T(schema)) = parameter.schema.as_mut() {
-                    id_rules(schema);
-                }
+            let Some(RefOr::T(schema)) = parameter.schema.as_mut() else {
+                continue;
+            };
+            match parameter.name.as_str() {
+                "id" => id_rules(schema),
+                "allowance_id" => allowance_id_rules(schema),
+                _ => {}
             }
         }
     }
@@ -95,6 +101,7 @@ impl Bounds {
         let max_items = self.limits.max_items;
         match (name, schema) {
             (name, schema) if ID_FIELDS.contains(&name) => id_rules(schema),
+            ("allowance_id", schema) => allowance_id_rules(schema),
             ("item_ids", Schema::Array(array)) => {
                 array.max_items = Some(max_items);
                 if let ArrayItems::RefOrSchema(items) = &mut array.items {
@@ -124,6 +131,14 @@ fn id_rules(schema: &mut Schema) {
         object.min_length = Some(1);
         object.max_length = Some(MAX_ID_CHARS);
         object.pattern = Some(ID_PATTERN.into());
+    }
+}
+
+/// The id rules within [`MAX_ALLOWANCE_ID_CHARS`].
+fn allowance_id_rules(schema: &mut Schema) {
+    id_rules(schema);
+    if let Schema::Object(object) = schema {
+        object.max_length = Some(MAX_ALLOWANCE_ID_CHARS);
     }
 }
 
@@ -218,5 +233,20 @@ mod tests {
             (id["maxLength"].clone(), id["pattern"].clone()),
             (128.into(), ID_PATTERN.into())
         );
+        let allowances = "/paths/~1v1~1accounts~1{id}~1allowances";
+        for field in [
+            at(&format!(
+                "{schemas}/AllowanceRequest/properties/allowance_id"
+            )),
+            at(&format!(
+                "{allowances}~1{{allowance_id}}/put/parameters/1/schema"
+            )),
+        ] {
+            assert_eq!(
+                (field["maxLength"].clone(), field["pattern"].clone()),
+                (64.into(), ID_PATTERN.into()),
+                "{field}"
+            );
+        }
     }
 }

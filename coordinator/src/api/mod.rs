@@ -18,13 +18,14 @@
 //! - a handler that panics is answered 500, logged and counted;
 //! - the OpenAPI 3 document, generated from these handlers, is at `/openapi.json`.
 //!
-//! Modules: [`preview`], [`reservations`], [`batches`], [`accounts`] hold
-//! the handlers; [`body`] reads requests; [`auth`] checks the admin token;
+//! Modules: [`preview`], [`reservations`], [`batches`], [`accounts`],
+//! [`allowances`] hold the handlers; [`body`] reads requests; [`auth`] checks the admin token;
 //! [`broker`] is the lazily reconnecting publisher batch requests need;
 //! [`server`] accepts connections and [`guard`] wraps every request in the
 //! limits, timeouts and panic handling above.
 
 pub mod accounts;
+pub mod allowances;
 mod auth;
 pub mod batches;
 mod body;
@@ -45,7 +46,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use clap::Args;
 use holdfast_common::ledger::Ledger;
@@ -66,7 +67,7 @@ use crate::config::CoordinatorConfig;
 /// Settings of the HTTP API role.
 #[derive(Args, Clone)]
 pub struct ApiSettings {
-    /// Bearer token that the admin endpoints (grants) require; unset disables
+    /// Bearer token that the admin endpoints (grants, allowances) require; unset disables
     /// them (403). Prefer the environment variable: flags show in process lists.
     #[arg(long, env = "HOLDFAST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -253,6 +254,9 @@ impl ApiState {
         accounts::show,
         accounts::grant,
         accounts::void,
+        allowances::create,
+        allowances::change,
+        allowances::stop,
         healthz,
         ready,
         metrics,
@@ -263,7 +267,7 @@ impl ApiState {
         (name = "preview", description = "What a batch costs and what fits; holds nothing"),
         (name = "reservations", description = "Soft holds with a TTL"),
         (name = "batches", description = "Submit, follow and cancel batches"),
-        (name = "accounts", description = "Balances, holds and grants"),
+        (name = "accounts", description = "Balances, holds, grants and allowances"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -332,6 +336,11 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/accounts/{id}/grants/{grant_id}",
             delete(accounts::void),
+        )
+        .route("/v1/accounts/{id}/allowances", post(allowances::create))
+        .route(
+            "/v1/accounts/{id}/allowances/{allowance_id}",
+            put(allowances::change).delete(allowances::stop),
         )
         .route("/demo", get(demo_page::page))
         .route("/demo/demo.css", get(demo_page::css))

@@ -165,6 +165,12 @@ impl From<LedgerError> for Problem {
                 "Grant conflict",
                 format!("{e}; use a new grant_id"),
             ),
+            e @ LedgerError::AllowanceConflict { .. } => Self::new(
+                S::CONFLICT,
+                "allowance-conflict",
+                "Allowance conflict",
+                format!("{e}; change its terms with PUT, or use a new allowance_id"),
+            ),
             LedgerError::Invalid(why) => {
                 Self::new(S::BAD_REQUEST, "invalid-request", "Invalid request", why)
             }

@@ -306,6 +306,18 @@ impl TestFleet {
         lapin::Connection,
         holdfast_coordinator::reconcile::Reconciler,
     ) {
+        self.reconciler_on(self.ledger.clone()).await
+    }
+
+    /// Like [`TestFleet::reconciler`], on `ledger` (a pool of its own, as
+    /// another reconciler process would have).
+    pub async fn reconciler_on(
+        &self,
+        ledger: Ledger,
+    ) -> (
+        lapin::Connection,
+        holdfast_coordinator::reconcile::Reconciler,
+    ) {
         let amqp = topology::connect(&self.conn.amqp_url, "test-reconciler")
             .await
             .expect("RabbitMQ answers");
@@ -324,11 +336,8 @@ impl TestFleet {
             heartbeat: Default::default(),
         };
         let publisher = topology::Publisher::new(&amqp).await.unwrap();
-        let reconciler = holdfast_coordinator::reconcile::Reconciler::new(
-            self.ledger.clone(),
-            publisher,
-            config,
-        );
+        let reconciler =
+            holdfast_coordinator::reconcile::Reconciler::new(ledger, publisher, config);
         (amqp, reconciler)
     }
 
@@ -343,6 +352,11 @@ impl TestFleet {
                 .map(|m| m.delivery)
         })
         .await
+    }
+
+    /// Another ledger on this test's database, with a pool of its own.
+    pub fn another_ledger(&self) -> Ledger {
+        Ledger::new(database::pool(&self.conn.database_url, 4).unwrap())
     }
 
     pub async fn stop(mut self) {
