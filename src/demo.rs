@@ -1,12 +1,16 @@
 //! `holdfast demo`: a scripted Generate All story on the local services.
-//! A granted batch, an insufficient one with its "k of N" choice, the choice
-//! taken, and the ledger before and after each step.
+//! An account on a monthly plan allowance with an expiring top-up; a granted
+//! batch, an insufficient one with its "k of N" choice, the choice taken, and
+//! the ledger and its grants (in burn-down order) before and after each step.
 
 use std::time::Duration;
 
+use chrono::{DateTime, Datelike, Utc};
 use holdfast_common::config::Connections;
 use holdfast_common::database;
-use holdfast_common::ledger::Ledger;
+use holdfast_common::ledger::{
+    AllowanceSpec, AllowanceTerms, Grant, GrantSource, GrantSpec, Ledger, Period,
+};
 use holdfast_common::messages::{Decision, Event};
 use holdfast_common::pricing::thousands;
 use serde_json::{json, Value};
@@ -32,6 +36,7 @@ fn items(prefix: &str, n: usize, cost: i64, cheaper: &[usize]) -> Vec<Value> {
         .collect()
 }
 
+/// The account's totals, then its grants in burn-down order.
 async fn ledger_line(ledger: &Ledger, account: &str) -> anyhow::Result<()> {
     let a = ledger.account(account).await?;
     println!(
@@ -40,7 +45,45 @@ async fn ledger_line(ledger: &Ledger, account: &str) -> anyhow::Result<()> {
         thousands(a.held),
         thousands(a.available)
     );
+    for g in ledger.grants(account).await? {
+        println!(
+            "     grant {:<36} {:<8} remaining {:>4}  held {:>4}  expires {}",
+            g.grant_id,
+            g.source.as_str(),
+            thousands(g.remaining),
+            thousands(g.held),
+            g.expires_at
+                .as_deref()
+                .map_or("never", |e| e.get(..10).unwrap_or(e))
+        );
+    }
     Ok(())
+}
+
+/// "1 January 2027".
+fn day(rfc3339: Option<&str>) -> String {
+    rfc3339
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map_or("never".into(), |t| t.format("%-d %B %Y").to_string())
+}
+
+/// Wait until the reconciler has issued this period's grant of `allowance`.
+async fn issued_grant(ledger: &Ledger, account: &str, allowance: &str) -> anyhow::Result<Grant> {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let grants = ledger.grants(account).await?;
+        if let Some(g) = grants
+            .into_iter()
+            .find(|g| g.allowance_id.as_deref() == Some(allowance))
+        {
+            return Ok(g);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "the reconciler did not issue allowance `{allowance}` within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn run_batch(producer: &mut Producer, request: &Value) -> anyhow::Result<Decision> {
@@ -95,11 +138,46 @@ async fn story(
     )
     .await?;
 
-    println!("\n0. A customer account with 200 credits.");
-    ledger
-        .grant(&account, 200, Some("demo top-up"), true)
-        .await?;
+    println!("\n0. A customer on a plan of 150 credits a month, who also bought 50 credits that expire in 60 days.");
+    ledger.create_account(&account).await?;
+    let now = Utc::now();
+    let month_start = now
+        .date_naive()
+        .with_day(1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc());
+    let terms = AllowanceTerms {
+        amount: 150,
+        period: Period::Month,
+        rollover_cap: 0,
+    };
+    let spec = AllowanceSpec {
+        allowance_id: Some("plan".into()),
+        terms,
+        anchor: month_start,
+    };
+    ledger.create_allowance(&account, &spec).await?;
+    let plan = issued_grant(ledger, &account, "plan").await?;
+    println!(
+        "   the reconciler issued this month's plan grant: {}",
+        plan.grant_id
+    );
+    let topup = GrantSpec {
+        grant_id: Some("topup".into()),
+        amount: 50,
+        source: GrantSource::Purchase,
+        priority: 0,
+        expires_at: Some(now + chrono::Duration::days(60)),
+        note: Some("demo top-up".into()),
+    };
+    let topup = ledger.add_grant(&account, &topup, false).await?.grant;
     ledger_line(ledger, &account).await?;
+    println!(
+        "   burn-down order: lowest priority, then soonest expiry. Both are priority {}; the plan expires on {}, the top-up on {}: the plan goes first.",
+        plan.priority,
+        day(plan.expires_at.as_deref()),
+        day(topup.expires_at.as_deref())
+    );
 
     println!(
         "\n1. The person clicks \"Generate All\" for 10 product photos, estimated 12 credits each."
@@ -107,7 +185,9 @@ async fn story(
     let first = json!({"batch_id": format!("{account}-spring"), "account_id": account,
                        "items": items("spring", 10, 12, &[2, 5, 8])});
     run_batch(&mut producer, &first).await?;
-    println!("   (three photos cost 10 instead of 12: their difference went back to the account)");
+    println!(
+        "   (three photos cost 10 instead of 12: their difference went back to the plan grant)"
+    );
     ledger_line(ledger, &account).await?;
 
     println!("\n2. \"Generate All\" again for 10 summer photos: 120 credits, more than is left.");

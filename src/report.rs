@@ -125,6 +125,12 @@ pub fn decision(d: &Decision) {
                     .collect();
                 println!("         left out: {}", ids.join(", "));
             }
+            if !g.message.is_empty() {
+                println!("         {}", g.message);
+            }
+            if let Some(notice) = &g.expiry_notice {
+                println!("         {notice}");
+            }
         }
         Decision::Insufficient(i) => {
             println!(
@@ -140,6 +146,14 @@ pub fn decision(d: &Decision) {
                 i.priority_fit.count,
                 thousands(i.priority_fit.cost)
             );
+            let from = holdfast_common::breakdown::describe(&i.breakdown, chrono::Utc::now());
+            if !from.is_empty() {
+                println!(
+                    "     the first {} would use {} credits: {from}",
+                    i.first_fit.count,
+                    thousands(i.first_fit.cost)
+                );
+            }
             for o in &i.options {
                 println!("     [{}] {}", o.action, o.label);
             }
