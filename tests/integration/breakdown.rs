@@ -169,3 +169,106 @@ async fn a_decision_priced_on_grants_that_changed_is_priced_again() {
     assert_eq!(drawn(&g.breakdown), [("promo", 30), ("base", 20)]);
     t.assert_exact().await;
 }
+
+/// Several holds on one account in one group decision: each takes the
+/// grants' credits from where the one before it stopped, in burn-down order,
+/// and the allocations and journal rows are exactly the draws the decisions
+/// name (one row per hold and grant touched).
+#[tokio::test]
+async fn holds_of_one_group_draw_the_grants_one_after_another() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    for g in [
+        spec("topup", 50, GrantSource::Purchase, None),
+        spec("promo", 25, GrantSource::Promotion, None),
+        spec("plan", 30, GrantSource::Plan, Some(10)),
+    ] {
+        t.ledger.add_grant("acme", &g, true).await.unwrap();
+    }
+    // 10, 30, 20 and 40 credits fit the 105; the last 10 do not fit the 5 left.
+    let requests: Vec<BatchRequest> = [("r1", 1), ("r2", 3), ("r3", 2), ("r4", 4), ("r5", 1)]
+        .iter()
+        .map(|(id, n)| serde_json::from_value(request(id, "acme", *n, 10)).unwrap())
+        .collect();
+    let inputs: Vec<_> = requests
+        .iter()
+        .map(|r| reserve_input(r, WAIT, WAIT))
+        .collect();
+    let decided: Vec<Decision> = t
+        .ledger
+        .reserve_many(&inputs)
+        .await
+        .into_iter()
+        .map(|d| d.expect("decided").decision)
+        .collect();
+
+    let expected: [&[(&str, i64)]; 4] = [
+        &[("plan", 10)],
+        &[("plan", 20), ("promo", 10)],
+        &[("promo", 15), ("topup", 5)],
+        &[("topup", 40)],
+    ];
+    let client = t.ledger.pool().get().await.unwrap();
+    for (decision, want) in decided.iter().zip(expected) {
+        let Decision::Granted(g) = decision else {
+            panic!("expected a grant, got {decision:?}")
+        };
+        assert_eq!(drawn(&g.breakdown), want, "{}", g.batch_id);
+        let hold: uuid::Uuid = g.hold_id.parse().unwrap();
+        let rows = client
+            .query(
+                "SELECT a.grant_id, a.amount, (SELECT sum(j.held_delta)::int8 FROM journal j
+                        WHERE j.hold_id = a.hold_id AND j.grant_id = a.grant_id AND j.kind = 'hold')
+                 FROM hold_allocations a JOIN grants g ON g.account_id = a.account_id AND g.id = a.grant_id
+                 WHERE a.hold_id = $1
+                 ORDER BY g.priority, g.expires_at NULLS LAST, g.source_rank, g.effective_at, g.id",
+                &[&hold],
+            )
+            .await
+            .unwrap();
+        let rows: Vec<(String, i64, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let want: Vec<(String, i64, i64)> = want
+            .iter()
+            .map(|(id, amount)| (id.to_string(), *amount, *amount))
+            .collect();
+        assert_eq!(rows, want, "allocations and journal of {}", g.batch_id);
+    }
+    // All in one transaction, so one `holdfast_take` for the account: a
+    // group that the database refused would be decided request by request,
+    // one hold per call, and hide a wrong draw after the first hold.
+    let transactions: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT xmin::text) FROM holds WHERE account_id = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(transactions, 1, "the group was decided in one transaction");
+    let Decision::Insufficient(short) = &decided[4] else {
+        panic!(
+            "expected the last request to be short, got {:?}",
+            decided[4]
+        )
+    };
+    assert_eq!(short.available, 5);
+    let held: Vec<(String, i64)> = t
+        .ledger
+        .grants("acme")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.grant_id, g.held))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            ("plan".into(), 30),
+            ("promo".into(), 25),
+            ("topup".into(), 45)
+        ]
+    );
+    t.assert_exact().await;
+}

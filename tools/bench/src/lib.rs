@@ -65,7 +65,7 @@ pub struct BenchArgs {
     /// Timed rounds of each side of the grant comparison (one grant against
     /// five per account); a round is 3 decisions on each of 32 accounts per
     /// client, 384 in all.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 20)]
     pub grant_rounds: usize,
     /// Seconds of the half-load latency run.
     #[arg(long, default_value_t = 5)]
