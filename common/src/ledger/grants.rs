@@ -392,8 +392,8 @@ impl Ledger {
 
     /// Expire what is left of grants past their expiry, up to `limit`
     /// accounts' worth, each account in its own transaction. Never early;
-    /// several reconcilers share the work (an account whose row is locked is
-    /// left to the next sweep). A grant of an allowance whose next period
+    /// several reconcilers may run it at once: each waits for the account's
+    /// lock and expires only what is still there. A grant of an allowance whose next period
     /// rolls its unused credits over waits for that period's issuance
     /// (`holdfast_awaits_rollover`, migrations/V7__allowances.sql). Returns
     /// the credits expired.

@@ -4,7 +4,9 @@
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use super::ledger::Real;
+use chrono::{DateTime, Utc};
+
+use super::ledger::{offset, Real};
 use super::model::{Model, SState};
 
 /// Every invariant of the design for `account`, in SQL of this test; then the
@@ -59,6 +61,18 @@ pub async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> 
             g.remaining
         );
     }
+    let negative: i64 =
+        q("SELECT count(*) FROM grants WHERE account_id = $1 AND (remaining < 0 OR held < 0)")
+            .await[0]
+            .get(0);
+    prop_assert_eq!(negative, 0, "grants with negative remaining or held");
+    // What a new hold may take: grants past their expiry (ended periods
+    // awaiting their rollover too) count for nothing.
+    let available: i64 = q("SELECT holdfast_available($1)").await[0].get(0);
+    prop_assert!(available >= 0, "available {}", available);
+    prop_assert_eq!(available, model.available(), "available vs the model");
+
+    allowances(real, model).await?;
 
     // Balances equal the journal; held equals the open holds.
     let rows = q(
@@ -71,6 +85,26 @@ pub async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> 
         (row.get::<_, i64>(0), row.get::<_, i64>(1)),
         (balance, held),
         "journal sums"
+    );
+    // Credits granted (allowance periods included, rollovers not), moved by
+    // rollovers (out of one grant and into another: the balance does not
+    // change), and expired or voided: what the model counted.
+    let rows = q("SELECT COALESCE(sum(amount) FILTER (WHERE kind = 'grant'), 0)::int8,
+                         COALESCE(sum(amount) FILTER (WHERE kind = 'rollover' AND balance_delta > 0), 0)::int8,
+                         COALESCE(sum(balance_delta) FILTER (WHERE kind = 'rollover'), 0)::int8,
+                         COALESCE(sum(amount) FILTER (WHERE kind IN ('grant_expire', 'void')), 0)::int8
+                  FROM journal WHERE account_id = $1")
+    .await;
+    let row = &rows[0];
+    prop_assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, i64>(3)
+        ),
+        (model.granted, model.rolled, 0, model.lost),
+        "journal: granted, rolled over (in), rolled over (net), expired or voided"
     );
     let open: i64 = q(
         "SELECT COALESCE(sum(amount), 0)::int8 FROM holds WHERE account_id = $1 AND state = 'open'",
@@ -243,5 +277,142 @@ pub async fn check(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> 
         .filter(|d| !real.drift_before.contains(d))
         .collect();
     prop_assert!(drift.is_empty(), "audit: {:?}", drift);
+    Ok(())
+}
+
+/// Allowances: each period's grant exactly once; the grants each allowance
+/// issued (amount, period, effective and expiry times), the allowances and
+/// their terms as the model has them.
+async fn allowances(real: &Real<'_>, model: &Model) -> Result<(), TestCaseError> {
+    let (db, a, t0) = (real.db, real.account, model.t0);
+    let at = |t: DateTime<Utc>| offset(t0, t);
+    let twice: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM grants
+                 WHERE account_id = $1 AND period_start IS NOT NULL
+                 GROUP BY allowance_id, period_start HAVING count(*) <> 1) x",
+            &[&a],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    prop_assert_eq!(twice, 0, "allowance periods issued more than once");
+
+    type Issued = (String, String, i64, Option<i64>, i64, i64);
+    let rows = db
+        .query(
+            "SELECT id, allowance_id, amount, period_start, effective_at, expires_at FROM grants
+             WHERE account_id = $1 AND allowance_id IS NOT NULL ORDER BY id",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    let got: Vec<Issued> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get::<_, Option<DateTime<Utc>>>(3).map(at),
+                at(r.get(4)),
+                at(r.get(5)),
+            )
+        })
+        .collect();
+    let mut want: Vec<Issued> = model
+        .grants
+        .iter()
+        .filter_map(|g| {
+            let al = &model.allowances[g.allowance?];
+            let (expires, effective) = g.times();
+            Some((
+                g.id.clone(),
+                al.id.clone(),
+                g.amount,
+                g.period_start,
+                effective,
+                expires,
+            ))
+        })
+        .collect();
+    want.sort();
+    prop_assert_eq!(got, want, "allowance grants vs the model");
+
+    type Row = (String, i64, i64, String, Option<i64>);
+    let rows = db
+        .query(
+            "SELECT id, anchor, next_period_start, state, stops_at FROM allowances
+             WHERE account_id = $1 ORDER BY id",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    let got: Vec<Row> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                at(r.get(1)),
+                at(r.get(2)),
+                r.get(3),
+                r.get::<_, Option<DateTime<Utc>>>(4).map(at),
+            )
+        })
+        .collect();
+    let want: Vec<Row> = model
+        .allowances
+        .iter()
+        .map(|al| {
+            (
+                al.id.clone(),
+                al.anchor,
+                al.next,
+                al.view().state,
+                al.stops_at,
+            )
+        })
+        .collect();
+    prop_assert_eq!(got, want, "allowances vs the model");
+
+    type Terms = (String, i64, i64, String, i64, i64);
+    let rows = db
+        .query(
+            "SELECT allowance_id, effective_from, amount, period, anchor, rollover_cap
+             FROM allowance_terms WHERE account_id = $1 ORDER BY allowance_id, effective_from",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    let got: Vec<Terms> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                at(r.get(1)),
+                r.get(2),
+                r.get(3),
+                at(r.get(4)),
+                r.get(5),
+            )
+        })
+        .collect();
+    let want: Vec<Terms> = model
+        .allowances
+        .iter()
+        .flat_map(|al| {
+            al.terms.iter().map(|t| {
+                (
+                    al.id.clone(),
+                    t.from,
+                    t.amount,
+                    t.period.as_str().to_string(),
+                    t.grid,
+                    t.cap,
+                )
+            })
+        })
+        .collect();
+    prop_assert_eq!(got, want, "allowance terms vs the model");
     Ok(())
 }

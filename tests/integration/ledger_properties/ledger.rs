@@ -3,15 +3,16 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use holdfast_common::ledger::{
-    ClosedBatch, GrantSpec, ItemOutcome, Ledger, LedgerError, ReserveInput, Reserved, SettleReport,
-    Settlement,
+    Allowance, AllowanceSpec, ClosedBatch, GrantSpec, ItemOutcome, Ledger, LedgerError,
+    ReserveInput, Reserved, SettleReport, Settlement,
 };
 use holdfast_common::messages::{BatchRequest, Decision, ItemRequest, Mode};
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use super::model::{error_kind, Call, Model, Obs, Outcome, CHUNK};
+use super::model::{error_kind, AView, Call, Model, Obs, Outcome, CHUNK};
 use crate::support::reserve_input;
 
 /// Deadlines and TTLs of the test: they pass only when the test says so.
@@ -21,8 +22,46 @@ pub struct Real<'a> {
     pub ledger: &'a Ledger,
     pub db: &'a Client,
     pub account: &'a str,
+    /// The origin of the model's time (`Model::t0`).
+    pub t0: DateTime<Utc>,
     /// What the audit found before this case began.
     pub drift_before: Vec<holdfast_common::ledger::Drift>,
+}
+
+/// Seconds from `t0` to `at`; a time off the whole second matches nothing
+/// the model predicts.
+pub fn offset(t0: DateTime<Utc>, at: DateTime<Utc>) -> i64 {
+    let ms = (at - t0).num_milliseconds();
+    if ms % 1000 == 0 {
+        ms / 1000
+    } else {
+        i64::MIN
+    }
+}
+
+/// An allowance as the ledger showed it, in the model's time.
+pub fn allowance_view(t0: DateTime<Utc>, a: &Allowance) -> AView {
+    let at = |s: &str| {
+        offset(
+            t0,
+            DateTime::parse_from_rfc3339(s)
+                .unwrap_or_else(|e| panic!("{s}: {e}"))
+                .with_timezone(&Utc),
+        )
+    };
+    AView {
+        anchor: at(&a.anchor),
+        state: a.state.clone(),
+        stops_at: a.stops_at.as_deref().map(at),
+        next: a.next_period_start.as_deref().map(at),
+        amount: a.amount,
+        period: a.period,
+        cap: a.rollover_cap,
+        next_terms: a
+            .next_terms
+            .as_ref()
+            .map(|n| (at(&n.effective_from), n.amount, n.period, n.rollover_cap)),
+    }
 }
 
 pub fn ours(account: &str, closed: &[ClosedBatch]) -> Vec<(String, String)> {
@@ -134,7 +173,81 @@ impl Real<'_> {
                 Err(e) => Obs::Refused(error_kind(&e)),
             },
             Call::StartFromSoft(_, req) => decision_obs(l.reserve(&input(req)).await),
+            Call::CreateAllowance(terms, anchor) => {
+                let spec = AllowanceSpec {
+                    allowance_id: Some(format!("a{}", model.allowances.len())),
+                    terms: *terms,
+                    anchor: Some(model.t0 + chrono::Duration::seconds(*anchor)),
+                };
+                self.allowance_obs(
+                    l.create_allowance(self.account, &spec)
+                        .await
+                        .map(|a| (a.allowance, a.replayed)),
+                )
+            }
+            Call::ReplayAllowance(a) => {
+                let al = &model.allowances[*a];
+                let spec = AllowanceSpec {
+                    allowance_id: Some(al.id.clone()),
+                    terms: al.created,
+                    anchor: None,
+                };
+                self.allowance_obs(
+                    l.create_allowance(self.account, &spec)
+                        .await
+                        .map(|a| (a.allowance, a.replayed)),
+                )
+            }
+            Call::IssueAllowances { limit, .. } => {
+                // One database per test, and what an earlier case left due
+                // was issued before this case began: the total is this account's.
+                let limit = limit.map_or(10_000, |n| n as i64);
+                Obs::Issued(l.issue_allowances(limit).await.unwrap())
+            }
+            Call::ChangeAllowance(a, terms) => {
+                let id = &model.allowances[*a].id;
+                let r = l.change_allowance(self.account, id, terms).await;
+                self.allowance_obs(r.map(|a| (a, false)))
+            }
+            Call::StopAllowance(a) => {
+                let r = l
+                    .stop_allowance(self.account, &model.allowances[*a].id)
+                    .await;
+                self.allowance_obs(r.map(|a| (a, false)))
+            }
         }
+    }
+
+    fn allowance_obs(&self, r: Result<(Allowance, bool), LedgerError>) -> Obs {
+        match r {
+            Ok((a, replayed)) => Obs::Allowance(allowance_view(self.t0, &a), replayed),
+            Err(e) => Obs::Refused(error_kind(&e)),
+        }
+    }
+
+    /// Make allowance `id`'s current period end (or its first begin): move
+    /// the allowance, its terms and every grant it issued `secs` seconds
+    /// back, in one statement (see `Model::pass_period`).
+    pub async fn pass_period(&self, id: &str, secs: i64) {
+        self.db
+            .execute(
+                "WITH d AS (SELECT make_interval(secs => $3::int8::float8) AS d),
+                 a AS (UPDATE allowances SET anchor = anchor - d.d,
+                              next_period_start = next_period_start - d.d,
+                              stops_at = stops_at - d.d
+                       FROM d WHERE account_id = $1 AND id = $2 RETURNING 1),
+                 t AS (UPDATE allowance_terms SET effective_from = effective_from - d.d,
+                              anchor = anchor - d.d
+                       FROM d WHERE account_id = $1 AND allowance_id = $2 RETURNING 1),
+                 g AS (UPDATE grants SET effective_at = effective_at - d.d,
+                              expires_at = expires_at - d.d,
+                              period_start = period_start - d.d
+                       FROM d WHERE account_id = $1 AND allowance_id = $2 RETURNING 1)
+                 SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM t), (SELECT count(*) FROM g)",
+                &[&self.account, &id, &secs],
+            )
+            .await
+            .unwrap();
     }
 
     pub fn settled(&self, r: SettleReport) -> Obs {
