@@ -196,6 +196,35 @@ pub(super) async fn take_planned(
     Ok(())
 }
 
+/// Like [`take_planned`], and each hold is charged to `spenders[i]` (none:
+/// to none) and every spender above it (`holdfast_take_spending`, V10),
+/// after the account's lock: a check violation if a limit is exceeded.
+pub(super) async fn take_planned_spending(
+    tx: &Transaction<'_>,
+    account: &str,
+    holds: &[Uuid],
+    batch_ids: &[Option<&str>],
+    amounts: &[i64],
+    plan: &Plan<'_>,
+    spenders: &[Option<&str>],
+) -> Result<()> {
+    tx.execute_cached(
+        "SELECT holdfast_take_spending($1, $2, $3, $4, NULL, $5, $6, $7, $8)",
+        &[
+            &account,
+            &holds,
+            &batch_ids,
+            &amounts,
+            &plan.holds,
+            &plan.grants,
+            &plan.amounts,
+            &spenders,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// How the unused part of a resolving hold goes back: `release` (a batch
 /// closed, a soft hold was cancelled) or `expire` (a soft hold's TTL).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,7 +236,9 @@ pub(super) enum Unused {
 /// `holdfast_resolve`: post `captured` of hold `hold` (which the caller has
 /// just marked resolved) to the grants it took from and return the rest to
 /// them, or let it expire with a grant that expired meanwhile. Counts those
-/// expired credits by source.
+/// expired credits by source. Then the same for the spenders the hold counts
+/// against (`holdfast_resolve_spending`, V10): captured is used, the rest
+/// goes back to every level.
 pub(super) async fn resolve(
     tx: &Transaction<'_>,
     hold: Uuid,
@@ -222,7 +253,7 @@ pub(super) async fn resolve(
     };
     let expired = tx
         .query_cached(
-            "SELECT source, expired FROM holdfast_resolve($1, $2, $3, $4, $5)",
+            "SELECT source, expired FROM holdfast_resolve_spending($1, $2, $3, $4, $5)",
             &[&hold, &captured, &batch_id, &kind, &note],
         )
         .await?;

@@ -14,7 +14,7 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 
-use super::{BatchState, Cached, Ledger, LedgerError, Result};
+use super::{spenders, BatchState, Cached, Ledger, LedgerError, Result};
 use crate::breakdown::Pot;
 use crate::messages::{BatchRequest, Decision};
 
@@ -149,7 +149,7 @@ impl Ledger {
     ) -> Result<Vec<Result<Reserved>>> {
         self.retrying("reserve", || async {
             let decided = match self.reserve_group_once(group, AccountLock::AtTheEnd).await {
-                Err(LedgerError::Database(e)) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                Err(LedgerError::Database(e)) if decided_on_stale_credits(&e) => {
                     tracing::debug!(
                         requests = group.len(),
                         "credits spent meanwhile; deciding again under the account lock"
@@ -265,6 +265,24 @@ impl Ledger {
             let pots = credits.entry(r.get(0)).or_default();
             pots.extend(pot(&r));
         }
+        // The spender paths of the requests that name one, read like the
+        // grants (after the lock when there is one).
+        let mut pairs: Vec<(&str, &str)> = group
+            .iter()
+            .filter_map(|(_, i, _)| {
+                Some((
+                    i.request.account_id.as_str(),
+                    i.request.spender_id.as_deref()?,
+                ))
+            })
+            .collect();
+        let mut paths = if pairs.is_empty() {
+            HashMap::new()
+        } else {
+            pairs.sort_unstable();
+            pairs.dedup();
+            spenders::read_paths(&tx, &pairs).await?
+        };
 
         let mut results = Vec::with_capacity(group.len());
         let mut new_batches: Vec<NewBatch> = Vec::new();
@@ -288,9 +306,23 @@ impl Ledger {
                 results.push(Err(LedgerError::UnknownAccount(req.account_id.clone())));
                 continue;
             };
-            // A grant takes its draw from `pots`: the next request of the
-            // same account is priced on what is left.
-            let batch = NewBatch::price(input, fingerprint, pots);
+            let path = match &req.spender_id {
+                None => None,
+                Some(s) => match paths.get_mut(&(req.account_id.clone(), s.clone())) {
+                    Some(p) => Some(p),
+                    None => {
+                        results.push(Err(LedgerError::UnknownSpender {
+                            account: req.account_id.clone(),
+                            spender: s.clone(),
+                        }));
+                        continue;
+                    }
+                },
+            };
+            // A grant takes its draw from `pots` (and counts at every level
+            // of `path`): the next request of the same account is priced on
+            // what is left.
+            let batch = NewBatch::price(input, fingerprint, pots, path);
             seen.insert(
                 req.batch_id.clone(),
                 (fingerprint.clone(), batch.decision.clone(), false),
@@ -373,6 +405,15 @@ async fn replay_of(
         needs_dispatch: state == BatchState::Granted,
         dispatch_now: vec![],
     }))
+}
+
+/// The take refused a decision priced on a read that another transaction
+/// changed before the lock: the grants or a spender's usage (check
+/// violation), or a spender removed meanwhile. Decide again under the lock.
+fn decided_on_stale_credits(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::CHECK_VIOLATION)
+        || (e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
+            && e.as_db_error().and_then(|d| d.constraint()) == Some("spender_unknown"))
 }
 
 /// Whether a group decision locks its accounts before it prices (`First`) or
