@@ -118,36 +118,49 @@ COMMENT ON COLUMN hold_spenders.depth IS '1 for the root, the hold''s own spende
 COMMENT ON COLUMN hold_spenders.amount IS 'The hold''s amount: it counts whole at every level.';
 COMMENT ON COLUMN hold_spenders.captured IS 'What the hold captured, set when it resolves (0 while open).';
 
--- The period that `p_at` falls in, and when it ends (NULL: never).
-CREATE FUNCTION holdfast_spender_period(p_period text, p_anchor timestamptz, p_at timestamptz,
-                                        OUT period_start timestamptz, OUT resets_at timestamptz)
+-- The period of an anchored spender that `p_at` falls in, and when it
+-- ends: the last boundary at or before p_at (there is one within the
+-- period's shortest length before it), and the next one.
+CREATE FUNCTION holdfast_spender_period_anchored(p_period text, p_anchor timestamptz, p_at timestamptz,
+                                                 OUT period_start timestamptz, OUT resets_at timestamptz)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     n timestamptz;
 BEGIN
-    IF p_period = 'none' THEN
-        period_start := '1970-01-01 00:00:00+00';
-        resets_at := NULL;
-    ELSIF p_anchor IS NULL THEN
-        period_start := date_trunc(p_period, p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
-        resets_at := (date_trunc(p_period, p_at AT TIME ZONE 'UTC') + ('1 ' || p_period)::interval) AT TIME ZONE 'UTC';
-    ELSIF p_at < p_anchor THEN
+    IF p_at < p_anchor THEN
         -- Before the first period: the one that ends at the anchor.
         period_start := p_anchor - ('1 ' || p_period)::interval;
         resets_at := p_anchor;
-    ELSE
-        -- The last boundary at or before p_at: there is one within the
-        -- period's shortest length before it.
-        period_start := holdfast_period_after(p_anchor, p_period,
-            p_at - CASE p_period WHEN 'month' THEN interval '31 days' WHEN 'week' THEN interval '7 days' ELSE interval '1 day' END);
-        LOOP
-            n := holdfast_period_after(p_anchor, p_period, period_start);
-            EXIT WHEN n > p_at;
-            period_start := n;
-        END LOOP;
-        resets_at := n;
+        RETURN;
     END IF;
+    period_start := holdfast_period_after(p_anchor, p_period,
+        p_at - CASE p_period WHEN 'month' THEN interval '31 days' WHEN 'week' THEN interval '7 days' ELSE interval '1 day' END);
+    LOOP
+        n := holdfast_period_after(p_anchor, p_period, period_start);
+        EXIT WHEN n > p_at;
+        period_start := n;
+    END LOOP;
+    resets_at := n;
 END
+$$;
+
+-- The period that `p_at` falls in, and when it ends (NULL: never). Plain
+-- SQL, so that the planner inlines it into the path query: calendar periods
+-- in UTC without an anchor, the anchored grid otherwise.
+CREATE FUNCTION holdfast_spender_period(p_period text, p_anchor timestamptz, p_at timestamptz,
+                                        OUT period_start timestamptz, OUT resets_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+               WHEN p_period = 'none' THEN timestamptz '1970-01-01 00:00:00+00'
+               WHEN p_anchor IS NULL THEN date_trunc(p_period, p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+               ELSE (holdfast_spender_period_anchored(p_period, p_anchor, p_at)).period_start
+           END,
+           CASE
+               WHEN p_period = 'none' THEN NULL
+               WHEN p_anchor IS NULL
+                   THEN (date_trunc(p_period, p_at AT TIME ZONE 'UTC') + ('1 ' || p_period)::interval) AT TIME ZONE 'UTC'
+               ELSE (holdfast_spender_period_anchored(p_period, p_anchor, p_at)).resets_at
+           END
 $$;
 
 -- The path from spender `p_spender` of `p_account` up to its root, root
@@ -174,59 +187,77 @@ LANGUAGE sql STABLE AS $$
     ORDER BY 2
 $$;
 
--- Charge hold `p_holds[i]` (of `p_amounts[i]` credits) to spender
--- `p_spenders[i]` (NULL: to none) and every spender above it, root first,
--- in the period each is in now. Raises check_violation when a level's
--- limit would be exceeded (the caller decided on usage that changed
+-- Charge hold `p_holds[i]` (of `p_amounts[i]` credits, of account
+-- `p_accounts[i]`) to spender `p_spenders[i]` (NULL: to none) and every
+-- spender above it, in the period each is in now: a fixed number of
+-- statements for a whole group of holds, of any number of accounts. The
+-- accounts are locked first (a no-op when the caller's holdfast_take did),
+-- then the usage rows are written root first. Raises check_violation when a
+-- level's limit would be exceeded (the caller decided on usage that changed
 -- meanwhile, and decides again under the account lock), and
 -- foreign_key_violation for an unknown spender.
-CREATE FUNCTION holdfast_spender_take(p_account text, p_holds uuid[], p_spenders text[], p_amounts bigint[])
+CREATE FUNCTION holdfast_spender_take(p_accounts text[], p_holds uuid[], p_spenders text[], p_amounts bigint[])
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    p record;
-    total bigint;
-    found_any boolean;
+    charged int;
+    found_paths int;
+    w_accounts text[];
+    w_holds uuid[];
+    w_amounts bigint[];
+    w_spenders text[];
+    w_depths int[];
+    w_periods timestamptz[];
+    w_limits bigint[];
+    over record;
 BEGIN
-    PERFORM 1 FROM accounts WHERE id = p_account FOR NO KEY UPDATE;
-    FOR i IN 1 .. COALESCE(array_length(p_holds, 1), 0) LOOP
-        CONTINUE WHEN p_spenders[i] IS NULL;
-        found_any := false;
-        FOR p IN SELECT * FROM holdfast_spender_path(p_account, p_spenders[i], now()) LOOP
-            found_any := true;
-            INSERT INTO spender_usage AS u (account_id, spender_id, period_start, held)
-            VALUES (p_account, p.spender_id, p.period_start, p_amounts[i])
-            ON CONFLICT (account_id, spender_id, period_start)
-            DO UPDATE SET held = u.held + EXCLUDED.held
-            RETURNING u.held + u.used INTO total;
-            IF p.credit_limit IS NOT NULL AND total > p.credit_limit THEN
-                RAISE EXCEPTION 'spender % of account % would use % of its limit of %',
-                    p.spender_id, p_account, total, p.credit_limit
-                    USING ERRCODE = 'check_violation', CONSTRAINT = 'spender_limit';
-            END IF;
-            INSERT INTO hold_spenders (hold_id, account_id, spender_id, depth, period_start, amount)
-            VALUES (p_holds[i], p_account, p.spender_id, p.depth, p.period_start, p_amounts[i])
-            ON CONFLICT (hold_id, spender_id) DO UPDATE SET amount = hold_spenders.amount + EXCLUDED.amount;
-        END LOOP;
-        IF NOT found_any THEN
-            RAISE EXCEPTION 'no spender % in account %', p_spenders[i], p_account
-                USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'spender_unknown';
-        END IF;
-    END LOOP;
-END
-$$;
+    SELECT count(*) INTO charged FROM unnest(p_spenders) s WHERE s IS NOT NULL;
+    IF charged = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM accounts WHERE id = ANY(p_accounts) ORDER BY id FOR NO KEY UPDATE;
+    -- Every level of every hold's path, read after the account locks (a
+    -- statement of its own: it sees what a transaction we waited for left).
+    SELECT array_agg(t.account), array_agg(t.hold), array_agg(t.amount), array_agg(p.spender_id),
+           array_agg(p.depth), array_agg(p.period_start), array_agg(p.credit_limit), count(DISTINCT t.i)
+    INTO w_accounts, w_holds, w_amounts, w_spenders, w_depths, w_periods, w_limits, found_paths
+    FROM unnest(p_accounts, p_holds, p_spenders, p_amounts) WITH ORDINALITY AS t(account, hold, spender, amount, i)
+    CROSS JOIN LATERAL holdfast_spender_path(t.account, t.spender, now()) p
+    WHERE t.spender IS NOT NULL;
+    IF found_paths < charged THEN
+        RAISE EXCEPTION 'a spender named by a hold does not exist in its account'
+            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'spender_unknown';
+    END IF;
 
--- holdfast_take (V5, V8) and then the spenders of each hold, in one call.
-CREATE FUNCTION holdfast_take_spending(p_account text, p_holds uuid[], p_batches text[],
-                                       p_amounts bigint[], p_note text,
-                                       p_plan_holds int[], p_plan_grants text[], p_plan_amounts bigint[],
-                                       p_spenders text[])
-RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM holdfast_take(p_account, p_holds, p_batches, p_amounts, p_note,
-                          p_plan_holds, p_plan_grants, p_plan_amounts);
-    PERFORM holdfast_spender_take(p_account, p_holds, p_spenders, p_amounts);
+    WITH w AS (
+        SELECT * FROM unnest(w_accounts, w_holds, w_amounts, w_spenders, w_depths, w_periods, w_limits)
+            AS w(account_id, hold_id, amount, spender_id, depth, period_start, credit_limit)
+    ), up AS (
+        INSERT INTO spender_usage AS u (account_id, spender_id, period_start, held)
+        SELECT account_id, spender_id, period_start, sum(amount)
+        FROM w GROUP BY account_id, spender_id, period_start
+        ORDER BY account_id, min(depth), spender_id
+        ON CONFLICT (account_id, spender_id, period_start)
+        DO UPDATE SET held = u.held + EXCLUDED.held
+        RETURNING u.account_id, u.spender_id, u.period_start, u.held + u.used AS total
+    )
+    SELECT up.account_id, up.spender_id, up.total, l.credit_limit INTO over
+    FROM up JOIN (SELECT DISTINCT account_id, spender_id, period_start, credit_limit FROM w) l
+      ON l.account_id = up.account_id AND l.spender_id = up.spender_id AND l.period_start = up.period_start
+    WHERE l.credit_limit IS NOT NULL AND up.total > l.credit_limit
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'spender % of account % would use % of its limit of %',
+            over.spender_id, over.account_id, over.total, over.credit_limit
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'spender_limit';
+    END IF;
+
+    INSERT INTO hold_spenders (hold_id, account_id, spender_id, depth, period_start, amount)
+    SELECT hold_id, account_id, spender_id, depth, period_start, sum(amount)
+    FROM unnest(w_accounts, w_holds, w_amounts, w_spenders, w_depths, w_periods)
+        AS w(account_id, hold_id, amount, spender_id, depth, period_start)
+    GROUP BY hold_id, account_id, spender_id, depth, period_start
+    ON CONFLICT (hold_id, spender_id) DO UPDATE SET amount = hold_spenders.amount + EXCLUDED.amount;
 END
 $$;
 

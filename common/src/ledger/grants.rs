@@ -196,35 +196,6 @@ pub(super) async fn take_planned(
     Ok(())
 }
 
-/// Like [`take_planned`], and each hold is charged to `spenders[i]` (none:
-/// to none) and every spender above it (`holdfast_take_spending`, V10),
-/// after the account's lock: a check violation if a limit is exceeded.
-pub(super) async fn take_planned_spending(
-    tx: &Transaction<'_>,
-    account: &str,
-    holds: &[Uuid],
-    batch_ids: &[Option<&str>],
-    amounts: &[i64],
-    plan: &Plan<'_>,
-    spenders: &[Option<&str>],
-) -> Result<()> {
-    tx.execute_cached(
-        "SELECT holdfast_take_spending($1, $2, $3, $4, NULL, $5, $6, $7, $8)",
-        &[
-            &account,
-            &holds,
-            &batch_ids,
-            &amounts,
-            &plan.holds,
-            &plan.grants,
-            &plan.amounts,
-            &spenders,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
 /// How the unused part of a resolving hold goes back: `release` (a batch
 /// closed, a soft hold was cancelled) or `expire` (a soft hold's TTL).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

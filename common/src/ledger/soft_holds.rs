@@ -118,7 +118,7 @@ impl Ledger {
                 if let Some(s) = spender {
                     tx.execute(
                         "SELECT holdfast_spender_take($1, $2, $3, $4)",
-                        &[&account_id, &vec![id], &vec![s], &vec![amount]],
+                        &[&vec![account_id], &vec![id], &vec![s], &vec![amount]],
                     )
                     .await?;
                 }

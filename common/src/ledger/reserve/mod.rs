@@ -260,13 +260,9 @@ impl Ledger {
             // the lock, they would be as they were before the wait.
             tx.execute_cached(LOCK_ACCOUNTS, &[&accounts]).await?;
         }
-        let mut credits: HashMap<String, Vec<Pot>> = HashMap::new();
-        for r in tx.query_cached(SPENDABLE, &[&accounts]).await? {
-            let pots = credits.entry(r.get(0)).or_default();
-            pots.extend(pot(&r));
-        }
         // The spender paths of the requests that name one, read like the
-        // grants (after the lock when there is one).
+        // grants (after the lock when there is one), in the same round trip
+        // (the two queries are pipelined on the connection).
         let mut pairs: Vec<(&str, &str)> = group
             .iter()
             .filter_map(|(_, i, _)| {
@@ -276,13 +272,23 @@ impl Ledger {
                 ))
             })
             .collect();
-        let mut paths = if pairs.is_empty() {
-            HashMap::new()
-        } else {
-            pairs.sort_unstable();
-            pairs.dedup();
-            spenders::read_paths(&tx, &pairs).await?
-        };
+        pairs.sort_unstable();
+        pairs.dedup();
+        let (spendable, mut paths) = tokio::try_join!(
+            async { Ok::<_, LedgerError>(tx.query_cached(SPENDABLE, &[&accounts]).await?) },
+            async {
+                if pairs.is_empty() {
+                    Ok(HashMap::new())
+                } else {
+                    spenders::read_paths(&tx, &pairs).await
+                }
+            }
+        )?;
+        let mut credits: HashMap<String, Vec<Pot>> = HashMap::new();
+        for r in spendable {
+            let pots = credits.entry(r.get(0)).or_default();
+            pots.extend(pot(&r));
+        }
 
         let mut results = Vec::with_capacity(group.len());
         let mut new_batches: Vec<NewBatch> = Vec::new();

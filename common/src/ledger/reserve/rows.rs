@@ -210,22 +210,43 @@ pub(super) async fn take_from_grants(tx: &Transaction<'_>, batches: &[NewBatch<'
         .await?;
     }
     for (account, t) in &per_account {
-        if t.spenders.iter().any(Option::is_some) {
-            grants::take_planned_spending(
-                tx,
-                account,
-                &t.holds,
-                &t.batch_ids,
-                &t.amounts,
-                &t.plan,
-                &t.spenders,
-            )
-            .await?;
-        } else {
-            grants::take_planned(tx, account, &t.holds, &t.batch_ids, &t.amounts, &t.plan).await?;
+        grants::take_planned(tx, account, &t.holds, &t.batch_ids, &t.amounts, &t.plan).await?;
+    }
+    // Then, with every account locked, the holds charged to spenders, all
+    // accounts in one statement: account → spenders root to leaf.
+    let mut charged = Charged::default();
+    for (account, t) in &per_account {
+        for ((hold, amount), spender) in t.holds.iter().zip(&t.amounts).zip(&t.spenders) {
+            if let Some(s) = spender {
+                charged.accounts.push(account);
+                charged.holds.push(*hold);
+                charged.spenders.push(s);
+                charged.amounts.push(*amount);
+            }
         }
     }
+    if !charged.holds.is_empty() {
+        tx.execute_cached(
+            "SELECT holdfast_spender_take($1, $2, $3, $4)",
+            &[
+                &charged.accounts,
+                &charged.holds,
+                &charged.spenders,
+                &charged.amounts,
+            ],
+        )
+        .await?;
+    }
     Ok(())
+}
+
+/// The holds of a group charged to spenders, for `holdfast_spender_take`.
+#[derive(Default)]
+struct Charged<'b> {
+    accounts: Vec<&'b str>,
+    holds: Vec<Uuid>,
+    spenders: Vec<&'b str>,
+    amounts: Vec<i64>,
 }
 
 /// The holds one account takes in a group, and the draws they were priced on.
