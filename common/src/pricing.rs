@@ -436,6 +436,7 @@ pub fn thousands(n: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::LimitPeriod;
 
     fn req(costs: &[(i64, i32)], mode: Mode) -> BatchRequest {
         BatchRequest {
@@ -536,6 +537,81 @@ mod tests {
         };
         assert_eq!((run, total), (vec![0, 2], 20));
         assert_eq!(left_out[0].reason, "not_selected");
+    }
+
+    fn spender(id: &str, kind: &str, limit: i64, used: i64, period: LimitPeriod) -> Level {
+        Level {
+            level: LevelKind::Spender,
+            spender_id: Some(id.into()),
+            kind: Some(kind.into()),
+            limit: Some(limit),
+            period: Some(period),
+            used: Some(used),
+            held: Some(0),
+            remaining: Some(limit - used),
+            resets_at: Some("2027-01-01T00:00:00.000Z".into()),
+        }
+    }
+
+    #[test]
+    fn the_tightest_level_binds_and_the_first_on_a_tie() {
+        let team = spender("design", "team", 2_000, 1_820, LimitPeriod::Month);
+        let member = spender("ann", "member", 300, 0, LimitPeriod::Month);
+        assert_eq!(
+            tightest(&levels(10_000, &[team.clone(), member.clone()])),
+            (1, 180)
+        );
+        assert_eq!(
+            tightest(&levels(100, &[team.clone(), member.clone()])),
+            (0, 100)
+        );
+        // A tie goes to the level nearer the account.
+        assert_eq!(tightest(&levels(180, &[team, member])), (0, 180));
+        // No limit never binds.
+        let mut free = spender("key", "key", 0, 0, LimitPeriod::None);
+        free.limit = None;
+        free.remaining = None;
+        assert_eq!(tightest(&levels(50, &[free])), (0, 50));
+    }
+
+    #[test]
+    fn a_binding_spender_is_named_with_its_period_and_the_option_is_to_raise_its_limit() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-05T08:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let team = spender("design", "team", 2_000, 1_820, LimitPeriod::Month);
+        let r = req(&[(60, 0); 10], Mode::AllOrNothing);
+        let Plan::Short(mut s) = plan(&r, 180) else {
+            panic!("should be short")
+        };
+        limited_by_spender(&mut s, &team, now);
+        assert_eq!(
+            s.message,
+            "Your team 'design' has 180 of its 2,000 monthly credits left: enough for 3 of 10 items. It resets on 1 January 2027."
+        );
+        assert_eq!(
+            s.detail,
+            "This action costs 600 credits; your team 'design' has 180 credits of its limit left (420 short)."
+        );
+        let raise = s.options.last().unwrap();
+        assert_eq!(
+            (
+                raise.action.as_str(),
+                raise.credits,
+                raise.spender_id.as_deref()
+            ),
+            ("raise_limit", Some(420), Some("design"))
+        );
+        assert_eq!(
+            raise.label,
+            "Ask an admin to raise the limit of team 'design' by 420 credits"
+        );
+        let mut life = spender("ann", "member", 300, 300, LimitPeriod::None);
+        life.resets_at = None;
+        assert_eq!(
+            spender_sentence(&life, 0, 1, now),
+            "Your member 'ann' has 0 of its 300 credits left: not enough for the item."
+        );
     }
 
     #[test]

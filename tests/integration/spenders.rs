@@ -654,3 +654,74 @@ async fn over_http_an_admin_shapes_the_tree_and_a_preview_shows_every_level() {
     assert_eq!(t.ledger.spender("ws", "ann").await.unwrap().held, 100);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn periods_are_calendar_periods_in_utc_unless_anchored() {
+    use chrono::{Datelike, Duration as D, TimeZone, Timelike, Utc};
+    let t = ledger_only().await;
+    let l = &t.ledger;
+    l.grant("ws", 100, None, true).await.unwrap();
+    let now = Utc::now();
+    let spec = |period, anchor| SpenderSpec {
+        limit: Some(10),
+        period,
+        anchor,
+        ..SpenderSpec::default()
+    };
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    // A calendar week: from Monday 00:00 UTC.
+    let week = l
+        .put_spender("ws", "w", &spec(LimitPeriod::Week, None))
+        .await
+        .unwrap()
+        .spender;
+    let start = at(&week.period_start);
+    assert_eq!(start.weekday(), chrono::Weekday::Mon);
+    assert_eq!((start.hour(), start.minute()), (0, 0));
+    assert!(start <= now && now - start < D::days(7));
+    assert_eq!(at(week.resets_at.as_deref().unwrap()) - start, D::days(7));
+    // A month: from the 1st.
+    let month = l
+        .put_spender("ws", "m", &spec(LimitPeriod::Month, None))
+        .await
+        .unwrap()
+        .spender;
+    assert_eq!(
+        at(&month.period_start),
+        Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+            .unwrap()
+    );
+    // A day anchored at 06:00 UTC two days ago: from the last 06:00.
+    let anchor = (now - D::days(2))
+        .with_hour(6)
+        .and_then(|t| t.with_minute(0))
+        .and_then(|t| t.with_second(0))
+        .and_then(|t| t.with_nanosecond(0))
+        .unwrap();
+    let day = l
+        .put_spender("ws", "d", &spec(LimitPeriod::Day, Some(anchor)))
+        .await
+        .unwrap()
+        .spender;
+    let start = at(&day.period_start);
+    assert_eq!((start.hour(), start.minute()), (6, 0));
+    assert!(start <= now && now - start < D::days(1));
+    assert_eq!(at(day.resets_at.as_deref().unwrap()) - start, D::days(1));
+    // A lifetime cap never resets.
+    let life = l
+        .put_spender("ws", "l", &spec(LimitPeriod::None, None))
+        .await
+        .unwrap()
+        .spender;
+    assert_eq!(life.resets_at, None);
+    // An anchor in the future is refused.
+    assert!(matches!(
+        l.put_spender("ws", "f", &spec(LimitPeriod::Day, Some(now + D::days(1))))
+            .await,
+        Err(LedgerError::Invalid(_))
+    ));
+}
