@@ -181,7 +181,23 @@ LANGUAGE sql STABLE AS $$
     SELECT up.id, (max(up.lvl) OVER () - up.lvl + 1)::int, up.kind, up.credit_limit, up.period,
            p.period_start, p.resets_at, COALESCE(u.held, 0), COALESCE(u.used, 0)
     FROM up
-    CROSS JOIN LATERAL holdfast_spender_period(up.period, up.anchor, p_at) p
+    -- holdfast_spender_period, written out: a function call per level cost
+    -- more than the rest of the path (it is not inlined in a lateral join).
+    CROSS JOIN LATERAL (
+        SELECT CASE
+                   WHEN up.period = 'none' THEN timestamptz '1970-01-01 00:00:00+00'
+                   WHEN up.anchor IS NULL
+                       THEN date_trunc(up.period, p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                   ELSE (holdfast_spender_period_anchored(up.period, up.anchor, p_at)).period_start
+               END AS period_start,
+               CASE
+                   WHEN up.period = 'none' THEN NULL
+                   WHEN up.anchor IS NULL
+                       THEN (date_trunc(up.period, p_at AT TIME ZONE 'UTC') + ('1 ' || up.period)::interval)
+                            AT TIME ZONE 'UTC'
+                   ELSE (holdfast_spender_period_anchored(up.period, up.anchor, p_at)).resets_at
+               END AS resets_at
+    ) p
     LEFT JOIN spender_usage u
       ON u.account_id = p_account AND u.spender_id = up.id AND u.period_start = p.period_start
     ORDER BY 2

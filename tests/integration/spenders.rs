@@ -725,3 +725,50 @@ async fn periods_are_calendar_periods_in_utc_unless_anchored() {
         Err(LedgerError::Invalid(_))
     ));
 }
+
+#[tokio::test]
+async fn a_spender_draws_the_accounts_grants_in_the_one_burn_down_order_up_to_its_limit() {
+    use holdfast_common::ledger::{GrantSource, GrantSpec};
+    let t = ledger_only().await;
+    let l = &t.ledger;
+    for (id, source, amount, days) in [
+        ("topup", GrantSource::Purchase, 500, None),
+        ("plan", GrantSource::Plan, 100, Some(20)),
+    ] {
+        let spec = GrantSpec {
+            grant_id: Some(id.into()),
+            amount,
+            source,
+            expires_at: days.map(|d| chrono::Utc::now() + chrono::Duration::days(d)),
+            ..GrantSpec::default()
+        };
+        l.add_grant("ws", &spec, true).await.unwrap();
+    }
+    l.put_spender("ws", "design", &team(250)).await.unwrap();
+    // The plan (expiring first) before the top-up, as for any batch.
+    let d = reserve(l, &charged("g1", Some("design"), 3, 50))
+        .await
+        .unwrap();
+    let drawn: Vec<_> = granted(&d)
+        .breakdown
+        .iter()
+        .map(|d| (d.grant_id.as_str(), d.amount))
+        .collect();
+    assert_eq!(drawn, [("plan", 100), ("topup", 50)]);
+    // The team's limit caps what it may draw: 100 of its 250 are left,
+    // though the account has 450.
+    let d = reserve(l, &charged("g2", Some("design"), 3, 50))
+        .await
+        .unwrap();
+    let i = insufficient(&d);
+    assert_eq!((i.available, i.fit_count), (100, 2));
+    let first: Vec<_> = i
+        .breakdown
+        .iter()
+        .map(|d| (d.grant_id.as_str(), d.amount))
+        .collect();
+    assert_eq!(first, [("topup", 100)]);
+    // A batch without a spender still has the account's whole 450.
+    granted(&reserve(l, &charged("g3", None, 9, 50)).await.unwrap());
+    t.assert_exact().await;
+}
