@@ -494,6 +494,34 @@ async fn through_the_fleet_a_spender_batch_runs_and_an_unknown_spender_is_reject
     assert_eq!(r.errors[0].field, "spender_id");
     assert!(r.errors[0].reason.contains("nobody"), "{}", r.reason);
 
+    // Previews over AMQP price against every level too, and name an unknown spender.
+    let body = json!({"account_id": "ws", "count": 10, "cost": 40, "spender_id": "ann"});
+    match t
+        .producer
+        .preview(body.to_string().as_bytes(), "pv-1", WAIT)
+        .await
+        .unwrap()
+    {
+        holdfast_common::messages::Event::Preview(p) => {
+            assert!(!p.fits);
+            assert_eq!(p.levels.len(), 3, "{:?}", p.levels);
+            assert_eq!(p.limited_by.unwrap().spender_id.as_deref(), Some("ann"));
+        }
+        other => panic!("expected a preview, got {other:?}"),
+    }
+    let body = json!({"account_id": "ws", "count": 1, "cost": 1, "spender_id": "nobody"});
+    match t
+        .producer
+        .preview(body.to_string().as_bytes(), "pv-2", WAIT)
+        .await
+        .unwrap()
+    {
+        holdfast_common::messages::Event::Decision(Decision::Rejected(r)) => {
+            assert_eq!(r.errors[0].field, "spender_id")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+
     let mut req = request("f3", "ws", 10, 40);
     req["spender_id"] = json!("ann");
     let d = t.submit(&req).await;
@@ -771,4 +799,142 @@ async fn a_spender_draws_the_accounts_grants_in_the_one_burn_down_order_up_to_it
     // A batch without a spender still has the account's whole 450.
     granted(&reserve(l, &charged("g3", None, 9, 50)).await.unwrap());
     t.assert_exact().await;
+}
+
+/// Seeded random walks over one workspace: reservations in every mode
+/// charged to random spenders of a three-level tree (or to none), soft
+/// holds, captures at random costs, failures, cancels, deadlines and soft
+/// holds expiring. After every step no level is over its limit, each team's
+/// usage is at least the sum of its members' (it also counts batches charged
+/// to the team itself), and the audit, which recomputes every spender's
+/// usage from the holds, is exact.
+#[tokio::test]
+async fn random_walks_over_a_spender_tree_keep_every_level_within_its_limit() {
+    use rand::{Rng, SeedableRng};
+    let t = ledger_only().await;
+    let l = &t.ledger;
+    l.grant("ws", 4_000, None, true).await.unwrap();
+    l.put_spender("ws", "design", &team(1_500)).await.unwrap();
+    l.put_spender("ws", "ops", &team(1_200)).await.unwrap();
+    for (m, parent, limit) in [
+        ("ann", "design", 600),
+        ("bob", "design", 1_000),
+        ("cy", "ops", 400),
+    ] {
+        l.put_spender("ws", m, &member(parent, limit))
+            .await
+            .unwrap();
+    }
+    let mut key = member("bob", 250);
+    key.kind = Some("key".into());
+    l.put_spender("ws", "bob-ci", &key).await.unwrap();
+    let spenders = [
+        None,
+        Some("design"),
+        Some("ops"),
+        Some("ann"),
+        Some("bob"),
+        Some("cy"),
+        Some("bob-ci"),
+    ];
+    let client = l.pool().get().await.unwrap();
+    for seed in 0..3u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut open: Vec<(String, usize)> = Vec::new();
+        for step in 0..40 {
+            match rng.random_range(0..10) {
+                0..=4 => {
+                    let id = format!("s{seed}-{step}");
+                    let n = rng.random_range(1..=6);
+                    let mut req = charged(&id, spenders[rng.random_range(0..spenders.len())], n, 1);
+                    for it in &mut req.items {
+                        it.estimated_cost = rng.random_range(5..=60);
+                    }
+                    req.mode = [
+                        holdfast_common::messages::Mode::AllOrNothing,
+                        holdfast_common::messages::Mode::FirstFit,
+                        holdfast_common::messages::Mode::PriorityFit,
+                    ][rng.random_range(0..3)];
+                    if let Decision::Granted(_) = reserve(l, &req).await.unwrap() {
+                        open.push((id, n));
+                    }
+                }
+                5 => {
+                    let s = spenders[rng.random_range(1..spenders.len())];
+                    let _ = l
+                        .reserve_soft_for(
+                            "ws",
+                            s,
+                            rng.random_range(5..=80),
+                            Duration::from_millis(1),
+                        )
+                        .await;
+                }
+                6..=7 if !open.is_empty() => {
+                    let (id, n) = open.swap_remove(rng.random_range(0..open.len()));
+                    let items: Vec<Settlement> = (0..n)
+                        .map(|i| Settlement {
+                            batch_id: id.clone(),
+                            item_id: format!("i{i}"),
+                            outcome: if rng.random_range(0..5) == 0 {
+                                ItemOutcome::Failed {
+                                    reason: "test".into(),
+                                }
+                            } else {
+                                ItemOutcome::Succeeded {
+                                    actual_cost: Some(rng.random_range(0..=70)),
+                                }
+                            },
+                        })
+                        .collect();
+                    l.settle(&items).await.unwrap();
+                }
+                8 if !open.is_empty() => {
+                    let (id, _) = open.swap_remove(rng.random_range(0..open.len()));
+                    l.cancel_batch(&id).await.unwrap();
+                }
+                _ => {
+                    client
+                        .execute(
+                            "UPDATE batches SET deadline_at = now() - interval '1 second'
+                             WHERE state IN ('granted', 'dispatched') AND random() < 0.3",
+                            &[],
+                        )
+                        .await
+                        .unwrap();
+                    l.expire_overdue(100).await.unwrap();
+                    l.expire_soft_holds(100).await.unwrap();
+                    let still: Vec<String> = client
+                        .query(
+                            "SELECT id FROM batches WHERE state IN ('granted', 'dispatched')",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    open.retain(|(id, _)| still.contains(id));
+                }
+            }
+            let all = l.spenders("ws").await.unwrap();
+            let level = |id: &str| all.iter().find(|s| s.spender_id == id).unwrap();
+            for s in &all {
+                assert!(
+                    s.used + s.held <= s.limit.unwrap(),
+                    "seed {seed} step {step}: {s:?}"
+                );
+            }
+            for (team, members) in [("design", &["ann", "bob"][..]), ("ops", &["cy"][..])] {
+                let sum: i64 = members.iter().map(|m| level(m).used + level(m).held).sum();
+                let t = level(team);
+                assert!(t.used + t.held >= sum, "seed {seed} step {step}: {team}");
+            }
+            let b = level("bob");
+            let k = level("bob-ci");
+            assert!(b.used + b.held >= k.used + k.held);
+            assert!(t.available("ws").await >= 0);
+            t.assert_exact().await;
+        }
+    }
 }
