@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use holdfast_common::config::{Connections, Limits, QueueSettings};
 use holdfast_common::ledger::{GrantSource, Period};
+use holdfast_common::messages::LimitPeriod;
 use holdfast_coordinator::config::CoordinatorSettings;
 
 use crate::fleet::FleetSettings;
@@ -60,6 +61,47 @@ pub enum Command {
     /// Soft holds: show or cancel one.
     #[command(subcommand)]
     Reservation(ReservationCommand),
+    /// Spenders (teams, members, keys) inside an account, with limits per period.
+    #[command(subcommand)]
+    Spender(SpenderCommand),
+}
+
+#[derive(Subcommand)]
+pub enum SpenderCommand {
+    /// Create or change a spender: its parent, kind, limit and period (the
+    /// whole definition: what is not given is cleared).
+    Set {
+        account: String,
+        spender: String,
+        /// The spender above it (same account); none: a root.
+        #[arg(long)]
+        parent: Option<String>,
+        /// What it is to people (team, member, key, ...): decisions say
+        /// "Your team 'design' has ...".
+        #[arg(long)]
+        kind: Option<String>,
+        /// Most credits held plus captured per period; none: no limit.
+        #[arg(long, allow_negative_numbers = true, requires = "period")]
+        limit: Option<i64>,
+        /// day, week, month (calendar, UTC unless anchored) or none (a lifetime cap).
+        #[arg(long, value_parser = parse_limit_period)]
+        period: Option<LimitPeriod>,
+        /// Start of one period (RFC 3339, not in the future); none: calendar periods in UTC.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        anchor: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Show one spender, or every spender of the account: limit, used, held,
+    /// remaining, when it resets, and the spenders below it.
+    Show {
+        account: String,
+        spender: Option<String>,
+    },
+    /// Remove a spender with nothing below it and no open hold.
+    Delete { account: String, spender: String },
+}
+
+fn parse_limit_period(s: &str) -> Result<LimitPeriod, String> {
+    LimitPeriod::parse(s).ok_or_else(|| format!("`{s}`: expected day, week, month or none"))
 }
 
 #[derive(Subcommand)]
@@ -200,6 +242,9 @@ pub struct ReserveArgs {
     /// Seconds until the hold expires unless a batch consumes it.
     #[arg(long, default_value_t = holdfast_coordinator::api::reservations::DEFAULT_TTL_SECS)]
     pub ttl: u64,
+    /// Charge the hold to this spender (and every spender above it).
+    #[arg(long)]
+    pub spender: Option<String>,
     #[command(flatten)]
     pub coordinator: CoordinatorSettings,
 }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use holdfast_common::config::Connections;
 use holdfast_common::database;
 use holdfast_common::ledger::Ledger;
-use holdfast_common::ledger::{AllowanceSpec, AllowanceTerms, GrantSpec};
+use holdfast_common::ledger::{AllowanceSpec, AllowanceTerms, GrantSpec, SpenderSpec};
 use holdfast_common::messages::{Decision, Event};
 use holdfast_common::telemetry;
 use holdfast_common::topology::Names;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
     AccountCommand, AuditArgs, BatchCommand, Cli, Command, PreviewArgs, ReservationCommand,
-    ReserveArgs, SubmitArgs,
+    ReserveArgs, SpenderCommand, SubmitArgs,
 };
 
 /// Cancel the token on SIGINT or SIGTERM.
@@ -92,6 +92,7 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<i32> {
         Command::Preview(args) => preview(conn, args, json).await,
         Command::Reserve(args) => reserve(conn, args, json).await,
         Command::Reservation(cmd) => reservation(conn, cmd, json).await,
+        Command::Spender(cmd) => spender(conn, cmd, json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
     }
 }
@@ -273,6 +274,60 @@ async fn audit(conn: &Connections, args: AuditArgs, json: bool) -> anyhow::Resul
     Ok(i32::from(!(drift.is_empty() && stuck.is_empty())))
 }
 
+/// `holdfast spender set | show | delete`.
+async fn spender(conn: &Connections, cmd: SpenderCommand, json: bool) -> anyhow::Result<i32> {
+    let ledger = ledger(conn)?;
+    match cmd {
+        SpenderCommand::Set {
+            account,
+            spender,
+            parent,
+            kind,
+            limit,
+            period,
+            anchor,
+        } => {
+            let spec = SpenderSpec {
+                parent,
+                kind,
+                limit,
+                period: period.unwrap_or_default(),
+                anchor,
+            };
+            let put = ledger.put_spender(&account, &spender, &spec).await?;
+            if json {
+                report::json(&put.spender);
+            } else {
+                println!(
+                    "{} spender {spender} of account {account}",
+                    if put.created { "created" } else { "changed" }
+                );
+                report::spenders(std::slice::from_ref(&put.spender));
+            }
+        }
+        SpenderCommand::Show { account, spender } => {
+            let all = match spender {
+                Some(s) => vec![ledger.spender(&account, &s).await?],
+                None => ledger.spenders(&account).await?,
+            };
+            if json {
+                report::json(&all);
+            } else {
+                report::spenders(&all);
+            }
+        }
+        SpenderCommand::Delete { account, spender } => {
+            ledger.delete_spender(&account, &spender).await?;
+            if json {
+                report::json(&serde_json::json!({"deleted": spender}));
+            } else {
+                println!("deleted spender {spender} of account {account}");
+            }
+        }
+    }
+    Ok(0)
+}
+
 /// `holdfast reservation show | cancel`.
 async fn reservation(
     conn: &Connections,
@@ -345,10 +400,15 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
             return Ok(3);
         }
     };
-    let pots = ledger(conn)?.pots(&request.account_id).await?;
+    let ledger = ledger(conn)?;
+    let pots = ledger.pots(&request.account_id).await?;
+    let spenders = ledger
+        .spender_levels(&request.account_id, request.spender_id.as_deref())
+        .await?;
     let p = holdfast_common::pricing::preview(
         &request,
         &pots,
+        &spenders,
         args.coordinator.sequential_chunk,
         args.coordinator.execution_timeout(),
     );
@@ -367,7 +427,7 @@ async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::R
     }
     let ttl = Duration::from_secs(args.ttl);
     match ledger(conn)?
-        .reserve_soft(&args.account, args.amount, ttl)
+        .reserve_soft_for(&args.account, args.spender.as_deref(), args.amount, ttl)
         .await
     {
         Ok(r) => {

@@ -1,7 +1,9 @@
 //! `holdfast demo`: a scripted Generate All story on the local services.
 //! An account on a monthly plan allowance with an expiring top-up; a granted
 //! batch, an insufficient one with its "k of N" choice, the choice taken, and
-//! the ledger and its grants (in burn-down order) before and after each step.
+//! the ledger and its grants (in burn-down order) before and after each step;
+//! then a workspace whose member is refused by the team's monthly limit while
+//! the account still has credits.
 
 use std::time::Duration;
 
@@ -9,9 +11,9 @@ use chrono::{DateTime, Datelike, Utc};
 use holdfast_common::config::Connections;
 use holdfast_common::database;
 use holdfast_common::ledger::{
-    AllowanceSpec, AllowanceTerms, Grant, GrantSource, GrantSpec, Ledger, Period,
+    AllowanceSpec, AllowanceTerms, Grant, GrantSource, GrantSpec, Ledger, Period, SpenderSpec,
 };
-use holdfast_common::messages::{Decision, Event};
+use holdfast_common::messages::{Decision, Event, LimitPeriod};
 use holdfast_common::pricing::thousands;
 use serde_json::{json, Value};
 
@@ -103,6 +105,59 @@ async fn run_batch(producer: &mut Producer, request: &Value) -> anyhow::Result<D
         }
     }
     Ok(decision)
+}
+
+/// A workspace's team and its members: a member's batch must fit the
+/// member's limit, the team's and the account's credits. Returns the
+/// workspace's account id.
+async fn team_story(
+    ledger: &Ledger,
+    producer: &mut Producer,
+    stamp: &str,
+) -> anyhow::Result<String> {
+    let workspace = format!("demo-workspace-{stamp}");
+    println!("\n4. A workspace with 1,000 credits. Its team `design` may use 200 of them a month, each member 150.");
+    ledger
+        .grant(&workspace, 1_000, Some("demo workspace"), true)
+        .await?;
+    let monthly = |parent: Option<&str>, kind: &str, limit: i64| SpenderSpec {
+        parent: parent.map(str::to_string),
+        kind: Some(kind.into()),
+        limit: Some(limit),
+        period: LimitPeriod::Month,
+        anchor: None,
+    };
+    ledger
+        .put_spender(&workspace, "design", &monthly(None, "team", 200))
+        .await?;
+    for member in ["ann", "bob"] {
+        ledger
+            .put_spender(&workspace, member, &monthly(Some("design"), "member", 150))
+            .await?;
+    }
+    report::spenders(&ledger.spenders(&workspace).await?);
+    println!("   Ann generates 10 icons (12 credits each), charged to her: member, team and account all cover it.");
+    let ann = json!({"batch_id": format!("{workspace}-ann"), "account_id": workspace,
+                     "spender_id": "ann", "items": items("icon", 10, 12, &[])});
+    run_batch(producer, &ann).await?;
+    println!("   Bob asks for 10 banners (12 credits each): his own limit would allow them, the account has plenty, but the team has only what Ann left.");
+    let bob = json!({"batch_id": format!("{workspace}-bob"), "account_id": workspace,
+                     "spender_id": "bob", "items": items("banner", 10, 12, &[])});
+    let decision = run_batch(producer, &bob).await?;
+    let Decision::Insufficient(short) = &decision else {
+        anyhow::bail!("expected the team's limit to bind, got {}", decision.kind());
+    };
+    let by = short.limited_by.as_ref();
+    anyhow::ensure!(
+        by.and_then(|l| l.spender_id.as_deref()) == Some("design"),
+        "expected the team to bind, got {by:?}"
+    );
+    println!(
+        "   limited by the team, not the account: the workspace still has {} credits.",
+        ledger.account(&workspace).await?.available
+    );
+    report::spenders(&ledger.spenders(&workspace).await?);
+    Ok(workspace)
 }
 
 /// Run the story; returns the process exit code.
@@ -206,7 +261,9 @@ async fn story(
     run_batch(&mut producer, &third).await?;
     ledger_line(ledger, &account).await?;
 
-    println!("\n4. The account's journal (every credit movement, append-only):");
+    let workspace = team_story(ledger, &mut producer, &stamp).await?;
+
+    println!("\n5. The account's journal (every credit movement, append-only):");
     println!(
         "   {:>5} {:<8} {:>7} {:>8} {:>8}  batch / item",
         "entry", "kind", "amount", "balance", "held"
@@ -232,11 +289,11 @@ async fn story(
     let captures = journal.iter().filter(|e| e.kind == "capture").count();
     println!("   (+ {captures} per-item capture entries; `holdfast batch show <id>` lists them per item)");
 
-    println!("\n5. The audit recomputes every balance and hold from the journal:");
+    println!("\n6. The audit recomputes every balance and hold from the journal, and every spender's usage from the holds:");
     let drift = ledger.audit().await?;
     print!("   ");
     report::audit(&drift);
     producer.close().await;
-    println!("\nTry it yourself: `holdfast account show {account}`, `holdfast batch show {account}-spring`.");
+    println!("\nTry it yourself: `holdfast account show {account}`, `holdfast batch show {account}-spring`, `holdfast spender show {workspace}`.");
     Ok(if drift.is_empty() { 0 } else { 1 })
 }

@@ -285,6 +285,22 @@ pub fn preview(p: &holdfast_common::messages::Preview) {
     if let Some(advice) = &p.advice {
         println!("{advice}");
     }
+    for l in p.levels.iter().filter(|l| l.spender_id.is_some()) {
+        println!(
+            "  {} {}: {}",
+            l.kind.as_deref().unwrap_or("spender"),
+            l.spender_id.as_deref().unwrap_or_default(),
+            match (l.limit, l.remaining) {
+                (Some(limit), Some(r)) => format!(
+                    "{} of {} per {} left",
+                    thousands(r),
+                    thousands(limit),
+                    l.period.map(|p| p.as_str()).unwrap_or("none")
+                ),
+                _ => "no limit".to_string(),
+            }
+        );
+    }
     println!(
         "account {}, mode {}: {} of {} items fit in order ({} credits), {} by priority ({} credits); {}",
         p.account_id,
@@ -300,6 +316,39 @@ pub fn preview(p: &holdfast_common::messages::Preview) {
             format!("{} credits short", thousands(p.shortfall))
         }
     );
+}
+
+/// Spenders, one line each: limit, used, held, remaining, reset, children.
+pub fn spenders(spenders: &[holdfast_common::ledger::Spender]) {
+    for s in spenders {
+        let limit = match s.limit {
+            Some(l) => format!("limit {} per {}", thousands(l), s.period.as_str()),
+            None => "no limit".to_string(),
+        };
+        println!(
+            "{} {}{}  {limit}  used {}  held {}{}{}{}",
+            s.kind,
+            s.spender_id,
+            s.parent
+                .as_deref()
+                .map(|p| format!(" (under {p})"))
+                .unwrap_or_default(),
+            thousands(s.used),
+            thousands(s.held),
+            s.remaining
+                .map(|r| format!("  remaining {}", thousands(r)))
+                .unwrap_or_default(),
+            s.resets_at
+                .as_deref()
+                .map(|t| format!("  resets {t}"))
+                .unwrap_or_default(),
+            if s.children.is_empty() {
+                String::new()
+            } else {
+                format!("  children: {}", s.children.join(", "))
+            },
+        );
+    }
 }
 
 pub fn reservation(r: &holdfast_common::messages::Reservation, as_json: bool) {

@@ -129,7 +129,7 @@ fn expiry(d: &Draw) -> Option<DateTime<Utc>> {
 }
 
 /// "1 January" this year, "1 January 2028" another year (UTC).
-fn day(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+pub(crate) fn day(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     if t.year() == now.year() {
         t.format("%-d %B").to_string()
     } else {

@@ -83,6 +83,12 @@ pub struct BatchRequest {
     /// A soft hold to consume instead of reserving anew.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation_id: Option<String>,
+    /// The spender (team, member, key) of the account the batch is charged
+    /// to: it fits only if the account and every spender from this one up
+    /// to its root cover it (docs/spenders.md). Absent: the account only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "design")]
+    pub spender_id: Option<String>,
 }
 
 impl BatchRequest {
@@ -203,15 +209,106 @@ pub struct FitSet {
 /// One thing a person can do about an insufficient batch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Choice {
-    /// `generate_first_fit`, `select_items` or `add_credits`.
+    /// `generate_first_fit`, `select_items`, `add_credits` (when the
+    /// account's credits bind) or `raise_limit` (when a spender's limit binds:
+    /// ask an admin to raise it).
     pub action: String,
     pub label: String,
     /// For `generate_first_fit`: the request to send (same items, `mode: first_fit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item_count: Option<usize>,
-    /// For `generate_first_fit`: its cost; for `add_credits`: the shortfall.
+    /// For `generate_first_fit`: its cost; for `add_credits` and
+    /// `raise_limit`: the shortfall.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<i64>,
+    /// For `raise_limit`: the spender whose limit binds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spender_id: Option<String>,
+}
+
+/// What a level of a decision is: the account's credits, or a spender's limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LevelKind {
+    Account,
+    Spender,
+}
+
+/// How often a spender's limit resets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitPeriod {
+    Day,
+    Week,
+    Month,
+    /// Never: a lifetime cap.
+    #[default]
+    None,
+}
+
+impl LimitPeriod {
+    pub const ALL: [LimitPeriod; 4] = [
+        LimitPeriod::Day,
+        LimitPeriod::Week,
+        LimitPeriod::Month,
+        LimitPeriod::None,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitPeriod::Day => "day",
+            LimitPeriod::Week => "week",
+            LimitPeriod::Month => "month",
+            LimitPeriod::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LimitPeriod> {
+        LimitPeriod::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// "daily", "weekly", "monthly"; nothing for a lifetime cap.
+    pub fn adjective(self) -> Option<&'static str> {
+        match self {
+            LimitPeriod::Day => Some("daily"),
+            LimitPeriod::Week => Some("weekly"),
+            LimitPeriod::Month => Some("monthly"),
+            LimitPeriod::None => None,
+        }
+    }
+}
+
+/// One level a batch must fit: the account, or a spender on the path from the
+/// named spender to its root, with what it has left for this batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Level {
+    /// `account` or `spender`.
+    pub level: LevelKind,
+    /// The spender (absent for the account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spender_id: Option<String>,
+    /// What the spender is to people: `team`, `member`, `key`, ... (absent for the account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The spender's limit per period; absent: no limit (or the account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// `day`, `week`, `month` or `none` (absent for the account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<LimitPeriod>,
+    /// Captured this period by batches charged to the spender or below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<i64>,
+    /// Held now by open batches of this period charged to the spender or below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<i64>,
+    /// What a batch may take at this level now: the account's available
+    /// credits, or the spender's `limit - used - held` (absent: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<i64>,
+    /// RFC 3339: when the spender's period ends and its usage starts from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<String>,
 }
 
 /// Nothing was held and nothing runs; the person decides what happens next.
@@ -238,6 +335,11 @@ pub struct Insufficient {
     /// The grants the first-fit option (`first_fit`) would draw from.
     #[serde(default)]
     pub breakdown: Vec<Draw>,
+    /// The level that binds: the account, or the spender whose remaining
+    /// limit is the tightest on the request's spender path (k of N is
+    /// computed against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limited_by: Option<Level>,
 }
 
 /// One problem with a request, naming the field.
@@ -343,6 +445,16 @@ pub struct Preview {
     /// Said when credits the batch would use expire before its deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry_notice: Option<String>,
+    /// The spender the batch would be charged to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spender_id: Option<String>,
+    /// Every level the batch must fit: the account, then the spenders from
+    /// the root down to `spender_id`. Only the account without a spender.
+    #[serde(default)]
+    pub levels: Vec<Level>,
+    /// The tightest level when the batch does not fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limited_by: Option<Level>,
 }
 
 /// A soft hold: credits set aside for a batch that has not started yet.
@@ -357,6 +469,9 @@ pub struct Reservation {
     pub expires_at: Option<String>,
     /// The batch that consumed the hold, if any.
     pub batch_id: Option<String>,
+    /// The spender the hold is charged to (and every spender above it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spender_id: Option<String>,
 }
 
 /// Which publication of its item a job is (`attempt` on the wire).

@@ -3,7 +3,9 @@
 //! and the reservation answer the same question the same way.
 
 use crate::breakdown::{self, Pot};
-use crate::messages::{BatchRequest, Choice, FitSet, ItemRequest, LeftOut, Mode, Preview};
+use crate::messages::{
+    BatchRequest, Choice, FitSet, ItemRequest, LeftOut, Level, LevelKind, Mode, Preview,
+};
 
 /// What the request asks to run, before credits are considered: indices into `items`.
 pub fn requested(req: &BatchRequest) -> Vec<usize> {
@@ -92,20 +94,137 @@ pub struct Shortfall {
     pub options: Vec<Choice>,
 }
 
+/// The account as a level a batch must fit: its available credits.
+pub fn account_level(available: i64) -> Level {
+    Level {
+        level: LevelKind::Account,
+        spender_id: None,
+        kind: None,
+        limit: None,
+        period: None,
+        used: None,
+        held: None,
+        remaining: Some(available),
+        resets_at: None,
+    }
+}
+
+/// Every level a batch must fit: the account (`available`), then the
+/// `spenders` of its path, root first.
+pub fn levels(available: i64, spenders: &[Level]) -> Vec<Level> {
+    let mut all = Vec::with_capacity(spenders.len() + 1);
+    all.push(account_level(available));
+    all.extend_from_slice(spenders);
+    all
+}
+
+/// The level that binds: the lowest `remaining` (a spender without a limit
+/// never binds), the first one on a tie (the account, then the spenders root
+/// first). Its index in `levels` and what it leaves the batch.
+pub fn tightest(levels: &[Level]) -> (usize, i64) {
+    let mut best = (0, i64::MAX);
+    for (i, l) in levels.iter().enumerate() {
+        if let Some(r) = l.remaining {
+            if r < best.1 {
+                best = (i, r);
+            }
+        }
+    }
+    (best.0, best.1.max(0))
+}
+
+/// "your team 'design'" (a spender level).
+fn who(level: &Level) -> String {
+    format!(
+        "your {} '{}'",
+        level.kind.as_deref().unwrap_or("spender"),
+        level.spender_id.as_deref().unwrap_or_default()
+    )
+}
+
+/// "Your team 'design' has 180 of its 2,000 monthly credits left: enough for
+/// 3 of 10 items. It resets on 1 January." — what a person reads when a
+/// spender's limit binds (`k` of `n` items fit).
+pub fn spender_sentence(
+    level: &Level,
+    k: usize,
+    n: usize,
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let who = who(level);
+    let mut who_cap = who.clone();
+    who_cap.replace_range(0..1, "Y");
+    let remaining = level.remaining.unwrap_or(0);
+    let limit = level.limit.unwrap_or(0);
+    let per = level
+        .period
+        .and_then(|p| p.adjective())
+        .map(|a| format!("{a} "))
+        .unwrap_or_default();
+    let fit = match (k, n) {
+        (0, 1) => "not enough for the item".to_string(),
+        (0, n) => format!("not enough for any of the {n} items"),
+        (k, n) => format!("enough for {k} of {n} {}", plural(n, "item", "items")),
+    };
+    let resets = level
+        .resets_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| {
+            format!(
+                " It resets on {}.",
+                breakdown::day(t.with_timezone(&chrono::Utc), now)
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "{who_cap} has {} of its {} {per}credits left: {fit}.{resets}",
+        thousands(remaining),
+        thousands(limit)
+    )
+}
+
+/// A shortfall where spender `level` binds rather than the account: the
+/// sentence names the spender, and the option is to ask an admin to raise
+/// its limit (adding credits to the account would not help).
+pub fn limited_by_spender(s: &mut Shortfall, level: &Level, now: chrono::DateTime<chrono::Utc>) {
+    let who = who(level);
+    s.message = spender_sentence(level, s.first_fit.count, s.items_total, now);
+    s.detail = format!(
+        "This action costs {} credits; {who} has {} credits of its limit left ({} short).",
+        thousands(s.total_cost),
+        thousands(s.available),
+        thousands(s.shortfall)
+    );
+    for o in s.options.iter_mut().filter(|o| o.action == "add_credits") {
+        o.action = "raise_limit".into();
+        o.label = format!(
+            "Ask an admin to raise the limit of {} by {} credits",
+            who.trim_start_matches("your "),
+            thousands(s.shortfall)
+        );
+        o.spender_id = level.spender_id.clone();
+    }
+}
+
 /// What a preview tells a person before they click: the cost, what they
 /// have, what fits, and which grants (`pots`, in burn-down order) it would
 /// draw from. Uses the same rules as [`plan`]; a batch granted now would run
-/// until `execution_timeout` from now.
+/// until `execution_timeout` from now. `spenders` are the levels of the
+/// request's spender path, root first (none without a spender): the batch
+/// is priced against the tightest level.
 pub fn preview(
     req: &BatchRequest,
     pots: &[Pot],
+    spenders: &[Level],
     chunk_size: usize,
     execution_timeout: std::time::Duration,
 ) -> Preview {
     let items = &req.items;
     let wanted = requested(req);
     let total = cost_of(items, &wanted);
-    let available = breakdown::available(pots);
+    let levels = levels(breakdown::available(pots), spenders);
+    let (bind, available) = tightest(&levels);
     let (fits, drawn) = match plan_chunked(req, available, chunk_size) {
         Plan::Run { total, .. } => (true, total),
         Plan::Short(s) => (false, s.first_fit.cost),
@@ -113,8 +232,11 @@ pub fn preview(
     let first = fit_set(items, &first_fit(items, &wanted, available));
     let by_priority = fit_set(items, &priority_fit(items, &wanted, available));
     let n = wanted.len();
-    let advice = (total > available).then(|| k_of_n(first.count, n));
     let now = chrono::Utc::now();
+    let advice = (total > available).then(|| match levels[bind].level {
+        LevelKind::Account => k_of_n(first.count, n),
+        LevelKind::Spender => spender_sentence(&levels[bind], first.count, n, now),
+    });
     let draws = breakdown::would_draw(pots, drawn);
     let deadline =
         now + chrono::Duration::from_std(execution_timeout).unwrap_or(chrono::Duration::days(1));
@@ -157,6 +279,9 @@ pub fn preview(
         advice,
         expiry_notice: breakdown::expiry_notice(&draws, deadline, now),
         breakdown: draws,
+        spender_id: req.spender_id.clone(),
+        limited_by: (!fits).then(|| levels[bind].clone()),
+        levels,
     }
 }
 
@@ -254,6 +379,7 @@ fn shortfall(items: &[ItemRequest], wanted: &[usize], total: i64, available: i64
             label: format!("Generate the first {}", first.count),
             item_count: Some(first.count),
             credits: Some(first.cost),
+            spender_id: None,
         });
     }
     options.push(Choice {
@@ -261,12 +387,14 @@ fn shortfall(items: &[ItemRequest], wanted: &[usize], total: i64, available: i64
         label: "Select items manually".into(),
         item_count: None,
         credits: None,
+        spender_id: None,
     });
     options.push(Choice {
         action: "add_credits".into(),
         label: format!("Add {} credits", thousands(short)),
         item_count: None,
         credits: Some(short),
+        spender_id: None,
     });
     Shortfall {
         total_cost: total,
@@ -308,6 +436,7 @@ pub fn thousands(n: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::LimitPeriod;
 
     fn req(costs: &[(i64, i32)], mode: Mode) -> BatchRequest {
         BatchRequest {
@@ -326,6 +455,7 @@ mod tests {
             mode,
             item_ids: None,
             reservation_id: None,
+            spender_id: None,
         }
     }
 
@@ -407,6 +537,81 @@ mod tests {
         };
         assert_eq!((run, total), (vec![0, 2], 20));
         assert_eq!(left_out[0].reason, "not_selected");
+    }
+
+    fn spender(id: &str, kind: &str, limit: i64, used: i64, period: LimitPeriod) -> Level {
+        Level {
+            level: LevelKind::Spender,
+            spender_id: Some(id.into()),
+            kind: Some(kind.into()),
+            limit: Some(limit),
+            period: Some(period),
+            used: Some(used),
+            held: Some(0),
+            remaining: Some(limit - used),
+            resets_at: Some("2027-01-01T00:00:00.000Z".into()),
+        }
+    }
+
+    #[test]
+    fn the_tightest_level_binds_and_the_first_on_a_tie() {
+        let team = spender("design", "team", 2_000, 1_820, LimitPeriod::Month);
+        let member = spender("ann", "member", 300, 0, LimitPeriod::Month);
+        assert_eq!(
+            tightest(&levels(10_000, &[team.clone(), member.clone()])),
+            (1, 180)
+        );
+        assert_eq!(
+            tightest(&levels(100, &[team.clone(), member.clone()])),
+            (0, 100)
+        );
+        // A tie goes to the level nearer the account.
+        assert_eq!(tightest(&levels(180, &[team, member])), (0, 180));
+        // No limit never binds.
+        let mut free = spender("key", "key", 0, 0, LimitPeriod::None);
+        free.limit = None;
+        free.remaining = None;
+        assert_eq!(tightest(&levels(50, &[free])), (0, 50));
+    }
+
+    #[test]
+    fn a_binding_spender_is_named_with_its_period_and_the_option_is_to_raise_its_limit() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-05T08:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let team = spender("design", "team", 2_000, 1_820, LimitPeriod::Month);
+        let r = req(&[(60, 0); 10], Mode::AllOrNothing);
+        let Plan::Short(mut s) = plan(&r, 180) else {
+            panic!("should be short")
+        };
+        limited_by_spender(&mut s, &team, now);
+        assert_eq!(
+            s.message,
+            "Your team 'design' has 180 of its 2,000 monthly credits left: enough for 3 of 10 items. It resets on 1 January 2027."
+        );
+        assert_eq!(
+            s.detail,
+            "This action costs 600 credits; your team 'design' has 180 credits of its limit left (420 short)."
+        );
+        let raise = s.options.last().unwrap();
+        assert_eq!(
+            (
+                raise.action.as_str(),
+                raise.credits,
+                raise.spender_id.as_deref()
+            ),
+            ("raise_limit", Some(420), Some("design"))
+        );
+        assert_eq!(
+            raise.label,
+            "Ask an admin to raise the limit of team 'design' by 420 credits"
+        );
+        let mut life = spender("ann", "member", 300, 300, LimitPeriod::None);
+        life.resets_at = None;
+        assert_eq!(
+            spender_sentence(&life, 0, 1, now),
+            "Your member 'ann' has 0 of its 300 credits left: not enough for the item."
+        );
     }
 
     #[test]

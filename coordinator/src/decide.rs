@@ -297,6 +297,9 @@ fn rejection(request: &BatchRequest, e: LedgerError) -> Result<Box<Rejected>, Le
         LedgerError::UnknownAccount(a) => {
             Rejected::one(batch_id, "account_id", format!("unknown account `{a}`"))
         }
+        e @ LedgerError::UnknownSpender { .. } => {
+            Rejected::one(batch_id, "spender_id", e.to_string())
+        }
         LedgerError::Conflict(_) => Rejected::one(
             batch_id,
             "batch_id",

@@ -200,6 +200,20 @@ fn validate(obj: Map<String, Value>, limits: &Limits) -> Result<BatchRequest, Bo
         }
     };
 
+    let spender_id = match obj.get("spender_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match check_id(s) {
+            Ok(()) => Some(s.clone()),
+            Err(reason) => {
+                p.add("spender_id", reason);
+                None
+            }
+        },
+        Some(_) => {
+            p.add("spender_id", "must be a string: a spender of the account");
+            None
+        }
+    };
     match (batch_id, account_id, mode, items) {
         (Some(batch_id), Some(account_id), Some(mode), Some(items)) if p.0.is_empty() => {
             Ok(BatchRequest {
@@ -209,6 +223,7 @@ fn validate(obj: Map<String, Value>, limits: &Limits) -> Result<BatchRequest, Bo
                 mode,
                 item_ids,
                 reservation_id,
+                spender_id,
             })
         }
         (batch_id, account_id, ..) => {

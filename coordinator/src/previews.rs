@@ -25,13 +25,26 @@ pub async fn answer(
         Ok(r) => r,
         Err(rejected) => return Ok(Event::Decision(Decision::Rejected(*rejected))),
     };
-    match ledger.pots(&request.account_id).await {
-        Ok(pots) => Ok(Event::Preview(pricing::preview(
+    let priced = async {
+        let pots = ledger.pots(&request.account_id).await?;
+        let spenders = ledger
+            .spender_levels(&request.account_id, request.spender_id.as_deref())
+            .await?;
+        Ok::<_, LedgerError>((pots, spenders))
+    };
+    match priced.await {
+        Ok((pots, spenders)) => Ok(Event::Preview(pricing::preview(
             &request,
             &pots,
+            &spenders,
             config.settings.sequential_chunk,
             config.settings.execution_timeout(),
         ))),
+        Err(e @ LedgerError::UnknownSpender { .. }) => {
+            let mut r = Rejected::one(None, "spender_id", e.to_string());
+            r.account_id = Some(request.account_id.clone());
+            Ok(Event::Decision(Decision::Rejected(r)))
+        }
         Err(LedgerError::UnknownAccount(a)) => {
             let mut r = Rejected::one(None, "account_id", format!("unknown account `{a}`"));
             r.account_id = Some(a);

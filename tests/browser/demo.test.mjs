@@ -48,6 +48,18 @@ async function adminGrant(account, grant) {
   return res.json();
 }
 
+// PUT /v1/accounts/{id}/spenders/{spender_id} with the admin token.
+async function adminSpender(account, spender, body) {
+  const path = `/v1/accounts/${encodeURIComponent(account)}/spenders/${encodeURIComponent(spender)}`;
+  const res = await fetch(`${BASE}${path}`, {
+    method: "PUT",
+    headers: { Authorization: `Bearer ${ADMIN_TOKEN}`, "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  if (!res.ok) throw new Error(`PUT ${path}: HTTP ${res.status} ${await res.text()}`);
+  return res.json();
+}
+
 async function audit() {
   try {
     await run(BIN, ["audit"], { env: process.env });
@@ -277,6 +289,42 @@ test("breakdown: each grant the batch draws from, with its source and expiry", a
   await page.locator("#account").fill(ACCOUNT);
   await waitForPreview(page, "This action will cost ~120 credits. You have 6 credits.");
   eq(await page.locator("#preview-expiry").count(), 0, "no expiry notice for the demo account");
+  await audit();
+});
+
+test("spender: a member limited by the team's limit sees the team, not the account", async (page) => {
+  // A workspace with plenty of credits; its team `design` may use 100 a
+  // month, its member `ann` 300: for Ann's 120-credit batch the team binds.
+  const account = `${ACCOUNT}-team`;
+  await adminGrant(account, { amount: 1000 });
+  await adminSpender(account, "design", { kind: "team", limit: 100, period: "month" });
+  await adminSpender(account, "ann", { parent: "design", kind: "member", limit: 300, period: "month" });
+  await page.locator("#account").fill(account);
+  await page.locator("#spender").fill("ann");
+  await waitForPreview(page, "This action will cost ~120 credits. You have 100 credits.");
+  const advice = (await page.locator("#preview-advice").textContent()).trim();
+  check(advice.startsWith("Your team 'design' has 100 of its 100 monthly credits left: enough for 8 of 10 items. It resets on "),
+    `the team's sentence under the preview, got ${JSON.stringify(advice)}`);
+  await page.locator("#generate-all").click();
+  const dialog = page.locator("dialog#short");
+  await dialog.waitFor({ state: "visible" });
+  eq((await page.locator("#short-title").textContent()).trim(),
+    "Limited by your team 'design': nothing was started", "dialog title");
+  check((await page.locator("#short-message").textContent()).startsWith("Your team 'design' has 100 of its 100 monthly credits left"),
+    "the team's sentence in the dialog");
+  eq(await page.locator("#choose-add-credits").isVisible(), false, "no Add credits when the team binds");
+  const raise = page.locator("#choose-raise-limit");
+  eq(await raise.isVisible(), true, "the raise-limit option");
+  eq((await raise.textContent()).trim(), "Ask an admin to raise the limit of team 'design' by 20 credits", "raise-limit label");
+  await page.screenshot({ path: join(SHOTS, "limited-by-team-dialog.png") });
+  await page.locator("#choose-cancel").click();
+  await dialog.waitFor({ state: "hidden" });
+  // Nothing was held, at any level.
+  const a = await getJson(`/v1/accounts/${encodeURIComponent(account)}`);
+  eq(a.held, 0, "account held");
+  await page.locator("#spender").fill("");
+  await page.locator("#account").fill(ACCOUNT);
+  await waitForPreview(page, "This action will cost ~120 credits. You have 6 credits.");
   await audit();
 });
 

@@ -55,7 +55,8 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
                 let path = path
                     .replace("{id}", "acme")
                     .replace("{grant_id}", "g1")
-                    .replace("{allowance_id}", "pro");
+                    .replace("{allowance_id}", "pro")
+                    .replace("{spender_id}", "design");
                 admin_ops.push((method.to_uppercase(), path));
             }
         }
@@ -79,6 +80,19 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
             (
                 "DELETE".to_string(),
                 "/v1/accounts/acme/grants/g1".to_string()
+            ),
+            ("GET".to_string(), "/v1/accounts/acme/spenders".to_string()),
+            (
+                "DELETE".to_string(),
+                "/v1/accounts/acme/spenders/design".to_string()
+            ),
+            (
+                "GET".to_string(),
+                "/v1/accounts/acme/spenders/design".to_string()
+            ),
+            (
+                "PUT".to_string(),
+                "/v1/accounts/acme/spenders/design".to_string()
             ),
         ],
         "the admin operations; a new one must be added to this test"

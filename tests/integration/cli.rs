@@ -266,3 +266,59 @@ async fn audit_names_a_hold_stuck_past_its_deadline_and_exits_1() {
     assert!(patient.status.success(), "{}", stdout(&patient));
     t.stop().await;
 }
+
+#[tokio::test]
+async fn spender_set_show_and_a_reservation_charged_to_one() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    t.grant("ws", 10_000).await;
+    let ok = |o: &Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(&holdfast(
+        &t,
+        &[
+            "spender", "set", "ws", "design", "--kind", "team", "--limit", "2000", "--period",
+            "month",
+        ],
+    )
+    .await);
+    let member = holdfast(
+        &t,
+        &[
+            "spender", "set", "ws", "ann", "--parent", "design", "--kind", "member", "--limit",
+            "300", "--period", "month", "--json",
+        ],
+    )
+    .await;
+    ok(&member);
+    let ann: serde_json::Value = serde_json::from_slice(&member.stdout).unwrap();
+    assert_eq!(
+        (ann["limit"].as_i64(), ann["period"].as_str()),
+        (Some(300), Some("month"))
+    );
+    ok(&holdfast(&t, &["reserve", "ws", "120", "--spender", "ann"]).await);
+    let shown = holdfast(&t, &["spender", "show", "ws", "--json"]).await;
+    ok(&shown);
+    let all: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let design = &all.as_array().unwrap()[0];
+    assert_eq!(design["spender_id"], "design");
+    assert_eq!(
+        (design["held"].as_i64(), design["remaining"].as_i64()),
+        (Some(120), Some(1_880))
+    );
+    assert_eq!(design["children"], serde_json::json!(["ann"]));
+    let text = stdout(&holdfast(&t, &["spender", "show", "ws", "ann"]).await);
+    assert!(
+        text.contains(
+            "member ann (under design)  limit 300 per month  used 0  held 120  remaining 180"
+        ),
+        "{text}"
+    );
+    // Over the member's limit: refused, holding nothing.
+    let refused = holdfast(&t, &["reserve", "ws", "200", "--spender", "ann"]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    // A cycle is refused with the reason.
+    let cycle = holdfast(&t, &["spender", "set", "ws", "design", "--parent", "ann"]).await;
+    assert!(!cycle.status.success());
+    assert!(String::from_utf8_lossy(&cycle.stderr).contains("below it"));
+}

@@ -3,7 +3,9 @@
 //! or reconciler) cannot add credits or create accounts, whatever SQL it sends.
 //! Allowances (V7): the admin manages them, and the reconciler issues them
 //! only through `holdfast_issue_allowance`, which issues nothing but what an
-//! allowance defines for a period that has begun.
+//! allowance defines for a period that has begun. Spenders (V10): the admin
+//! shapes the tree; the service roles move the usage of the holds they take,
+//! resolve or grow, and nothing else.
 
 use crate::support;
 
@@ -14,9 +16,9 @@ use holdfast_common::config::Connections;
 use holdfast_common::database;
 use holdfast_common::ledger::{
     AllowanceSpec, AllowanceTerms, ItemOutcome, ItemState, Ledger, LedgerError, Period, Settled,
-    Settlement,
+    Settlement, SpenderSpec,
 };
-use holdfast_common::messages::BatchRequest;
+use holdfast_common::messages::{BatchRequest, LimitPeriod};
 use serde_json::json;
 use support::*;
 use tokio_postgres::error::SqlState;
@@ -450,4 +452,69 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
     assert_eq!((a.balance, a.held), (1_000 + 100 - 50 - 50, 0));
     t.assert_exact().await;
     t.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_admin_shapes_spenders_and_each_role_moves_the_usage_of_its_holds() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    let users = Users::create(&t).await;
+    let admin = users.ledger(&t, "admin");
+    let coordinator = users.ledger(&t, "coordinator");
+    let worker = users.ledger(&t, "worker");
+    let reconciler = users.ledger(&t, "reconciler");
+    admin.grant("acme", 1_000, None, true).await.unwrap();
+    let team = SpenderSpec {
+        kind: Some("team".into()),
+        limit: Some(100),
+        period: LimitPeriod::Month,
+        ..SpenderSpec::default()
+    };
+    admin.put_spender("acme", "design", &team).await.unwrap();
+    for ledger in [&worker, &coordinator, &reconciler] {
+        denied(ledger.put_spender("acme", "mine", &team).await);
+        denied(ledger.delete_spender("acme", "design").await);
+    }
+    let w = connect(&users.url(&t, "worker")).await;
+    for sql in [
+        "UPDATE spenders SET credit_limit = 1000000",
+        "INSERT INTO spender_usage (account_id, spender_id, period_start) VALUES ('acme', 'design', now())",
+        "DELETE FROM spender_usage",
+        "DELETE FROM hold_spenders",
+    ] {
+        let e = w.batch_execute(sql).await.unwrap_err();
+        assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {e}");
+    }
+
+    // The coordinator charges batches and soft holds to spenders; the
+    // worker settles and grows a sequential batch; the reconciler expires.
+    let mut plain = batch("plain", 2, 10, "all_or_nothing");
+    plain.spender_id = Some("design".into());
+    let mut seq = batch("seq", 4, 10, "sequential");
+    seq.spender_id = Some("design".into());
+    for req in [&plain, &seq] {
+        let mut input = reserve_input(req, Duration::from_secs(3600), Duration::from_secs(30));
+        input.chunk_size = 2;
+        granted(&coordinator.reserve(&input).await.unwrap().decision);
+    }
+    coordinator
+        .reserve_soft_for("acme", Some("design"), 5, Duration::from_secs(600))
+        .await
+        .unwrap();
+    worker.settle(&settle("plain", 0..2, 10)).await.unwrap();
+    let r = worker.settle(&settle("seq", 0..2, 10)).await.unwrap();
+    assert_eq!(r.advanced, ["seq"]);
+    connect(&t.conn.database_url)
+        .await
+        .batch_execute(
+            "UPDATE holds SET expires_at = now() - interval '1 second' WHERE expires_at IS NOT NULL;
+             UPDATE batches SET deadline_at = now() - interval '1 second' WHERE id = 'seq';",
+        )
+        .await
+        .unwrap();
+    assert_eq!(reconciler.expire_soft_holds(100).await.unwrap(), 1);
+    assert_eq!(reconciler.expire_overdue(100).await.unwrap().len(), 1);
+    let design = admin.spender("acme", "design").await.unwrap();
+    assert_eq!((design.used, design.held), (40, 0));
+    assert!(reconciler.audit().await.unwrap().is_empty());
+    t.assert_exact().await;
 }

@@ -344,7 +344,8 @@ async fn the_preview_matches_the_decision_for_the_same_input() {
         req["mode"] = json!(mode);
         let parsed: BatchRequest = serde_json::from_value(req.clone()).unwrap();
         let pots = t.ledger.pots("acme").await.unwrap();
-        let preview = pricing::preview(&parsed, &pots, 4, std::time::Duration::from_secs(3600));
+        let preview =
+            pricing::preview(&parsed, &pots, &[], 4, std::time::Duration::from_secs(3600));
         let decision = t.submit(&req).await;
         match &decision {
             Decision::Granted(_) => {

@@ -1498,11 +1498,10 @@ async fn a_v4_ledger_migrated_to_v5_gets_an_opening_grant_and_stays_exact() {
         apply(&mut client, 5..=5).await;
     }
     let l = &Ledger::new(pool.clone());
-    let audit = l.audit().await.unwrap();
-    assert!(audit.is_empty(), "drift after V5: {audit:#?}");
 
-    // Today's ledger code reads the grants with the columns of the later
-    // migrations: apply them first (they add columns, not rows).
+    // Today's ledger code (the audit too) reads the grants with the columns
+    // of the later migrations, and the spenders' tables (V10): apply them
+    // first (they add columns and empty tables, not rows).
     apply(&mut pool.get().await.unwrap(), 6..).await;
     let audit = l.audit().await.unwrap();
     assert!(

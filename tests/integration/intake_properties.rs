@@ -96,7 +96,8 @@ fn check(body: &[u8]) -> Result<(), TestCaseError> {
                     expires_at: None,
                     free: available,
                 }];
-                let _ = pricing::preview(&request, &pots, 10, std::time::Duration::from_secs(60));
+                let _ =
+                    pricing::preview(&request, &pots, &[], 10, std::time::Duration::from_secs(60));
             }
         }
         Err(rejected) => {

@@ -24,5 +24,6 @@ mod reconnect;
 mod recovery;
 mod secrets;
 mod settlement;
+mod spenders;
 mod steps;
 mod supervision;

@@ -87,6 +87,35 @@ const CHECKS: &[&str] = &[
         OR COALESCE(j.release, 0) <> h.released
         OR (h.state <> 'open' AND COALESCE(j.settle, 0) <> h.captured)
         OR (h.state = 'open' AND COALESCE(j.settle, 0) <> 0)",
+    // Each spender's usage in each period is what the holds that count
+    // there hold (open) and captured (resolved), recomputed from the holds.
+    "SELECT 'spender ' || u.spender_id || ' (account ' || u.account_id || ', period from '
+            || to_char(u.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') || ')',
+            format('held %s, used %s, but its holds hold %s and captured %s',
+                   u.held, u.used, COALESCE(l.held, 0), COALESCE(l.used, 0))
+     FROM spender_usage u
+     LEFT JOIN (SELECT l.account_id, l.spender_id, l.period_start,
+                       sum(l.amount) FILTER (WHERE h.state = 'open') AS held,
+                       sum(h.captured) FILTER (WHERE h.state <> 'open') AS used
+                FROM hold_spenders l JOIN holds h ON h.id = l.hold_id
+                GROUP BY l.account_id, l.spender_id, l.period_start) l
+       ON l.account_id = u.account_id AND l.spender_id = u.spender_id AND l.period_start = u.period_start
+     WHERE u.held <> COALESCE(l.held, 0) OR u.used <> COALESCE(l.used, 0)",
+    // A hold counts whole at every level of its spender path, and once
+    // resolved it counts what it captured (the journal's settle rows).
+    "SELECT 'hold ' || h.id,
+            format('amount %s captured %s state %s, but spender %s counts %s captured %s (journal settles %s)',
+                   h.amount, h.captured, h.state, l.spender_id, l.amount, l.captured, COALESCE(j.settle, 0))
+     FROM hold_spenders l
+     JOIN holds h ON h.id = l.hold_id
+     LEFT JOIN (SELECT hold_id, sum(amount) AS settle FROM journal
+                WHERE kind = 'settle' GROUP BY hold_id) j ON j.hold_id = h.id
+     WHERE l.amount <> h.amount
+        OR (h.state = 'open' AND l.captured <> 0)
+        OR (h.state <> 'open' AND (l.captured <> h.captured OR l.captured <> COALESCE(j.settle, 0)))",
+    // A hold's spender path is whole: one link per level, 1 to its depth.
+    "SELECT 'hold ' || hold_id, format('counts against %s spenders at depths %s', count(*), string_agg(depth::text, ','))
+     FROM hold_spenders GROUP BY hold_id HAVING count(*) <> max(depth) OR min(depth) <> 1",
     // Batch counters agree with the items; a closed batch has nothing pending and a resolved hold.
     "SELECT 'batch ' || b.id,
             format('state %s, run %s succeeded %s failed %s cancelled %s; items: pending %s succeeded %s failed %s cancelled %s; hold %s',

@@ -117,10 +117,18 @@ async fn next_chunk(
         &[&account],
     )
     .await?;
-    let available: i64 = tx
+    let mut available: i64 = tx
         .query_one("SELECT holdfast_available($1)", &[&account])
         .await?
         .get(0);
+    // The spenders the batch counts against, in the period it started in.
+    let room: Option<i64> = tx
+        .query_one("SELECT holdfast_spender_room($1)", &[&hold])
+        .await?
+        .get(0);
+    if let Some(room) = room {
+        available = available.min(room);
+    }
     if cost > available {
         tx.execute(
             "UPDATE items SET state = 'skipped', reason = 'credits_ran_out' WHERE batch_id = $1 AND state = 'queued'",
@@ -144,6 +152,8 @@ async fn next_chunk(
         Some("next chunk"),
     )
     .await?;
+    tx.execute("SELECT holdfast_spender_grow($1, $2)", &[&hold, &cost])
+        .await?;
     tx.execute(
         "UPDATE items SET state = 'pending', reserved = estimated_cost WHERE batch_id = $1 AND item_id = ANY($2)",
         &[&batch_id, &ids],

@@ -207,7 +207,9 @@ pub(super) enum Unused {
 /// `holdfast_resolve`: post `captured` of hold `hold` (which the caller has
 /// just marked resolved) to the grants it took from and return the rest to
 /// them, or let it expire with a grant that expired meanwhile. Counts those
-/// expired credits by source.
+/// expired credits by source. Then the same for the spenders the hold counts
+/// against (`holdfast_resolve_spending`, V10): captured is used, the rest
+/// goes back to every level.
 pub(super) async fn resolve(
     tx: &Transaction<'_>,
     hold: Uuid,
@@ -222,7 +224,7 @@ pub(super) async fn resolve(
     };
     let expired = tx
         .query_cached(
-            "SELECT source, expired FROM holdfast_resolve($1, $2, $3, $4, $5)",
+            "SELECT source, expired FROM holdfast_resolve_spending($1, $2, $3, $4, $5)",
             &[&hold, &captured, &batch_id, &kind, &note],
         )
         .await?;

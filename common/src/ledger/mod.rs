@@ -16,13 +16,16 @@
 //! - [`Ledger::cancel_batch`] stops a batch: running items finish, the rest is released.
 //! - [`Ledger::audit`] recomputes balances and holds from the journal.
 //! - [`Ledger::stuck`] names open holds past their limits (stuck money).
+//! - [`Ledger::put_spender`] defines the spenders of an account (a tree of
+//!   budgets with limits per period); a batch charged to one must fit the
+//!   account and every spender above it.
 //!
 //! The files follow the flow: `reserve` → `dispatch` → `capture` → `close`
 //! (release), with `expire` and `cancel` as the other ways a hold resolves;
 //! `soft_holds`, `accounts`, `views`, `gauges`, `audit` and `stuck` beside them.
 //!
 //! Lock order, everywhere: batch rows (by id), then hold rows, then account
-//! rows (by id). Reserve locks its account (after the soft hold it consumes,
+//! rows (by id), then the account's spenders' usage rows (root to leaf). Reserve locks its account (after the soft hold it consumes,
 //! if any) and inserts new rows, so no cycle can form.
 //!
 //! Account rows are locked `FOR NO KEY UPDATE`, never `FOR UPDATE`: it
@@ -46,6 +49,7 @@ mod grants;
 mod patience;
 mod reserve;
 mod soft_holds;
+mod spenders;
 mod states;
 mod stuck;
 mod views;
@@ -122,6 +126,9 @@ pub use dispatch::PendingJob;
 pub use grants::{Grant, GrantSource, GrantSpec, Granted, ALLOWANCE_GRANT_PREFIX};
 pub use patience::{wait_out, Transient};
 pub use reserve::{rfc3339, ReserveInput, Reserved};
+pub use spenders::{
+    check_spender_id, Spender, SpenderLevel, SpenderPut, SpenderSpec, MAX_SPENDER_DEPTH,
+};
 pub use states::{BatchState, HoldState, ItemState};
 pub use stuck::Stuck;
 pub use views::{BatchView, ItemView};
@@ -135,6 +142,9 @@ pub enum LedgerError {
     /// The account does not exist: reject the request.
     #[error("unknown account `{0}`")]
     UnknownAccount(String),
+    /// The account has no such spender: reject the request, naming `spender_id`.
+    #[error("account `{account}` has no spender `{spender}`")]
+    UnknownSpender { account: String, spender: String },
     /// The account exists already (create).
     #[error("account `{0}` already exists")]
     AccountExists(String),

@@ -13,7 +13,8 @@ use super::{HoldState, Ledger, LedgerError, Result};
 use crate::messages::Reservation;
 
 const SELECT: &str = "SELECT h.id::text, h.account_id, h.amount, h.state,
-        to_char(h.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), b.id
+        to_char(h.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), b.id,
+        (SELECT l.spender_id FROM hold_spenders l WHERE l.hold_id = h.id ORDER BY l.depth DESC LIMIT 1)
     FROM holds h LEFT JOIN batches b ON b.hold_id = h.id";
 
 fn reservation(r: &Row) -> Reservation {
@@ -24,6 +25,7 @@ fn reservation(r: &Row) -> Reservation {
         state: r.get(3),
         expires_at: r.get(4),
         batch_id: r.get(5),
+        spender_id: r.get(6),
     }
 }
 
@@ -38,6 +40,20 @@ impl Ledger {
     pub async fn reserve_soft(
         &self,
         account_id: &str,
+        amount: i64,
+        ttl: Duration,
+    ) -> Result<Reservation> {
+        self.reserve_soft_for(account_id, None, amount, ttl).await
+    }
+
+    /// Like [`Ledger::reserve_soft`], charged to `spender` (and every
+    /// spender above it) when given: the amount must fit each level's
+    /// remaining limit too, else [`LedgerError::Insufficient`] names the
+    /// tightest level's remaining as `available`.
+    pub async fn reserve_soft_for(
+        &self,
+        account_id: &str,
+        spender: Option<&str>,
         amount: i64,
         ttl: Duration,
     ) -> Result<Reservation> {
@@ -60,10 +76,22 @@ impl Ledger {
                 )
                 .await?
                 .ok_or_else(|| LedgerError::UnknownAccount(account_id.into()))?;
-                let available: i64 = tx
+                let mut available: i64 = tx
                     .query_one("SELECT holdfast_available($1)", &[&account_id])
                     .await?
                     .get(0);
+                if let Some(s) = spender {
+                    let path = super::spenders::read_paths(&tx, &[(account_id, s)])
+                        .await?
+                        .remove(&(account_id.to_string(), s.to_string()))
+                        .ok_or_else(|| LedgerError::UnknownSpender {
+                            account: account_id.into(),
+                            spender: s.into(),
+                        })?;
+                    if let Some(room) = path.iter().filter_map(|l| l.remaining()).min() {
+                        available = available.min(room);
+                    }
+                }
                 if amount > available {
                     return Err(LedgerError::Insufficient {
                         requested: amount,
@@ -87,6 +115,13 @@ impl Ledger {
                     Some("soft hold"),
                 )
                 .await?;
+                if let Some(s) = spender {
+                    tx.execute(
+                        "SELECT holdfast_spender_take($1, $2, $3, $4)",
+                        &[&vec![account_id], &vec![id], &vec![s], &vec![amount]],
+                    )
+                    .await?;
+                }
                 tx.commit().await?;
                 Ok(id)
             })

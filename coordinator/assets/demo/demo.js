@@ -37,6 +37,18 @@ function accountId() {
   return $("account").value.trim();
 }
 
+// The spender a batch is charged to (a team, a member, a key), if any.
+function spenderId() {
+  return $("spender").value.trim();
+}
+
+// A request body for the account, charged to the spender when one is named.
+function charged(body) {
+  const spender = spenderId();
+  if (spender) body.spender_id = spender;
+  return body;
+}
+
 function newBatchId() {
   const uuid = globalThis.crypto && crypto.randomUUID
     ? crypto.randomUUID()
@@ -166,7 +178,7 @@ async function refresh() {
     return;
   }
   refreshBalance();
-  const r = await api("POST", "/v1/preview", { account_id: id, items: requestItems() });
+  const r = await api("POST", "/v1/preview", charged({ account_id: id, items: requestItems() }));
   if (seq !== previewSeq) return; // a newer preview is on its way
   if (!r.ok) {
     preview.dataset.state = "error";
@@ -275,7 +287,7 @@ function showError(text) {
 
 async function submit(mode, itemIds) {
   showError("");
-  const body = { batch_id: newBatchId(), account_id: accountId(), items: requestItems() };
+  const body = charged({ batch_id: newBatchId(), account_id: accountId(), items: requestItems() });
   if (mode) body.mode = mode;
   if (itemIds) body.item_ids = itemIds;
   setBusy(true);
@@ -363,6 +375,10 @@ function openShortDialog(d) {
   $("short-choices").hidden = false;
   $("select-form").hidden = true;
   $("short-error").hidden = true;
+  const by = d.limited_by || {};
+  $("short-title").textContent = by.level === "spender"
+    ? `Limited by your ${by.kind || "spender"} '${by.spender_id}': nothing was started`
+    : "Not enough credits: nothing was started";
   $("short-message").textContent = d.message;
   $("short-detail").textContent = d.detail || "";
   const options = d.options || [];
@@ -380,6 +396,15 @@ function openShortDialog(d) {
     addBtn.textContent = `Add ${credits(add.credits)}`;
     addBtn.disabled = !grants;
     addBtn.title = grants ? "" : "Demo grants are off: start the server with HOLDFAST_DEMO_GRANTS=1";
+  }
+  // A spender's limit binds: more credits in the account would not help;
+  // an admin raises the limit (PUT /v1/accounts/{id}/spenders/{spender_id}).
+  const raise = options.find((o) => o.action === "raise_limit");
+  const raiseBtn = $("choose-raise-limit");
+  raiseBtn.hidden = !raise;
+  if (raise) {
+    raiseBtn.textContent = raise.label;
+    raiseBtn.title = "Only an admin can raise a spender's limit";
   }
   dialog.showModal();
   (first ? firstBtn : $("choose-select")).focus();
@@ -446,6 +471,7 @@ function updateSelectTotal() {
 document.addEventListener("DOMContentLoaded", () => {
   renderItems();
   $("account").addEventListener("input", schedulePreview);
+  $("spender").addEventListener("input", schedulePreview);
   $("generate-all").addEventListener("click", () => submit("all_or_nothing"));
   $("choose-first-fit").addEventListener("click", () => {
     closeShortDialog();

@@ -38,6 +38,7 @@ pub mod preview;
 pub mod problem;
 pub mod reservations;
 pub mod server;
+pub mod spenders;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -257,6 +258,10 @@ impl ApiState {
         allowances::create,
         allowances::change,
         allowances::stop,
+        spenders::put,
+        spenders::show,
+        spenders::list,
+        spenders::delete,
         healthz,
         ready,
         metrics,
@@ -267,7 +272,7 @@ impl ApiState {
         (name = "preview", description = "What a batch costs and what fits; holds nothing"),
         (name = "reservations", description = "Soft holds with a TTL"),
         (name = "batches", description = "Submit, follow and cancel batches"),
-        (name = "accounts", description = "Balances, holds, grants and allowances"),
+        (name = "accounts", description = "Balances, holds, grants, allowances and spenders"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -341,6 +346,13 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/accounts/{id}/allowances/{allowance_id}",
             put(allowances::change).delete(allowances::stop),
+        )
+        .route("/v1/accounts/{id}/spenders", get(spenders::list))
+        .route(
+            "/v1/accounts/{id}/spenders/{spender_id}",
+            put(spenders::put)
+                .get(spenders::show)
+                .delete(spenders::delete),
         )
         .route("/demo", get(demo_page::page))
         .route("/demo/demo.css", get(demo_page::css))

@@ -7,7 +7,8 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use holdfast_common::messages::{ItemRequest, Mode, Preview};
+use holdfast_common::ledger::LedgerError;
+use holdfast_common::messages::{FieldError, ItemRequest, Mode, Preview};
 use holdfast_common::pricing;
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -35,6 +36,9 @@ pub enum PreviewRequest {
         /// With `mode: selected` (and only then): the items to run.
         #[schema(min_items = 1)]
         item_ids: Option<Vec<String>>,
+        /// The spender the batch would be charged to: priced against the
+        /// account and every spender from it up to its root.
+        spender_id: Option<String>,
     },
     /// `count` items (ids `item-1` … `item-N`) of `cost` each.
     Count {
@@ -52,6 +56,9 @@ pub enum PreviewRequest {
         /// With `mode: selected` (and only then): the items to run, by generated id.
         #[schema(min_items = 1)]
         item_ids: Option<Vec<String>>,
+        /// The spender the batch would be charged to: priced against the
+        /// account and every spender from it up to its root.
+        spender_id: Option<String>,
     },
 }
 
@@ -77,9 +84,24 @@ pub async fn preview(
     let request = intake::parse_preview(&body, &s.config.limits)
         .map_err(|r| Problem::rejected(StatusCode::BAD_REQUEST, *r))?;
     let pots = s.ledger.pots(&request.account_id).await?;
+    let spenders = s
+        .ledger
+        .spender_levels(&request.account_id, request.spender_id.as_deref())
+        .await
+        .map_err(|e| match e {
+            e @ LedgerError::UnknownSpender { .. } => Problem::invalid(
+                StatusCode::BAD_REQUEST,
+                vec![FieldError {
+                    field: "spender_id".into(),
+                    reason: e.to_string(),
+                }],
+            ),
+            e => e.into(),
+        })?;
     Ok(Json(pricing::preview(
         &request,
         &pots,
+        &spenders,
         s.config.settings.sequential_chunk,
         s.config.settings.execution_timeout(),
     )))

@@ -144,6 +144,12 @@ impl From<LedgerError> for Problem {
                 format!("unknown account `{a}`"),
             )
             .with_account(a),
+            e @ LedgerError::UnknownSpender { .. } => Self::new(
+                S::NOT_FOUND,
+                "unknown-spender",
+                "Unknown spender",
+                e.to_string(),
+            ),
             LedgerError::AccountExists(a) => Self::new(
                 S::CONFLICT,
                 "account-exists",

@@ -37,6 +37,9 @@ pub enum ReservationRequest {
         /// Credits to hold.
         #[schema(minimum = 1)]
         amount: i64,
+        /// The spender the hold is charged to (and every spender above it);
+        /// the batch that consumes it must name the same `spender_id`.
+        spender_id: Option<String>,
         /// Seconds until the hold expires unless a batch consumes it (default 300,
         /// at most `HOLDFAST_MAX_RESERVATION_TTL_SECS`, 900 by default).
         #[schema(minimum = 1)]
@@ -57,6 +60,7 @@ pub enum ReservationRequest {
 /// What to hold, for how long.
 struct Wanted {
     account_id: String,
+    spender_id: Option<String>,
     amount: i64,
     ttl: Duration,
 }
@@ -132,7 +136,18 @@ fn parse(body: &[u8], s: &ApiState) -> Result<Wanted, Problem> {
                 None
             }
         };
-        account_id.zip(amount)
+        let spender_id = match obj.get("spender_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(sp)) => intake::check_id(sp)
+                .map(|()| sp.clone())
+                .map_err(|reason| errors.push(err("spender_id", reason)))
+                .ok(),
+            Some(_) => {
+                errors.push(err("spender_id", "must be a string"));
+                None
+            }
+        };
+        account_id.zip(amount).map(|(a, n)| (a, spender_id, n))
     } else if !["items", "count", "cost"].iter().any(|f| given(f)) {
         errors.push(err("amount", "is required (or items, or count and cost)"));
         None
@@ -140,7 +155,7 @@ fn parse(body: &[u8], s: &ApiState) -> Result<Wanted, Problem> {
         match intake::parse_preview(body, &s.config.limits) {
             Ok(req) => {
                 let amount = pricing::cost_of(&req.items, &pricing::requested(&req));
-                Some((req.account_id, amount))
+                Some((req.account_id, req.spender_id, amount))
             }
             Err(r) => {
                 errors.extend(r.errors);
@@ -149,8 +164,9 @@ fn parse(body: &[u8], s: &ApiState) -> Result<Wanted, Problem> {
         }
     };
     match (wanted, ttl) {
-        (Some((account_id, amount)), Some(ttl)) if errors.is_empty() => Ok(Wanted {
+        (Some((account_id, spender_id, amount)), Some(ttl)) if errors.is_empty() => Ok(Wanted {
             account_id,
+            spender_id,
             amount,
             ttl,
         }),
@@ -168,8 +184,8 @@ fn parse(body: &[u8], s: &ApiState) -> Result<Wanted, Problem> {
         (status = 201, description = "Held; `Location` names the reservation", body = Reservation,
             headers(("Location" = String, description = "/v1/reservations/{reservation_id}"))),
         (status = 400, description = "Invalid request (including a TTL above the maximum); `errors` names each field", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown account", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Insufficient credits: `requested` and `available`; nothing was held", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown account or spender", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Insufficient credits (or a spender's remaining limit): `requested` and `available`; nothing was held", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
@@ -182,7 +198,12 @@ pub async fn create(
     let wanted = parse(&body, &s)?;
     let r = s
         .ledger
-        .reserve_soft(&wanted.account_id, wanted.amount, wanted.ttl)
+        .reserve_soft_for(
+            &wanted.account_id,
+            wanted.spender_id.as_deref(),
+            wanted.amount,
+            wanted.ttl,
+        )
         .await?;
     let location = format!("/v1/reservations/{}", r.reservation_id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(r)).into_response())

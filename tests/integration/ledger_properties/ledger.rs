@@ -349,6 +349,7 @@ pub fn request(
         mode,
         item_ids: None,
         reservation_id: soft.map(str::to_string),
+        spender_id: None,
     }
 }
 

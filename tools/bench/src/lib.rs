@@ -9,6 +9,7 @@
 //! `UPDATE`s of one hot row from as many clients as the coordinator has
 //! consumers. Then: decisions in the ledger alone ([`ledger_decisions`]),
 //! on accounts with one grant beside accounts with five ([`grant_decisions`]),
+//! charged to a spender three levels deep beside plain ones ([`spender_decisions`]),
 //! runs through the whole fleet ([`end_to_end`]), decision latency beside
 //! the broker's own round trip ([`latency`]), where the CPU went ([`cpu`]),
 //! and the naive per-item quota it replaces ([`naive`]). [`run`] calls them
@@ -25,6 +26,7 @@ mod queues;
 mod report;
 mod requests;
 mod roles;
+mod spender_decisions;
 
 use std::time::Duration;
 
@@ -73,6 +75,30 @@ pub struct BenchArgs {
     /// Keep the bench database afterwards (for a look at it).
     #[arg(long)]
     pub keep: bool,
+    /// Measure only the spender comparison (plain decisions against
+    /// decisions through a three-level spender path), `--grant-rounds` rounds.
+    #[arg(long)]
+    pub spenders_only: bool,
+}
+
+/// Plain ledger decisions against decisions charged to a three-level
+/// spender path, in alternating rounds ([`spender_decisions`]).
+async fn measure_spenders(
+    conn: &Connections,
+    args: &BenchArgs,
+    r: &mut BenchReport,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "bench: ledger decisions, plain against a three-level spender path ({} rounds, alternating)",
+        args.grant_rounds
+    );
+    let sp =
+        spender_decisions::rates(conn, args.grant_rounds, r.pg_clients, r.ledger_group).await?;
+    r.ledger_decisions_plain_per_s = sp.plain_per_s;
+    r.ledger_decisions_three_level_spender_per_s = sp.three_level_per_s;
+    r.spender_decisions_per_side = sp.decisions;
+    r.ratio_three_level_spender_to_plain_time_per_decision = sp.plain_per_s / sp.three_level_per_s;
+    Ok(())
 }
 
 /// Run every measurement. `conn` names the services; the bench uses its own
@@ -91,6 +117,12 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         pg_clients: coordinator.coordinator_consumers,
         ..Default::default()
     };
+    if args.spenders_only {
+        r.ledger_group = usize::from(coordinator.coordinator_prefetch);
+        measure_spenders(&conn, args, &mut r).await?;
+        database::drop_database(&conn.database_url).await?;
+        return Ok(r);
+    }
     measure_ceilings(&conn, args, &coordinator, &mut r).await?;
 
     let ledger = Ledger::new(database::pool(&conn.database_url, 4)?);
@@ -119,6 +151,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     r.five_grants_draws_per_decision = g.five_draws_per_decision;
     r.grant_decisions_per_side = g.decisions;
     r.ratio_five_grants_to_one_grant_time_per_decision = g.one_per_s / g.five_per_s;
+    measure_spenders(&conn, args, &mut r).await?;
     // The producer declares the topology before the role processes start, so
     // that they do not race each other to create its quorum queues.
     let producer = Producer::connect(&conn.amqp_url, &names, &queues).await?;

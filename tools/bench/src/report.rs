@@ -28,6 +28,13 @@ pub struct BenchReport {
     pub five_grants_draws_per_decision: f64,
     /// Decisions timed on each of the two sides.
     pub grant_decisions_per_side: usize,
+    /// Ledger decisions on accounts without spenders, timed in rounds
+    /// alternating with decisions charged to a three-level spender path.
+    pub ledger_decisions_plain_per_s: f64,
+    /// The same charged to a key under a member under a team, each limited.
+    pub ledger_decisions_three_level_spender_per_s: f64,
+    /// Decisions timed on each of those two sides.
+    pub spender_decisions_per_side: usize,
     pub decision_latency_ms_p50: f64,
     pub decision_latency_ms_p99: f64,
     pub latency_rate_per_s: f64,
@@ -49,6 +56,9 @@ pub struct BenchReport {
     pub ratio_ledger_decisions_to_hot_row: f64,
     /// Time per decision on five grants over that on one (target ≤ 1.3).
     pub ratio_five_grants_to_one_grant_time_per_decision: f64,
+    /// Time per decision through a three-level spender path over that of a
+    /// plain one (target ≤ 1.3).
+    pub ratio_three_level_spender_to_plain_time_per_decision: f64,
     /// Where the CPU went in the end-to-end phases.
     pub cpu: Vec<CpuSplit>,
 }
@@ -169,6 +179,17 @@ fn rows(r: &BenchReport) -> Vec<(String, String)> {
             format!("{:.2}", r.five_grants_draws_per_decision),
         ),
         (
+            format!("ledger decisions/s, no spender ({} per tx)", r.ledger_group),
+            format!("{:.0}", r.ledger_decisions_plain_per_s),
+        ),
+        (
+            format!(
+                "ledger decisions/s, three-level spender path ({} per tx)",
+                r.ledger_group
+            ),
+            format!("{:.0}", r.ledger_decisions_three_level_spender_per_s),
+        ),
+        (
             format!("decision latency p50 ms at {:.0}/s", r.latency_rate_per_s),
             format!("{:.1}", r.decision_latency_ms_p50),
         ),
@@ -227,6 +248,13 @@ fn rows(r: &BenchReport) -> Vec<(String, String)> {
         (
             "ratio time per decision, five grants / one (≤ 1.3)".into(),
             format!("{:.2}", r.ratio_five_grants_to_one_grant_time_per_decision),
+        ),
+        (
+            "ratio time per decision, three-level spender / plain (≤ 1.3)".into(),
+            format!(
+                "{:.2}",
+                r.ratio_three_level_spender_to_plain_time_per_decision
+            ),
         ),
     ]
 }

@@ -78,6 +78,25 @@ pub(super) async fn consume_reservation(
         &[&req.account_id],
     )
     .await?;
+    // The hold counts against the spenders it was charged to: the batch must
+    // name the same one (or none, when the hold has none).
+    let charged: Option<String> = tx
+        .query_opt(
+            "SELECT spender_id FROM hold_spenders WHERE hold_id = $1 ORDER BY depth DESC LIMIT 1",
+            &[&hold_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if charged != req.spender_id {
+        return refuse(match (&charged, &req.spender_id) {
+            (Some(c), _) => format!(
+                "reservation `{reservation}` is charged to spender `{c}`; the batch must name spender_id `{c}`"
+            ),
+            (None, _) => format!(
+                "reservation `{reservation}` is charged to no spender; the batch must not name a spender_id"
+            ),
+        });
+    }
     let run = pricing::requested(req);
     let total = pricing::cost_of(&req.items, &run);
     if total != amount {

@@ -14,7 +14,7 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 
-use super::{BatchState, Cached, Ledger, LedgerError, Result};
+use super::{spenders, BatchState, Cached, Ledger, LedgerError, Result};
 use crate::breakdown::Pot;
 use crate::messages::{BatchRequest, Decision};
 
@@ -149,7 +149,7 @@ impl Ledger {
     ) -> Result<Vec<Result<Reserved>>> {
         self.retrying("reserve", || async {
             let decided = match self.reserve_group_once(group, AccountLock::AtTheEnd).await {
-                Err(LedgerError::Database(e)) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                Err(LedgerError::Database(e)) if decided_on_stale_credits(&e) => {
                     tracing::debug!(
                         requests = group.len(),
                         "credits spent meanwhile; deciding again under the account lock"
@@ -260,8 +260,32 @@ impl Ledger {
             // the lock, they would be as they were before the wait.
             tx.execute_cached(LOCK_ACCOUNTS, &[&accounts]).await?;
         }
+        // The spender paths of the requests that name one, read like the
+        // grants (after the lock when there is one), in the same round trip
+        // (the two queries are pipelined on the connection).
+        let mut pairs: Vec<(&str, &str)> = group
+            .iter()
+            .filter_map(|(_, i, _)| {
+                Some((
+                    i.request.account_id.as_str(),
+                    i.request.spender_id.as_deref()?,
+                ))
+            })
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let (spendable, mut paths) = tokio::try_join!(
+            async { Ok::<_, LedgerError>(tx.query_cached(SPENDABLE, &[&accounts]).await?) },
+            async {
+                if pairs.is_empty() {
+                    Ok(HashMap::new())
+                } else {
+                    spenders::read_paths(&tx, &pairs).await
+                }
+            }
+        )?;
         let mut credits: HashMap<String, Vec<Pot>> = HashMap::new();
-        for r in tx.query_cached(SPENDABLE, &[&accounts]).await? {
+        for r in spendable {
             let pots = credits.entry(r.get(0)).or_default();
             pots.extend(pot(&r));
         }
@@ -288,9 +312,23 @@ impl Ledger {
                 results.push(Err(LedgerError::UnknownAccount(req.account_id.clone())));
                 continue;
             };
-            // A grant takes its draw from `pots`: the next request of the
-            // same account is priced on what is left.
-            let batch = NewBatch::price(input, fingerprint, pots);
+            let path = match &req.spender_id {
+                None => None,
+                Some(s) => match paths.get_mut(&(req.account_id.clone(), s.clone())) {
+                    Some(p) => Some(p),
+                    None => {
+                        results.push(Err(LedgerError::UnknownSpender {
+                            account: req.account_id.clone(),
+                            spender: s.clone(),
+                        }));
+                        continue;
+                    }
+                },
+            };
+            // A grant takes its draw from `pots` (and counts at every level
+            // of `path`): the next request of the same account is priced on
+            // what is left.
+            let batch = NewBatch::price(input, fingerprint, pots, path);
             seen.insert(
                 req.batch_id.clone(),
                 (fingerprint.clone(), batch.decision.clone(), false),
@@ -373,6 +411,15 @@ async fn replay_of(
         needs_dispatch: state == BatchState::Granted,
         dispatch_now: vec![],
     }))
+}
+
+/// The take refused a decision priced on a read that another transaction
+/// changed before the lock: the grants or a spender's usage (check
+/// violation), or a spender removed meanwhile. Decide again under the lock.
+fn decided_on_stale_credits(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::CHECK_VIOLATION)
+        || (e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
+            && e.as_db_error().and_then(|d| d.constraint()) == Some("spender_unknown"))
 }
 
 /// Whether a group decision locks its accounts before it prices (`First`) or

@@ -6,9 +6,9 @@ use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
 use super::super::grants;
-use super::super::{BatchState, Cached, ItemState, Result};
+use super::super::{BatchState, Cached, ItemState, Result, SpenderLevel};
 use crate::breakdown::{self, Pot};
-use crate::messages::{Decision, Draw, Granted, Insufficient, LeftOut, Mode};
+use crate::messages::{Decision, Draw, Granted, Insufficient, LeftOut, LevelKind, Mode};
 use crate::pricing::{self, thousands, Plan};
 
 use super::{rfc3339, ReserveInput};
@@ -63,17 +63,29 @@ impl NewGrant {
 
 impl<'a> NewBatch<'a> {
     /// Price `input` against the account's spendable grants (`pots`, in
-    /// burn-down order): a grant, which takes its draw from `pots`, or a denial.
+    /// burn-down order) and the levels of its spender path (`path`, root
+    /// first; none without a spender), against the tightest of them: a
+    /// grant, which takes its draw from `pots` and counts at every level of
+    /// `path`, or a denial naming the level that binds.
     pub(super) fn price(
         input: &'a ReserveInput<'a>,
         fingerprint: &'a [u8],
         pots: &mut [Pot],
+        path: Option<&mut Vec<SpenderLevel>>,
     ) -> Self {
         let req = input.request;
         let chunk_size = (req.mode == Mode::Sequential).then_some(input.chunk_size.max(1));
-        let available = breakdown::available(pots);
+        let spenders: Vec<_> = path
+            .as_deref()
+            .map(|p| p.iter().map(SpenderLevel::level).collect())
+            .unwrap_or_default();
+        let levels = pricing::levels(breakdown::available(pots), &spenders);
+        let (bind, available) = pricing::tightest(&levels);
         match pricing::plan_chunked(req, available, input.chunk_size) {
-            Plan::Short(s) => {
+            Plan::Short(mut s) => {
+                if levels[bind].level == LevelKind::Spender {
+                    pricing::limited_by_spender(&mut s, &levels[bind], Utc::now());
+                }
                 let first_fit_draw = breakdown::would_draw(pots, s.first_fit.cost);
                 NewBatch {
                     input,
@@ -93,6 +105,7 @@ impl<'a> NewBatch<'a> {
                         message: s.message,
                         detail: s.detail,
                         options: s.options,
+                        limited_by: Some(levels[bind].clone()),
                     }),
                     grant: None,
                 }
@@ -105,6 +118,11 @@ impl<'a> NewBatch<'a> {
                 let mut grant = NewGrant::new(input, Uuid::new_v4(), total, run);
                 grant.chunk_size = chunk_size.map(|c| c as i32);
                 grant.draws = breakdown::draw(pots, total);
+                // The next request of the group charged to these spenders
+                // is priced on what this one leaves them.
+                for level in path.into_iter().flatten() {
+                    level.held += total;
+                }
                 let item_ids = match chunk_size {
                     // Sequential: every item is meant to run, chunk by chunk.
                     Some(_) => req.items.iter().map(|i| i.item_id.clone()).collect(),
@@ -170,6 +188,7 @@ pub(super) async fn take_from_grants(tx: &Transaction<'_>, batches: &[NewBatch<'
                 .entry(b.input.request.account_id.as_str())
                 .or_default();
             e.holds.push(g.hold_id);
+            e.spenders.push(b.input.request.spender_id.as_deref());
             e.batch_ids.push(Some(b.input.request.batch_id.as_str()));
             e.amounts.push(g.total);
             let index = e.holds.len() as i32;
@@ -193,7 +212,41 @@ pub(super) async fn take_from_grants(tx: &Transaction<'_>, batches: &[NewBatch<'
     for (account, t) in &per_account {
         grants::take_planned(tx, account, &t.holds, &t.batch_ids, &t.amounts, &t.plan).await?;
     }
+    // Then, with every account locked, the holds charged to spenders, all
+    // accounts in one statement: account → spenders root to leaf.
+    let mut charged = Charged::default();
+    for (account, t) in &per_account {
+        for ((hold, amount), spender) in t.holds.iter().zip(&t.amounts).zip(&t.spenders) {
+            if let Some(s) = spender {
+                charged.accounts.push(account);
+                charged.holds.push(*hold);
+                charged.spenders.push(s);
+                charged.amounts.push(*amount);
+            }
+        }
+    }
+    if !charged.holds.is_empty() {
+        tx.execute_cached(
+            "SELECT holdfast_spender_take($1, $2, $3, $4)",
+            &[
+                &charged.accounts,
+                &charged.holds,
+                &charged.spenders,
+                &charged.amounts,
+            ],
+        )
+        .await?;
+    }
     Ok(())
+}
+
+/// The holds of a group charged to spenders, for `holdfast_spender_take`.
+#[derive(Default)]
+struct Charged<'b> {
+    accounts: Vec<&'b str>,
+    holds: Vec<Uuid>,
+    spenders: Vec<&'b str>,
+    amounts: Vec<i64>,
 }
 
 /// The holds one account takes in a group, and the draws they were priced on.
@@ -203,6 +256,8 @@ struct Takes<'b> {
     batch_ids: Vec<Option<&'b str>>,
     amounts: Vec<i64>,
     plan: grants::Plan<'b>,
+    /// The spender each hold is charged to, if any.
+    spenders: Vec<Option<&'b str>>,
 }
 
 /// The new holds of granted batches (their journal rows come with the grants

@@ -7,12 +7,14 @@
 //! - [`crashes`]: role processes aborting at crash points, two reconcilers;
 //! - [`jobs`]: a poison job, a slow consumer past its deadline, a rolling restart;
 //! - [`restarts`]: the broker and the database restarted under load;
-//! - [`concurrency`]: 64 producers on one hot account.
+//! - [`concurrency`]: 64 producers on one hot account;
+//! - [`spenders`]: 64 producers over a spender tree, a coordinator and workers killed.
 
 mod concurrency;
 mod crashes;
 mod jobs;
 mod restarts;
+mod spenders;
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,6 +37,7 @@ pub const ALL: &[&str] = &[
     "rabbitmq-restart",
     "postgresql-restart",
     "concurrency-64-producers",
+    "spenders-64-producers-kills",
 ];
 
 /// Run scenario `name`.
@@ -61,6 +64,7 @@ pub async fn run(
         "rabbitmq-restart" => restarts::rabbitmq(stage, settle).await,
         "postgresql-restart" => restarts::postgresql(stage, settle).await,
         "concurrency-64-producers" => concurrency::run(stage, settle).await,
+        "spenders-64-producers-kills" => spenders::run(stage, settle).await,
         other => anyhow::bail!("no scenario `{other}`"),
     }
 }
