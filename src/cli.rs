@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use holdfast_common::config::{Connections, Limits, QueueSettings};
 use holdfast_common::ledger::{GrantSource, Period};
 use holdfast_coordinator::config::CoordinatorSettings;
+use holdfast_coordinator::keys::Scope;
 
 use crate::fleet::FleetSettings;
 
@@ -60,6 +61,47 @@ pub enum Command {
     /// Soft holds: show or cancel one.
     #[command(subcommand)]
     Reservation(ReservationCommand),
+    /// API keys of the HTTP API: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create(KeyCreateArgs),
+    /// List every key (never their secrets), revoked and expired ones too.
+    List,
+    /// Revoke a key by its id: refused from now on (by running processes
+    /// within HOLDFAST_API_KEY_CACHE_SECS).
+    Revoke { id: String },
+}
+
+#[derive(clap::Args)]
+pub struct KeyCreateArgs {
+    /// reader (read batches, reservations, accounts), producer (also
+    /// preview, reserve, submit, cancel) or admin (everything: grants,
+    /// allowances, keys; every account).
+    #[arg(long, value_parser = parse_scope)]
+    pub scope: Scope,
+    /// An account the key may use (repeat for several). A reader or producer
+    /// key needs at least one, or --all-accounts.
+    #[arg(long = "account", value_name = "ID")]
+    pub accounts: Vec<String>,
+    /// The key may use every account (always so for admin keys).
+    #[arg(long, conflicts_with = "accounts")]
+    pub all_accounts: bool,
+    /// The key expires this many days from now (default: never).
+    #[arg(long, value_name = "DAYS",
+          value_parser = clap::value_parser!(u32).range(1..=holdfast_coordinator::keys::MAX_KEY_DAYS as i64))]
+    pub expires_in: Option<u32>,
+    /// What the key is for (shown by `key list`).
+    #[arg(long, value_name = "TEXT")]
+    pub name: Option<String>,
+}
+
+fn parse_scope(s: &str) -> Result<Scope, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
