@@ -17,6 +17,7 @@ use holdfast_common::ledger::{
     Settlement,
 };
 use holdfast_common::messages::BatchRequest;
+use holdfast_coordinator::keys::Scope;
 use serde_json::json;
 use support::*;
 use tokio_postgres::error::SqlState;
@@ -421,9 +422,12 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
         body["type"].as_str().unwrap().ends_with("forbidden"),
         "{body}"
     );
-    // Nor does it take holds: batches go to the coordinators.
+    // Nor does it take holds: batches go to the coordinators. (Its user may
+    // read the key, so the key is accepted; the ledger then refuses.)
+    let producer = t.api_key(Scope::Producer, &["acme"]).await;
     let r = reqwest::Client::new()
         .post(format!("http://{addr}/v1/batches"))
+        .bearer_auth(&producer)
         .json(&request("via-worker", "acme", 1, 1))
         .send()
         .await

@@ -16,6 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use holdfast::fleet::{FleetSettings, HttpAddr, Roles};
 use holdfast_coordinator::api::server::{self, ServerLimits};
+use holdfast_coordinator::keys::Scope;
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -99,10 +100,10 @@ fn get_request(target: &str, headers: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-fn post_json(target: &str, body: &[u8]) -> Vec<u8> {
+fn post_json(target: &str, body: &[u8], key: &str) -> Vec<u8> {
     let mut req = format!(
         "POST {target} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         Authorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -152,7 +153,8 @@ async fn every_refusal_is_a_problem_document() {
         .await
         .problem(404);
     let huge = format!(r#"{{"pad":"{}"}}"#, "x".repeat(70 * 1024));
-    exchange(addr, post_json("/v1/preview", huge.as_bytes()))
+    let key = t.api_key(Scope::Producer, &[]).await;
+    exchange(addr, post_json("/v1/preview", huge.as_bytes(), &key))
         .await
         .problem(413);
 
@@ -228,10 +230,14 @@ async fn a_slow_client_is_cut_off_while_others_are_served() {
 #[tokio::test]
 async fn a_stalled_body_is_answered_408() {
     let (t, addr) = api_fleet(|s| s.api.http_body_timeout_secs = 1).await;
+    let key = t.api_key(Scope::Producer, &[]).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        b"POST /v1/preview HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-          Content-Length: 100\r\n\r\n{\"account_id\":",
+        format!(
+            "POST /v1/preview HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+             Authorization: Bearer {key}\r\nContent-Length: 100\r\n\r\n{{\"account_id\":"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
