@@ -557,13 +557,14 @@ async fn the_openapi_document_names_the_scope_of_every_operation_as_the_server_e
             let roles = security[0]["api_key"].as_array().expect("api_key security");
             assert_eq!(roles.len(), 1, "{method} {path}");
             let needed: Scope = roles[0].as_str().unwrap().parse().unwrap();
-            for status in ["401", "403"] {
+            for status in ["401", "403", "429"] {
                 assert!(
                     op["responses"][status].is_object(),
                     "{method} {path} documents {status}"
                 );
             }
             assert!(op["responses"]["401"]["headers"]["WWW-Authenticate"].is_object());
+            assert!(op["responses"]["429"]["headers"]["Retry-After"].is_object());
             // The server asks for exactly that scope.
             let url = path
                 .replace("{grant_id}", "g")
@@ -585,5 +586,54 @@ async fn the_openapi_document_names_the_scope_of_every_operation_as_the_server_e
         }
     }
     assert_eq!(v1, 17, "every /v1 operation was checked");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_is_429_with_retry_after_and_other_keys_are_not() {
+    let mut s = settings();
+    s.api.http_key_rate = 1;
+    s.api.http_key_burst = 3;
+    let t = TestFleet::start_with(s, Roles::ALL, None).await;
+    t.grant("acme", 100).await;
+    let api = Client::of(&t);
+    let busy = t.api_key(Scope::Reader, &["acme"]).await;
+    let calm = t.api_key(Scope::Reader, &["acme"]).await;
+
+    // Requests without a valid key are refused before they are counted.
+    for _ in 0..5 {
+        problem(
+            &api.get("/v1/accounts/acme", None).await,
+            401,
+            "unauthorized",
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(api.get("/v1/accounts/acme", Some(&busy)).await.status, 200);
+    }
+    let r = api
+        .http
+        .get(format!("{}/v1/accounts/acme", api.base))
+        .bearer_auth(&busy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After: {retry}");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "urn:holdfast:problem:rate-limited");
+    // Every route counts, a refused one too; the other key has its own budget.
+    let r = api.post("/v1/preview", Some(&busy), preview("acme")).await;
+    problem(&r, 429, "rate-limited");
+    assert_eq!(api.get("/v1/accounts/acme", Some(&calm)).await.status, 200);
+    // After the wait it is served again.
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    assert_eq!(api.get("/v1/accounts/acme", Some(&busy)).await.status, 200);
     t.stop().await;
 }

@@ -251,6 +251,58 @@ async fn a_stalled_body_is_answered_408() {
     t.stop().await;
 }
 
+#[tokio::test]
+async fn connections_over_the_cap_wait_and_idle_ones_are_closed() {
+    let (t, addr) = api_fleet(|s| {
+        s.api.http_max_connections = 2;
+        s.api.http_header_timeout_secs = 1;
+    })
+    .await;
+
+    // One keep-alive connection that made a request and now idles, one that
+    // never sends anything: the cap of two is reached.
+    let mut used = TcpStream::connect(addr).await.unwrap();
+    used.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    while !String::from_utf8_lossy(&first).ends_with("ok") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(BOUND, used.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the first answer arrives");
+        first.extend_from_slice(&buf[..n]);
+    }
+    let silent = TcpStream::connect(addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+
+    // A third client is not served while both are open...
+    let third = tokio::spawn(exchange(addr, get_request("/healthz", "")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "served past the connection cap");
+
+    // ...the idle ones are closed after the header timeout, unanswered...
+    for mut idle in [used, silent] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(BOUND, idle.read_to_end(&mut rest))
+            .await
+            .expect("an idle connection is closed within the bound")
+            .ok();
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+    // ...and then the third is served.
+    let answer = third.await.unwrap();
+    assert_eq!((answer.status, answer.body.as_slice()), (200, &b"ok"[..]));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    t.stop().await;
+}
+
 /// A router with a handler that panics and one that takes too long, served
 /// like the API, and the token that stops it.
 async fn misbehaving_server(limits: ServerLimits) -> (SocketAddr, CancellationToken) {

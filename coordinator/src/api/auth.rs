@@ -9,7 +9,8 @@
 //!    revoked or expired → `401` (one answer for the first four, so a failed
 //!    attempt learns nothing; a revoked or expired key is told so, since its
 //!    sender proved it holds the key);
-//! 2. the scope the route's method needs (given where the route is made,
+//! 2. the key's rate ([`super::rate`]) → `429` with `Retry-After`;
+//! 3. the scope the route's method needs (given where the route is made,
 //!    in [`super::router`], and in its OpenAPI `security`) → `403`.
 //!
 //! The handler then checks the account it is about to touch with
@@ -32,22 +33,33 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::problem::Problem;
+use super::rate::Limiter;
 use super::ApiState;
 use crate::keys::{token, Accounts, Credentials, KeyStore, Keyring, Scope, Verdict};
 
-/// Every credential check of one process: the admin token and the keys.
+/// Every credential check of one process: the admin token, the keys, the rates.
 pub struct Access {
     admin_token: Option<Arc<str>>,
     /// The API keys, behind their cache.
     pub keyring: Keyring,
+    limiter: Option<Limiter>,
 }
 
 impl Access {
-    /// `admin_token` (empty is none), keys from `store` cached for `cache_ttl`.
-    pub fn new(admin_token: Option<&str>, store: KeyStore, cache_ttl: Duration) -> Self {
+    /// `admin_token` (empty is none), keys from `store` cached for
+    /// `cache_ttl`, `rate` requests a second per key in bursts of `burst`
+    /// (`rate` 0: no limit).
+    pub fn new(
+        admin_token: Option<&str>,
+        store: KeyStore,
+        cache_ttl: Duration,
+        rate: u32,
+        burst: u32,
+    ) -> Self {
         Self {
             admin_token: admin_token.filter(|t| !t.is_empty()).map(Arc::from),
             keyring: Keyring::new(store, cache_ttl),
+            limiter: Limiter::new(rate, burst),
         }
     }
 
@@ -130,6 +142,12 @@ impl Caller {
         }
     }
 
+    /// What the caller's requests are counted under: its key's id, or the
+    /// admin token's name (no key id has a `-`).
+    fn limit_key(&self) -> &str {
+        self.key_id().unwrap_or("admin-token")
+    }
+
     /// Whether the caller may use every account.
     pub fn every_account(&self) -> bool {
         matches!(self.accounts(), Accounts::All)
@@ -196,7 +214,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Middleware of an authenticated route, whose handler needs `needed`: the
-/// credential (401), the scope (403); then the handler, with the [`Caller`].
+/// credential (401), the key's rate (429), the scope (403); then the
+/// handler, with the [`Caller`].
 /// Put on each method of a route (`MethodRouter::route_layer`), so that a
 /// method the route does not have stays a 405 and each method has its scope.
 pub async fn authenticate(
@@ -208,6 +227,11 @@ pub async fn authenticate(
         Ok(caller) => caller,
         Err(problem) => return problem.into_response(),
     };
+    if let Some(limiter) = &s.access.limiter {
+        if let Err(wait) = limiter.check(caller.limit_key()) {
+            return limiter.refusal(wait);
+        }
+    }
     if !caller.scope().allows(needed) {
         let route = req
             .extensions()
@@ -261,8 +285,8 @@ impl utoipa::Modify for ApiKeyScheme {
 }
 
 /// Adds the answers of [`authenticate`] to every operation that names the
-/// `api_key` scheme: `401` (with `WWW-Authenticate`) and `403` (merged
-/// into a documented `403`'s description).
+/// `api_key` scheme: `401` (with `WWW-Authenticate`), `429` (with
+/// `Retry-After`) and `403` (merged into a documented `403`'s description).
 pub struct AuthResponses;
 
 impl utoipa::Modify for AuthResponses {
@@ -281,6 +305,11 @@ impl utoipa::Modify for AuthResponses {
             )
         };
         let string = || utoipa::openapi::ObjectBuilder::new().schema_type(Type::String);
+        let integer = || {
+            utoipa::openapi::ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1))
+        };
         for op in super::operations(openapi) {
             let secured = op.security.as_ref().is_some_and(|reqs| {
                 reqs.iter().any(|r| {
@@ -301,6 +330,19 @@ impl utoipa::Modify for AuthResponses {
                         HeaderBuilder::new()
                             .schema(string())
                             .description(Some("Bearer realm=\"holdfast\""))
+                            .build(),
+                    )
+                    .build()
+                    .into(),
+            );
+            responses.insert(
+                "429".into(),
+                problem("This key sent more than HOLDFAST_HTTP_KEY_RATE requests a second (in bursts of HOLDFAST_HTTP_KEY_BURST)")
+                    .header(
+                        "Retry-After",
+                        HeaderBuilder::new()
+                            .schema(integer())
+                            .description(Some("Seconds to wait before sending again"))
                             .build(),
                     )
                     .build()

@@ -11,6 +11,10 @@
 //! - request bodies are limited to `HOLDFAST_MAX_MESSAGE_BYTES` (413), URLs
 //!   and header blocks to `HOLDFAST_HTTP_MAX_URL_BYTES` (414) and
 //!   `HOLDFAST_HTTP_MAX_HEADER_BYTES` (431);
+//! - each API key may send `HOLDFAST_HTTP_KEY_RATE` requests a second (in
+//!   bursts of `HOLDFAST_HTTP_KEY_BURST`), then 429 with `Retry-After`
+//!   ([`rate`]); at most `HOLDFAST_HTTP_MAX_CONNECTIONS` connections are open
+//!   at once ([`server`]);
 //! - slow clients are cut off: a request head must arrive within
 //!   `HOLDFAST_HTTP_HEADER_TIMEOUT_SECS` (else the connection is closed), a
 //!   body may pause for at most `HOLDFAST_HTTP_BODY_TIMEOUT_SECS` (408), a
@@ -42,6 +46,7 @@ mod heads;
 pub mod keys;
 pub mod preview;
 pub mod problem;
+mod rate;
 pub mod reservations;
 pub mod server;
 
@@ -96,6 +101,25 @@ pub struct ApiSettings {
           value_parser = clap::value_parser!(u64).range(0..=300))]
     pub api_key_cache_secs: u64,
 
+    /// Requests a second each API key (and the admin token) may send to
+    /// this process on average; more are answered 429 with Retry-After.
+    /// 0: no limit.
+    #[arg(long, env = "HOLDFAST_HTTP_KEY_RATE", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub http_key_rate: u32,
+
+    /// Requests an API key may send at once, above its rate, before the
+    /// rate applies (a burst).
+    #[arg(long, env = "HOLDFAST_HTTP_KEY_BURST", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_key_burst: u32,
+
+    /// Most HTTP connections open at once; further clients wait in the
+    /// listen queue until one closes.
+    #[arg(long, env = "HOLDFAST_HTTP_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections: u32,
+
     /// Let the reference page at `/demo` add credits (`POST /demo/grant`)
     /// with a producer key of the account, without the admin scope. For
     /// demonstrations only: every producer key can then grant credits to its
@@ -140,6 +164,9 @@ impl Default for ApiSettings {
             admin_token: None,
             admin_token_file: None,
             api_key_cache_secs: 10,
+            http_key_rate: 50,
+            http_key_burst: 100,
+            http_max_connections: limits.max_connections as u32,
             demo_grants: false,
             http_header_timeout_secs: limits.header_timeout.as_secs(),
             http_body_timeout_secs: limits.body_timeout.as_secs(),
@@ -156,6 +183,8 @@ impl std::fmt::Debug for ApiSettings {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("admin_token_file", &self.admin_token_file)
             .field("api_key_cache_secs", &self.api_key_cache_secs)
+            .field("http_key_rate", &self.http_key_rate)
+            .field("http_key_burst", &self.http_key_burst)
             .field("demo_grants", &self.demo_grants)
             .field("server_limits", &self.server_limits())
             .finish()
@@ -180,6 +209,7 @@ impl ApiSettings {
             request_timeout: Duration::from_secs(self.http_request_timeout_secs),
             max_url_bytes: self.http_max_url_bytes as usize,
             max_header_bytes: self.http_max_header_bytes as usize,
+            max_connections: self.http_max_connections as usize,
         }
     }
 }
@@ -235,6 +265,8 @@ impl ApiState {
                 settings.admin_token.as_deref(),
                 crate::keys::KeyStore::new(ledger.pool().clone()),
                 Duration::from_secs(settings.api_key_cache_secs),
+                settings.http_key_rate,
+                settings.http_key_burst,
             )),
             ledger,
             metrics,
