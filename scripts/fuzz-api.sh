@@ -13,6 +13,8 @@
 #   content_type_conformance    every body has its documented media type
 #   response_schema_conformance every body matches its documented schema
 #   response_headers_conformance documented headers are present
+#   ignored_auth                an operation that declares the api_key scheme
+#                               refuses a request without the key, or with a wrong one
 # then stops the server and removes the database and virtual host. Exits
 # non-zero when schemathesis finds a failure (or cannot run).
 #
@@ -182,7 +184,7 @@ log "schemathesis: $EXAMPLES examples per operation, seed $SEED"
 status=0
 # Run where the reports go: schemathesis keeps its cache in the working directory.
 (cd "$REPORT_DIR" && "$ST" run "$BASE/openapi.json" \
-    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
+    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance,ignored_auth \
     --header "Authorization: Bearer $KEY" \
     --max-examples "$EXAMPLES" \
     --seed "$SEED" \
