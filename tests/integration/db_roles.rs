@@ -456,7 +456,7 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
     t.stop().await;
 }
 
-/// API keys (V9): every service group checks keys and records their use;
+/// API keys (V11): every service group checks keys and records their use;
 /// only the admin creates, lists and revokes them.
 #[tokio::test]
 async fn only_the_admin_creates_and_revokes_api_keys() {

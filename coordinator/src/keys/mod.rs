@@ -1,7 +1,7 @@
 //! API keys: who may call the HTTP API, and for which accounts.
 //!
 //! A key (`hf_live_<id>_<secret>`, see [`token`]) is shown once, when it is
-//! created, and stored only as its SHA-256 ([`store`], migrations/V9). It has
+//! created, and stored only as its SHA-256 ([`store`], migrations/V11). It has
 //! one [`Scope`]:
 //!
 //! | scope | may |

@@ -1,4 +1,4 @@
-//! Keys in PostgreSQL (`api_keys`, migrations/V9__api_keys.sql): create,
+//! Keys in PostgreSQL (`api_keys`, migrations/V11__api_keys.sql): create,
 //! list, show, revoke, and what checking a request needs. Creating and
 //! revoking need a database user in `holdfast_admin`; any service group may
 //! read the credentials and record a use.
