@@ -3,7 +3,8 @@
 #
 # Builds Holdfast, starts `holdfast run` on a fresh database and AMQP
 # namespace with the HTTP API on a free port (HOLDFAST_DEMO_GRANTS=1), grants
-# credits to the demo account, and runs tests/browser/demo.test.mjs
+# credits to the demo account, creates producer keys limited to the accounts
+# the page uses (`holdfast key create`), and runs tests/browser/demo.test.mjs
 # (playwright-core, driving Debian's Chromium at /usr/bin/chromium; no browser
 # is downloaded). The tests click through the page, check the ledger over
 # HTTP and with `holdfast audit`, and save screenshots to docs/screenshots/.
@@ -102,6 +103,19 @@ curl -fsS "$HOLDFAST_BASE_URL/readyz" >/dev/null 2>&1 || die "the server did not
 
 "$HOLDFAST_BIN" account grant "$HOLDFAST_DEMO_ACCOUNT" 197 --create --note "browser test" >/dev/null ||
     die "holdfast account grant failed"
+# The page gets a producer key limited to the demo account; the breakdown
+# and spender tests one each, for the account they use. `key create` prints the key on
+# its first line.
+new_key() {
+    local out
+    out="$("$HOLDFAST_BIN" key create --scope producer --account "$1" --expires-in 1 \
+        --name "browser test" 2>/dev/null)" || die "holdfast key create failed"
+    echo "${out%%$'\n'*}"
+}
+HOLDFAST_DEMO_KEY="$(new_key "$HOLDFAST_DEMO_ACCOUNT")"
+HOLDFAST_GRANTS_KEY="$(new_key "$HOLDFAST_DEMO_ACCOUNT-grants")"
+HOLDFAST_TEAM_KEY="$(new_key "$HOLDFAST_DEMO_ACCOUNT-team")"
+export HOLDFAST_DEMO_KEY HOLDFAST_GRANTS_KEY HOLDFAST_TEAM_KEY
 
 echo "browser-test: server on $HOLDFAST_BASE_URL; its log is $WORK/server.log (kept on failure or with KEEP=1)"
 set +e

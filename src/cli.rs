@@ -6,6 +6,7 @@ use holdfast_common::config::{Connections, Limits, QueueSettings};
 use holdfast_common::ledger::{GrantSource, Period};
 use holdfast_common::messages::LimitPeriod;
 use holdfast_coordinator::config::CoordinatorSettings;
+use holdfast_coordinator::keys::Scope;
 
 use crate::fleet::FleetSettings;
 
@@ -64,6 +65,9 @@ pub enum Command {
     /// Spenders (teams, members, keys) inside an account, with limits per period.
     #[command(subcommand)]
     Spender(SpenderCommand),
+    /// API keys of the HTTP API: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Key(KeyCommand),
 }
 
 #[derive(Subcommand)]
@@ -102,6 +106,44 @@ pub enum SpenderCommand {
 
 fn parse_limit_period(s: &str) -> Result<LimitPeriod, String> {
     LimitPeriod::parse(s).ok_or_else(|| format!("`{s}`: expected day, week, month or none"))
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create(KeyCreateArgs),
+    /// List every key (never their secrets), revoked and expired ones too.
+    List,
+    /// Revoke a key by its id: refused from now on (by running processes
+    /// within HOLDFAST_API_KEY_CACHE_SECS).
+    Revoke { id: String },
+}
+
+#[derive(clap::Args)]
+pub struct KeyCreateArgs {
+    /// reader (read batches, reservations, accounts), producer (also
+    /// preview, reserve, submit, cancel) or admin (everything: grants,
+    /// allowances, keys; every account).
+    #[arg(long, value_parser = parse_scope)]
+    pub scope: Scope,
+    /// An account the key may use (repeat for several). A reader or producer
+    /// key needs at least one, or --all-accounts.
+    #[arg(long = "account", value_name = "ID")]
+    pub accounts: Vec<String>,
+    /// The key may use every account (always so for admin keys).
+    #[arg(long, conflicts_with = "accounts")]
+    pub all_accounts: bool,
+    /// The key expires this many days from now (default: never).
+    #[arg(long, value_name = "DAYS",
+          value_parser = clap::value_parser!(u32).range(1..=holdfast_coordinator::keys::MAX_KEY_DAYS as i64))]
+    pub expires_in: Option<u32>,
+    /// What the key is for (shown by `key list`).
+    #[arg(long, value_name = "TEXT")]
+    pub name: Option<String>,
+}
+
+fn parse_scope(s: &str) -> Result<Scope, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]

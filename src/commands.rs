@@ -17,9 +17,10 @@ use holdfast_common::topology::Names;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
-    AccountCommand, AuditArgs, BatchCommand, Cli, Command, PreviewArgs, ReservationCommand,
-    ReserveArgs, SpenderCommand, SubmitArgs,
+    AccountCommand, AuditArgs, BatchCommand, Cli, Command, KeyCommand, KeyCreateArgs, PreviewArgs,
+    ReservationCommand, ReserveArgs, SpenderCommand, SubmitArgs,
 };
+use holdfast_coordinator::keys::{Accounts, KeySpec, KeyStore, Scope};
 
 /// Cancel the token on SIGINT or SIGTERM.
 fn on_signal(token: CancellationToken) {
@@ -94,7 +95,83 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<i32> {
         Command::Reservation(cmd) => reservation(conn, cmd, json).await,
         Command::Spender(cmd) => spender(conn, cmd, json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
+        Command::Key(cmd) => key(conn, cmd, json).await,
     }
+}
+
+/// `holdfast key create | list | revoke`.
+async fn key(conn: &Connections, cmd: KeyCommand, json: bool) -> anyhow::Result<i32> {
+    let ledger = ledger(conn)?;
+    let store = KeyStore::new(ledger.pool().clone());
+    match cmd {
+        KeyCommand::Create(args) => {
+            let spec = key_spec(args)?;
+            let created = store.create(&spec).await?;
+            if json {
+                report::json(&created);
+            } else {
+                report::created_key(&created);
+            }
+            // A key for an account that does not exist yet is allowed (the
+            // account may come later), but is more often a typing error.
+            for account in spec.accounts.as_list().unwrap_or_default() {
+                if let Err(holdfast_common::ledger::LedgerError::UnknownAccount(_)) =
+                    ledger.account(account).await
+                {
+                    eprintln!("note: account `{account}` does not exist (yet)");
+                }
+            }
+        }
+        KeyCommand::List => {
+            let keys = store.list().await?;
+            if json {
+                report::json(&keys);
+            } else {
+                report::keys(&keys);
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            let revoked = store.revoke(&id).await?;
+            if json {
+                report::json(&revoked);
+            } else {
+                report::keys(std::slice::from_ref(&revoked));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// What `key create`'s flags ask for.
+fn key_spec(args: KeyCreateArgs) -> anyhow::Result<KeySpec> {
+    let accounts = match (args.scope, args.all_accounts, args.accounts.is_empty()) {
+        (Scope::Admin, _, true) | (_, true, _) => Accounts::All,
+        (Scope::Admin, _, false) => {
+            anyhow::bail!("an admin key covers every account: give no --account")
+        }
+        (_, false, true) => anyhow::bail!(
+            "a {} key needs --account ID (one or more), or --all-accounts",
+            args.scope
+        ),
+        (_, false, false) => Accounts::Only(args.accounts),
+    };
+    let expires_at = args
+        .expires_in
+        .map(|days| chrono::Utc::now() + chrono::Duration::days(i64::from(days)));
+    let spec = KeySpec {
+        scope: args.scope,
+        accounts,
+        expires_at,
+        name: args.name,
+    };
+    if let Err(errors) = spec.check() {
+        let why: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.reason))
+            .collect();
+        anyhow::bail!("{}", why.join("; "));
+    }
+    Ok(spec)
 }
 
 /// `holdfast migrate`: create the database if missing, apply pending migrations.

@@ -1,10 +1,12 @@
 //! `holdfast demo`: a scripted Generate All story on the local services.
-//! An account on a monthly plan allowance with an expiring top-up; a granted
-//! batch, an insufficient one with its "k of N" choice, the choice taken, and
-//! the ledger and its grants (in burn-down order) before and after each step;
-//! then a workspace whose member is refused by the team's monthly limit while
-//! the account still has credits.
+//! An account on a monthly plan allowance with an expiring top-up, and an
+//! API key for that account only; a granted batch, an insufficient one with
+//! its "k of N" choice, the choice taken, and the ledger and its grants (in
+//! burn-down order) before and after each step; then a workspace whose member
+//! is refused by the team's monthly limit while the account still has
+//! credits; and the key revoked.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
@@ -15,7 +17,9 @@ use holdfast_common::ledger::{
 };
 use holdfast_common::messages::{Decision, Event, LimitPeriod};
 use holdfast_common::pricing::thousands;
+use holdfast_coordinator::keys::{Accounts, CreatedKey, KeySpec, KeyStore, Scope};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fleet::{Fleet, FleetSettings, Roles};
 use crate::producer::Producer;
@@ -165,8 +169,11 @@ pub async fn run(conn: &Connections, settings: &FleetSettings) -> anyhow::Result
     println!("Holdfast demo: never start what you can't finish.\n");
     database::migrate(&conn.database_url).await?;
     let mut settings = settings.clone();
-    settings.http_addr = crate::fleet::HttpAddr(None);
+    // The API on a free loopback port, for the key's part of the story.
+    settings.http_addr = crate::fleet::HttpAddr(Some(([127, 0, 0, 1], 0).into()));
     settings.reconciler.sweep_interval_ms = settings.reconciler.sweep_interval_ms.min(1_000);
+    // The revocation at the end reaches the API within a second.
+    settings.api.api_key_cache_secs = settings.api.api_key_cache_secs.min(1);
     let fleet = Fleet::start(conn, &settings, Roles::ALL).await?;
     println!(
         "Fleet started in this process (coordinator, worker, reconciler) on {} and {}, namespace `{}`.",
@@ -174,7 +181,10 @@ pub async fn run(conn: &Connections, settings: &FleetSettings) -> anyhow::Result
         holdfast_common::topology::describe(&conn.amqp_url),
         conn.namespace
     );
-    let result = story(conn, &settings, &fleet.ledger).await;
+    let api = fleet
+        .http_addr()
+        .ok_or_else(|| anyhow::anyhow!("the demo's HTTP API did not start"))?;
+    let result = story(conn, &settings, &fleet.ledger, api).await;
     fleet.stop().await;
     result
 }
@@ -183,6 +193,7 @@ async fn story(
     conn: &Connections,
     settings: &FleetSettings,
     ledger: &Ledger,
+    api: SocketAddr,
 ) -> anyhow::Result<i32> {
     let stamp = chrono::Utc::now().format("%H%M%S%3f").to_string();
     let account = format!("demo-studio-{stamp}");
@@ -233,6 +244,8 @@ async fn story(
         day(plan.expires_at.as_deref()),
         day(topup.expires_at.as_deref())
     );
+    let keys = KeyStore::new(ledger.pool().clone());
+    let key = app_key(&keys, &account, api).await?;
 
     println!(
         "\n1. The person clicks \"Generate All\" for 10 product photos, estimated 12 credits each."
@@ -294,6 +307,91 @@ async fn story(
     print!("   ");
     report::audit(&drift);
     producer.close().await;
+
+    println!("\n7. The app's key is revoked (`holdfast key revoke`): refused from then on.");
+    keys.revoke(&key.info.id).await?;
+    // Another process revoked it: the API's cache of the key runs out first.
+    let revoked = tokio::time::Instant::now();
+    let path = format!("/v1/accounts/{account}");
+    let (status, refused) = loop {
+        let (status, body) = http(api, "GET", &path, &key.key, None).await?;
+        if status != 200 || revoked.elapsed() > WAIT {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "   GET {path} with it: {status} ({}), {:.1} s later (HOLDFAST_API_KEY_CACHE_SECS is {})",
+        refused["detail"].as_str().unwrap_or_default(),
+        revoked.elapsed().as_secs_f64(),
+        settings.api.api_key_cache_secs
+    );
     println!("\nTry it yourself: `holdfast account show {account}`, `holdfast batch show {account}-spring`, `holdfast spender show {workspace}`.");
     Ok(if drift.is_empty() { 0 } else { 1 })
+}
+
+/// The customer's app gets a producer key for this account only; it
+/// previews over HTTP with it, and another account is refused.
+async fn app_key(keys: &KeyStore, account: &str, api: SocketAddr) -> anyhow::Result<CreatedKey> {
+    println!("   The shop's app gets an API key for this account only (producer scope, a day):");
+    let spec = KeySpec {
+        scope: Scope::Producer,
+        accounts: Accounts::Only(vec![account.to_string()]),
+        expires_at: Some(chrono::Utc::now() + chrono::Duration::days(1)),
+        name: Some("holdfast demo".into()),
+    };
+    let key = keys.create(&spec).await?;
+    println!(
+        "   key {}… (shown once; only its hash is stored)",
+        &key.key[..key.info.prefix.len() + 4]
+    );
+    let body = json!({"account_id": account, "count": 10, "cost": 12}).to_string();
+    let (status, preview) = http(api, "POST", "/v1/preview", &key.key, Some(&body)).await?;
+    anyhow::ensure!(
+        status == 200,
+        "the preview was answered {status}: {preview}"
+    );
+    println!(
+        "   POST /v1/preview with it: {}",
+        preview["message"].as_str().unwrap_or_default()
+    );
+    let other = format!("{account}-other");
+    let body = json!({"account_id": other, "count": 1, "cost": 1}).to_string();
+    let (status, refused) = http(api, "POST", "/v1/preview", &key.key, Some(&body)).await?;
+    println!(
+        "   the same key on another account: {status} ({})",
+        refused["detail"].as_str().unwrap_or_default()
+    );
+    Ok(key)
+}
+
+/// One HTTP/1.1 request to the demo's own API with a bearer key: the status
+/// and the JSON body.
+async fn http(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(api).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await??;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP answer from the demo's API"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in the HTTP answer"))?;
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }

@@ -371,3 +371,51 @@ pub fn reservation(r: &holdfast_common::messages::Reservation, as_json: bool) {
             .unwrap_or_default(),
     );
 }
+
+/// A key just created: the key itself, once, then what `key list` shows.
+pub fn created_key(k: &holdfast_coordinator::keys::CreatedKey) {
+    println!("{}", k.key);
+    println!(
+        "(shown once: store it now; Holdfast keeps only its hash. Send it as `Authorization: Bearer <key>`.)"
+    );
+    keys(std::slice::from_ref(&k.info));
+}
+
+/// Keys, one line each: id, scope, state, accounts, times, name.
+pub fn keys(keys: &[holdfast_coordinator::keys::KeyInfo]) {
+    if keys.is_empty() {
+        println!("no API keys");
+        return;
+    }
+    for k in keys {
+        let accounts = match &k.accounts {
+            None => "every account".to_string(),
+            Some(list) => format!("accounts {}", list.join(", ")),
+        };
+        let state = serde_json::to_value(k.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut line = format!(
+            "{}  {:<8} {:<7} {accounts}",
+            k.prefix,
+            k.scope.as_str(),
+            state
+        );
+        line.push_str(&format!("; created {}", k.created_at));
+        if let Some(t) = &k.expires_at {
+            line.push_str(&format!(", expires {t}"));
+        }
+        match &k.last_used_at {
+            Some(t) => line.push_str(&format!(", last used {t}")),
+            None => line.push_str(", never used"),
+        }
+        if let Some(t) = &k.revoked_at {
+            line.push_str(&format!(", revoked {t}"));
+        }
+        if let Some(name) = &k.name {
+            line.push_str(&format!(" ({name})"));
+        }
+        println!("{line}");
+    }
+}

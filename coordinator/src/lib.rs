@@ -22,11 +22,13 @@
 //! - [`previews`]: quota previews over AMQP.
 //! - [`reconcile`]: the reconciler role.
 //! - [`api`]: the HTTP API role.
+//! - [`keys`]: the API keys its requests carry (create, list, revoke, check).
 
 pub mod api;
 pub mod config;
 pub mod decide;
 pub mod intake;
+pub mod keys;
 pub mod previews;
 pub mod reconcile;
 pub mod requests;

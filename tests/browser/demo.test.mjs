@@ -14,10 +14,16 @@ const BIN = process.env.HOLDFAST_BIN;
 const ACCOUNT = process.env.HOLDFAST_DEMO_ACCOUNT || "demo-studio";
 const SHOTS = process.env.HOLDFAST_SCREENSHOTS;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-// The server's admin token: the breakdown test adds grants of several sources.
+// The server's admin token: the test reads the ledger with it, and the
+// breakdown test adds grants of several sources.
 const ADMIN_TOKEN = process.env.HOLDFAST_ADMIN_TOKEN;
-if (!BASE || !BIN || !SHOTS || !ADMIN_TOKEN) {
-  console.error("set HOLDFAST_BASE_URL, HOLDFAST_BIN, HOLDFAST_SCREENSHOTS and HOLDFAST_ADMIN_TOKEN");
+// What the page gets: producer keys limited to the demo account, and to the
+// account of the breakdown test.
+const DEMO_KEY = process.env.HOLDFAST_DEMO_KEY;
+const GRANTS_KEY = process.env.HOLDFAST_GRANTS_KEY;
+const TEAM_KEY = process.env.HOLDFAST_TEAM_KEY;
+if (!BASE || !BIN || !SHOTS || !ADMIN_TOKEN || !DEMO_KEY || !GRANTS_KEY || !TEAM_KEY) {
+  console.error("set HOLDFAST_BASE_URL, HOLDFAST_BIN, HOLDFAST_SCREENSHOTS, HOLDFAST_ADMIN_TOKEN, HOLDFAST_DEMO_KEY, HOLDFAST_GRANTS_KEY and HOLDFAST_TEAM_KEY");
   process.exit(2);
 }
 
@@ -31,7 +37,7 @@ function eq(actual, expected, what) {
 }
 
 async function getJson(path) {
-  const res = await fetch(`${BASE}${path}`);
+  const res = await fetch(`${BASE}${path}`, { headers: { Authorization: `Bearer ${ADMIN_TOKEN}` } });
   if (!res.ok) throw new Error(`GET ${path}: HTTP ${res.status} ${await res.text()}`);
   return res.json();
 }
@@ -142,6 +148,23 @@ const test = (name, fn) => tests.push({ name, fn });
 // Credits at the start: 197. The flows run in order on the same account.
 // Photos 3, 6 and 9 cost 2 credits less than estimated (the page's simulate
 // payload), so a batch releases 2 credits for each of them that ran.
+test("the key from the address is used, and kept out of the address bar", async (page) => {
+  await waitForPreview(page, "This action will cost ~120 credits. You have 197 credits.");
+  eq(page.url(), `${BASE}/demo`, "address after loading");
+  eq(await page.locator("#api-key").inputValue(), DEMO_KEY, "the key field");
+  eq(await page.locator("#api-key").getAttribute("type"), "password", "the key is masked");
+  // Without a key the page asks for one, and nothing can be started.
+  await page.locator("#api-key").fill("");
+  await page.locator("#preview").filter({ hasText: "Enter an API key for this account." }).waitFor({ timeout: 10_000 });
+  check(await page.locator("#generate-all").isDisabled(), "Generate All disabled without a key");
+  // A wrong key is refused by the server.
+  await page.locator("#api-key").fill("hf_live_aaaaaaaaaaaa_0000000000000000000000000000000000000000");
+  await page.locator("#preview").filter({ hasText: "not a valid API key" }).waitFor({ timeout: 10_000 });
+  await page.locator("#api-key").fill(DEMO_KEY);
+  await page.locator("#api-key").blur();
+  await waitForPreview(page, "This action will cost ~120 credits. You have 197 credits.");
+});
+
 test("enough credits: Generate All runs every item to the end", async (page) => {
   await waitForPreview(page, "This action will cost ~120 credits. You have 197 credits.");
   // The account's one grant (a plain manual one, from `holdfast account grant`).
@@ -263,7 +286,13 @@ test("breakdown: each grant the batch draws from, with its source and expiry", a
   const planExpiry = new Date(Math.floor(Date.now() / 1000) * 1000 + 20 * 60_000).toISOString();
   await adminGrant(account, { grant_id: "plan-browser", source: "plan", amount: 80, expires_at: planExpiry });
   await adminGrant(account, { grant_id: "topup-browser", source: "purchase", amount: 100 });
+  // The demo account's key may not use this account: the page says so.
   await page.locator("#account").fill(account);
+  await page.locator("#preview").filter({ hasText: `this API key may not use account \`${account}\`` })
+    .waitFor({ timeout: 10_000 });
+  check(await page.locator("#generate-all").isDisabled(), "Generate All disabled for another account");
+  // With a key of that account it works.
+  await page.locator("#api-key").fill(GRANTS_KEY);
   await waitForPreview(page, "This action will cost ~120 credits. You have 180 credits.");
   const planDay = day(planExpiry);
   let lines = await breakdown(page, "The 120 credits come from, in this order:");
@@ -284,9 +313,10 @@ test("breakdown: each grant the batch draws from, with its source and expiry", a
     ["plan-browser", `80 from your plan allowance (resets on ${planDay})`],
     ["topup-browser", "96 from top-ups"],
   ], "breakdown lines when short");
-  // Back to the demo account and its prices.
+  // Back to the demo account, its key and its prices.
   await page.locator("#cost-photo-01").fill("12");
   await page.locator("#account").fill(ACCOUNT);
+  await page.locator("#api-key").fill(DEMO_KEY);
   await waitForPreview(page, "This action will cost ~120 credits. You have 6 credits.");
   eq(await page.locator("#preview-expiry").count(), 0, "no expiry notice for the demo account");
   await audit();
@@ -300,6 +330,7 @@ test("spender: a member limited by the team's limit sees the team, not the accou
   await adminSpender(account, "design", { kind: "team", limit: 100, period: "month" });
   await adminSpender(account, "ann", { parent: "design", kind: "member", limit: 300, period: "month" });
   await page.locator("#account").fill(account);
+  await page.locator("#api-key").fill(TEAM_KEY);
   await page.locator("#spender").fill("ann");
   await waitForPreview(page, "This action will cost ~120 credits. You have 100 credits.");
   const advice = (await page.locator("#preview-advice").textContent()).trim();
@@ -324,6 +355,7 @@ test("spender: a member limited by the team's limit sees the team, not the accou
   eq(a.held, 0, "account held");
   await page.locator("#spender").fill("");
   await page.locator("#account").fill(ACCOUNT);
+  await page.locator("#api-key").fill(DEMO_KEY);
   await waitForPreview(page, "This action will cost ~120 credits. You have 6 credits.");
   await audit();
 });
@@ -346,7 +378,8 @@ try {
   const page = context.pages()[0] || (await context.newPage());
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(e.message));
-  await page.goto(`${BASE}/demo`);
+  // The key in the fragment: browsers never send it to the server.
+  await page.goto(`${BASE}/demo#key=${encodeURIComponent(DEMO_KEY)}`);
   for (const t of tests) {
     try {
       await t.fn(page);

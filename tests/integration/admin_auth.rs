@@ -1,12 +1,14 @@
-//! Every route that adds credits or creates accounts is authenticated: each
-//! operation the OpenAPI document marks `admin_token` answers 401 without the
-//! token and with a wrong one, and the reference page's grant is off unless
+//! Every route that adds credits, creates accounts or manages keys needs the
+//! admin scope: each operation the OpenAPI document marks `api_key: [admin]`
+//! answers 401 without a credential and with a wrong one, and 403 to a
+//! producer key; the reference page's grant needs a key and is off unless
 //! the server enables it. None of the refused calls changes the ledger.
 
 use crate::support;
 
 use holdfast::fleet::{HttpAddr, Roles};
 use holdfast_common::ledger::{AllowanceSpec, AllowanceTerms, GrantSpec, Period};
+use holdfast_coordinator::keys::Scope;
 use serde_json::{json, Value};
 use support::*;
 
@@ -48,11 +50,13 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
     let mut admin_ops = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            let secured = op["security"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|r| r.get("admin_token").is_some()));
+            let secured = op["security"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|r| r["api_key"].as_array().is_some_and(|a| a == &["admin"]))
+            });
             if secured {
                 let path = path
+                    .replace("/v1/keys/{id}", "/v1/keys/abcdefghijkl")
                     .replace("{id}", "acme")
                     .replace("{grant_id}", "g1")
                     .replace("{allowance_id}", "pro")
@@ -94,11 +98,17 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
                 "PUT".to_string(),
                 "/v1/accounts/acme/spenders/design".to_string()
             ),
+            ("GET".to_string(), "/v1/keys".to_string()),
+            ("POST".to_string(), "/v1/keys".to_string()),
+            ("DELETE".to_string(), "/v1/keys/abcdefghijkl".to_string()),
+            ("GET".to_string(), "/v1/keys/abcdefghijkl".to_string()),
         ],
         "the admin operations; a new one must be added to this test"
     );
 
-    let body = json!({"amount": 1_000, "create": true});
+    let body = json!({"amount": 1_000, "create": true, "scope": "admin"});
+    let producer = t.api_key(Scope::Producer, &["acme"]).await;
+    let reader = t.api_key(Scope::Reader, &[]).await;
     for (method, path) in &admin_ops {
         let url = format!("{base}{path}");
         let method: reqwest::Method = method.parse().unwrap();
@@ -116,6 +126,19 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
             assert_eq!(r.status(), 401, "{method} {path} with {auth:?}");
             assert!(r.headers().contains_key("www-authenticate"));
         }
+        // Keys of the other scopes: authenticated, but not allowed.
+        for key in [&producer, &reader] {
+            let r = http
+                .request(method.clone(), &url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 403, "{method} {path}");
+            let problem: Value = r.json().await.unwrap();
+            assert_eq!(problem["type"], "urn:holdfast:problem:insufficient-scope");
+        }
         // The same call for an account that does not exist: not created.
         let r = http
             .request(method.clone(), url.replace("acme", "newcomer"))
@@ -126,14 +149,32 @@ async fn admin_operations_refuse_a_missing_or_wrong_token() {
         assert_eq!(r.status(), 401);
     }
 
-    // The reference page's grant needs HOLDFAST_DEMO_GRANTS=1.
+    // The reference page's grant needs a key, and HOLDFAST_DEMO_GRANTS=1.
+    let demo = json!({"account_id": "acme", "amount": 10});
     let r = http
         .post(format!("{base}/demo/grant"))
-        .json(&json!({"account_id": "acme", "amount": 10}))
+        .json(&demo)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(format!("{base}/demo/grant"))
+        .bearer_auth(&producer)
+        .json(&demo)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:holdfast:problem:demo-grants-disabled");
+    assert_eq!(
+        t.api_key(Scope::Admin, &[]).await.len(),
+        producer.len(),
+        "no refused call created a key"
+    );
+    let client = holdfast_coordinator::keys::KeyStore::new(t.ledger.pool().clone());
+    assert_eq!(client.list().await.unwrap().len(), 3);
 
     assert_eq!(
         t.available("acme").await,

@@ -6,6 +6,7 @@
 use crate::support;
 
 use holdfast::fleet::{FleetSettings, HttpAddr, Roles};
+use holdfast_coordinator::keys::Scope;
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::*;
@@ -22,18 +23,20 @@ struct Reply {
     body: Value,
 }
 
-/// A client of one fleet's API.
+/// A client of one fleet's API, with an API key (producer, every account).
 struct Api {
     base: String,
     http: reqwest::Client,
+    key: String,
 }
 
 impl Api {
-    fn of(t: &TestFleet, fleet: usize) -> Api {
+    async fn of(t: &TestFleet, fleet: usize) -> Api {
         let addr = t.fleets[fleet].http_addr().expect("the fleet runs the API");
         Api {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
+            key: t.api_key(Scope::Producer, &[]).await,
         }
     }
 
@@ -67,11 +70,13 @@ impl Api {
     }
 
     async fn get(&self, path: &str) -> Reply {
-        self.send(self.http.get(self.url(path))).await
+        self.send(self.http.get(self.url(path)).bearer_auth(&self.key))
+            .await
     }
 
     async fn delete(&self, path: &str) -> Reply {
-        self.send(self.http.delete(self.url(path))).await
+        self.send(self.http.delete(self.url(path)).bearer_auth(&self.key))
+            .await
     }
 
     async fn post(&self, path: &str, body: &Value) -> Reply {
@@ -91,7 +96,11 @@ impl Api {
         content_type: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> Reply {
-        let mut req = self.http.request(method, self.url(path)).body(body);
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(&self.key)
+            .body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
@@ -135,7 +144,7 @@ fn api_settings() -> FleetSettings {
 
 async fn start(settings: FleetSettings) -> (TestFleet, Api) {
     let t = TestFleet::start_with(settings, Roles::ALL, None).await;
-    let api = Api::of(&t, 0);
+    let api = Api::of(&t, 0).await;
     (t, api)
 }
 
@@ -630,7 +639,12 @@ async fn every_malformed_input_is_a_4xx_problem() {
         .await;
     assert_eq!((r.status, &r.body["available"]), (200, &json!(5)));
 
-    // Without a configured token the admin API is off.
+    // A producer key may not grant: that needs the admin scope.
+    let r = api.grant("acme", &grant, Some(&api.key)).await;
+    assert_eq!(problem(&r, 403), Vec::<String>::new());
+    assert_eq!(r.body["type"], "urn:holdfast:problem:insufficient-scope");
+
+    // Without a configured admin token, that token is just a wrong key.
     t.settings.api.admin_token = None;
     t.start_roles(
         Roles {
@@ -640,13 +654,12 @@ async fn every_malformed_input_is_a_4xx_problem() {
         None,
     )
     .await;
-    let closed = Api::of(&t, 1);
+    let closed = Api::of(&t, 1).await;
     let r = closed.grant("acme", &grant, Some(ADMIN_TOKEN)).await;
-    assert_eq!(problem(&r, 403), Vec::<String>::new());
-    assert!(r.body["detail"]
-        .as_str()
-        .unwrap()
-        .contains("set HOLDFAST_ADMIN_TOKEN"));
+    problem(&r, 401);
+    let admin = t.api_key(Scope::Admin, &[]).await;
+    let r = closed.grant("acme", &grant, Some(&admin)).await;
+    assert_eq!((r.status, &r.body["balance"]), (200, &json!(1_009)));
 
     t.assert_exact().await;
     t.stop().await;

@@ -9,6 +9,7 @@ use crate::support;
 use holdfast::fleet::{HttpAddr, Roles};
 use holdfast_common::ledger::{GrantSource, GrantSpec};
 use holdfast_common::messages::{BatchRequest, Decision, Draw};
+use holdfast_coordinator::keys::Scope;
 use serde_json::{json, Value};
 use support::*;
 
@@ -45,8 +46,10 @@ async fn a_preview_and_its_decision_name_the_same_grants() {
     let base = format!("http://{}", t.fleets[0].http_addr().unwrap());
 
     let req = request("b1", "acme", 10, 12);
+    let key = t.api_key(Scope::Producer, &["acme"]).await;
     let preview: Value = reqwest::Client::new()
         .post(format!("{base}/v1/preview"))
+        .bearer_auth(&key)
         .json(&json!({"account_id": "acme", "items": req["items"]}))
         .send()
         .await

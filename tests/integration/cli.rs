@@ -322,3 +322,96 @@ async fn spender_set_show_and_a_reservation_charged_to_one() {
     assert!(!cycle.status.success());
     assert!(String::from_utf8_lossy(&cycle.stderr).contains("below it"));
 }
+
+#[tokio::test]
+async fn keys_are_shown_once_stored_as_a_hash_listed_and_revoked() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    let created = holdfast(
+        &t,
+        &[
+            "key",
+            "create",
+            "--scope",
+            "producer",
+            "--account",
+            "acme",
+            "--account",
+            "beta",
+            "--expires-in",
+            "30",
+            "--name",
+            "ci",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let k: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let key = k["key"].as_str().unwrap();
+    let id = k["id"].as_str().unwrap();
+    assert!(key.starts_with(&format!("hf_live_{id}_")), "{key}");
+    assert_eq!(key.len(), "hf_live_".len() + 12 + 1 + 40);
+    assert_eq!(
+        (k["scope"].as_str(), k["state"].as_str(), k["name"].as_str()),
+        (Some("producer"), Some("active"), Some("ci"))
+    );
+    assert_eq!(k["accounts"], serde_json::json!(["acme", "beta"]));
+    assert!(k["expires_at"].is_string());
+
+    // Only the hash is stored: neither the key nor its secret is in the table.
+    let (client, conn) = tokio_postgres::connect(&t.conn.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT key_hash, row_to_json(k)::text AS all_columns FROM api_keys k WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let hash: Vec<u8> = row.get("key_hash");
+    let secret = &key["hf_live_".len() + 13..];
+    assert_eq!(hash.len(), 32);
+    assert!(!row.get::<_, String>("all_columns").contains(secret));
+
+    // Listing never shows the secret.
+    let listed = holdfast(&t, &["key", "list", "--json"]).await;
+    let text = stdout(&listed);
+    assert!(text.contains(id) && !text.contains(secret), "{text}");
+    let plain = holdfast(&t, &["key", "list"]).await;
+    assert!(stdout(&plain).contains(&format!("hf_live_{id}_")));
+
+    // Refused shapes: a producer key without accounts, an admin key with some.
+    for args in [
+        &["key", "create", "--scope", "producer"][..],
+        &["key", "create", "--scope", "admin", "--account", "acme"][..],
+        &["key", "create", "--scope", "root", "--all-accounts"][..],
+    ] {
+        assert!(!holdfast(&t, args).await.status.success(), "{args:?}");
+    }
+
+    let revoked = holdfast(&t, &["key", "revoke", id, "--json"]).await;
+    let r: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(r["state"], "revoked");
+    assert!(r["revoked_at"].is_string());
+    // Revoking again answers the key as it is; a revocation cannot be undone.
+    let again = holdfast(&t, &["key", "revoke", id, "--json"]).await;
+    let a: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(a["revoked_at"], r["revoked_at"]);
+    let undo = client
+        .execute(
+            "UPDATE api_keys SET revoked_at = NULL WHERE id = $1",
+            &[&id],
+        )
+        .await;
+    assert!(undo.is_err(), "a revocation is final");
+    assert!(!holdfast(&t, &["key", "revoke", "nosuchkey123"])
+        .await
+        .status
+        .success());
+}

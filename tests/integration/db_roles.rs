@@ -19,6 +19,7 @@ use holdfast_common::ledger::{
     Settlement, SpenderSpec,
 };
 use holdfast_common::messages::{BatchRequest, LimitPeriod};
+use holdfast_coordinator::keys::Scope;
 use serde_json::json;
 use support::*;
 use tokio_postgres::error::SqlState;
@@ -423,9 +424,12 @@ async fn the_fleet_runs_with_one_database_user_per_role() {
         body["type"].as_str().unwrap().ends_with("forbidden"),
         "{body}"
     );
-    // Nor does it take holds: batches go to the coordinators.
+    // Nor does it take holds: batches go to the coordinators. (Its user may
+    // read the key, so the key is accepted; the ledger then refuses.)
+    let producer = t.api_key(Scope::Producer, &["acme"]).await;
     let r = reqwest::Client::new()
         .post(format!("http://{addr}/v1/batches"))
+        .bearer_auth(&producer)
         .json(&request("via-worker", "acme", 1, 1))
         .send()
         .await
@@ -517,4 +521,46 @@ async fn only_the_admin_shapes_spenders_and_each_role_moves_the_usage_of_its_hol
     assert_eq!((design.used, design.held), (40, 0));
     assert!(reconciler.audit().await.unwrap().is_empty());
     t.assert_exact().await;
+}
+
+/// API keys (V11): every service group checks keys and records their use;
+/// only the admin creates, lists and revokes them.
+#[tokio::test]
+async fn only_the_admin_creates_and_revokes_api_keys() {
+    use holdfast_coordinator::keys::{Accounts, KeySpec, KeyStore, Scope};
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    let users = Users::create(&t).await;
+    let store = |group: &str| KeyStore::new(users.ledger(&t, group).pool().clone());
+    let spec = KeySpec {
+        scope: Scope::Producer,
+        accounts: Accounts::Only(vec!["acme".into()]),
+        expires_at: None,
+        name: Some("roles".into()),
+    };
+    let created = store("admin").create(&spec).await.unwrap();
+    let id = created.info.id.as_str();
+    assert_eq!(store("admin").list().await.unwrap().len(), 1);
+    for group in ["coordinator", "worker", "reconciler"] {
+        let s = store(group);
+        denied(s.create(&spec).await);
+        denied(s.revoke(id).await);
+        // The name and creation time are not needed to check a key.
+        denied(s.list().await);
+        let creds = s.credentials(id).await.unwrap().expect("the key");
+        assert_eq!((creds.scope, creds.revoked_at), (Scope::Producer, None));
+        s.touch(id).await.unwrap();
+        let client = connect(&users.url(&t, group)).await;
+        let err = client
+            .execute("UPDATE api_keys SET scope = 'admin' WHERE id = $1", &[&id])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+    }
+    let info = store("admin").get(id).await.unwrap();
+    assert!(
+        info.last_used_at.is_some(),
+        "a service group recorded the use"
+    );
+    let revoked = store("admin").revoke(id).await.unwrap();
+    assert!(revoked.revoked_at.is_some());
 }

@@ -6,6 +6,7 @@
 use crate::support;
 
 use holdfast::fleet::{HttpAddr, Roles};
+use holdfast_coordinator::keys::Scope;
 use serde_json::{json, Value};
 use support::*;
 
@@ -18,6 +19,8 @@ async fn grants_over_http_keep_their_terms_order_and_idempotency() {
     settings.api.admin_token = Some(TOKEN.into());
     let t = TestFleet::start_with(settings, Roles::ALL, None).await;
     let base = format!("http://{}", t.fleets[0].http_addr().unwrap());
+    // A producer key for the reads and holds; the admin token for grants.
+    let key = t.api_key(Scope::Producer, &["acme"]).await;
     let http = reqwest::Client::new();
     let post = |body: Value| {
         http.post(format!("{base}/v1/accounts/acme/grants"))
@@ -115,6 +118,7 @@ async fn grants_over_http_keep_their_terms_order_and_idempotency() {
     // takes what is left of it, not what the hold took.
     let r = http
         .post(format!("{base}/v1/reservations"))
+        .bearer_auth(&key)
         .json(&json!({"account_id": "acme", "amount": 120, "ttl_seconds": 600}))
         .send()
         .await
@@ -146,6 +150,7 @@ async fn grants_over_http_keep_their_terms_order_and_idempotency() {
     assert_eq!(r.status(), 404);
     let view: Value = http
         .get(format!("{base}/v1/accounts/acme"))
+        .bearer_auth(&key)
         .send()
         .await
         .unwrap()

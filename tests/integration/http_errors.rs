@@ -16,6 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use holdfast::fleet::{FleetSettings, HttpAddr, Roles};
 use holdfast_coordinator::api::server::{self, ServerLimits};
+use holdfast_coordinator::keys::Scope;
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -99,10 +100,10 @@ fn get_request(target: &str, headers: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-fn post_json(target: &str, body: &[u8]) -> Vec<u8> {
+fn post_json(target: &str, body: &[u8], key: &str) -> Vec<u8> {
     let mut req = format!(
         "POST {target} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         Authorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -152,7 +153,8 @@ async fn every_refusal_is_a_problem_document() {
         .await
         .problem(404);
     let huge = format!(r#"{{"pad":"{}"}}"#, "x".repeat(70 * 1024));
-    exchange(addr, post_json("/v1/preview", huge.as_bytes()))
+    let key = t.api_key(Scope::Producer, &[]).await;
+    exchange(addr, post_json("/v1/preview", huge.as_bytes(), &key))
         .await
         .problem(413);
 
@@ -228,10 +230,14 @@ async fn a_slow_client_is_cut_off_while_others_are_served() {
 #[tokio::test]
 async fn a_stalled_body_is_answered_408() {
     let (t, addr) = api_fleet(|s| s.api.http_body_timeout_secs = 1).await;
+    let key = t.api_key(Scope::Producer, &[]).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        b"POST /v1/preview HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-          Content-Length: 100\r\n\r\n{\"account_id\":",
+        format!(
+            "POST /v1/preview HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+             Authorization: Bearer {key}\r\nContent-Length: 100\r\n\r\n{{\"account_id\":"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
@@ -242,6 +248,58 @@ async fn a_stalled_body_is_answered_408() {
         .ok();
     let detail = parse(&answer).problem(408);
     assert!(detail.contains("1 s"), "{detail}");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_and_idle_ones_are_closed() {
+    let (t, addr) = api_fleet(|s| {
+        s.api.http_max_connections = 2;
+        s.api.http_header_timeout_secs = 1;
+    })
+    .await;
+
+    // One keep-alive connection that made a request and now idles, one that
+    // never sends anything: the cap of two is reached.
+    let mut used = TcpStream::connect(addr).await.unwrap();
+    used.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    while !String::from_utf8_lossy(&first).ends_with("ok") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(BOUND, used.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the first answer arrives");
+        first.extend_from_slice(&buf[..n]);
+    }
+    let silent = TcpStream::connect(addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+
+    // A third client is not served while both are open...
+    let third = tokio::spawn(exchange(addr, get_request("/healthz", "")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "served past the connection cap");
+
+    // ...the idle ones are closed after the header timeout, unanswered...
+    for mut idle in [used, silent] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(BOUND, idle.read_to_end(&mut rest))
+            .await
+            .expect("an idle connection is closed within the bound")
+            .ok();
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+    // ...and then the third is served.
+    let answer = third.await.unwrap();
+    assert_eq!((answer.status, answer.body.as_slice()), (200, &b"ok"[..]));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     t.stop().await;
 }
 

@@ -9,6 +9,8 @@ use holdfast_common::config::Connections;
 use serde_json::json;
 use support::*;
 
+const ADMIN_TOKEN: &str = "limits-admin-token";
+
 #[tokio::test]
 async fn oversized_input_is_refused_before_any_database_work() {
     let mut settings = fast_settings();
@@ -16,6 +18,7 @@ async fn oversized_input_is_refused_before_any_database_work() {
     settings.limits.max_items = 3;
     settings.limits.max_payload_bytes = 64;
     settings.http_addr = HttpAddr(Some("127.0.0.1:0".parse().unwrap()));
+    settings.api.admin_token = Some(ADMIN_TOKEN.into());
     let mut t = TestFleet::start_with(settings, Roles::default(), None).await;
     t.grant("acme", 1_000).await;
 
@@ -69,10 +72,13 @@ async fn oversized_input_is_refused_before_any_database_work() {
         );
     }
 
-    // Over HTTP: 413 for the body, 422 naming the field for the rest.
+    // Over HTTP: 413 for the body, 422 naming the field for the rest. The
+    // admin token is checked without the database (a key would be looked up
+    // in it, and this coordinator cannot reach it).
     let http = reqwest::Client::new();
     let post = |path: &str, body: &serde_json::Value| {
         http.post(format!("{base}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()

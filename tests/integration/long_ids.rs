@@ -6,6 +6,7 @@
 use crate::support;
 
 use holdfast::fleet::{HttpAddr, Roles};
+use holdfast_coordinator::keys::Scope;
 use serde_json::{json, Value};
 use support::*;
 
@@ -61,9 +62,11 @@ async fn a_batch_with_ids_at_every_limit_runs_to_completion_over_http() {
     t.grant(&account, 100).await;
     let batch_id = id_of('🦀');
     let addr = t.fleets[0].http_addr().expect("the API runs");
+    let key = t.api_key(Scope::Producer, &[&account]).await;
     let http = reqwest::Client::new();
     let resp = http
         .post(format!("http://{addr}/v1/batches"))
+        .bearer_auth(&key)
         .header("content-type", "application/json")
         .body(long_request(&batch_id, &account).to_string())
         .send()

@@ -6,6 +6,7 @@ mod support;
 mod admin_auth;
 mod allowances;
 mod api;
+mod api_keys;
 mod bad_input;
 mod breakdown;
 mod cli;

@@ -633,6 +633,7 @@ async fn over_http_an_admin_shapes_the_tree_and_a_preview_shows_every_level() {
     let root = format!("http://{}", t.fleets[0].http_addr().unwrap());
     let p: serde_json::Value = http
         .post(format!("{root}/v1/preview"))
+        .bearer_auth(TOKEN)
         .json(&json!({"account_id": "ws", "count": 10, "cost": 40, "spender_id": "ann"}))
         .send()
         .await
@@ -663,6 +664,7 @@ async fn over_http_an_admin_shapes_the_tree_and_a_preview_shows_every_level() {
     ));
     let r = http
         .post(format!("{root}/v1/preview"))
+        .bearer_auth(TOKEN)
         .json(&json!({"account_id": "ws", "count": 1, "cost": 1, "spender_id": "carol"}))
         .send()
         .await
@@ -672,6 +674,7 @@ async fn over_http_an_admin_shapes_the_tree_and_a_preview_shows_every_level() {
     // A reservation charged to a spender.
     let r = http
         .post(format!("{root}/v1/reservations"))
+        .bearer_auth(TOKEN)
         .json(&json!({"account_id": "ws", "amount": 100, "spender_id": "ann"}))
         .send()
         .await

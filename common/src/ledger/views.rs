@@ -83,6 +83,19 @@ impl Ledger {
         .await
     }
 
+    /// The account of a batch; `None` if unknown (a cheap look-up before
+    /// acting on a batch for someone who may use some accounts only).
+    pub async fn batch_account(&self, batch_id: &str) -> Result<Option<String>> {
+        self.retrying("read batch account", || async {
+            let client = self.pool.get().await?;
+            let row = client
+                .query_opt("SELECT account_id FROM batches WHERE id = $1", &[&batch_id])
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .await
+    }
+
     /// One batch with its hold, figures and items; `None` if unknown.
     pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchView>> {
         self.retrying("read batch", || async {

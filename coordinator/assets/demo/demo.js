@@ -49,6 +49,42 @@ function charged(body) {
   return body;
 }
 
+// The API key the page sends. It comes from the address's fragment
+// (/demo#key=hf_live_…: browsers never send a fragment to the server), which
+// is then removed from the address bar, or from the field; it is kept in this
+// tab's session storage only.
+const KEY_STORAGE = "holdfast-api-key";
+
+function apiKey() {
+  return $("api-key").value.trim();
+}
+
+function loadKey() {
+  const match = /(?:^#|&)key=([^&]+)/.exec(location.hash);
+  let key = "";
+  if (match) {
+    key = decodeURIComponent(match[1]);
+    history.replaceState(null, "", location.pathname + location.search);
+  } else {
+    try {
+      key = sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch {
+      key = "";
+    }
+  }
+  $("api-key").value = key;
+  storeKey();
+}
+
+function storeKey() {
+  try {
+    if (apiKey()) sessionStorage.setItem(KEY_STORAGE, apiKey());
+    else sessionStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // Storage may be off; the field still holds the key for this page.
+  }
+}
+
 function newBatchId() {
   const uuid = globalThis.crypto && crypto.randomUUID
     ? crypto.randomUUID()
@@ -73,6 +109,7 @@ function requestItems() {
 
 async function api(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
+  if (apiKey()) init.headers.Authorization = `Bearer ${apiKey()}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -177,6 +214,13 @@ async function refresh() {
     $("generate-all").disabled = true;
     return;
   }
+  if (!apiKey()) {
+    preview.dataset.state = "error";
+    preview.textContent = "Enter an API key for this account.";
+    $("balance").textContent = "\u00a0";
+    $("generate-all").disabled = true;
+    return;
+  }
   refreshBalance();
   const r = await api("POST", "/v1/preview", charged({ account_id: id, items: requestItems() }));
   if (seq !== previewSeq) return; // a newer preview is on its way
@@ -276,6 +320,7 @@ function setBusy(on) {
   busy = on;
   $("generate-all").disabled = on;
   $("account").disabled = on;
+  $("api-key").disabled = on;
   for (const input of $("items").querySelectorAll("input")) input.disabled = on;
 }
 
@@ -470,8 +515,13 @@ function updateSelectTotal() {
 
 document.addEventListener("DOMContentLoaded", () => {
   renderItems();
+  loadKey();
   $("account").addEventListener("input", schedulePreview);
   $("spender").addEventListener("input", schedulePreview);
+  $("api-key").addEventListener("input", () => {
+    storeKey();
+    schedulePreview();
+  });
   $("generate-all").addEventListener("click", () => submit("all_or_nothing"));
   $("choose-first-fit").addEventListener("click", () => {
     closeShortDialog();

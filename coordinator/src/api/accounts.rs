@@ -3,7 +3,7 @@
 //! managed in [`super::allowances`].
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use holdfast_common::ledger::{Allowance, Grant, GrantSource, GrantSpec, ALLOWANCE_GRANT_PREFIX};
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::auth::require_admin;
+use super::auth::Caller;
 use super::body::{self, JsonBody, PathId, PathIds};
 use super::problem::Problem;
 use super::ApiState;
@@ -65,6 +65,7 @@ pub(super) async fn view(s: &ApiState, id: &str) -> Result<AccountView, Problem>
     path = "/v1/accounts/{id}",
     tag = "accounts",
     params(("id" = String, Path, description = "The account id", example = "acme")),
+    security(("api_key" = ["reader"])),
     responses(
         (status = 200, description = "The account", body = AccountView),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
@@ -74,8 +75,10 @@ pub(super) async fn view(s: &ApiState, id: &str) -> Result<AccountView, Problem>
 )]
 pub async fn show(
     State(s): State<ApiState>,
+    caller: Caller,
     PathId(id): PathId,
 ) -> Result<Json<AccountView>, Problem> {
+    caller.may_use(&id)?;
     Ok(Json(view(&s, &id).await?))
 }
 
@@ -252,20 +255,18 @@ fn parse_grant(body: &[u8]) -> Result<NewGrant, Problem> {
     }
 }
 
-/// Add credits as one grant (admin: `Authorization: Bearer $HOLDFAST_ADMIN_TOKEN`).
+/// Add credits as one grant (admin scope).
 #[utoipa::path(
     post,
     path = "/v1/accounts/{id}/grants",
     tag = "accounts",
     params(("id" = String, Path, description = "The account id", example = "acme")),
     request_body(content = GrantRequest, content_type = "application/json"),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "Granted: the account afterwards", body = AccountView),
         (status = 400, description = "Invalid request; `errors` names each field", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled (HOLDFAST_ADMIN_TOKEN is not set), or this process's database user may not grant", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "This process's database user may not grant", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account (and `create` not set)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "This `grant_id` was granted before with other terms", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
@@ -275,12 +276,9 @@ fn parse_grant(body: &[u8]) -> Result<NewGrant, Problem> {
 )]
 pub async fn grant(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     id: Result<PathId, Problem>,
     body: Result<JsonBody, Problem>,
 ) -> Result<Json<AccountView>, Problem> {
-    // Authenticate before looking at anything the caller sent.
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let PathId(id) = id?;
     let JsonBody(body) = body?;
     let g = parse_grant(&body)?;
@@ -298,23 +296,19 @@ pub async fn grant(
         ("id" = String, Path, description = "The account id", example = "acme"),
         ("grant_id" = String, Path, description = "The grant id", example = "topup-2026-12"),
     ),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "Voided (or already expired or voided): the grant as it is now", body = Grant),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled, or this process's database user may not void", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "This process's database user may not void", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such grant on this account", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn void(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     ids: Result<PathIds, Problem>,
 ) -> Result<Json<Grant>, Problem> {
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let PathIds(id, grant_id) = ids?;
     Ok(Json(s.ledger.void_grant(&id, &grant_id, None).await?))
 }

@@ -5,7 +5,7 @@
 //! (`GET /v1/accounts/{id}`) lists the allowances and the grants they issued.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -17,7 +17,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::auth::require_admin;
 use super::body::{self, JsonBody, PathId, PathIds};
 use super::problem::Problem;
 use super::ApiState;
@@ -207,7 +206,7 @@ fn allowance_path(ids: Result<PathIds, Problem>) -> Result<(String, String), Pro
     Ok((id, allowance))
 }
 
-/// Give an account credits every period (admin: `Authorization: Bearer $HOLDFAST_ADMIN_TOKEN`).
+/// Give an account credits every period (admin scope).
 /// The reconciler issues each period's `plan` grant once the period has begun.
 #[utoipa::path(
     post,
@@ -215,14 +214,12 @@ fn allowance_path(ids: Result<PathIds, Problem>) -> Result<(String, String), Pro
     tag = "accounts",
     params(("id" = String, Path, description = "The account id", example = "acme")),
     request_body(content = AllowanceRequest, content_type = "application/json"),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 201, description = "Created: the allowance", body = Allowance),
         (status = 200, description = "This `allowance_id` exists with these terms: nothing changed", body = Allowance),
         (status = 400, description = "Invalid request; `errors` names each field", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled (HOLDFAST_ADMIN_TOKEN is not set), or this process's database user may not manage allowances", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "This process's database user may not manage allowances", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "This `allowance_id` exists with other terms", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
@@ -232,12 +229,9 @@ fn allowance_path(ids: Result<PathIds, Problem>) -> Result<(String, String), Pro
 )]
 pub async fn create(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     id: Result<PathId, Problem>,
     body: Result<JsonBody, Problem>,
 ) -> Result<Response, Problem> {
-    // Authenticate before looking at anything the caller sent.
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let PathId(id) = id?;
     let JsonBody(body) = body?;
     let spec = parse_allowance(&body)?;
@@ -262,13 +256,11 @@ pub async fn create(
         ("allowance_id" = String, Path, description = "The allowance id", example = "pro-plan"),
     ),
     request_body(content = AllowanceChange, content_type = "application/json"),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "Changed: the allowance, its new terms in `next_terms` until they apply", body = Allowance),
         (status = 400, description = "Invalid request; `errors` names each field", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled, or this process's database user may not manage allowances", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "This process's database user may not manage allowances", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account or allowance", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The allowance is stopped", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
@@ -278,11 +270,9 @@ pub async fn create(
 )]
 pub async fn change(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     ids: Result<PathIds, Problem>,
     body: Result<JsonBody, Problem>,
 ) -> Result<Json<Allowance>, Problem> {
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let (id, allowance) = allowance_path(ids)?;
     let JsonBody(body) = body?;
     let terms = parse_change(&body)?;
@@ -301,23 +291,19 @@ pub async fn change(
         ("id" = String, Path, description = "The account id", example = "acme"),
         ("allowance_id" = String, Path, description = "The allowance id", example = "pro-plan"),
     ),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "Stopped (or stopped before): the allowance, with `stops_at`", body = Allowance),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled, or this process's database user may not manage allowances", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "This process's database user may not manage allowances", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account or allowance", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn stop(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     ids: Result<PathIds, Problem>,
 ) -> Result<Json<Allowance>, Problem> {
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let (id, allowance) = allowance_path(ids)?;
     Ok(Json(s.ledger.stop_allowance(&id, &allowance).await?))
 }

@@ -19,6 +19,7 @@ use holdfast_common::messages::{BatchFigures, BatchRequest, Decision};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::auth::Caller;
 use super::body::{JsonBody, PathId};
 use super::problem::Problem;
 use super::ApiState;
@@ -31,6 +32,7 @@ use crate::intake;
     path = "/v1/batches",
     tag = "batches",
     request_body(content = BatchRequest, content_type = "application/json"),
+    security(("api_key" = ["producer"])),
     responses(
         (status = 201, description = "Granted: the hold is taken and the jobs are dispatched", body = Decision,
             headers(("Location" = String, description = "/v1/batches/{batch_id}"))),
@@ -41,9 +43,17 @@ use crate::intake;
         (status = 503, description = "Ledger or RabbitMQ unavailable; send the same request again", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn submit(State(s): State<ApiState>, JsonBody(body): JsonBody) -> Response {
-    if let Err(r) = intake::parse(&body, &s.config.limits) {
-        return Problem::rejected(StatusCode::UNPROCESSABLE_ENTITY, *r).into_response();
+pub async fn submit(
+    State(s): State<ApiState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Response {
+    let request = match intake::parse(&body, &s.config.limits) {
+        Ok(request) => request,
+        Err(r) => return Problem::rejected(StatusCode::UNPROCESSABLE_ENTITY, *r).into_response(),
+    };
+    if let Err(refused) = caller.may_use(&request.account_id) {
+        return refused.into_response();
     }
     let publisher = match s.broker.publisher().await {
         Ok(p) => p,
@@ -86,6 +96,7 @@ pub async fn submit(State(s): State<ApiState>, JsonBody(body): JsonBody) -> Resp
     path = "/v1/batches/{id}",
     tag = "batches",
     params(("id" = String, Path, description = "The batch_id")),
+    security(("api_key" = ["reader"])),
     responses(
         (status = 200, description = "The batch", body = BatchView),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
@@ -95,12 +106,18 @@ pub async fn submit(State(s): State<ApiState>, JsonBody(body): JsonBody) -> Resp
 )]
 pub async fn show(
     State(s): State<ApiState>,
+    caller: Caller,
     PathId(id): PathId,
 ) -> Result<Json<BatchView>, Problem> {
-    match s.ledger.batch(&id).await? {
-        Some(b) => Ok(Json(b)),
-        None => Err(unknown_batch(&id)),
-    }
+    let found = s.ledger.batch(&id).await?;
+    let batch = caller.owned(
+        "batch",
+        &id,
+        found,
+        |b| &b.account_id,
+        || unknown_batch(&id),
+    )?;
+    Ok(Json(batch))
 }
 
 fn unknown_batch(id: &str) -> Problem {
@@ -133,6 +150,7 @@ pub struct CancelResponse {
     path = "/v1/batches/{id}/cancel",
     tag = "batches",
     params(("id" = String, Path, description = "The batch_id")),
+    security(("api_key" = ["producer"])),
     responses(
         (status = 200, description = "Cancelled and closed now: the final figures", body = CancelResponse),
         (status = 202, description = "Cancelling: running items finish, then the hold closes", body = CancelResponse),
@@ -142,7 +160,15 @@ pub struct CancelResponse {
         (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn cancel(State(s): State<ApiState>, PathId(id): PathId) -> Result<Response, Problem> {
+pub async fn cancel(
+    State(s): State<ApiState>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> Result<Response, Problem> {
+    if !caller.every_account() {
+        let account = s.ledger.batch_account(&id).await?;
+        caller.owned("batch", &id, account, |a| a, || unknown_batch(&id))?;
+    }
     let cancelled = match s.ledger.cancel_batch(&id).await {
         Err(holdfast_common::ledger::LedgerError::NotFound(_)) => return Err(unknown_batch(&id)),
         other => other?,

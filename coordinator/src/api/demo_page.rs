@@ -5,10 +5,14 @@
 //! decision's choices in a dialog.
 //!
 //! Plain HTML, CSS and JavaScript, embedded in the binary; no build step.
-//! The page only calls the public `/v1` endpoints, plus `POST /demo/grant`
-//! for its "Add credits" button. That endpoint grants credits without the
-//! admin token, so it is enabled only when `HOLDFAST_DEMO_GRANTS=1`;
-//! otherwise it answers 403. The admin token never reaches the page.
+//! The page itself is open; it calls the `/v1` endpoints with an API key
+//! the person gives it (typed in, or in the address's fragment,
+//! `/demo#key=hf_live_…`, which browsers never send to the server), kept in
+//! the tab's session storage. A producer key limited to the demo account is
+//! all it needs. Its "Add credits" button calls `POST /demo/grant`, which
+//! grants credits to an account the key may use without the admin scope, so
+//! it is enabled only when `HOLDFAST_DEMO_GRANTS=1`; otherwise it answers
+//! 403. The admin token never reaches the page.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -17,6 +21,7 @@ use axum::Json;
 use serde_json::Value;
 
 use super::accounts::AccountView;
+use super::auth::Caller;
 use super::body::{self, JsonBody};
 use super::problem::Problem;
 use super::ApiState;
@@ -124,9 +129,11 @@ fn parse_demo_grant(body: &[u8]) -> Result<DemoGrant, Problem> {
 }
 
 /// `POST /demo/grant {account_id, amount}`: add credits to an account from
-/// the reference page. Only when `HOLDFAST_DEMO_GRANTS=1`; 403 otherwise.
+/// the reference page, with a producer key that may use the account. Only
+/// when `HOLDFAST_DEMO_GRANTS=1`; 403 otherwise.
 pub async fn grant(
     State(s): State<ApiState>,
+    caller: Caller,
     body: Result<JsonBody, Problem>,
 ) -> Result<Json<AccountView>, Problem> {
     if !s.demo_grants {
@@ -139,6 +146,7 @@ pub async fn grant(
     }
     let JsonBody(body) = body?;
     let g = parse_demo_grant(&body)?;
+    caller.may_use(&g.account_id)?;
     s.ledger
         .grant(
             &g.account_id,

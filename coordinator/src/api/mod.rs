@@ -11,22 +11,31 @@
 //! - request bodies are limited to `HOLDFAST_MAX_MESSAGE_BYTES` (413), URLs
 //!   and header blocks to `HOLDFAST_HTTP_MAX_URL_BYTES` (414) and
 //!   `HOLDFAST_HTTP_MAX_HEADER_BYTES` (431);
+//! - each API key may send `HOLDFAST_HTTP_KEY_RATE` requests a second (in
+//!   bursts of `HOLDFAST_HTTP_KEY_BURST`), then 429 with `Retry-After`
+//!   ([`rate`]); at most `HOLDFAST_HTTP_MAX_CONNECTIONS` connections are open
+//!   at once ([`server`]);
 //! - slow clients are cut off: a request head must arrive within
 //!   `HOLDFAST_HTTP_HEADER_TIMEOUT_SECS` (else the connection is closed), a
 //!   body may pause for at most `HOLDFAST_HTTP_BODY_TIMEOUT_SECS` (408), a
 //!   whole request may take `HOLDFAST_HTTP_REQUEST_TIMEOUT_SECS` (503);
+//! - every `/v1` route takes `Authorization: Bearer <API key>` (or the
+//!   bootstrap admin token): 401 without a valid one, 403 when the key's
+//!   scope or accounts do not cover the request (see [`auth`]); health,
+//!   readiness, metrics, the OpenAPI document and the `/demo` page are open;
 //! - a handler that panics is answered 500, logged and counted;
 //! - the OpenAPI 3 document, generated from these handlers, is at `/openapi.json`.
 //!
 //! Modules: [`preview`], [`reservations`], [`batches`], [`accounts`],
-//! [`allowances`] hold the handlers; [`body`] reads requests; [`auth`] checks the admin token;
+//! [`allowances`], [`keys`] hold the handlers; [`body`] reads requests; [`auth`]
+//! checks credentials, scopes and accounts;
 //! [`broker`] is the lazily reconnecting publisher batch requests need;
 //! [`server`] accepts connections and [`guard`] wraps every request in the
 //! limits, timeouts and panic handling above.
 
 pub mod accounts;
 pub mod allowances;
-mod auth;
+pub mod auth;
 pub mod batches;
 mod body;
 pub mod bounds;
@@ -34,8 +43,10 @@ pub mod broker;
 pub mod demo_page;
 mod guard;
 mod heads;
+pub mod keys;
 pub mod preview;
 pub mod problem;
+mod rate;
 pub mod reservations;
 pub mod server;
 pub mod spenders;
@@ -46,6 +57,7 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -55,9 +67,9 @@ use holdfast_common::supervise::Heartbeat;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{OpenApi, ToSchema};
 
+use auth::{Access, ApiKeyScheme, AuthResponses};
 pub use broker::Broker;
 use guard::GuardResponses;
 pub use problem::Problem;
@@ -68,8 +80,9 @@ use crate::config::CoordinatorConfig;
 /// Settings of the HTTP API role.
 #[derive(Args, Clone)]
 pub struct ApiSettings {
-    /// Bearer token that the admin endpoints (grants, allowances) require; unset disables
-    /// them (403). Prefer the environment variable: flags show in process lists.
+    /// A bearer token with the admin scope, besides the API keys: the
+    /// credential to create the first keys with. Unset: only API keys are
+    /// accepted. Prefer the environment variable: flags show in process lists.
     #[arg(long, env = "HOLDFAST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
@@ -82,9 +95,36 @@ pub struct ApiSettings {
     )]
     pub admin_token_file: Option<std::path::PathBuf>,
 
+    /// Seconds what the database says about an API key is believed: a key
+    /// revoked by another process is refused here at most this much later.
+    /// 0: every request reads its key from the database.
+    #[arg(long, env = "HOLDFAST_API_KEY_CACHE_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub api_key_cache_secs: u64,
+
+    /// Requests a second each API key (and the admin token) may send to
+    /// this process on average; more are answered 429 with Retry-After.
+    /// 0: no limit.
+    #[arg(long, env = "HOLDFAST_HTTP_KEY_RATE", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub http_key_rate: u32,
+
+    /// Requests an API key may send at once, above its rate, before the
+    /// rate applies (a burst).
+    #[arg(long, env = "HOLDFAST_HTTP_KEY_BURST", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_key_burst: u32,
+
+    /// Most HTTP connections open at once; further clients wait in the
+    /// listen queue until one closes.
+    #[arg(long, env = "HOLDFAST_HTTP_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections: u32,
+
     /// Let the reference page at `/demo` add credits (`POST /demo/grant`)
-    /// without the admin token. For demonstrations only: anyone who can reach
-    /// the API can then grant credits.
+    /// with a producer key of the account, without the admin scope. For
+    /// demonstrations only: every producer key can then grant credits to its
+    /// accounts.
     #[arg(long, env = "HOLDFAST_DEMO_GRANTS", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     pub demo_grants: bool,
 
@@ -124,6 +164,10 @@ impl Default for ApiSettings {
         Self {
             admin_token: None,
             admin_token_file: None,
+            api_key_cache_secs: 10,
+            http_key_rate: 50,
+            http_key_burst: 100,
+            http_max_connections: limits.max_connections as u32,
             demo_grants: false,
             http_header_timeout_secs: limits.header_timeout.as_secs(),
             http_body_timeout_secs: limits.body_timeout.as_secs(),
@@ -139,6 +183,9 @@ impl std::fmt::Debug for ApiSettings {
         f.debug_struct("ApiSettings")
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("admin_token_file", &self.admin_token_file)
+            .field("api_key_cache_secs", &self.api_key_cache_secs)
+            .field("http_key_rate", &self.http_key_rate)
+            .field("http_key_burst", &self.http_key_burst)
             .field("demo_grants", &self.demo_grants)
             .field("server_limits", &self.server_limits())
             .finish()
@@ -163,6 +210,7 @@ impl ApiSettings {
             request_timeout: Duration::from_secs(self.http_request_timeout_secs),
             max_url_bytes: self.http_max_url_bytes as usize,
             max_header_bytes: self.http_max_header_bytes as usize,
+            max_connections: self.http_max_connections as usize,
         }
     }
 }
@@ -176,8 +224,8 @@ pub struct ApiState {
     pub metrics: PrometheusHandle,
     /// How batch requests are decided and dispatched (as by the coordinator role).
     pub config: Arc<CoordinatorConfig>,
-    /// The admin endpoints' bearer token; `None` disables them.
-    pub admin_token: Option<Arc<str>>,
+    /// The credentials: the admin token and the API keys.
+    pub access: Arc<Access>,
     /// RabbitMQ, connected on first use.
     pub broker: Arc<Broker>,
     /// Whether the reference page may add credits (`HOLDFAST_DEMO_GRANTS=1`).
@@ -214,14 +262,16 @@ impl ApiState {
             .to_pretty_json()
             .unwrap_or_default();
         Self {
+            access: Arc::new(Access::new(
+                settings.admin_token.as_deref(),
+                crate::keys::KeyStore::new(ledger.pool().clone()),
+                Duration::from_secs(settings.api_key_cache_secs),
+                settings.http_key_rate,
+                settings.http_key_burst,
+            )),
             ledger,
             metrics,
             config: Arc::new(config),
-            admin_token: settings
-                .admin_token
-                .as_deref()
-                .filter(|t| !t.is_empty())
-                .map(Arc::from),
             broker: Arc::new(broker),
             demo_grants: settings.demo_grants,
             sweeps: None,
@@ -262,34 +312,26 @@ impl ApiState {
         spenders::show,
         spenders::list,
         spenders::delete,
+        keys::create,
+        keys::list,
+        keys::show,
+        keys::revoke,
         healthz,
         ready,
         metrics,
     ),
     components(schemas(Problem)),
-    modifiers(&AdminToken, &GuardResponses),
+    modifiers(&ApiKeyScheme, &AuthResponses, &GuardResponses),
     tags(
         (name = "preview", description = "What a batch costs and what fits; holds nothing"),
         (name = "reservations", description = "Soft holds with a TTL"),
         (name = "batches", description = "Submit, follow and cancel batches"),
         (name = "accounts", description = "Balances, holds, grants, allowances and spenders"),
+        (name = "keys", description = "API keys (admin): create, list, revoke"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
 pub struct ApiDoc;
-
-/// Declares the `admin_token` bearer scheme used by the admin endpoints.
-struct AdminToken;
-
-impl utoipa::Modify for AdminToken {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "admin_token",
-            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
-        );
-    }
-}
 
 /// Every operation of a document (the methods this API serves).
 pub(crate) fn operations(
@@ -319,45 +361,93 @@ pub fn openapi_document(config: &CoordinatorConfig) -> utoipa::openapi::OpenApi 
     doc
 }
 
-/// The routes.
+/// The routes: the open ones, and those behind [`auth::authenticate`], each
+/// method with the scope it needs (the same as its OpenAPI `security`).
 pub fn router(state: ApiState) -> Router {
+    use crate::keys::Scope::{Admin, Producer, Reader};
     let limit = state.config.limits.max_message_bytes;
+    let needs = |scope| middleware::from_fn_with_state((state.clone(), scope), auth::authenticate);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .route("/v1/preview", post(preview::preview))
-        .route("/v1/reservations", post(reservations::create))
+        .route("/demo", get(demo_page::page))
+        .route("/demo/demo.css", get(demo_page::css))
+        .route("/demo/demo.js", get(demo_page::js))
+        .route(
+            "/demo/grant",
+            post(demo_page::grant).route_layer(needs(Producer)),
+        )
+        .route(
+            "/v1/preview",
+            post(preview::preview).route_layer(needs(Producer)),
+        )
+        .route(
+            "/v1/reservations",
+            post(reservations::create).route_layer(needs(Producer)),
+        )
         .route(
             "/v1/reservations/{id}",
-            get(reservations::show).delete(reservations::cancel),
+            get(reservations::show)
+                .route_layer(needs(Reader))
+                .merge(delete(reservations::cancel).route_layer(needs(Producer))),
         )
-        .route("/v1/batches", post(batches::submit))
-        .route("/v1/batches/{id}", get(batches::show))
-        .route("/v1/batches/{id}/cancel", post(batches::cancel))
-        .route("/v1/accounts/{id}", get(accounts::show))
-        .route("/v1/accounts/{id}/grants", post(accounts::grant))
+        .route(
+            "/v1/batches",
+            post(batches::submit).route_layer(needs(Producer)),
+        )
+        .route(
+            "/v1/batches/{id}",
+            get(batches::show).route_layer(needs(Reader)),
+        )
+        .route(
+            "/v1/batches/{id}/cancel",
+            post(batches::cancel).route_layer(needs(Producer)),
+        )
+        .route(
+            "/v1/accounts/{id}",
+            get(accounts::show).route_layer(needs(Reader)),
+        )
+        .route(
+            "/v1/accounts/{id}/grants",
+            post(accounts::grant).route_layer(needs(Admin)),
+        )
         .route(
             "/v1/accounts/{id}/grants/{grant_id}",
-            delete(accounts::void),
+            delete(accounts::void).route_layer(needs(Admin)),
         )
-        .route("/v1/accounts/{id}/allowances", post(allowances::create))
+        .route(
+            "/v1/accounts/{id}/allowances",
+            post(allowances::create).route_layer(needs(Admin)),
+        )
         .route(
             "/v1/accounts/{id}/allowances/{allowance_id}",
-            put(allowances::change).delete(allowances::stop),
+            put(allowances::change)
+                .delete(allowances::stop)
+                .route_layer(needs(Admin)),
         )
-        .route("/v1/accounts/{id}/spenders", get(spenders::list))
+        .route(
+            "/v1/accounts/{id}/spenders",
+            get(spenders::list).route_layer(needs(Admin)),
+        )
         .route(
             "/v1/accounts/{id}/spenders/{spender_id}",
             put(spenders::put)
                 .get(spenders::show)
-                .delete(spenders::delete),
+                .delete(spenders::delete)
+                .route_layer(needs(Admin)),
         )
-        .route("/demo", get(demo_page::page))
-        .route("/demo/demo.css", get(demo_page::css))
-        .route("/demo/demo.js", get(demo_page::js))
-        .route("/demo/grant", post(demo_page::grant))
+        .route(
+            "/v1/keys",
+            post(keys::create).get(keys::list).route_layer(needs(Admin)),
+        )
+        .route(
+            "/v1/keys/{id}",
+            get(keys::show)
+                .delete(keys::revoke)
+                .route_layer(needs(Admin)),
+        )
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::map_response(problem::problem_responses))
         .with_state(state)

@@ -13,6 +13,7 @@ use holdfast_common::pricing;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use super::auth::Caller;
 use super::body::JsonBody;
 use super::problem::Problem;
 use super::ApiState;
@@ -68,6 +69,7 @@ pub enum PreviewRequest {
     path = "/v1/preview",
     tag = "preview",
     request_body(content = PreviewRequest, content_type = "application/json"),
+    security(("api_key" = ["producer"])),
     responses(
         (status = 200, description = "The price, what fits, and the sentence to show", body = Preview),
         (status = 400, description = "Invalid request; `errors` names each field", body = Problem, content_type = "application/problem+json"),
@@ -79,10 +81,12 @@ pub enum PreviewRequest {
 )]
 pub async fn preview(
     State(s): State<ApiState>,
+    caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Preview>, Problem> {
     let request = intake::parse_preview(&body, &s.config.limits)
         .map_err(|r| Problem::rejected(StatusCode::BAD_REQUEST, *r))?;
+    caller.may_use(&request.account_id)?;
     let pots = s.ledger.pots(&request.account_id).await?;
     let spenders = s
         .ledger

@@ -236,7 +236,7 @@ impl IntoResponse for Problem {
             StatusCode::UNAUTHORIZED => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static(r#"Bearer realm="holdfast-admin""#),
+                    HeaderValue::from_static(r#"Bearer realm="holdfast""#),
                 );
             }
             StatusCode::SERVICE_UNAVAILABLE => {

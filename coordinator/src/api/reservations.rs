@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::auth::Caller;
 use super::body::{self, JsonBody, PathId};
 use super::preview::PreviewRequest;
 use super::problem::Problem;
@@ -180,6 +181,7 @@ fn parse(body: &[u8], s: &ApiState) -> Result<Wanted, Problem> {
     path = "/v1/reservations",
     tag = "reservations",
     request_body(content = ReservationRequest, content_type = "application/json"),
+    security(("api_key" = ["producer"])),
     responses(
         (status = 201, description = "Held; `Location` names the reservation", body = Reservation,
             headers(("Location" = String, description = "/v1/reservations/{reservation_id}"))),
@@ -193,9 +195,11 @@ fn parse(body: &[u8], s: &ApiState) -> Result<Wanted, Problem> {
 )]
 pub async fn create(
     State(s): State<ApiState>,
+    caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Problem> {
     let wanted = parse(&body, &s)?;
+    caller.may_use(&wanted.account_id)?;
     let r = s
         .ledger
         .reserve_soft_for(
@@ -215,6 +219,7 @@ pub async fn create(
     path = "/v1/reservations/{id}",
     tag = "reservations",
     params(("id" = String, Path, description = "The reservation_id")),
+    security(("api_key" = ["reader"])),
     responses(
         (status = 200, description = "The reservation", body = Reservation),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
@@ -224,9 +229,32 @@ pub async fn create(
 )]
 pub async fn show(
     State(s): State<ApiState>,
+    caller: Caller,
     PathId(id): PathId,
 ) -> Result<Json<Reservation>, Problem> {
-    Ok(Json(s.ledger.reservation(&id).await?))
+    Ok(Json(owned(&s, &caller, &id).await?))
+}
+
+/// The reservation `id`, if the caller may use its account (see [`Caller::owned`]).
+async fn owned(s: &ApiState, caller: &Caller, id: &str) -> Result<Reservation, Problem> {
+    use holdfast_common::ledger::LedgerError;
+    let (found, missing) = match s.ledger.reservation(id).await {
+        Ok(r) => (Some(r), None),
+        Err(e @ LedgerError::NotFound(_)) => (None, Some(e)),
+        Err(e) => return Err(e.into()),
+    };
+    caller.owned(
+        "reservation",
+        id,
+        found,
+        |r| &r.account_id,
+        || {
+            missing.map_or_else(
+                || Problem::status(StatusCode::NOT_FOUND, "no such reservation"),
+                Problem::from,
+            )
+        },
+    )
 }
 
 /// Cancel a soft hold no batch has consumed: its credits return at once.
@@ -236,6 +264,7 @@ pub async fn show(
     path = "/v1/reservations/{id}",
     tag = "reservations",
     params(("id" = String, Path, description = "The reservation_id")),
+    security(("api_key" = ["producer"])),
     responses(
         (status = 200, description = "The reservation, now closed (or as it already was)", body = Reservation),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
@@ -246,7 +275,11 @@ pub async fn show(
 )]
 pub async fn cancel(
     State(s): State<ApiState>,
+    caller: Caller,
     PathId(id): PathId,
 ) -> Result<Json<Reservation>, Problem> {
+    if !caller.every_account() {
+        owned(&s, &caller, &id).await?;
+    }
     Ok(Json(s.ledger.cancel_soft(&id).await?))
 }

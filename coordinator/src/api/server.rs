@@ -11,7 +11,8 @@
 //! ([`super::heads`]); our other limits ([`ServerLimits`]) sit below hyper's
 //! and are answered by [`super::guard`]. A client that has not sent
 //! a whole request head within the header timeout is disconnected without an
-//! answer; the same timeout closes an idle keep-alive connection.
+//! answer; the same timeout closes an idle keep-alive connection. At most
+//! [`ServerLimits::max_connections`] connections are served at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +60,9 @@ pub struct ServerLimits {
     pub max_url_bytes: usize,
     /// Largest header block (`name: value` lines): 431 above it.
     pub max_header_bytes: usize,
+    /// Most connections served at once; the next clients wait in the
+    /// listen queue (the kernel's backlog) until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ServerLimits {
@@ -69,6 +73,7 @@ impl Default for ServerLimits {
             request_timeout: Duration::from_secs(60),
             max_url_bytes: 8 * 1024,
             max_header_bytes: 16 * 1024,
+            max_connections: 1024,
         }
     }
 }
@@ -90,7 +95,18 @@ pub async fn serve(
         .max_buf_size(HEAD_BUFFER_BYTES);
     // Owns every connection: dropped, it closes those still open.
     let mut connections = JoinSet::new();
+    let mut full = false;
     loop {
+        // At the cap, stop accepting: new clients wait in the listen queue
+        // until a connection ends (each is bounded by the timeouts).
+        let room = connections.len() < limits.max_connections.max(1);
+        if !room && !full {
+            tracing::warn!(
+                max = limits.max_connections,
+                "HTTP connections at HOLDFAST_HTTP_MAX_CONNECTIONS; new clients wait"
+            );
+        }
+        full = !room;
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(done) = connections.join_next(), if !connections.is_empty() => {
@@ -99,7 +115,7 @@ pub async fn serve(
                 }
                 continue;
             }
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if room => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;

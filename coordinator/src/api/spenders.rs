@@ -5,7 +5,7 @@
 //! Usage per spender is served here, never as a metric label.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -15,7 +15,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::auth::require_admin;
 use super::body::{self, JsonBody, PathId, PathIds};
 use super::problem::Problem;
 use super::ApiState;
@@ -135,8 +134,6 @@ fn spender_path(ids: Result<PathIds, Problem>) -> Result<(String, String), Probl
     Ok((id, spender))
 }
 
-const UNAUTHORIZED: &str = "Missing or wrong bearer token";
-
 /// Create or change a spender (admin). Its usage in the current period
 /// stays; a new limit applies to it at once.
 #[utoipa::path(
@@ -148,14 +145,12 @@ const UNAUTHORIZED: &str = "Missing or wrong bearer token";
         ("spender_id" = String, Path, description = "The spender id", example = "design"),
     ),
     request_body(content = SpenderRequest, content_type = "application/json"),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "Changed: the spender and its usage", body = Spender),
         (status = 201, description = "Created: the spender", body = Spender),
         (status = 400, description = "Invalid request (a cycle, more than 8 levels, an unknown parent); `errors` names each field", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = UNAUTHORIZED, body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled, or this process's database user may not manage spenders", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "This process's database user may not manage spenders", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
@@ -164,11 +159,9 @@ const UNAUTHORIZED: &str = "Missing or wrong bearer token";
 )]
 pub async fn put(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     ids: Result<PathIds, Problem>,
     body: Result<JsonBody, Problem>,
 ) -> Result<Response, Problem> {
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let (id, spender) = spender_path(ids)?;
     let JsonBody(body) = body?;
     let spec = parse_spender(&body)?;
@@ -190,23 +183,18 @@ pub async fn put(
         ("id" = String, Path, description = "The account id", example = "acme"),
         ("spender_id" = String, Path, description = "The spender id", example = "design"),
     ),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "The spender and its usage in the current period", body = Spender),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = UNAUTHORIZED, body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account or spender", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn show(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     ids: Result<PathIds, Problem>,
 ) -> Result<Json<Spender>, Problem> {
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let (id, spender) = spender_path(ids)?;
     Ok(Json(s.ledger.spender(&id, &spender).await?))
 }
@@ -217,23 +205,18 @@ pub async fn show(
     path = "/v1/accounts/{id}/spenders",
     tag = "accounts",
     params(("id" = String, Path, description = "The account id", example = "acme")),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "The spenders and their usage in their current periods", body = Vec<Spender>),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = UNAUTHORIZED, body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     id: Result<PathId, Problem>,
 ) -> Result<Json<Vec<Spender>>, Problem> {
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let PathId(id) = id?;
     Ok(Json(s.ledger.spenders(&id).await?))
 }
@@ -248,13 +231,11 @@ pub async fn list(
         ("id" = String, Path, description = "The account id", example = "acme"),
         ("spender_id" = String, Path, description = "The spender id", example = "design"),
     ),
-    security(("admin_token" = [])),
+    security(("api_key" = ["admin"])),
     responses(
         (status = 204, description = "Removed"),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = UNAUTHORIZED, body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"holdfast-admin\""))),
-        (status = 403, description = "Admin API disabled, or this process's database user may not manage spenders", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "This process's database user may not manage spenders", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown account or spender", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Spenders below it, or open holds against it", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Ledger unavailable; retry", body = Problem, content_type = "application/problem+json"),
@@ -262,10 +243,8 @@ pub async fn list(
 )]
 pub async fn delete(
     State(s): State<ApiState>,
-    headers: HeaderMap,
     ids: Result<PathIds, Problem>,
 ) -> Result<StatusCode, Problem> {
-    require_admin(s.admin_token.as_deref(), &headers)?;
     let (id, spender) = spender_path(ids)?;
     s.ledger.delete_spender(&id, &spender).await?;
     Ok(StatusCode::NO_CONTENT)

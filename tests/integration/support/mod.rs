@@ -15,6 +15,7 @@ use holdfast_common::database;
 use holdfast_common::ledger::{BatchView, Ledger, ReserveInput};
 use holdfast_common::messages::{BatchRequest, Decision, Event};
 use holdfast_common::topology::{self, Names};
+use holdfast_coordinator::keys::{Accounts, KeySpec, KeyStore, Scope};
 use holdfast_worker::Generator;
 use lapin::options::BasicGetOptions;
 use serde_json::{json, Value};
@@ -168,6 +169,27 @@ impl TestFleet {
         for f in self.fleets.drain(..) {
             f.stop().await;
         }
+    }
+
+    /// A new API key on this test's database, as `holdfast key create`
+    /// makes one: `scope`, limited to `accounts` (none: every account).
+    pub async fn api_key(&self, scope: Scope, accounts: &[&str]) -> String {
+        let accounts = if accounts.is_empty() {
+            Accounts::All
+        } else {
+            Accounts::Only(accounts.iter().map(|a| a.to_string()).collect())
+        };
+        let spec = KeySpec {
+            scope,
+            accounts,
+            expires_at: None,
+            name: Some("test".into()),
+        };
+        KeyStore::new(self.ledger.pool().clone())
+            .create(&spec)
+            .await
+            .expect("create an API key")
+            .key
     }
 
     pub async fn grant(&self, account: &str, amount: i64) {
