@@ -1,7 +1,7 @@
 //! A producer client: publish batch requests the way any AMQP client would
-//! (default exchange, routing key `<ns>.requests`, `reply_to` + `correlation_id`)
-//! and read the answers from a private reply queue. `holdfast submit` and the
-//! tests use it.
+//! (exchange `<ns>.intake`, routing key `requests`, `reply_to` +
+//! `correlation_id`, and `user_id` = the login) and read the answers from a
+//! private reply queue. `holdfast submit` and the tests use it.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -22,10 +22,13 @@ pub struct Producer {
     reply_queue: String,
     replies: Consumer,
     pending: HashMap<String, VecDeque<Event>>,
+    user_id: Option<String>,
 }
 
 impl Producer {
-    /// Connect, make sure the topology exists, and open an exclusive reply queue.
+    /// Connect, make sure the topology exists (unless `queues.declare` is
+    /// off), and open an exclusive reply queue. Requests carry the URL's user
+    /// name as `user_id` (RabbitMQ checks it against the login).
     pub async fn connect(
         amqp_url: &str,
         names: &Names,
@@ -33,6 +36,10 @@ impl Producer {
     ) -> anyhow::Result<Self> {
         let conn =
             topology::connect(amqp_url, &format!("holdfast-producer/{}", names.namespace)).await?;
+        let user_id = amqp_url
+            .parse::<lapin::uri::AMQPUri>()
+            .ok()
+            .map(|u| u.authority.userinfo.username);
         let channel = conn.create_channel().await?;
         topology::declare(&channel, names, queues).await?;
         let queue = channel
@@ -66,14 +73,21 @@ impl Producer {
             reply_queue,
             replies,
             pending: HashMap::new(),
+            user_id,
         })
+    }
+
+    /// The `user_id` property of the requests sent from now on; `None` sends
+    /// none (a producer is free to leave it out; RabbitMQ checks it only when set).
+    pub fn set_user_id(&mut self, user_id: Option<String>) {
+        self.user_id = user_id;
     }
 
     /// Publish one request body (any bytes: the coordinator validates) and wait for the broker's confirm.
     pub async fn send(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
         let props = self.properties(correlation_id)?;
         self.publisher
-            .publish_confirmed("", &self.names.requests(), body, props)
+            .publish_confirmed(&self.names.intake(), "requests", body, props)
             .await?;
         Ok(())
     }
@@ -90,7 +104,7 @@ impl Producer {
                 let props = self.properties(correlation_id)?;
                 confirms.push(
                     self.publisher
-                        .publish("", &self.names.requests(), body, props)
+                        .publish(&self.names.intake(), "requests", body, props)
                         .await?,
                 );
             }
@@ -104,7 +118,11 @@ impl Producer {
     /// A request's properties: answers to our reply queue, tagged with
     /// `correlation_id` (or, past 255 bytes, its hash: see [`short_id`]).
     fn properties(&self, correlation_id: &str) -> Result<BasicProperties, BrokerError> {
-        Ok(json_properties()
+        let mut props = json_properties();
+        if let Some(user) = &self.user_id {
+            props = props.with_user_id(topology::short("a user_id", user)?);
+        }
+        Ok(props
             .with_reply_to(topology::short("a reply queue", &self.reply_queue)?)
             .with_correlation_id(topology::short(
                 "a correlation_id",
@@ -158,7 +176,7 @@ impl Producer {
     ) -> anyhow::Result<Event> {
         let props = self.properties(correlation_id)?;
         self.publisher
-            .publish_confirmed("", &self.names.previews(), body, props)
+            .publish_confirmed(&self.names.intake(), "previews", body, props)
             .await?;
         self.next_for(correlation_id, timeout).await
     }

@@ -208,6 +208,10 @@ pub struct QueueSettings {
     /// Deliveries of one item job before RabbitMQ dead-letters it.
     #[arg(long, env = "HOLDFAST_JOB_DELIVERY_LIMIT", default_value_t = 5)]
     pub job_delivery_limit: u32,
+    /// Declare the namespace's queues and exchanges at start (`false` for a
+    /// broker user without configure permissions: see docs/security.md).
+    #[arg(long = "amqp-declare", env = "HOLDFAST_AMQP_DECLARE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub declare: bool,
 }
 
 impl Default for QueueSettings {
@@ -215,6 +219,7 @@ impl Default for QueueSettings {
         Self {
             request_delivery_limit: 20,
             job_delivery_limit: 5,
+            declare: true,
         }
     }
 }

@@ -45,6 +45,101 @@ impl Names {
     pub fn previews(&self) -> String {
         format!("{}.previews", self.namespace)
     }
+    /// Direct exchange producers publish to: routing key `requests` reaches
+    /// the requests queue, `previews` the previews queue. A broker user
+    /// allowed to write here can reach those two queues and nothing else
+    /// (the default exchange reaches every queue by name).
+    pub fn intake(&self) -> String {
+        format!("{}.intake", self.namespace)
+    }
+
+    /// The least-privilege RabbitMQ permissions of `role` on this namespace
+    /// (see docs/security.md, "Broker users").
+    pub fn permissions(&self, role: BrokerRole) -> Permissions {
+        let ns = regex_escape(&self.namespace);
+        let one_of = |suffixes: &[&str]| {
+            let alts: Vec<String> = suffixes.iter().map(|s| regex_escape(s)).collect();
+            format!("^{ns}\\.({})$", alts.join("|"))
+        };
+        // Server-named exclusive reply queues (`amq.gen-…`). Exclusive: only
+        // the connection that declared one may consume it.
+        const REPLY_QUEUES: &str = "^amq\\.gen-.*$";
+        const NOTHING: &str = "^$";
+        const ALL: &[&str] = &[
+            "requests",
+            "jobs",
+            "events",
+            "dead",
+            "requests.dead",
+            "jobs.dead",
+            "previews",
+            "intake",
+        ];
+        match role {
+            BrokerRole::Producer => Permissions {
+                configure: REPLY_QUEUES.into(),
+                write: one_of(&["intake"]),
+                read: REPLY_QUEUES.into(),
+            },
+            // `amq.default`: a batch's `completed` summary goes to its
+            // producer's reply queue, which only the default exchange reaches.
+            BrokerRole::Worker => Permissions {
+                configure: NOTHING.into(),
+                write: format!("^(amq\\.default|{ns}\\.(events|dead))$"),
+                read: one_of(&["jobs"]),
+            },
+            BrokerRole::Reconciler => Permissions {
+                configure: NOTHING.into(),
+                write: format!("^(amq\\.default|{ns}\\.(events|dead))$"),
+                read: NOTHING.into(),
+            },
+            BrokerRole::Coordinator => Permissions {
+                configure: one_of(ALL),
+                write: format!(
+                    "^(amq\\.default|{ns}\\.({}))$",
+                    ALL.iter()
+                        .map(|s| regex_escape(s))
+                        .collect::<Vec<_>>()
+                        .join("|")
+                ),
+                read: one_of(ALL),
+            },
+        }
+    }
+}
+
+/// The roles that get a RabbitMQ user of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerRole {
+    /// Publishes batch requests and previews, reads its own reply queue.
+    Producer,
+    /// Declares the topology, consumes requests and previews, publishes
+    /// jobs, answers and events.
+    Coordinator,
+    /// Consumes jobs, publishes events, parks jobs.
+    Worker,
+    /// Re-dispatches jobs, publishes events.
+    Reconciler,
+}
+
+/// RabbitMQ's three permission regexes of one user on one vhost.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Permissions {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+/// `s` with every regex metacharacter escaped (RabbitMQ uses PCRE-like regexes).
+pub fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for c in s.chars() {
+        if "\\.^$|?*+()[]{}-/".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The longest namespace: every name it prefixes (the longest suffix is
@@ -105,12 +200,17 @@ fn plain_quorum() -> FieldTable {
     t
 }
 
-/// Declare every exchange and queue of `names`. Idempotent.
+/// Declare every exchange and queue of `names`. Idempotent. Does nothing
+/// when `settings.declare` is off (a broker user without configure
+/// permissions: the coordinator, or an operator, declares).
 pub async fn declare(
     channel: &Channel,
     names: &Names,
     settings: &QueueSettings,
 ) -> Result<(), BrokerError> {
+    if !settings.declare {
+        return Ok(());
+    }
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -169,6 +269,28 @@ pub async fn declare(
     channel
         .queue_declare(names.previews().into(), durable_queue, plain_quorum())
         .await?;
+    channel
+        .exchange_declare(
+            names.intake().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    for (queue, key) in [
+        (names.requests(), "requests"),
+        (names.previews(), "previews"),
+    ] {
+        channel
+            .queue_bind(
+                queue.into(),
+                names.intake().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(())
 }
 
@@ -185,10 +307,31 @@ pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError>
             .queue_delete(q.into(), QueueDeleteOptions::default())
             .await?;
     }
-    for x in [names.events(), names.dead_exchange()] {
+    for x in [names.events(), names.dead_exchange(), names.intake()] {
         channel
             .exchange_delete(x.into(), ExchangeDeleteOptions::default())
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_are_anchored_and_escaped() {
+        let names = Names::new("t.1+x");
+        let p = names.permissions(BrokerRole::Producer);
+        assert_eq!(p.configure, r"^amq\.gen-.*$");
+        assert_eq!(p.write, r"^t\.1\+x\.(intake)$");
+        assert_eq!(p.read, r"^amq\.gen-.*$");
+        let w = names.permissions(BrokerRole::Worker);
+        assert_eq!(w.configure, "^$");
+        assert_eq!(w.write, r"^(amq\.default|t\.1\+x\.(events|dead))$");
+        assert_eq!(w.read, r"^t\.1\+x\.(jobs)$");
+        let c = names.permissions(BrokerRole::Coordinator);
+        assert!(c.configure.contains(r"requests\.dead|"), "{}", c.configure);
+        assert!(c.write.starts_with(r"^(amq\.default|t\.1\+x\."));
+    }
 }
