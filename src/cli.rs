@@ -68,6 +68,13 @@ pub enum Command {
     /// API keys of the HTTP API: create (shown once), list, revoke.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The least-privilege RabbitMQ permissions of a role's broker user on the
+    /// namespace: its configure, write and read regexes, one a line (see
+    /// scripts/rabbitmq-users.sh, which applies them).
+    AmqpPermissions {
+        #[arg(value_enum)]
+        role: holdfast_common::topology::BrokerRole,
+    },
 }
 
 #[derive(Subcommand)]

@@ -96,6 +96,18 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<i32> {
         Command::Spender(cmd) => spender(conn, cmd, json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
         Command::Key(cmd) => key(conn, cmd, json).await,
+        Command::AmqpPermissions { role } => {
+            let p = Names::new(conn.namespace.clone()).permissions(role);
+            if json {
+                report::json(&p);
+            } else {
+                println!(
+                    "configure\t{}\nwrite\t{}\nread\t{}",
+                    p.configure, p.write, p.read
+                );
+            }
+            Ok(0)
+        }
     }
 }
 

@@ -10,6 +10,10 @@ use crate::topology::{json_properties, short, BrokerError, Confirms, Names, Publ
 pub struct ReplyTo {
     pub queue: Option<String>,
     pub correlation_id: Option<String>,
+    /// Where the request came from: `Some` over AMQP, holding the message's
+    /// `user_id` property (which RabbitMQ checked against the sender's
+    /// login), if it had one; `None` for other routes (HTTP).
+    pub amqp_user_id: Option<Option<String>>,
 }
 
 impl ReplyTo {
@@ -18,6 +22,7 @@ impl ReplyTo {
         Self {
             queue: properties.reply_to().as_ref().map(|s| s.to_string()),
             correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+            amqp_user_id: Some(properties.user_id().as_ref().map(|s| s.to_string())),
         }
     }
 }
@@ -106,6 +111,7 @@ pub async fn completed(
         let to = ReplyTo {
             queue: b.reply_to.clone(),
             correlation_id: b.correlation_id.clone(),
+            amqp_user_id: None,
         };
         reply(publisher, &to, &body, &mut confirms).await?;
         let confirm = publisher

@@ -6,6 +6,8 @@
 use std::time::Duration;
 
 use clap::Args;
+
+use crate::bindings::AccountBindings;
 use holdfast_common::config::{Limits, QueueSettings};
 use holdfast_common::supervise::Heartbeat;
 use holdfast_common::topology::Names;
@@ -31,6 +33,11 @@ pub struct CoordinatorSettings {
     /// Longest TTL a soft hold may ask for, in seconds.
     #[arg(long, env = "HOLDFAST_MAX_RESERVATION_TTL_SECS", default_value_t = 900)]
     pub max_reservation_ttl_secs: u64,
+    /// Account bindings of AMQP producers, `user:account,…` (`user:*`: every
+    /// account). When set, a request over AMQP must carry a `user_id` bound
+    /// to its `account_id`, or it is rejected. Unset: off.
+    #[arg(long, env = "HOLDFAST_AMQP_ACCOUNT_BINDINGS")]
+    pub amqp_account_bindings: Option<AccountBindings>,
 }
 
 impl Default for CoordinatorSettings {
@@ -42,6 +49,7 @@ impl Default for CoordinatorSettings {
             execution_timeout_secs: 3600,
             sequential_chunk: 10,
             max_reservation_ttl_secs: 900,
+            amqp_account_bindings: None,
         }
     }
 }

@@ -108,7 +108,12 @@ impl Decider {
         let mut parsed = Vec::with_capacity(requests.len());
         for (i, (body, reply)) in requests.iter().enumerate() {
             match intake::parse(body, &self.config.limits) {
-                Ok(request) => parsed.push((i, request)),
+                Ok(request) => match self.unbound(&request, reply) {
+                    None => parsed.push((i, request)),
+                    Some(rejected) => {
+                        outcomes[i] = Some(Ok(self.reject(body, reply, rejected).await?))
+                    }
+                },
                 Err(rejected) => outcomes[i] = Some(Ok(self.reject(body, reply, rejected).await?)),
             }
         }
@@ -191,6 +196,19 @@ impl Decider {
             published.fresh.push(request.batch_id.clone());
         }
         Ok(published)
+    }
+
+    /// The rejection of a request over AMQP whose `user_id` is not bound to
+    /// its account, when account bindings are on (see [`crate::bindings`]).
+    fn unbound(&self, request: &BatchRequest, reply: &ReplyTo) -> Option<Box<Rejected>> {
+        let bindings = self.config.settings.amqp_account_bindings.as_ref()?;
+        let user_id = reply.amqp_user_id.as_ref()?;
+        let reason = bindings
+            .check(user_id.as_deref(), &request.account_id)
+            .err()?;
+        let mut r = Rejected::one(Some(request.batch_id.clone()), "user_id", reason);
+        r.account_id = Some(request.account_id.clone());
+        Some(Box::new(r))
     }
 
     /// Answer `rejected` and park the original message, with the reason, in the dead-letter queue.

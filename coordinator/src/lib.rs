@@ -22,9 +22,11 @@
 //! - [`previews`]: quota previews over AMQP.
 //! - [`reconcile`]: the reconciler role.
 //! - [`api`]: the HTTP API role.
+//! - [`bindings`]: which broker users may submit for which accounts.
 //! - [`keys`]: the API keys its requests carry (create, list, revoke, check).
 
 pub mod api;
+pub mod bindings;
 pub mod config;
 pub mod decide;
 pub mod intake;
