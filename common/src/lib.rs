@@ -15,6 +15,7 @@
 //! - [`telemetry`]: logs and the Prometheus metrics, recorded in one place.
 //! - [`supervise`]: catching a panic in one unit of work, so no panic ends a role.
 //! - [`faults`]: named crash points used by the fault-injection tests.
+//! - [`tls`]: TLS client settings for PostgreSQL and RabbitMQ (CA files, how much is verified).
 
 pub mod breakdown;
 pub mod config;
@@ -27,4 +28,5 @@ pub mod messages;
 pub mod pricing;
 pub mod supervise;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;

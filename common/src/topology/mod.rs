@@ -14,14 +14,17 @@
 //!
 //! The module is split by concern: [`names`] (the names of a namespace and
 //! their declarations), [`publisher`] (publishing with confirms), [`session`]
-//! (connections, consuming sessions and their supervision).
+//! (connections, consuming sessions and their supervision), [`endpoint`]
+//! (an AMQP URL made ready to connect, with TLS for `amqps://`).
 
 use lapin::types::ShortString;
 
+mod endpoint;
 mod names;
 mod publisher;
 mod session;
 
+pub use endpoint::Endpoint;
 pub use names::*;
 pub use publisher::*;
 pub use session::*;
@@ -57,6 +60,27 @@ pub enum BrokerError {
     /// The AMQP URL does not parse: fix the setting, retrying will not help.
     #[error("the AMQP URL for {0} is not valid: {1}")]
     Url(String, String),
+    /// The CA file of `cacertfile=` cannot be used: fix the setting.
+    #[error("TLS to RabbitMQ at {0}: {1}")]
+    TlsSetup(String, #[source] crate::tls::TlsError),
+    /// The broker's certificate did not pass the checks: retrying will not
+    /// help until the certificate, the CA file or the host name changes.
+    #[error("TLS to RabbitMQ at {broker} refused the broker's certificate ({checks}): {reason}")]
+    Tls {
+        broker: String,
+        checks: String,
+        reason: String,
+    },
+}
+
+impl BrokerError {
+    /// True for errors of the settings or certificates, which no retry cures.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Url(..) | BrokerError::TlsSetup(..) | BrokerError::Tls { .. }
+        )
+    }
 }
 
 /// `host:port/vhost` of an AMQP URL, for messages: never the password.

@@ -9,7 +9,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::config::QueueSettings;
 
-use super::{declare, describe, BrokerError, Names, Publisher};
+use super::{declare, BrokerError, Endpoint, Names, Publisher};
 
 /// The AMQP frame size Holdfast asks for unless the URL names one
 /// (`?frame_max=`). lapin keeps two ring buffers of 32 frames per
@@ -19,22 +19,22 @@ use super::{declare, describe, BrokerError, Names, Publisher};
 /// so no size limit changes.
 pub const FRAME_MAX: u32 = 32 * 1024;
 
-/// Connect, retrying with backoff for about a minute while the broker is away.
+/// Connect, retrying with backoff for about a minute while the broker is
+/// away. A URL, CA file or certificate that cannot work fails at once.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let mut uri: lapin::uri::AMQPUri = url
-        .parse()
-        .map_err(|e| BrokerError::Url(describe(url), e))?;
-    uri.query.frame_max.get_or_insert(FRAME_MAX);
-    let conn = (|| Connection::connect_uri(uri.clone(), props.clone()))
+    let mut endpoint = Endpoint::parse(url)?;
+    endpoint.uri.query.frame_max.get_or_insert(FRAME_MAX);
+    let conn = (|| endpoint.connect(props.clone()))
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))
                 .with_max_delay(Duration::from_secs(5))
                 .with_max_times(20),
         )
+        .when(|e| !e.is_permanent())
         .notify(|e, after| {
-            tracing::warn!(error = %e, ?after, broker = %describe(url), "connecting to RabbitMQ: retrying")
+            tracing::warn!(error = %e, ?after, broker = %endpoint.describe(), "connecting to RabbitMQ: retrying")
         })
         .await?;
     Ok(conn)
@@ -196,9 +196,12 @@ pub async fn close_channel(channel: &Channel, reason: &str) {
 
 /// True when RabbitMQ accepts a connection (for readiness probes).
 pub async fn ping(url: &str) -> bool {
+    let Ok(endpoint) = Endpoint::parse(url) else {
+        return false;
+    };
     match tokio::time::timeout(
         Duration::from_secs(3),
-        Connection::connect(url, ConnectionProperties::default()),
+        endpoint.connect(ConnectionProperties::default()),
     )
     .await
     {

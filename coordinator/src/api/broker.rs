@@ -72,7 +72,7 @@ impl Broker {
     async fn connect(&self) -> Result<Link, BrokerError> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("holdfast-api/{}", self.names.namespace).into());
-        let connection = Connection::connect(&self.url, props).await?;
+        let connection = topology::Endpoint::parse(&self.url)?.connect(props).await?;
         let channel = connection.create_channel().await?;
         topology::declare(&channel, &self.names, &self.queues).await?;
         topology::close_channel(&channel, "declared").await;
