@@ -80,6 +80,40 @@ pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// What a refused certificate means, in words, when `error` (or an error
+/// in its source chain, including inside an `io::Error`) is one rustls
+/// raised while checking the server's certificate.
+pub fn explain(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let found = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(c)) = found {
+            return Some(match c {
+                CertificateError::UnknownIssuer => {
+                    "the server's certificate was not issued by a CA of the CA file"
+                }
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => {
+                    "the server's certificate was issued for other names than the host connected to"
+                }
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    "the server's certificate has expired"
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    "the server's certificate is not valid yet (or this machine's clock is wrong)"
+                }
+                _ => "the server's certificate did not pass the checks",
+            });
+        }
+        next = e.source();
+    }
+    None
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }

@@ -28,8 +28,9 @@ pub enum DatabaseError {
     #[error("the database URL names no database")]
     NoDatabaseName,
     #[error(
-        "cannot connect to PostgreSQL at {target}: {}",
-        crate::ledger::pg_message(source)
+        "cannot connect to PostgreSQL at {target}: {}{}",
+        crate::ledger::pg_message(source),
+        crate::tls::explain(source).map(|why| format!(" ({why})")).unwrap_or_default()
     )]
     Connect {
         target: String,

@@ -137,10 +137,13 @@ impl Endpoint {
 
     fn classify(&self, e: lapin::Error) -> BrokerError {
         let tls_error = match e.kind() {
-            lapin::ErrorKind::IOError(io) => io
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .map(ToString::to_string),
+            lapin::ErrorKind::IOError(io) => {
+                let as_error: &(dyn std::error::Error + 'static) = io.as_ref();
+                tls::explain(as_error).map(|why| {
+                    let detail = io.get_ref().map(ToString::to_string).unwrap_or_default();
+                    format!("{detail} ({why})")
+                })
+            }
             _ => None,
         };
         match (tls_error, self.tls_checks()) {

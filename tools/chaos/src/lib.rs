@@ -16,7 +16,7 @@ mod checks;
 mod load;
 mod report;
 mod scenarios;
-mod services;
+pub mod services;
 mod stage;
 
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ use clap::Args;
 pub use checks::{count, Counts, Sent};
 pub use report::{print, Report, Row};
 pub use services::ServiceSettings;
-use services::Services;
+pub use services::Services;
 
 /// What to run.
 #[derive(Args, Clone, Debug)]
@@ -51,13 +51,7 @@ pub struct ChaosArgs {
 /// Run the selected scenarios on fresh throwaway services, removed afterwards
 /// (also on error and on Ctrl-C / SIGTERM).
 pub async fn run(args: &ChaosArgs) -> anyhow::Result<Report> {
-    for only in &args.only {
-        anyhow::ensure!(
-            scenarios::ALL.contains(&only.as_str()),
-            "no scenario `{only}`; there are: {}",
-            scenarios::ALL.join(", ")
-        );
-    }
+    check_names(args)?;
     let started = Instant::now();
     let mut services = Services::start(&args.services).await?;
     let rows = tokio::select! {
@@ -65,13 +59,36 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<Report> {
         signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}; services stopped")),
     };
     services.shutdown().await;
-    let rows = rows?;
+    Ok(report(rows?, started))
+}
+
+/// Run the selected scenarios on `services`, started by the caller (who
+/// stops them): the TLS test runs a scenario and then its own checks on the
+/// same TLS services. `args.services` is not used.
+pub async fn run_on(services: &mut Services, args: &ChaosArgs) -> anyhow::Result<Report> {
+    check_names(args)?;
+    let started = Instant::now();
+    Ok(report(run_scenarios(services, args).await, started))
+}
+
+fn check_names(args: &ChaosArgs) -> anyhow::Result<()> {
+    for only in &args.only {
+        anyhow::ensure!(
+            scenarios::ALL.contains(&only.as_str()),
+            "no scenario `{only}`; there are: {}",
+            scenarios::ALL.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn report(rows: Vec<Row>, started: Instant) -> Report {
     let passed = !rows.is_empty() && rows.iter().all(|r| r.passed);
-    Ok(Report {
+    Report {
         rows,
         wall_secs: started.elapsed().as_secs_f64(),
         passed,
-    })
+    }
 }
 
 async fn interrupted() -> &'static str {

@@ -10,10 +10,15 @@
 //!   empty plugin file (the main node's Prometheus port would clash) and its
 //!   own Erlang cookie; `rabbitmqctl -n <node>` controls it.
 //!
+//! With `--tls` ([`ServiceSettings::tls`]) a throwaway CA made for the run
+//! ([`certs`]) signs a certificate for `localhost`, and both serve TLS only:
+//! the URLs are `amqps://…?cacertfile=` and `sslmode=verify-full`.
+//!
 //! Both are stopped and their directories removed by [`Services::shutdown`],
 //! and, should that not run (a panic), by their `Drop`: PostgreSQL with an
 //! immediate stop, RabbitMQ by killing its process.
 
+pub mod certs;
 mod host;
 mod postgres;
 mod rabbitmq;
@@ -29,6 +34,8 @@ pub use rabbitmq::Rabbit;
 pub struct Services {
     pub pg: Postgres,
     pub rabbit: Rabbit,
+    /// The throwaway CA's files, with `--tls`.
+    pub tls: Option<certs::TlsFiles>,
     _root: RemoveOnDrop,
 }
 
@@ -55,6 +62,23 @@ pub struct ServiceSettings {
     /// Erlang node name of the throwaway RabbitMQ node.
     #[arg(long, default_value = "holdfast-chaos@localhost")]
     pub node: String,
+    /// Serve PostgreSQL and RabbitMQ over TLS only, with a certificate for
+    /// `localhost` from a CA made for the run; the roles connect with
+    /// `sslmode=verify-full` and `amqps://` trusting that CA alone.
+    #[arg(long)]
+    pub tls: bool,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            pg_port: 5433,
+            amqp_port: 5673,
+            dist_port: 25673,
+            node: "holdfast-chaos@localhost".into(),
+            tls: false,
+        }
+    }
 }
 
 impl Services {
@@ -66,7 +90,14 @@ impl Services {
         // The `postgres` user must be able to reach its directory inside.
         std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let started = Instant::now();
-        let pg = Postgres::create(&root, settings.pg_port).await;
+        let tls = match settings.tls {
+            false => None,
+            true => Some(
+                certs::Authority::new("Holdfast chaos throwaway CA")?
+                    .write(&root.join("tls"), &["localhost"])?,
+            ),
+        };
+        let pg = Postgres::create(&root, settings.pg_port, tls.as_ref()).await;
         let pg = match pg {
             Ok(pg) => pg,
             Err(e) => return Err(e.context("starting the throwaway PostgreSQL")),
@@ -76,6 +107,7 @@ impl Services {
             &settings.node,
             settings.amqp_port,
             settings.dist_port,
+            tls.as_ref(),
         )
         .await;
         let rabbit = match rabbit {
@@ -83,10 +115,11 @@ impl Services {
             Err(e) => return Err(e.context("starting the throwaway RabbitMQ node")),
         };
         tracing::info!(elapsed = ?started.elapsed(), pg = settings.pg_port, amqp = settings.amqp_port,
-            "throwaway services up");
+            tls = settings.tls, "throwaway services up");
         Ok(Self {
             pg,
             rabbit,
+            tls,
             _root: guard,
         })
     }

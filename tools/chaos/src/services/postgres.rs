@@ -1,6 +1,7 @@
 //! The throwaway PostgreSQL cluster: `initdb` into `<root>/pg` (as the
 //! `postgres` user when we are root: the server refuses to run as root), then
-//! `pg_ctl` starts, crashes and stops it.
+//! `pg_ctl` starts, crashes and stops it. With TLS files it serves TLS only
+//! (`ssl=on`, and `hostssl` lines alone in `pg_hba.conf`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
+use super::certs::TlsFiles;
 use super::host::{ensure_free, output};
 
 /// Where the Debian packages (scripts/services.sh installs them) put the server binaries.
@@ -27,11 +29,14 @@ pub struct Postgres {
     pub port: u16,
     as_postgres: bool,
     running: bool,
+    /// The server's certificate and key (copies the server may read) and the CA.
+    tls: Option<TlsFiles>,
 }
 
 impl Postgres {
-    /// `initdb` a fresh cluster in `<root>/pg` and start it on `port`.
-    pub async fn create(root: &Path, port: u16) -> anyhow::Result<Self> {
+    /// `initdb` a fresh cluster in `<root>/pg` and start it on `port`, with
+    /// a TLS-only listener when `tls` is given.
+    pub async fn create(root: &Path, port: u16, tls: Option<&TlsFiles>) -> anyhow::Result<Self> {
         ensure_free(port, "PostgreSQL")?;
         let bin = newest_pg_bin()?;
         let dir = root.join("pg");
@@ -51,6 +56,7 @@ impl Postgres {
             port,
             as_postgres,
             running: false,
+            tls: None,
         };
         let data = pg.dir.join("data");
         output(
@@ -66,8 +72,43 @@ impl Postgres {
             "initdb",
         )
         .await?;
+        if let Some(files) = tls {
+            pg.tls = Some(pg.serve_tls_only(files).await?);
+        }
         pg.start().await?;
         Ok(pg)
+    }
+
+    /// Copy the server's certificate and key where the server may read
+    /// them, and allow TCP connections over TLS only.
+    async fn serve_tls_only(&self, files: &TlsFiles) -> anyhow::Result<TlsFiles> {
+        let data = self.dir.join("data");
+        let own = TlsFiles {
+            ca: files.ca.clone(),
+            cert: data.join("server.crt"),
+            key: data.join("server.key"),
+        };
+        std::fs::copy(&files.cert, &own.cert)?;
+        std::fs::copy(&files.key, &own.key)?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "# Throwaway cluster: TLS only over TCP.\n\
+             local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl all all ::1/128 trust\n",
+        )?;
+        if self.as_postgres {
+            output(
+                Command::new("chown")
+                    .arg("postgres")
+                    .arg(&own.cert)
+                    .arg(&own.key)
+                    .arg(data.join("pg_hba.conf")),
+                "chown postgres",
+            )
+            .await?;
+        }
+        Ok(own)
     }
 
     fn command(&self, tool: &str) -> Command {
@@ -94,11 +135,18 @@ impl Postgres {
     pub async fn start(&mut self) -> anyhow::Result<()> {
         // fsync off: a throwaway cluster on a shared machine; a crash of the
         // server process (not of the machine) loses nothing with it off.
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
             self.port,
             self.dir.display()
         );
+        if let Some(tls) = &self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                tls.cert.display(),
+                tls.key.display()
+            ));
+        }
         output(
             self.pg_ctl("start")
                 .arg("-l")
@@ -129,9 +177,17 @@ impl Postgres {
         Ok(started.elapsed())
     }
 
-    /// A URL of database `name` on this cluster.
+    /// A URL of database `name` on this cluster: with TLS, by the name on
+    /// the server's certificate, checked in full against the throwaway CA.
     pub fn url(&self, name: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+        match &self.tls {
+            None => format!("postgres://postgres@127.0.0.1:{}/{name}", self.port),
+            Some(tls) => format!(
+                "postgres://postgres@localhost:{}/{name}?sslmode=verify-full&sslrootcert={}",
+                self.port,
+                tls.ca.display()
+            ),
+        }
     }
 
     fn stop_now(&mut self) {

@@ -1,6 +1,7 @@
 //! The throwaway RabbitMQ node: a second Erlang node with its own ports,
 //! Mnesia and log directories, configuration, empty plugin file and Erlang
 //! cookie, run from the packaged scripts; `rabbitmqctl -n <node>` controls it.
+//! With TLS files its one AMQP listener speaks TLS only (`amqps://`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
+use super::certs::TlsFiles;
 use super::host::{ensure_free, output, port_open, START_TIMEOUT};
 
 /// Where the Debian package (scripts/services.sh installs it) puts the scripts.
@@ -21,15 +23,18 @@ pub struct Rabbit {
     pub port: u16,
     dist_port: u16,
     server: Option<Child>,
+    tls: Option<TlsFiles>,
 }
 
 impl Rabbit {
-    /// Prepare `<root>/rabbitmq` and start node `node` on `port`.
+    /// Prepare `<root>/rabbitmq` and start node `node` on `port`, a TLS
+    /// listener when `tls` is given.
     pub async fn create(
         root: &Path,
         node: &str,
         port: u16,
         dist_port: u16,
+        tls: Option<&TlsFiles>,
     ) -> anyhow::Result<Self> {
         ensure_free(port, "RabbitMQ")?;
         ensure_free(dist_port, "RabbitMQ distribution")?;
@@ -44,10 +49,22 @@ impl Rabbit {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         // Our own listener: the packaged /etc/rabbitmq/rabbitmq.conf names the main node's port.
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
-        )?;
+        let listeners = match tls {
+            None => format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
+            Some(files) => format!(
+                "listeners.tcp = none\n\
+                 listeners.ssl.1 = 127.0.0.1:{port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            ),
+        };
+        std::fs::write(dir.join("rabbitmq.conf"), listeners)?;
         std::fs::write(dir.join("enabled_plugins"), "")?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
         let cookie = dir.join(".erlang.cookie");
@@ -59,6 +76,7 @@ impl Rabbit {
             port,
             dist_port,
             server: None,
+            tls: tls.cloned(),
         };
         rabbit.start().await?;
         Ok(rabbit)
@@ -67,10 +85,13 @@ impl Rabbit {
     /// The environment that makes the packaged scripts run (or talk to) our node.
     fn env(&self, cmd: &mut Command) {
         let d = &self.dir;
+        if self.tls.is_none() {
+            // With TLS the configuration file names the only listener.
+            cmd.env("RABBITMQ_NODE_PORT", self.port.to_string());
+        }
         cmd.current_dir(d)
             .env("HOME", d)
             .env("RABBITMQ_NODENAME", &self.node)
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", d.join("log"))
@@ -168,8 +189,17 @@ impl Rabbit {
         Ok(started.elapsed())
     }
 
+    /// The node's URL: with TLS, by the name on the server's certificate,
+    /// trusting the throwaway CA only.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        match &self.tls {
+            None => format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port),
+            Some(tls) => format!(
+                "amqps://guest:guest@localhost:{}/%2f?cacertfile={}",
+                self.port,
+                tls.ca.display()
+            ),
+        }
     }
 }
 
