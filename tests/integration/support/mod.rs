@@ -84,8 +84,11 @@ impl Drop for Cleanup {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Ok(c) = lapin::Connection::connect(&conn.amqp_url, Default::default()).await
-                {
+                let endpoint = topology::Endpoint::parse(&conn.amqp_url);
+                if let Ok(c) = match endpoint {
+                    Ok(e) => e.connect(Default::default()).await,
+                    Err(e) => Err(e),
+                } {
                     if let Ok(ch) = c.create_channel().await {
                         let _ = topology::delete(&ch, &Names::new(conn.namespace.clone())).await;
                         topology::close_channel(&ch, "cleanup").await;
