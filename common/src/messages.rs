@@ -195,6 +195,7 @@ fn known_version<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 /// Why an item of a granted batch does not run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct LeftOut {
+    /// The item.
     pub item_id: String,
     /// `did_not_fit` (first_fit, priority_fit) or `not_selected` (selected).
     pub reason: String,
@@ -203,12 +204,17 @@ pub struct LeftOut {
 /// The batch was reserved in full and its jobs are (being) dispatched.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct Granted {
+    /// From the request.
     pub batch_id: String,
+    /// From the request.
     pub account_id: String,
+    /// From the request (`all_or_nothing` when it had none).
     pub mode: Mode,
+    /// The batch's hold (a UUID).
     pub hold_id: String,
     /// Credits held for the items that run.
     pub reserved: i64,
+    /// Items in the request.
     pub items_total: usize,
     /// Items that run, in request order.
     pub item_ids: Vec<String>,
@@ -284,8 +290,11 @@ impl std::str::FromStr for GrantSource {
 /// What a batch draws (or would draw) from one grant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct Draw {
+    /// The grant.
     pub grant_id: String,
+    /// Where its credits come from.
     pub source: GrantSource,
+    /// Credits taken (or that would be taken) from it.
     pub amount: i64,
     /// RFC 3339; absent: the grant never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,8 +304,11 @@ pub struct Draw {
 /// A subset of the items that the available credits cover.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct FitSet {
+    /// How many items.
     pub count: usize,
+    /// Their cost.
     pub cost: i64,
+    /// Which, in request order.
     pub item_ids: Vec<String>,
 }
 
@@ -307,6 +319,7 @@ pub struct Choice {
     /// account's credits bind) or `raise_limit` (when a spender's limit binds:
     /// ask an admin to raise it).
     pub action: String,
+    /// What to show on the button.
     pub label: String,
     /// For `generate_first_fit`: the request to send (same items, `mode: first_fit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,23 +423,32 @@ pub struct Level {
 /// Nothing was held and nothing runs; the person decides what happens next.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct Insufficient {
+    /// From the request.
     pub batch_id: String,
+    /// From the request.
     pub account_id: String,
+    /// From the request (`all_or_nothing` when it had none).
     pub mode: Mode,
     /// Cost of what the request asked to run.
     pub total_cost: i64,
+    /// What the batch could use when it was decided: the account's available
+    /// credits, or less when a spender on its path has less left (`limited_by`).
     pub available: i64,
+    /// `total_cost - available`.
     pub shortfall: i64,
     /// Items the request asked to run (N of "k out of N").
     pub items_total: usize,
     /// k of "k out of N": the first-fit count.
     pub fit_count: usize,
+    /// The longest prefix in request order that fits.
     pub first_fit: FitSet,
+    /// The longest prefix by descending priority that fits, listed in request order.
     pub priority_fit: FitSet,
     /// "You have enough credits to generate 8 out of 10 items."
     pub message: String,
     /// "This action costs 120 credits. You have 100 credits available (20 short)."
     pub detail: String,
+    /// The choices to offer, in order.
     pub options: Vec<Choice>,
     /// The grants the first-fit option (`first_fit`) would draw from.
     #[serde(default)]
@@ -443,6 +465,7 @@ pub struct Insufficient {
 pub struct FieldError {
     /// A JSON path such as `items[3].estimated_cost`, or `body` for the message itself.
     pub field: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -451,9 +474,11 @@ pub struct FieldError {
 pub struct Rejected {
     /// `null` when the body did not even carry a readable batch id.
     pub batch_id: Option<String>,
+    /// The request's account, when it was read.
     pub account_id: Option<String>,
     /// A one-line summary of `errors`.
     pub reason: String,
+    /// One entry per problem.
     pub errors: Vec<FieldError>,
 }
 
@@ -514,13 +539,18 @@ impl Decision {
 /// "What would this cost, and what fits?" Holds nothing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct Preview {
+    /// From the request.
     pub account_id: String,
+    /// From the request (`all_or_nothing` when it had none).
     pub mode: Mode,
     /// Cost of what the request asks to run.
     pub total_cost: i64,
+    /// What the batch could use now: the account's available credits, or
+    /// less when a spender on its path has less left.
     pub available: i64,
     /// True when the request would be granted as it stands.
     pub fits: bool,
+    /// Items the request asks to run.
     pub items_total: usize,
     /// k of "k out of N": the first-fit count (N when everything fits).
     pub fit_count: usize,
@@ -569,7 +599,7 @@ pub enum PreviewRequest {
         schema_version: Option<u32>,
         /// The account whose credits are counted.
         #[schema(example = "acme")]
-        #[schemars(length(min = 1, max = MAX_ID_CHARS))]
+        #[schemars(length(min = 1, max = MAX_ID_CHARS), pattern(ID_PATTERN))]
         account_id: String,
         /// The items (ids unique, costs positive).
         #[schema(min_items = 1)]
@@ -586,7 +616,7 @@ pub enum PreviewRequest {
         /// The spender the batch would be charged to: priced against the
         /// account and every spender from it up to its root.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schemars(length(min = 1, max = MAX_ID_CHARS))]
+        #[schemars(length(min = 1, max = MAX_ID_CHARS), pattern(ID_PATTERN))]
         spender_id: Option<String>,
     },
     /// `count` items (ids `item-1` … `item-N`) of `cost` each.
@@ -598,7 +628,7 @@ pub enum PreviewRequest {
         schema_version: Option<u32>,
         /// The account whose credits are counted.
         #[schema(example = "acme")]
-        #[schemars(length(min = 1, max = MAX_ID_CHARS))]
+        #[schemars(length(min = 1, max = MAX_ID_CHARS), pattern(ID_PATTERN))]
         account_id: String,
         /// How many items (at most `HOLDFAST_MAX_ITEMS`, 10,000 by default).
         #[schema(minimum = 1)]
@@ -619,7 +649,7 @@ pub enum PreviewRequest {
         /// The spender the batch would be charged to: priced against the
         /// account and every spender from it up to its root.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schemars(length(min = 1, max = MAX_ID_CHARS))]
+        #[schemars(length(min = 1, max = MAX_ID_CHARS), pattern(ID_PATTERN))]
         spender_id: Option<String>,
     },
 }
@@ -672,8 +702,11 @@ pub struct ItemJob {
     #[serde(default = "current_version", deserialize_with = "known_version")]
     #[schemars(range(min = 1), default = "current_version")]
     pub schema_version: u32,
+    /// The item's batch.
     pub batch_id: String,
+    /// The item.
     pub item_id: String,
+    /// The account it is charged to.
     pub account_id: String,
     /// The most this item may be charged.
     pub reserved: i64,
@@ -739,19 +772,28 @@ fn hashed(hasher: Sha256) -> String {
 /// Counts and credits of a batch, as in progress and completed events.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct BatchFigures {
+    /// Items in the request.
     pub items_total: i64,
+    /// Items reserved to run so far.
     pub run: i64,
+    /// Items done and charged.
     pub succeeded: i64,
+    /// Items that failed (not charged); includes items still unsettled at the deadline.
     pub failed: i64,
     /// Never started because the batch was cancelled (not charged).
     #[serde(default)]
     pub cancelled: i64,
     /// Never held: left out by the mode, or (sequential) not reserved.
     pub skipped: i64,
+    /// Items reserved and not settled yet.
     pub pending: i64,
+    /// Credits of the batch's hold.
     pub reserved: i64,
+    /// Credits charged so far.
     pub captured: i64,
+    /// Credits returned to the account (0 until the batch closes).
     pub released: i64,
+    /// Actual cost reported above the reservations: recorded, not charged.
     pub overrun: i64,
 }
 
@@ -765,7 +807,9 @@ pub enum Event {
     Preview(Preview),
     /// Routing key `batch.progress`, coalesced: at most one per batch per interval.
     Progress {
+        /// The producer's batch id.
         batch_id: String,
+        /// The account the batch is charged to.
         account_id: String,
         /// The batch's counts and credits so far.
         #[serde(flatten)]
@@ -773,7 +817,9 @@ pub enum Event {
     },
     /// Routing key `batch.completed`: the batch closed and its hold resolved.
     Completed {
+        /// The producer's batch id.
         batch_id: String,
+        /// The account the batch is charged to.
         account_id: String,
         /// `completed`, `expired` or `cancelled`.
         state: String,
