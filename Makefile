@@ -2,7 +2,7 @@
 # Targets that talk to PostgreSQL or RabbitMQ depend on `services`, which
 # starts both locally if needed (see scripts/services.sh).
 
-.PHONY: help services build migrate demo test lint fmt ci fleet fleet-status fleet-stop observability
+.PHONY: help services build migrate demo test lint fmt ci fleet fleet-status fleet-stop observability schemas contract
 
 # Default target: list what is available.
 help:
@@ -13,7 +13,9 @@ help:
 	@echo "make test      run the workspace tests (nextest if installed)"
 	@echo "make lint      check formatting and run clippy with warnings denied"
 	@echo "make fmt       format the code"
-	@echo "make ci        what CI runs (.ci/run): lint, test, chaos, fuzz, observability, browser"
+	@echo "make schemas   write the JSON Schemas of the wire messages to docs/schemas/ (from the code)"
+	@echo "make contract  validate docs/asyncapi.yaml with the AsyncAPI CLI (npm)"
+	@echo "make ci        what CI runs (.ci/run): lint, contract, test, chaos, fuzz, observability, browser"
 	@echo "make fleet     start 2 coordinators, 3 workers, 1 reconciler as local processes"
 	@echo "make fleet-status / make fleet-stop   inspect or stop that fleet"
 	@echo "make compose-secrets  passwords and URLs for docker/compose.yml in docker/secrets/"
@@ -52,8 +54,18 @@ lint:
 fmt:
 	cargo fmt --all
 
+# The JSON Schema of every wire message, generated from the Rust types
+# (holdfast schemas). A test fails when the committed files differ.
+schemas:
+	cargo run --quiet -- schemas --out docs/schemas
+
+# docs/asyncapi.yaml validated by the AsyncAPI CLI (installed from npm into
+# tools/contract/), and checked against the names of the topology.
+contract:
+	bash scripts/asyncapi-validate.sh
+
 # The same steps, in the same order, as .ci/run.
-ci: lint test chaos fuzz observability browser
+ci: lint contract test chaos fuzz observability browser
 
 # The compose fleet of docker/compose.yml as local processes, on the local
 # services (scripts/fleet.sh; settings in its header). Returns once every

@@ -75,6 +75,13 @@ pub enum Command {
         #[arg(value_enum)]
         role: holdfast_common::topology::BrokerRole,
     },
+    /// Write the JSON Schema of every wire message (generated from the code)
+    /// to a directory, one file per message; `make schemas` runs it.
+    Schemas {
+        /// Where to write them.
+        #[arg(long, default_value = "docs/schemas")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -96,6 +96,16 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<i32> {
         Command::Spender(cmd) => spender(conn, cmd, json).await,
         Command::Demo(s) => demo::run(conn, &s).await,
         Command::Key(cmd) => key(conn, cmd, json).await,
+        Command::Schemas { out } => {
+            let written = holdfast_common::schemas::write(&out)
+                .with_context(|| format!("writing the schemas to {}", out.display()))?;
+            if json {
+                report::json(&written);
+            } else {
+                written.iter().for_each(|f| println!("{f}"));
+            }
+            Ok(0)
+        }
         Command::AmqpPermissions { role } => {
             let p = Names::new(conn.namespace.clone()).permissions(role);
             if json {

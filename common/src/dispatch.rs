@@ -4,7 +4,7 @@
 
 use crate::faults::crash_point;
 use crate::ledger::{Ledger, LedgerError};
-use crate::messages::{Attempt, BatchRequest, ItemJob};
+use crate::messages::{Attempt, BatchRequest, ItemJob, SCHEMA_VERSION};
 use crate::topology::{json_properties, short, BrokerError, Confirms, Names, Publisher};
 
 /// Why a dispatch stopped before the end; the batch stays `granted` and will be sent again.
@@ -41,6 +41,7 @@ pub async fn dispatch(
     for chunk in jobs.chunks(window.max(1)) {
         for job in chunk {
             let message = ItemJob {
+                schema_version: SCHEMA_VERSION,
                 batch_id: batch_id.into(),
                 item_id: job.item_id.clone(),
                 account_id: account_id.clone(),
@@ -77,6 +78,7 @@ pub async fn dispatch_granted(
             continue;
         };
         let message = ItemJob {
+            schema_version: SCHEMA_VERSION,
             batch_id: request.batch_id.clone(),
             item_id: item.item_id.clone(),
             account_id: request.account_id.clone(),

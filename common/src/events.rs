@@ -82,7 +82,7 @@ pub async fn send_decision(
     confirms: &mut Confirms,
 ) -> Result<(), BrokerError> {
     let event = Event::Decision(decision.clone());
-    let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
+    let body = event.to_wire().map_err(BrokerError::Encode)?;
     reply(publisher, to, &body, confirms).await?;
     let exchange = names.events();
     let confirm = publisher
@@ -107,7 +107,7 @@ pub async fn completed(
             state: b.state.to_string(),
             figures: b.figures.clone(),
         };
-        let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
+        let body = event.to_wire().map_err(BrokerError::Encode)?;
         let to = ReplyTo {
             queue: b.reply_to.clone(),
             correlation_id: b.correlation_id.clone(),
@@ -142,7 +142,7 @@ pub async fn progress(
             account_id: account_id.clone(),
             figures: figures.clone(),
         };
-        let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
+        let body = event.to_wire().map_err(BrokerError::Encode)?;
         let confirm = publisher
             .send_event(&exchange, &event.routing_key(), &body)
             .await?;

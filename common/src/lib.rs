@@ -26,6 +26,7 @@ pub mod faults;
 pub mod ledger;
 pub mod messages;
 pub mod pricing;
+pub mod schemas;
 pub mod supervise;
 pub mod telemetry;
 pub mod tls;

@@ -436,10 +436,11 @@ pub fn thousands(n: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::LimitPeriod;
+    use crate::messages::{LimitPeriod, SCHEMA_VERSION};
 
     fn req(costs: &[(i64, i32)], mode: Mode) -> BatchRequest {
         BatchRequest {
+            schema_version: SCHEMA_VERSION,
             batch_id: "b".into(),
             account_id: "a".into(),
             items: costs

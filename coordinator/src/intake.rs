@@ -5,11 +5,12 @@
 use std::collections::HashSet;
 
 use holdfast_common::config::Limits;
-use holdfast_common::messages::{BatchRequest, FieldError, ItemRequest, Mode, Rejected};
+use holdfast_common::messages::{
+    unsupported_version, BatchRequest, FieldError, ItemRequest, Mode, Rejected, SCHEMA_VERSION,
+};
 use serde_json::{Map, Value};
 
-/// The most characters an id (batch, account, item) may have.
-pub const MAX_ID_CHARS: usize = 128;
+pub use holdfast_common::messages::MAX_ID_CHARS;
 
 /// Collects field errors while walking the JSON.
 #[derive(Default)]
@@ -165,6 +166,7 @@ fn read_object(body: &[u8], limits: &Limits) -> Result<Map<String, Value>, Box<R
 /// Check every field of a request object.
 fn validate(obj: Map<String, Value>, limits: &Limits) -> Result<BatchRequest, Box<Rejected>> {
     let mut p = Problems::default();
+    let schema_version = version_field(&obj, &mut p);
     let batch_id = id_field(&obj, "batch_id", &mut p);
     let account_id = id_field(&obj, "account_id", &mut p);
     let mode = match obj.get("mode") {
@@ -217,6 +219,7 @@ fn validate(obj: Map<String, Value>, limits: &Limits) -> Result<BatchRequest, Bo
     match (batch_id, account_id, mode, items) {
         (Some(batch_id), Some(account_id), Some(mode), Some(items)) if p.0.is_empty() => {
             Ok(BatchRequest {
+                schema_version,
                 batch_id,
                 account_id,
                 items,
@@ -230,6 +233,35 @@ fn validate(obj: Map<String, Value>, limits: &Limits) -> Result<BatchRequest, Bo
             let mut r = Rejected::new(batch_id, p.0);
             r.account_id = account_id;
             Err(Box::new(r))
+        }
+    }
+}
+
+/// `schema_version`: absent (or `null`) is 1, what producers sent before the
+/// field existed; a version newer than [`SCHEMA_VERSION`] is a problem naming
+/// the field, never a guess at what it means.
+fn version_field(obj: &Map<String, Value>, p: &mut Problems) -> u32 {
+    match obj.get("schema_version") {
+        None | Some(Value::Null) => SCHEMA_VERSION,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => match unsupported_version(v) {
+                None => v as u32,
+                Some(why) => {
+                    p.add("schema_version", why);
+                    SCHEMA_VERSION
+                }
+            },
+            None => {
+                p.add(
+                    "schema_version",
+                    format!("must be a positive whole number, got {n}"),
+                );
+                SCHEMA_VERSION
+            }
+        },
+        Some(_) => {
+            p.add("schema_version", "must be an integer");
+            SCHEMA_VERSION
         }
     }
 }
@@ -518,6 +550,34 @@ mod tests {
             )),
             ["mode"]
         );
+    }
+
+    #[test]
+    fn schema_version_is_optional_and_newer_majors_are_refused() {
+        let items = r#""items":[{"item_id":"a","estimated_cost":1}]"#;
+        let ok = |v: &str| {
+            parse(
+                format!(r#"{{"batch_id":"b","account_id":"a",{v}{items}}}"#).as_bytes(),
+                &Limits::default(),
+            )
+        };
+        assert_eq!(ok("").unwrap().schema_version, 1, "absent means 1");
+        assert_eq!(ok(r#""schema_version":null,"#).unwrap().schema_version, 1);
+        assert_eq!(ok(r#""schema_version":1,"#).unwrap().schema_version, 1);
+        let newer = *ok(r#""schema_version":2,"#).unwrap_err();
+        assert_eq!(fields(&newer), ["schema_version"]);
+        assert!(
+            newer.reason.contains("version 2 is newer"),
+            "{}",
+            newer.reason
+        );
+        assert_eq!(newer.batch_id.as_deref(), Some("b"));
+        for bad in ["0", "-1", "1.5", "\"1\"", "99999999999999999999"] {
+            let r = *ok(&format!(r#""schema_version":{bad},"#)).unwrap_err();
+            assert_eq!(fields(&r), ["schema_version"], "{bad}");
+        }
+        let unknown = ok(r#""added_by_a_later_producer":{"x":1},"#).unwrap();
+        assert_eq!(unknown.items.len(), 1, "unknown fields are ignored");
     }
 
     #[test]

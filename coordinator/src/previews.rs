@@ -79,7 +79,7 @@ pub async fn consume(
                     let to = ReplyTo::of(&delivery.properties);
                     if let Some(queue) = to.queue.as_deref().filter(|q| !q.is_empty()) {
                         let props = events::reply_properties(&to);
-                        let body = serde_json::to_vec(&event)?;
+                        let body = event.to_wire()?;
                         if let Err(e) = publisher.publish_confirmed("", queue, &body, props).await {
                             tracing::info!(error = %e, "preview answer not delivered (reply queue gone?)");
                         }

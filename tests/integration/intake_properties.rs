@@ -9,7 +9,7 @@ use crate::support;
 
 use holdfast_common::config::Limits;
 use holdfast_common::dispatch::job_message;
-use holdfast_common::messages::{Decision, ItemJob, MAX_SHORT_STRING};
+use holdfast_common::messages::{Decision, ItemJob, MAX_SHORT_STRING, SCHEMA_VERSION};
 use holdfast_common::pricing;
 use holdfast_coordinator::intake;
 use proptest::prelude::*;
@@ -76,6 +76,7 @@ fn check(body: &[u8]) -> Result<(), TestCaseError> {
         Ok(request) => {
             for item in &request.items {
                 let job = ItemJob {
+                    schema_version: SCHEMA_VERSION,
                     batch_id: request.batch_id.clone(),
                     item_id: item.item_id.clone(),
                     account_id: request.account_id.clone(),

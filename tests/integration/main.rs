@@ -12,6 +12,7 @@ mod breakdown;
 mod broker_users;
 mod cli;
 mod concurrency;
+mod contract;
 mod db_roles;
 mod decisions;
 mod grants;

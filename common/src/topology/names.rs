@@ -53,6 +53,21 @@ impl Names {
         format!("{}.intake", self.namespace)
     }
 
+    /// Every queue and exchange name of the namespace (docs/asyncapi.yaml
+    /// describes each one; a test keeps the two in step).
+    pub fn all(&self) -> [String; 8] {
+        [
+            self.requests(),
+            self.jobs(),
+            self.events(),
+            self.dead_exchange(),
+            self.requests_dead(),
+            self.jobs_dead(),
+            self.previews(),
+            self.intake(),
+        ]
+    }
+
     /// The least-privilege RabbitMQ permissions of `role` on this namespace
     /// (see docs/security.md, "Broker users").
     pub fn permissions(&self, role: BrokerRole) -> Permissions {
@@ -318,6 +333,25 @@ pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// docs/asyncapi.yaml names every queue and exchange of the topology
+    /// (with the namespace as its `{namespace}` parameter), so that a name
+    /// added here cannot be missing from the contract.
+    #[test]
+    fn asyncapi_describes_every_name() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/asyncapi.yaml");
+        let doc = std::fs::read_to_string(path).expect("docs/asyncapi.yaml");
+        let names = Names::new("{namespace}");
+        let missing: Vec<String> = names
+            .all()
+            .into_iter()
+            .filter(|n| !doc.contains(&format!("name: '{n}'")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/asyncapi.yaml has no queue or exchange binding `name: '<name>'` for {missing:?}"
+        );
+    }
 
     #[test]
     fn permissions_are_anchored_and_escaped() {

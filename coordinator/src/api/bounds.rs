@@ -18,8 +18,7 @@ use utoipa::openapi::{OpenApi, RefOr};
 
 pub use crate::intake::MAX_ID_CHARS;
 
-/// Any character but a control character (C0, DEL and C1), as the intake checks.
-pub const ID_PATTERN: &str = "^[^\\x00-\\x1F\\x7F-\\x9F]+$";
+pub use holdfast_common::messages::ID_PATTERN;
 
 /// The request bodies the bounds apply to. Not the answers: a rejection or
 /// a problem document echoes the id a client sent, valid or not.

@@ -8,60 +8,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use holdfast_common::ledger::LedgerError;
-use holdfast_common::messages::{FieldError, ItemRequest, Mode, Preview};
+use holdfast_common::messages::{FieldError, Preview, PreviewRequest};
 use holdfast_common::pricing;
-use serde::Deserialize;
-use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::body::JsonBody;
 use super::problem::Problem;
 use super::ApiState;
 use crate::intake;
-
-/// A batch to price: `items` as in a batch request, or `count` items of `cost` each.
-#[derive(Deserialize, ToSchema)]
-#[serde(untagged)]
-#[allow(dead_code)] // Describes the body for the OpenAPI document; the intake parses it.
-pub enum PreviewRequest {
-    /// The items, as a batch request carries them.
-    Items {
-        /// The account whose credits are counted.
-        #[schema(example = "acme")]
-        account_id: String,
-        /// The items (ids unique, costs positive).
-        #[schema(min_items = 1)]
-        items: Vec<ItemRequest>,
-        /// How much may run when the credits do not cover everything (default `all_or_nothing`).
-        mode: Option<Mode>,
-        /// With `mode: selected` (and only then): the items to run.
-        #[schema(min_items = 1)]
-        item_ids: Option<Vec<String>>,
-        /// The spender the batch would be charged to: priced against the
-        /// account and every spender from it up to its root.
-        spender_id: Option<String>,
-    },
-    /// `count` items (ids `item-1` … `item-N`) of `cost` each.
-    Count {
-        /// The account whose credits are counted.
-        #[schema(example = "acme")]
-        account_id: String,
-        /// How many items (at most `HOLDFAST_MAX_ITEMS`, 10,000 by default).
-        #[schema(minimum = 1)]
-        count: u64,
-        /// The estimated cost of each.
-        #[schema(minimum = 1)]
-        cost: i64,
-        /// How much may run when the credits do not cover everything (default `all_or_nothing`).
-        mode: Option<Mode>,
-        /// With `mode: selected` (and only then): the items to run, by generated id.
-        #[schema(min_items = 1)]
-        item_ids: Option<Vec<String>>,
-        /// The spender the batch would be charged to: priced against the
-        /// account and every spender from it up to its root.
-        spender_id: Option<String>,
-    },
-}
 
 /// Price a batch against the account's available credits.
 #[utoipa::path(

@@ -16,10 +16,10 @@ use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::body::{self, JsonBody, PathId};
-use super::preview::PreviewRequest;
 use super::problem::Problem;
 use super::ApiState;
 use crate::intake;
+use holdfast_common::messages::PreviewRequest;
 
 /// TTL of a soft hold whose request names none (capped by the configured maximum).
 pub const DEFAULT_TTL_SECS: u64 = 300;

@@ -8,7 +8,7 @@ use holdfast_common::ledger::{
     Allowance, AllowanceSpec, ClosedBatch, GrantSpec, ItemOutcome, Ledger, LedgerError,
     ReserveInput, Reserved, SettleReport, Settlement,
 };
-use holdfast_common::messages::{BatchRequest, Decision, ItemRequest, Mode};
+use holdfast_common::messages::{BatchRequest, Decision, ItemRequest, Mode, SCHEMA_VERSION};
 use serde_json::Value;
 use tokio_postgres::Client;
 
@@ -334,6 +334,7 @@ pub fn request(
     soft: Option<&str>,
 ) -> BatchRequest {
     BatchRequest {
+        schema_version: SCHEMA_VERSION,
         batch_id: format!("{}-b{n}", model.account),
         account_id: model.account.clone(),
         items: costs

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use holdfast_common::database;
-use holdfast_common::messages::ItemJob;
+use holdfast_common::messages::{ItemJob, SCHEMA_VERSION};
 use holdfast_common::topology::{self, json_properties, Publisher};
 use lapin::options::{BasicAckOptions, QueueDeleteOptions};
 use serde_json::json;
@@ -17,6 +17,7 @@ use crate::queues::{consume, declare_quorum};
 
 fn job_body() -> Vec<u8> {
     serde_json::to_vec(&ItemJob {
+        schema_version: SCHEMA_VERSION,
         batch_id: "bench-batch-000001".into(),
         item_id: "item-000001".into(),
         account_id: "bench-account".into(),
