@@ -498,8 +498,8 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
         &request,
         &pots,
         &spenders,
-        args.coordinator.sequential_chunk,
-        args.coordinator.execution_timeout(),
+        args.pricing.sequential_chunk,
+        args.pricing.execution_timeout(),
     );
     if json {
         report::json(&p);
@@ -510,7 +510,7 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
 }
 
 async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::Result<i32> {
-    let max = args.coordinator.max_reservation_ttl_secs;
+    let max = args.max_reservation_ttl_secs;
     if args.ttl == 0 || args.ttl > max {
         anyhow::bail!("--ttl must be from 1 to {max} seconds (HOLDFAST_MAX_RESERVATION_TTL_SECS)");
     }
