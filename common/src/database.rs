@@ -32,6 +32,10 @@ pub enum DatabaseError {
     Migrate(#[from] refinery::Error),
     #[error("building the connection pool failed: {0}")]
     Pool(String),
+    /// The server answers, but the database in the URL does not exist
+    /// (SQLSTATE 3D000): waiting will not help; `migrate` creates it.
+    #[error("database `{name}` does not exist on {server}: run `holdfast migrate` to create it")]
+    Missing { name: String, server: String },
 }
 
 /// `host:port/dbname` of a URL, for messages: never the password.
@@ -164,7 +168,31 @@ pub async fn migrate(url: &str) -> Result<MigrationReport, DatabaseError> {
     })
 }
 
-/// A connection pool for the ledger.
+/// A connection pool for the ledger whose first connection is opened at
+/// once, so that a database that does not exist fails here, at once and
+/// naming it ([`DatabaseError::Missing`]), rather than after the ledger's
+/// retries as "temporarily unavailable". Any other failure to connect is left
+/// to the ledger, which retries it (a server restarting comes back).
+pub async fn connect_pool(url: &str, size: usize) -> Result<Pool, DatabaseError> {
+    let pool = pool(url, size)?;
+    match pool.get().await {
+        Err(deadpool_postgres::PoolError::Backend(e))
+            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) =>
+        {
+            let cfg = tokio_postgres::Config::from_str(url).map_err(DatabaseError::Url)?;
+            let server = describe(url);
+            let server = server.rsplit_once('/').map_or(server.as_str(), |(s, _)| s);
+            Err(DatabaseError::Missing {
+                name: cfg.get_dbname().unwrap_or_default().to_string(),
+                server: server.to_string(),
+            })
+        }
+        // The connection goes back to the pool for the first query.
+        _ => Ok(pool),
+    }
+}
+
+/// A connection pool for the ledger (connections are opened on first use).
 pub fn pool(url: &str, size: usize) -> Result<Pool, DatabaseError> {
     let cfg = tokio_postgres::Config::from_str(url).map_err(DatabaseError::Url)?;
     let manager = Manager::from_config(
