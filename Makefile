@@ -2,12 +2,13 @@
 # Targets that talk to PostgreSQL or RabbitMQ depend on `services`, which
 # starts both locally if needed (see scripts/services.sh).
 
-.PHONY: help services build migrate demo test lint fmt ci fleet fleet-status fleet-stop observability schemas contract
+.PHONY: help services build install migrate demo test lint fmt ci fleet fleet-status fleet-stop observability schemas contract
 
 # Default target: list what is available.
 help:
 	@echo "make services  start local PostgreSQL and RabbitMQ if needed"
 	@echo "make build     build the whole workspace, including tests"
+	@echo "make install   build the release binary and install \`holdfast\` in ~/.cargo/bin (on the PATH)"
 	@echo "make migrate   apply database migrations"
 	@echo "make demo      run the demo against local services"
 	@echo "make test      run the workspace tests (nextest if installed)"
@@ -31,11 +32,19 @@ services:
 build:
 	cargo build --workspace --all-targets
 
+# `cargo install --path` builds in this workspace's target/ (release), so
+# after `make demo` it only copies the binary.
+install:
+	cargo install --path . --locked
+
 migrate: services
 	cargo run --quiet -- migrate
 
+# The build first, with cargo's progress shown (a cold build takes minutes),
+# then the demo from the release binary: target/release/holdfast.
 demo: services
-	cargo run --quiet -- demo
+	cargo build --release --bin holdfast
+	./target/release/holdfast demo
 
 # Prefer cargo-nextest when it is installed; fall back to cargo test.
 test: services

@@ -115,7 +115,9 @@ new_key() {
 HOLDFAST_DEMO_KEY="$(new_key "$HOLDFAST_DEMO_ACCOUNT")"
 HOLDFAST_GRANTS_KEY="$(new_key "$HOLDFAST_DEMO_ACCOUNT-grants")"
 HOLDFAST_TEAM_KEY="$(new_key "$HOLDFAST_DEMO_ACCOUNT-team")"
-export HOLDFAST_DEMO_KEY HOLDFAST_GRANTS_KEY HOLDFAST_TEAM_KEY
+# For an account that does not exist yet: the page says how to create it.
+HOLDFAST_NEW_KEY="$(new_key "$HOLDFAST_DEMO_ACCOUNT-new")"
+export HOLDFAST_DEMO_KEY HOLDFAST_GRANTS_KEY HOLDFAST_TEAM_KEY HOLDFAST_NEW_KEY
 
 echo "browser-test: server on $HOLDFAST_BASE_URL; its log is $WORK/server.log (kept on failure or with KEEP=1)"
 set +e

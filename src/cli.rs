@@ -5,7 +5,6 @@ use clap::{Parser, Subcommand};
 use holdfast_common::config::{Connections, Limits, QueueSettings};
 use holdfast_common::ledger::{GrantSource, Period};
 use holdfast_common::messages::LimitPeriod;
-use holdfast_coordinator::config::CoordinatorSettings;
 use holdfast_coordinator::keys::Scope;
 
 use crate::fleet::FleetSettings;
@@ -19,11 +18,16 @@ use crate::fleet::FleetSettings;
 pub struct Cli {
     #[command(flatten)]
     pub conn: Connections,
-    /// Print data as JSON.
-    #[arg(long, global = true)]
+    /// Print data as JSON (`submit`: one JSON object per line).
+    #[arg(long, global = true, help_heading = "Output")]
     pub json: bool,
     /// Write logs as JSON lines.
-    #[arg(long, env = "HOLDFAST_LOG_JSON", global = true)]
+    #[arg(
+        long,
+        env = "HOLDFAST_LOG_JSON",
+        global = true,
+        help_heading = "Output"
+    )]
     pub log_json: bool,
     #[command(subcommand)]
     pub command: Command,
@@ -72,7 +76,8 @@ pub enum Command {
     /// namespace: its configure, write and read regexes, one a line (see
     /// scripts/rabbitmq-users.sh, which applies them).
     AmqpPermissions {
-        #[arg(value_enum)]
+        /// The broker role: producer, coordinator, worker or reconciler.
+        #[arg(value_enum, value_name = "ROLE")]
         role: holdfast_common::topology::BrokerRole,
     },
     /// Write the JSON Schema of every wire message (generated from the code)
@@ -89,7 +94,11 @@ pub enum SpenderCommand {
     /// Create or change a spender: its parent, kind, limit and period (the
     /// whole definition: what is not given is cleared).
     Set {
+        /// The account the spender belongs to.
+        #[arg(value_name = "ACCOUNT")]
         account: String,
+        /// The spender's id, unique within the account.
+        #[arg(value_name = "SPENDER")]
         spender: String,
         /// The spender above it (same account); none: a root.
         #[arg(long)]
@@ -111,11 +120,22 @@ pub enum SpenderCommand {
     /// Show one spender, or every spender of the account: limit, used, held,
     /// remaining, when it resets, and the spenders below it.
     Show {
+        /// The account the spenders belong to.
+        #[arg(value_name = "ACCOUNT")]
         account: String,
+        /// One spender's id; none: every spender of the account.
+        #[arg(value_name = "SPENDER")]
         spender: Option<String>,
     },
     /// Remove a spender with nothing below it and no open hold.
-    Delete { account: String, spender: String },
+    Delete {
+        /// The account the spender belongs to.
+        #[arg(value_name = "ACCOUNT")]
+        account: String,
+        /// The spender's id.
+        #[arg(value_name = "SPENDER")]
+        spender: String,
+    },
 }
 
 fn parse_limit_period(s: &str) -> Result<LimitPeriod, String> {
@@ -130,7 +150,11 @@ pub enum KeyCommand {
     List,
     /// Revoke a key by its id: refused from now on (by running processes
     /// within HOLDFAST_API_KEY_CACHE_SECS).
-    Revoke { id: String },
+    Revoke {
+        /// The key's id: the 12 characters after `hf_live_` (as `key list` shows).
+        #[arg(value_name = "KEY_ID")]
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -163,9 +187,15 @@ fn parse_scope(s: &str) -> Result<Scope, String> {
 #[derive(Subcommand)]
 pub enum AccountCommand {
     /// Create an account with no credits.
-    Create { id: String },
+    Create {
+        /// The new account's id (1 to 128 characters).
+        #[arg(value_name = "ACCOUNT")]
+        id: String,
+    },
     /// Add credits to an account, as one grant.
     Grant {
+        /// The account to add credits to.
+        #[arg(value_name = "ACCOUNT")]
         id: String,
         /// Credits to add, in the smallest unit (a positive whole number).
         #[arg(allow_negative_numbers = true)]
@@ -194,10 +224,19 @@ pub enum AccountCommand {
         create: bool,
     },
     /// Void what a grant has left (what open holds took of it stays theirs).
-    Void { id: String, grant_id: String },
+    Void {
+        /// The account the grant belongs to.
+        #[arg(value_name = "ACCOUNT")]
+        id: String,
+        /// The grant's id (as `account show` lists it).
+        #[arg(value_name = "GRANT_ID")]
+        grant_id: String,
+    },
     /// Give an account credits every period (a plan's allowance): the
     /// reconciler issues each period's `plan` grant once the period begins.
     Allowance {
+        /// The account that receives the credits.
+        #[arg(value_name = "ACCOUNT")]
         id: String,
         /// Credits each period, in the smallest unit (a positive whole number).
         #[arg(allow_negative_numbers = true)]
@@ -224,7 +263,11 @@ pub enum AccountCommand {
     },
     /// Change an allowance's terms from its next period on.
     AllowanceChange {
+        /// The account the allowance belongs to.
+        #[arg(value_name = "ACCOUNT")]
         id: String,
+        /// The allowance's id (as `account show` lists it).
+        #[arg(value_name = "ALLOWANCE_ID")]
         allowance_id: String,
         /// Credits each period from the next period on.
         #[arg(allow_negative_numbers = true)]
@@ -242,9 +285,20 @@ pub enum AccountCommand {
         rollover_cap: i64,
     },
     /// Stop an allowance after its current period (its current grant stays).
-    AllowanceStop { id: String, allowance_id: String },
+    AllowanceStop {
+        /// The account the allowance belongs to.
+        #[arg(value_name = "ACCOUNT")]
+        id: String,
+        /// The allowance's id (as `account show` lists it).
+        #[arg(value_name = "ALLOWANCE_ID")]
+        allowance_id: String,
+    },
     /// Show balance, held and available credits, the grants, the allowances and the open holds.
-    Show { id: String },
+    Show {
+        /// The account's id.
+        #[arg(value_name = "ACCOUNT")]
+        id: String,
+    },
 }
 
 fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
@@ -266,9 +320,17 @@ fn parse_source(s: &str) -> Result<GrantSource, String> {
 #[derive(Subcommand)]
 pub enum BatchCommand {
     /// Show a batch: decision, hold, figures and items.
-    Show { id: String },
+    Show {
+        /// The batch's id (the request's `batch_id`).
+        #[arg(value_name = "BATCH_ID")]
+        id: String,
+    },
     /// Cancel a running batch: nothing new starts, the rest is released.
-    Cancel { id: String },
+    Cancel {
+        /// The batch's id (the request's `batch_id`).
+        #[arg(value_name = "BATCH_ID")]
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -282,15 +344,38 @@ pub struct AuditArgs {
 #[derive(clap::Args)]
 pub struct PreviewArgs {
     /// The request as JSON (`items`, or `count` and `cost`): a file path, or `-` for standard input.
+    #[arg(value_name = "FILE")]
     pub file: String,
     #[command(flatten)]
     pub limits: Limits,
     #[command(flatten)]
-    pub coordinator: CoordinatorSettings,
+    pub pricing: PricingSettings,
+}
+
+/// The coordinator settings a price depends on: the same flags and variables
+/// as the coordinator's, so that a preview prices as the fleet decides.
+#[derive(clap::Args, Clone, Debug)]
+#[command(next_help_heading = "Pricing (as the coordinator's)")]
+pub struct PricingSettings {
+    /// Seconds a granted batch may run before the reconciler closes it (the
+    /// preview's expiry notice names grants that expire sooner).
+    #[arg(long, env = "HOLDFAST_EXECUTION_TIMEOUT_SECS", default_value_t = 3600)]
+    pub execution_timeout_secs: u64,
+    /// Sequential mode: items reserved per chunk.
+    #[arg(long, env = "HOLDFAST_SEQUENTIAL_CHUNK", default_value_t = 10)]
+    pub sequential_chunk: usize,
+}
+
+impl PricingSettings {
+    pub fn execution_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.execution_timeout_secs)
+    }
 }
 
 #[derive(clap::Args)]
 pub struct ReserveArgs {
+    /// The account to hold credits of.
+    #[arg(value_name = "ACCOUNT")]
     pub account: String,
     /// Credits to hold, in the smallest unit.
     #[arg(allow_negative_numbers = true)]
@@ -301,28 +386,153 @@ pub struct ReserveArgs {
     /// Charge the hold to this spender (and every spender above it).
     #[arg(long)]
     pub spender: Option<String>,
-    #[command(flatten)]
-    pub coordinator: CoordinatorSettings,
+    /// Longest TTL a soft hold may ask for, in seconds (as the coordinator's).
+    #[arg(long, env = "HOLDFAST_MAX_RESERVATION_TTL_SECS", default_value_t = 900)]
+    pub max_reservation_ttl_secs: u64,
 }
 
 #[derive(Subcommand)]
 pub enum ReservationCommand {
     /// Show a reservation.
-    Show { id: String },
+    Show {
+        /// The reservation's id (as `reserve` printed it).
+        #[arg(value_name = "RESERVATION_ID")]
+        id: String,
+    },
     /// Cancel a reservation no batch has used: its credits return at once.
-    Cancel { id: String },
+    Cancel {
+        /// The reservation's id (as `reserve` printed it).
+        #[arg(value_name = "RESERVATION_ID")]
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
     /// The request as JSON: a file path, or `-` for standard input.
+    #[arg(value_name = "FILE")]
     pub file: String,
-    /// Also wait for the batch to finish and print its summary.
+    /// Also wait for the batch to finish, showing its progress (a bar on a
+    /// terminal, a line every few seconds otherwise), and print its summary.
     #[arg(long)]
     pub wait: bool,
-    /// Seconds to wait for each answer.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds to wait for each answer: the decision, then (with --wait) the
+    /// next progress event or the summary.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
     #[command(flatten)]
     pub queues: QueueSettings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command and subcommand, with its path (`account grant`).
+    fn every_command() -> Vec<(String, clap::Command)> {
+        fn walk(prefix: &str, cmd: &clap::Command, out: &mut Vec<(String, clap::Command)>) {
+            // clap's own `help` subcommand prints the others' help.
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let path = format!("{prefix} {}", sub.get_name()).trim().to_string();
+                out.push((path.clone(), sub.clone()));
+                walk(&path, sub, out);
+            }
+        }
+        let mut root = Cli::command();
+        root.build();
+        let mut out = vec![("".to_string(), root.clone())];
+        walk("", &root, &mut out);
+        out
+    }
+
+    /// `--help` of a command, as `holdfast <path> --help` prints it.
+    fn help(path: &str) -> String {
+        let mut args = vec!["holdfast"];
+        args.extend(path.split_whitespace());
+        args.push("--help");
+        match Cli::command().try_get_matches_from(args) {
+            Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => e.to_string(),
+            Err(e) => panic!("`{path} --help`: {e}"),
+            Ok(_) => panic!("`{path} --help` printed no help"),
+        }
+    }
+
+    #[test]
+    fn help_shows_no_rustdoc_link_syntax() {
+        for (path, _) in every_command() {
+            let text = help(&path);
+            assert!(
+                !text.contains("[`") && !text.contains("`]"),
+                "`holdfast {path} --help` shows rustdoc link syntax:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_positional_argument_is_documented() {
+        for (path, cmd) in every_command() {
+            for arg in cmd.get_positionals() {
+                assert!(
+                    arg.get_help().is_some(),
+                    "`holdfast {path}`: positional <{}> has no help",
+                    arg.get_id()
+                );
+            }
+        }
+    }
+
+    /// The connection flags come under their own heading, after the
+    /// command's own flags, in every command's help.
+    #[test]
+    fn connection_flags_have_their_own_heading() {
+        for (path, _) in every_command() {
+            let text = help(&path);
+            let heading = text
+                .find("\nConnections:\n")
+                .unwrap_or_else(|| panic!("`holdfast {path} --help` has no Connections heading"));
+            for flag in [
+                "--database-url <",
+                "--database-url-file <",
+                "--amqp-url <",
+                "--namespace <",
+            ] {
+                let at = text.find(flag).unwrap_or_else(|| panic!("{path}: {flag}"));
+                assert!(
+                    at > heading,
+                    "`holdfast {path} --help`: {flag} outside Connections"
+                );
+            }
+        }
+        let submit = help("submit");
+        let wait = submit.find("--wait").unwrap();
+        assert!(wait < submit.find("\nConnections:\n").unwrap(), "{submit}");
+    }
+
+    /// Commands that run no coordinator take none of its tuning flags.
+    #[test]
+    fn only_the_roles_take_coordinator_tuning_flags() {
+        for path in [
+            "preview",
+            "reserve",
+            "submit",
+            "account grant",
+            "batch show",
+        ] {
+            let text = help(path);
+            for flag in [
+                "--coordinator-prefetch",
+                "--coordinator-consumers",
+                "--confirm-window",
+                "--amqp-account-bindings",
+            ] {
+                assert!(
+                    !text.contains(flag),
+                    "`holdfast {path} --help` lists {flag}"
+                );
+            }
+        }
+        assert!(help("run").contains("--coordinator-prefetch"));
+        assert!(help("preview").contains("--sequential-chunk"));
+    }
 }

@@ -5,7 +5,9 @@ use std::io::Read;
 use std::time::Duration;
 
 use crate::fleet::{Fleet, FleetSettings, Roles};
-use crate::{demo, producer::Producer, report};
+use crate::producer::{NoAnswer, Producer, ProgressFeed};
+use crate::progress::{BatchProgress, Style};
+use crate::{demo, report};
 use anyhow::Context;
 use holdfast_common::config::Connections;
 use holdfast_common::database;
@@ -58,8 +60,12 @@ async fn serve(
     Ok(0)
 }
 
-fn ledger(conn: &Connections) -> anyhow::Result<Ledger> {
-    Ok(Ledger::new(database::pool(&conn.database_url, 2)?))
+/// The ledger, for a command that reads or changes it: fails at once when
+/// the database does not exist yet (`holdfast migrate` creates it).
+async fn ledger(conn: &Connections) -> anyhow::Result<Ledger> {
+    Ok(Ledger::new(
+        database::connect_pool(&conn.database_url, 2).await?,
+    ))
 }
 
 /// Carry out `cli`'s command; the process's exit code.
@@ -123,7 +129,7 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<i32> {
 
 /// `holdfast key create | list | revoke`.
 async fn key(conn: &Connections, cmd: KeyCommand, json: bool) -> anyhow::Result<i32> {
-    let ledger = ledger(conn)?;
+    let ledger = ledger(conn).await?;
     let store = KeyStore::new(ledger.pool().clone());
     match cmd {
         KeyCommand::Create(args) => {
@@ -140,7 +146,9 @@ async fn key(conn: &Connections, cmd: KeyCommand, json: bool) -> anyhow::Result<
                 if let Err(holdfast_common::ledger::LedgerError::UnknownAccount(_)) =
                     ledger.account(account).await
                 {
-                    eprintln!("note: account `{account}` does not exist (yet)");
+                    report::error(format_args!(
+                        "note: account `{account}` does not exist (yet)"
+                    ));
                 }
             }
         }
@@ -223,7 +231,7 @@ async fn migrate(conn: &Connections, json: bool) -> anyhow::Result<i32> {
 /// `holdfast account create | grant | void | allowance | allowance-change |
 /// allowance-stop | show`.
 async fn account(conn: &Connections, cmd: AccountCommand, json: bool) -> anyhow::Result<i32> {
-    let ledger = ledger(conn)?;
+    let ledger = ledger(conn).await?;
     let account = match cmd {
         AccountCommand::Create { id } => ledger.create_account(&id).await?,
         AccountCommand::Grant {
@@ -348,11 +356,11 @@ async fn account(conn: &Connections, cmd: AccountCommand, json: bool) -> anyhow:
 
 /// `holdfast batch show`.
 async fn show_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Result<i32> {
-    match ledger(conn)?.batch(id).await? {
+    match ledger(conn).await?.batch(id).await? {
         Some(b) if json => report::json(&b),
         Some(b) => report::batch(&b),
         None => {
-            eprintln!("no batch `{id}`");
+            report::error(format_args!("no batch `{id}`"));
             return Ok(1);
         }
     }
@@ -361,7 +369,7 @@ async fn show_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Result<
 
 /// `holdfast audit`: drift and stuck money; exits 1 if there is any.
 async fn audit(conn: &Connections, args: AuditArgs, json: bool) -> anyhow::Result<i32> {
-    let ledger = ledger(conn)?;
+    let ledger = ledger(conn).await?;
     let drift = ledger.audit().await?;
     let stuck = ledger.stuck(Duration::from_secs(args.stuck_after)).await?;
     if json {
@@ -375,7 +383,7 @@ async fn audit(conn: &Connections, args: AuditArgs, json: bool) -> anyhow::Resul
 
 /// `holdfast spender set | show | delete`.
 async fn spender(conn: &Connections, cmd: SpenderCommand, json: bool) -> anyhow::Result<i32> {
-    let ledger = ledger(conn)?;
+    let ledger = ledger(conn).await?;
     match cmd {
         SpenderCommand::Set {
             account,
@@ -433,7 +441,7 @@ async fn reservation(
     cmd: ReservationCommand,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let ledger = ledger(conn)?;
+    let ledger = ledger(conn).await?;
     let r = match cmd {
         ReservationCommand::Show { id } => ledger.reservation(&id).await?,
         ReservationCommand::Cancel { id } => ledger.cancel_soft(&id).await?,
@@ -442,31 +450,77 @@ async fn reservation(
     Ok(0)
 }
 
+/// `holdfast submit`: publish a request as a producer would, print the
+/// decision, and with `--wait` follow the batch to its summary.
 async fn submit(conn: &Connections, args: SubmitArgs, json: bool) -> anyhow::Result<i32> {
-    let mut body = Vec::new();
-    if args.file == "-" {
-        std::io::stdin().read_to_end(&mut body)?;
-    } else {
-        body = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file))?;
-    }
+    let body = read_input(&args.file)?;
+    // For messages only: the coordinator validates the request.
+    let batch_id = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("batch_id")?.as_str().map(str::to_string));
     let names = Names::new(conn.namespace.clone());
     let timeout = Duration::from_secs(args.timeout);
     let mut producer = Producer::connect(&conn.amqp_url, &names, &args.queues).await?;
+    // Bound before the request goes out: a short batch's first progress
+    // event may follow its decision at once.
+    let feed = match args.wait {
+        true => Some(producer.follow_progress().await),
+        false => None,
+    };
     let correlation = uuid::Uuid::new_v4().to_string();
-    let decision = producer.submit(&body, &correlation, timeout).await?;
-    let mut out = vec![serde_json::to_value(Event::Decision(decision.clone()))?];
-    if !json {
+    let decision = match producer.submit(&body, &correlation, timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            let e = explain_silence(
+                &producer,
+                &names,
+                e,
+                "decision",
+                batch_id.as_deref(),
+                timeout,
+            )
+            .await;
+            producer.close().await;
+            return Err(e);
+        }
+    };
+    if json {
+        report::json_line(&Event::Decision(decision.clone()));
+    } else {
         report::decision(&decision);
     }
-    if args.wait && matches!(decision, Decision::Granted(_)) {
-        let done = producer.completed_for(&correlation, timeout).await?;
-        if !json {
-            report::completed(&done);
+    if let (Some(feed), Decision::Granted(granted)) = (feed, &decision) {
+        let (feed, hidden) = match feed {
+            Ok(f) => (Some(f), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        let mut view = BatchProgress::start(Style::detect(json), granted, hidden.as_deref());
+        let done = follow(
+            &mut producer,
+            feed,
+            &correlation,
+            granted,
+            timeout,
+            &mut view,
+        )
+        .await;
+        match done {
+            Ok(done) => view.finish(&done),
+            Err(e) => {
+                view.abandon();
+                let e = explain_silence(
+                    &producer,
+                    &names,
+                    e,
+                    "summary",
+                    Some(&granted.batch_id),
+                    timeout,
+                )
+                .await;
+                producer.close().await;
+                return Err(e);
+            }
         }
-        out.push(serde_json::to_value(done)?);
-    }
-    if json {
-        report::json(&out);
     }
     producer.close().await;
     Ok(match decision {
@@ -474,6 +528,96 @@ async fn submit(conn: &Connections, args: SubmitArgs, json: bool) -> anyhow::Res
         Decision::Insufficient(_) => 2,
         Decision::Rejected(_) => 3,
     })
+}
+
+/// Wait for the `completed` summary of `granted`, showing its progress
+/// events as they come. `timeout` is the longest silence: each progress
+/// event of the batch starts it again.
+async fn follow(
+    producer: &mut Producer,
+    mut feed: Option<ProgressFeed>,
+    correlation: &str,
+    granted: &holdfast_common::messages::Granted,
+    timeout: Duration,
+    view: &mut BatchProgress,
+) -> anyhow::Result<Event> {
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let result = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // `completed_for` only buffers what it reads: cancelling it between
+        // two messages loses none.
+        tokio::select! {
+            done = producer.completed_for(correlation, left) => break done,
+            Some(event) = next_progress(&mut feed, &granted.batch_id) => {
+                view.update(&event);
+                deadline = tokio::time::Instant::now() + timeout;
+            }
+            _ = tick.tick() => view.tick(),
+        }
+    };
+    if let Some(feed) = feed {
+        feed.close().await;
+    }
+    result
+}
+
+/// The next progress event of `batch_id`, or never (no feed, or it closed).
+async fn next_progress(feed: &mut Option<ProgressFeed>, batch_id: &str) -> Option<Event> {
+    match feed {
+        Some(f) => match f.next_for(batch_id).await {
+            Some(e) => Some(e),
+            None => {
+                *feed = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// An error in waiting for an answer; when no answer came in time, say for
+/// which batch and queue, and whether anything consumes that queue (from a
+/// passive declare): no coordinator on `<ns>.requests` for a decision, no
+/// worker on `<ns>.jobs` for a summary.
+async fn explain_silence(
+    producer: &Producer,
+    names: &Names,
+    e: anyhow::Error,
+    awaited: &str,
+    batch_id: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Error {
+    if e.downcast_ref::<NoAnswer>().is_none() {
+        return e;
+    }
+    let batch = batch_id.map_or("the batch".to_string(), |b| format!("batch `{b}`"));
+    let (queue, role, start) = match awaited {
+        "decision" => (
+            names.requests(),
+            "coordinator",
+            "`holdfast run` or `holdfast coordinator`",
+        ),
+        _ => (
+            names.jobs(),
+            "worker",
+            "`holdfast run` or `holdfast worker`",
+        ),
+    };
+    let waited = format!("no {awaited} for {batch} within {timeout:?}");
+    match producer.queue_depth(&queue).await {
+        Ok(d) if d.consumers == 0 => anyhow::anyhow!(
+            "{waited}: no {role} consumes `{queue}` ({} message(s) waiting there); start one with namespace `{}` ({start})",
+            d.messages,
+            names.namespace
+        ),
+        Ok(d) => anyhow::anyhow!(
+            "{waited}, though {} consumer(s) read `{queue}` ({} message(s) waiting there): they may be busy or unable to reach PostgreSQL (see their logs), or raise --timeout",
+            d.consumers,
+            d.messages
+        ),
+        Err(q) => anyhow::anyhow!("{waited}; and {q:#}"),
+    }
 }
 
 fn read_input(file: &str) -> anyhow::Result<Vec<u8>> {
@@ -494,12 +638,12 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
             if json {
                 report::json(&rejected);
             } else {
-                eprintln!("invalid request: {}", rejected.reason);
+                report::error(format_args!("invalid request: {}", rejected.reason));
             }
             return Ok(3);
         }
     };
-    let ledger = ledger(conn)?;
+    let ledger = ledger(conn).await?;
     let pots = ledger.pots(&request.account_id).await?;
     let spenders = ledger
         .spender_levels(&request.account_id, request.spender_id.as_deref())
@@ -508,8 +652,8 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
         &request,
         &pots,
         &spenders,
-        args.coordinator.sequential_chunk,
-        args.coordinator.execution_timeout(),
+        args.pricing.sequential_chunk,
+        args.pricing.execution_timeout(),
     );
     if json {
         report::json(&p);
@@ -520,12 +664,13 @@ async fn preview(conn: &Connections, args: PreviewArgs, json: bool) -> anyhow::R
 }
 
 async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::Result<i32> {
-    let max = args.coordinator.max_reservation_ttl_secs;
+    let max = args.max_reservation_ttl_secs;
     if args.ttl == 0 || args.ttl > max {
         anyhow::bail!("--ttl must be from 1 to {max} seconds (HOLDFAST_MAX_RESERVATION_TTL_SECS)");
     }
     let ttl = Duration::from_secs(args.ttl);
-    match ledger(conn)?
+    match ledger(conn)
+        .await?
         .reserve_soft_for(&args.account, args.spender.as_deref(), args.amount, ttl)
         .await
     {
@@ -534,7 +679,7 @@ async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::R
             Ok(0)
         }
         Err(e @ holdfast_common::ledger::LedgerError::Insufficient { .. }) => {
-            eprintln!("{e}");
+            report::error(e);
             Ok(2)
         }
         Err(e) => Err(e.into()),
@@ -544,19 +689,19 @@ async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::R
 /// Cancel a batch in the ledger; when it closed at once, announce it like a worker would.
 async fn cancel_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Result<i32> {
     use holdfast_common::ledger::LedgerError;
-    let cancelled = match ledger(conn)?.cancel_batch(id).await {
+    let cancelled = match ledger(conn).await?.cancel_batch(id).await {
         Ok(c) => c,
         Err(e @ (LedgerError::NotFound(_) | LedgerError::WrongState(_))) => {
-            eprintln!("{e}");
+            report::error(e);
             return Ok(1);
         }
         Err(e) => return Err(e.into()),
     };
     if let Some(closed) = &cancelled.closed {
         if let Err(e) = announce_closed(conn, closed).await {
-            eprintln!(
+            report::error(format_args!(
                 "warning: the batch is cancelled but its completed event was not published: {e:#}"
-            );
+            ));
         }
     }
     if json {

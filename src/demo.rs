@@ -327,7 +327,35 @@ async fn story(
         settings.api.api_key_cache_secs
     );
     println!("\nTry it yourself: `holdfast account show {account}`, `holdfast batch show {account}-spring`, `holdfast spender show {workspace}`.");
+    println!("{}", how_to_run(conn));
     Ok(if drift.is_empty() { 0 } else { 1 })
+}
+
+/// How to run `holdfast` after the demo: `make install`, or this very
+/// binary; and the settings the demo ran with, when they are not the defaults.
+fn how_to_run(conn: &Connections) -> String {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            let cwd = std::env::current_dir().ok()?;
+            Some(match p.strip_prefix(&cwd) {
+                Ok(relative) => format!("./{}", relative.display()),
+                Err(_) => p.display().to_string(),
+            })
+        })
+        .unwrap_or_else(|| "target/release/holdfast".into());
+    let mut line = format!(
+        "(`make install` puts `holdfast` on your PATH, in ~/.cargo/bin; or run {exe} itself, or `cargo run --release -- …`.)"
+    );
+    let defaults = Connections::default();
+    if conn.database_url != defaults.database_url || conn.namespace != defaults.namespace {
+        line.push_str(&format!(
+            "\n(The demo used database {} and namespace `{}`: give the commands the same HOLDFAST_DATABASE_URL and HOLDFAST_NAMESPACE.)",
+            database::describe(&conn.database_url),
+            conn.namespace
+        ));
+    }
+    line
 }
 
 /// The customer's app gets a producer key for this account only; it

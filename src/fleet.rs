@@ -42,10 +42,20 @@ pub struct FleetSettings {
     #[command(flatten)]
     pub api: ApiSettings,
     /// Address of the HTTP API (health, metrics, views), or `off`.
-    #[arg(long, env = "HOLDFAST_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "HOLDFAST_HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        help_heading = "HTTP API"
+    )]
     pub http_addr: HttpAddr,
     /// Audit the ledger every this many reconciler sweeps (0: never).
-    #[arg(long, env = "HOLDFAST_AUDIT_EVERY", default_value_t = 12)]
+    #[arg(
+        long,
+        env = "HOLDFAST_AUDIT_EVERY",
+        default_value_t = 12,
+        help_heading = "Reconciler"
+    )]
     pub audit_every: u64,
 }
 

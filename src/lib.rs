@@ -7,4 +7,5 @@ pub mod commands;
 pub mod demo;
 pub mod fleet;
 pub mod producer;
+pub mod progress;
 pub mod report;

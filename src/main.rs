@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     match runtime.block_on(holdfast::commands::run(cli)) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("holdfast: {e:#}");
+            holdfast::report::error(format_args!("{e:#}"));
             std::process::exit(1);
         }
     }

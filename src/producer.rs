@@ -2,6 +2,10 @@
 //! (exchange `<ns>.intake`, routing key `requests`, `reply_to` +
 //! `correlation_id`, and `user_id` = the login) and read the answers from a
 //! private reply queue. `holdfast submit` and the tests use it.
+//!
+//! Besides the answers, a producer may follow the `batch.progress` events of
+//! the events exchange ([`Producer::follow_progress`]), and ask how many
+//! consumers a queue has ([`Producer::queue_depth`]) to say why no answer came.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -10,9 +14,54 @@ use futures::StreamExt;
 use holdfast_common::config::QueueSettings;
 use holdfast_common::messages::{short_id, Decision, Event};
 use holdfast_common::topology::{self, json_properties, BrokerError, Names, Publisher};
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, Consumer};
+
+/// No answer came for a request within the time allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer for `{correlation_id}` within {timeout:?}")]
+pub struct NoAnswer {
+    pub correlation_id: String,
+    pub timeout: Duration,
+}
+
+/// What a passive declare tells of a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Messages ready in the queue (not those delivered and unacknowledged).
+    pub messages: u32,
+    /// Consumers reading it.
+    pub consumers: u32,
+}
+
+/// The `batch.progress` events of the namespace, on a private queue of this
+/// producer's (see [`Producer::follow_progress`]).
+pub struct ProgressFeed {
+    channel: lapin::Channel,
+    events: Consumer,
+}
+
+impl ProgressFeed {
+    /// The next progress event of `batch_id` (others are skipped); `None`
+    /// once the feed has closed.
+    pub async fn next_for(&mut self, batch_id: &str) -> Option<Event> {
+        while let Some(delivery) = self.events.next().await {
+            let Ok(delivery) = delivery else { return None };
+            let event = serde_json::from_slice::<Event>(&delivery.data);
+            if let Ok(e @ Event::Progress { .. }) = event {
+                if matches!(&e, Event::Progress { batch_id: b, .. } if b == batch_id) {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn close(self) {
+        topology::close_channel(&self.channel, "done").await;
+    }
+}
 
 /// A connection with a reply queue.
 pub struct Producer {
@@ -148,8 +197,9 @@ impl Producer {
         loop {
             let next = tokio::time::timeout_at(deadline, self.replies.next())
                 .await
-                .map_err(|_| {
-                    anyhow::anyhow!("no answer for `{correlation_id}` within {timeout:?}")
+                .map_err(|_| NoAnswer {
+                    correlation_id: correlation_id.to_string(),
+                    timeout,
                 })?;
             let delivery = next.ok_or_else(|| anyhow::anyhow!("reply queue closed"))??;
             let corr = delivery
@@ -218,6 +268,79 @@ impl Producer {
                 _ => continue,
             }
         }
+    }
+
+    /// Follow the namespace's `batch.progress` events: a private, exclusive
+    /// queue bound to `<ns>.events`. Bind it before sending the request, so
+    /// that the first progress of a short batch is not missed. A broker user
+    /// may lack the permission (a least-privilege producer user reads only
+    /// its reply queues, since the events of every account go through that
+    /// exchange): the error says so, and the caller does without.
+    pub async fn follow_progress(&self) -> anyhow::Result<ProgressFeed> {
+        // A channel of its own: a refused bind closes the channel it was sent on.
+        let channel = self.conn.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let name = queue.name().to_string();
+        let exchange = self.names.events();
+        if let Err(e) = channel
+            .queue_bind(
+                name.clone().into(),
+                exchange.clone().into(),
+                "batch.progress".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            anyhow::bail!("cannot bind a queue to `{exchange}`: {e}");
+        }
+        let events = channel
+            .basic_consume(
+                name.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(ProgressFeed { channel, events })
+    }
+
+    /// Messages waiting in `queue` and consumers reading it, from a passive
+    /// declare (which needs no permission), on a channel of its own.
+    pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<QueueDepth> {
+        let channel = self.conn.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        // A passive declare of a missing queue closes the channel itself.
+        if declared.is_ok() {
+            topology::close_channel(&channel, "done").await;
+        }
+        let q = declared.map_err(|e| anyhow::anyhow!("queue `{queue}`: {e}"))?;
+        Ok(QueueDepth {
+            messages: q.message_count(),
+            consumers: q.consumer_count(),
+        })
     }
 
     pub async fn close(self) {

@@ -4,6 +4,17 @@ use holdfast_common::ledger::{Account, BatchView, Drift, Stuck};
 use holdfast_common::messages::{Decision, Event};
 use holdfast_common::pricing::thousands;
 
+/// An error, a warning or a note for people, on standard error, worded like
+/// every error the command line prints: `holdfast: <message>`.
+pub fn error(message: impl std::fmt::Display) {
+    eprintln!("holdfast: {message}");
+}
+
+/// Print `value` as one line of JSON (a JSON lines stream: `submit --json`).
+pub fn json_line<T: serde::Serialize>(value: &T) {
+    println!("{}", serde_json::to_string(value).expect("serialisable"));
+}
+
 /// Print `value` as pretty JSON.
 pub fn json<T: serde::Serialize>(value: &T) {
     println!(
@@ -197,6 +208,18 @@ pub fn batch(b: &BatchView) {
         "batch {}  account {}  mode {}  state {}",
         b.batch_id, b.account_id, b.mode, b.state
     );
+    // A batch that was not granted held and ran nothing: what it has to show
+    // is its decision (the sentence and the options), as `submit` printed it.
+    if b.state == holdfast_common::ledger::BatchState::Denied {
+        match serde_json::from_value::<Decision>(b.decision.clone()) {
+            Ok(d) => {
+                print!("  ");
+                decision(&d);
+            }
+            Err(_) => println!("  decision: {}", b.decision),
+        }
+        return;
+    }
     if let Some(h) = &b.hold_id {
         println!(
             "  hold {} ({})",

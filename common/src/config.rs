@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-/// Where the services are and how AMQP names are prefixed.
+/// Where the services are and how AMQP names are prefixed. Every command
+/// takes these (they are global), listed under their own heading in `--help`.
 #[derive(Args, Clone)]
+#[command(next_help_heading = "Connections")]
 pub struct Connections {
     /// PostgreSQL URL of the ledger database (created by `migrate` if missing).
     #[arg(
@@ -23,7 +25,7 @@ pub struct Connections {
     )]
     pub database_url: String,
     /// A file holding the PostgreSQL URL (e.g. /run/secrets/database_url);
-    /// replaces --database-url. See [`Connections::load_secret_files`].
+    /// replaces --database-url.
     #[arg(
         long,
         env = "HOLDFAST_DATABASE_URL_FILE",
@@ -173,6 +175,7 @@ pub fn redact_url(url: &str) -> String {
 
 /// Limits enforced on every batch request before any database work.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Request limits")]
 pub struct Limits {
     /// Most items one batch may carry.
     #[arg(long, env = "HOLDFAST_MAX_ITEMS", default_value_t = 10_000)]
@@ -201,6 +204,7 @@ impl Default for Limits {
 
 /// Queue behaviour shared by producers and consumers: the declarations must agree.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Queues")]
 pub struct QueueSettings {
     /// Deliveries of one batch request before RabbitMQ dead-letters it.
     #[arg(long, env = "HOLDFAST_REQUEST_DELIVERY_LIMIT", default_value_t = 20)]

@@ -14,6 +14,7 @@ use holdfast_common::topology::Names;
 
 /// Coordinator settings.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Coordinator")]
 pub struct CoordinatorSettings {
     /// Unacknowledged requests one coordinator consumer may hold.
     #[arg(long, env = "HOLDFAST_COORDINATOR_PREFETCH", default_value_t = 32)]
@@ -62,6 +63,7 @@ impl CoordinatorSettings {
 
 /// Reconciler settings.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Reconciler")]
 pub struct ReconcilerSettings {
     /// Milliseconds between two sweeps.
     #[arg(long, env = "HOLDFAST_SWEEP_INTERVAL_MS", default_value_t = 5_000)]

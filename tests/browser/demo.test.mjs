@@ -22,8 +22,10 @@ const ADMIN_TOKEN = process.env.HOLDFAST_ADMIN_TOKEN;
 const DEMO_KEY = process.env.HOLDFAST_DEMO_KEY;
 const GRANTS_KEY = process.env.HOLDFAST_GRANTS_KEY;
 const TEAM_KEY = process.env.HOLDFAST_TEAM_KEY;
-if (!BASE || !BIN || !SHOTS || !ADMIN_TOKEN || !DEMO_KEY || !GRANTS_KEY || !TEAM_KEY) {
-  console.error("set HOLDFAST_BASE_URL, HOLDFAST_BIN, HOLDFAST_SCREENSHOTS, HOLDFAST_ADMIN_TOKEN, HOLDFAST_DEMO_KEY, HOLDFAST_GRANTS_KEY and HOLDFAST_TEAM_KEY");
+// A key for an account that does not exist yet (`<demo account>-new`).
+const NEW_KEY = process.env.HOLDFAST_NEW_KEY;
+if (!BASE || !BIN || !SHOTS || !ADMIN_TOKEN || !DEMO_KEY || !GRANTS_KEY || !TEAM_KEY || !NEW_KEY) {
+  console.error("set HOLDFAST_BASE_URL, HOLDFAST_BIN, HOLDFAST_SCREENSHOTS, HOLDFAST_ADMIN_TOKEN, HOLDFAST_DEMO_KEY, HOLDFAST_GRANTS_KEY, HOLDFAST_TEAM_KEY and HOLDFAST_NEW_KEY");
   process.exit(2);
 }
 
@@ -354,6 +356,42 @@ test("spender: a member limited by the team's limit sees the team, not the accou
   const a = await getJson(`/v1/accounts/${encodeURIComponent(account)}`);
   eq(a.held, 0, "account held");
   await page.locator("#spender").fill("");
+  await page.locator("#account").fill(ACCOUNT);
+  await page.locator("#api-key").fill(DEMO_KEY);
+  await waitForPreview(page, "This action will cost ~120 credits. You have 6 credits.");
+  await audit();
+});
+
+test("unknown account: one message says how to create it; in demo mode a button does", async (page) => {
+  const account = `${ACCOUNT}-new`;
+  const res = await fetch(`${BASE}/v1/accounts/${encodeURIComponent(account)}`,
+    { headers: { Authorization: `Bearer ${ADMIN_TOKEN}` } });
+  eq(res.status, 404, "the account does not exist before the test");
+  await page.locator("#account").fill(account);
+  await page.locator("#api-key").fill(NEW_KEY);
+  const missing = page.locator("#preview[aria-live=polite] #missing-account");
+  await missing.waitFor({ timeout: 10_000 });
+  const text = (await missing.textContent()).replace(/\s+/g, " ").trim();
+  check(text.startsWith(`Account “${account}” does not exist yet.`), `the message, got ${JSON.stringify(text)}`);
+  check(text.includes(`holdfast account grant ${account} 200 --create`), `the command, got ${JSON.stringify(text)}`);
+  check(text.includes(`POST /v1/accounts/${account}/grants`), `the admin call, got ${JSON.stringify(text)}`);
+  // Said once, in words a person can act on: not again in the balance line,
+  // and not the raw "unknown account".
+  await page.waitForTimeout(300);
+  const main = (await page.locator("main").textContent()).replace(/\s+/g, " ");
+  eq(main.split("does not exist").length - 1, 1, "times the page says the account does not exist");
+  check(!main.toLowerCase().includes("unknown account"), `no raw "unknown account" on the page: ${main}`);
+  check(await page.locator("#generate-all").isDisabled(), "Generate All disabled until the account exists");
+  // Demo mode (HOLDFAST_DEMO_GRANTS=1): the page offers to create it.
+  const create = page.locator("#create-account");
+  eq((await create.textContent()).trim(), `Create “${account}” with 200 credits`, "the button");
+  await page.screenshot({ path: join(SHOTS, "unknown-account.png") });
+  await create.click();
+  await waitForPreview(page, "This action will cost ~120 credits. You have 200 credits.");
+  check(await page.locator("#generate-all").isEnabled(), "Generate All enabled once it exists");
+  const a = await getJson(`/v1/accounts/${encodeURIComponent(account)}`);
+  eq(a.balance, 200, "the new account's balance");
+  eq(a.held, 0, "the new account's held credits");
   await page.locator("#account").fill(ACCOUNT);
   await page.locator("#api-key").fill(DEMO_KEY);
   await waitForPreview(page, "This action will cost ~120 credits. You have 6 credits.");

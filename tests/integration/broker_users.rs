@@ -353,3 +353,52 @@ async fn the_script_creates_a_role_user_with_the_role_permissions_and_deletes_it
     );
     run(&["delete", &user]);
 }
+
+/// A least-privilege producer user may not bind a queue to the events
+/// exchange (it carries every account's events): `submit --wait` says it
+/// sees no progress, and still prints the summary from its reply queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_wait_as_a_producer_user_does_without_progress_events() {
+    let fleet = TestFleet::start().await;
+    let names = fleet.names.clone();
+    let producer = BrokerUser::create(BrokerRole::Producer, &names, &fleet.conn.amqp_url);
+    fleet.grant("acme", 1_000).await;
+    let file = std::env::temp_dir().join(format!("{}-pw.json", names.namespace));
+    std::fs::write(&file, request("pw-1", "acme", 3, 10).to_string()).unwrap();
+    let out = holdfast_command()
+        .args([
+            "submit",
+            file.to_str().unwrap(),
+            "--wait",
+            "--amqp-declare",
+            "false",
+        ])
+        .env("HOLDFAST_DATABASE_URL", &fleet.conn.database_url)
+        .env("HOLDFAST_AMQP_URL", &producer.url)
+        .env("HOLDFAST_NAMESPACE", &names.namespace)
+        .env("HOLDFAST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = names.events();
+    assert!(
+        text.contains(&format!(
+            "batch pw-1: no progress events (cannot bind a queue to `{events}`: "
+        )) && text.contains("ACCESS_REFUSED"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("COMPLETED  batch pw-1: 3 succeeded")),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&file);
+    fleet.stop().await;
+}

@@ -105,13 +105,31 @@ async fn accounts_submit_wait_batch_show_and_audit() {
     std::fs::write(&dir, request("cli-2", "studio", 4, 10).to_string()).unwrap();
     let out = holdfast(&t, &["submit", dir.to_str().unwrap(), "--json"]).await;
     assert_eq!(out.status.code(), Some(2), "insufficient exits 2");
+    // JSON lines: one object, the decision.
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v[0]["decision"], "insufficient");
+    assert_eq!(v["decision"], "insufficient");
     assert_eq!(
-        v[0]["message"],
+        v["message"],
         "You have enough credits to generate 1 out of 4 items."
     );
     let _ = std::fs::remove_file(&dir);
+
+    // The denied batch shows its decision as the submit printed it: the
+    // sentence and the options, not only "skipped 4".
+    let denied = holdfast(&t, &["batch", "show", "cli-2"]).await;
+    assert!(denied.status.success());
+    let text = stdout(&denied);
+    for part in [
+        "batch cli-2  account studio",
+        "state denied",
+        "INSUFFICIENT  batch cli-2: nothing was held, nothing started.",
+        "You have enough credits to generate 1 out of 4 items.",
+        "fits first: 1 item(s) for 10 credits",
+        "[generate_first_fit]",
+        "[add_credits]",
+    ] {
+        assert!(text.contains(part), "no {part:?} in:\n{text}");
+    }
 
     let show = holdfast(&t, &["batch", "show", "cli-1", "--json"]).await;
     let b: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
@@ -414,4 +432,251 @@ async fn keys_are_shown_once_stored_as_a_hash_listed_and_revoked() {
         .await
         .status
         .success());
+}
+
+/// Every error the command line prints is one line `holdfast: <message>`,
+/// whichever part of it found the problem.
+#[tokio::test]
+async fn every_error_is_prefixed_holdfast() {
+    let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    t.grant("studio", 10).await;
+    let bad = std::env::temp_dir().join(format!("{}-bad.json", t.conn.namespace));
+    std::fs::write(&bad, r#"{"account_id": "studio", "items": []}"#).unwrap();
+    for (args, code, message) in [
+        (&["batch", "show", "nope"][..], 1, "no batch `nope`"),
+        (
+            &["account", "show", "nope"][..],
+            1,
+            "unknown account `nope`",
+        ),
+        (&["reserve", "studio", "50"][..], 2, "insufficient credits"),
+        (&["batch", "cancel", "nope"][..], 1, "nope"),
+        (&["reservation", "show", "nope"][..], 1, "nope"),
+        (&["key", "revoke", "nosuchkey123"][..], 1, "nosuchkey123"),
+        (
+            &["preview", bad.to_str().unwrap()][..],
+            3,
+            "invalid request: ",
+        ),
+    ] {
+        let out = holdfast(&t, args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("holdfast: ") && lines[0].contains(message),
+            "{args:?}: expected one line `holdfast: …{message}…`, got:\n{err}"
+        );
+    }
+    let _ = std::fs::remove_file(&bad);
+}
+
+/// A command run before `holdfast migrate` says at once that the database
+/// does not exist and what creates it, instead of retrying.
+#[tokio::test]
+async fn a_command_before_migrate_names_the_missing_database() {
+    let conn = unique_connections();
+    let _cleanup = Cleanup { conn: conn.clone() };
+    let run = |args: &'static [&'static str]| {
+        let url = conn.database_url.clone();
+        async move {
+            holdfast_command()
+                .args(args)
+                .env("HOLDFAST_DATABASE_URL", url)
+                .env("HOLDFAST_LOG", "warn")
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let name = conn.database_url.rsplit('/').next().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let out = run(&["account", "show", "studio"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "holdfast: database `{name}` does not exist on 127.0.0.1:5432: run `holdfast migrate` to create it"
+        )
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}: retried",
+        started.elapsed()
+    );
+    // And `holdfast migrate` does create it.
+    assert!(run(&["migrate"]).await.status.success());
+    let out = run(&["account", "show", "studio"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "holdfast: unknown account `studio`"
+    );
+}
+
+/// With no coordinator, `submit` names the batch and the queue and says that
+/// nothing consumes it; with a coordinator but no worker, `submit --wait`
+/// says the same of the jobs queue.
+#[tokio::test]
+async fn submit_says_which_role_is_missing_when_no_answer_comes() {
+    let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    t.grant("studio", 100).await;
+    let file = std::env::temp_dir().join(format!("{}-silent.json", t.conn.namespace));
+    std::fs::write(&file, request("silent-1", "studio", 3, 10).to_string()).unwrap();
+    let path = file.to_str().unwrap();
+    let out = holdfast(&t, &["submit", path, "--timeout", "2"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let ns = t.conn.namespace.clone();
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "holdfast: no decision for batch `silent-1` within 2s: no coordinator consumes `{ns}.requests` (1 message(s) waiting there); start one with namespace `{ns}` (`holdfast run` or `holdfast coordinator`)"
+        )
+    );
+
+    // A coordinator decides it (and the next one); no worker runs the jobs.
+    t.start_roles(Roles::COORDINATOR, None).await;
+    std::fs::write(&file, request("silent-2", "studio", 3, 10).to_string()).unwrap();
+    let out = holdfast(&t, &["submit", path, "--wait", "--timeout", "5"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        stdout(&out).contains("GRANTED  batch silent-2"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        err.contains(&format!(
+            "holdfast: no summary for batch `silent-2` within 5s: no worker consumes `{ns}.jobs` ("
+        )) && err.contains("`holdfast run` or `holdfast worker`"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&file);
+    t.stop().await;
+}
+
+/// Ten items that take from 0.3 to 3 seconds: a batch that runs long enough
+/// to report progress several times.
+fn slow_request(batch_id: &str) -> serde_json::Value {
+    let items: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            serde_json::json!({"item_id": format!("i{i}"), "estimated_cost": 10,
+                "payload": {"simulate": {"latency_ms": 300 * (i + 1)}}})
+        })
+        .collect();
+    serde_json::json!({"batch_id": batch_id, "account_id": "studio", "items": items})
+}
+
+/// Not on a terminal, `submit --wait` prints plain progress lines, then the
+/// summary; with `--json`, one JSON object a line: the decision, progress
+/// events, the completed event.
+#[tokio::test]
+async fn submit_wait_prints_progress_lines_and_json_lines() {
+    let t = TestFleet::start().await;
+    t.grant("studio", 1_000).await;
+    let file = std::env::temp_dir().join(format!("{}-slow.json", t.conn.namespace));
+    std::fs::write(&file, slow_request("slow-1").to_string()).unwrap();
+    let out = holdfast(&t, &["submit", file.to_str().unwrap(), "--wait"]).await;
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("GRANTED  batch slow-1"), "{text}");
+    assert!(
+        lines.contains(&"batch slow-1: running 10 item(s); the summary follows when it closes"),
+        "{text}"
+    );
+    let progress: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("batch slow-1: ") && l.contains(" of 10 items done ("))
+        .collect();
+    assert!(progress.len() >= 2, "{text}");
+    assert!(
+        progress
+            .iter()
+            .all(|l| l.contains("credits captured") && l.contains("items/s, ETA ")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("COMPLETED  batch slow-1: 10 succeeded"),
+        "{text}"
+    );
+
+    std::fs::write(&file, slow_request("slow-2").to_string()).unwrap();
+    let out = holdfast(&t, &["submit", file.to_str().unwrap(), "--wait", "--json"]).await;
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"decision"), "{text}");
+    assert_eq!(events[0]["decision"], "granted");
+    assert_eq!(kinds.last(), Some(&"completed"), "{text}");
+    assert!(
+        kinds[1..kinds.len() - 1].iter().all(|k| *k == "progress"),
+        "{text}"
+    );
+    assert!(kinds.len() >= 4, "at least two progress events: {text}");
+    assert!(events.iter().all(|e| e["batch_id"] == "slow-2"), "{text}");
+    let done = events.last().unwrap();
+    assert_eq!(
+        (done["succeeded"].as_i64(), done["captured"].as_i64()),
+        (Some(10), Some(100))
+    );
+    let _ = std::fs::remove_file(&file);
+    t.stop().await;
+}
+
+/// On a terminal (a pseudo-terminal from `script`), `submit --wait` draws a
+/// bar that fills up, then prints the summary.
+#[tokio::test]
+async fn submit_wait_draws_a_bar_on_a_terminal() {
+    let t = TestFleet::start().await;
+    t.grant("studio", 1_000).await;
+    let file = std::env::temp_dir().join(format!("{}-tty.json", t.conn.namespace));
+    std::fs::write(&file, slow_request("tty-1").to_string()).unwrap();
+    let exe = env!("CARGO_BIN_EXE_holdfast");
+    let inner = format!("stty cols 150; '{exe}' submit '{}' --wait", file.display());
+    let mut script = Command::new("script");
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"HOLDFAST_") {
+            script.env_remove(name);
+        }
+    }
+    let out = script
+        .args(["-qfec", &inner, "/dev/null"])
+        .env("HOLDFAST_DATABASE_URL", &t.conn.database_url)
+        .env("HOLDFAST_AMQP_URL", &t.conn.amqp_url)
+        .env("HOLDFAST_NAMESPACE", &t.conn.namespace)
+        .env("HOLDFAST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run script(1)");
+    let screen = stdout(&out);
+    assert!(out.status.success(), "{screen}");
+    // Redraws: the bar at some point between empty and full, then full.
+    let partial = (1..10).any(|k| screen.contains(&format!("] {k}/10 items")));
+    let full = screen.rfind("] 10/10 items · 0 failed · 100 credits captured");
+    let summary = screen.rfind("COMPLETED  batch tty-1: 10 succeeded");
+    assert!(partial, "no partial bar in:\n{screen}");
+    assert!(
+        matches!((full, summary), (Some(f), Some(s)) if f < s),
+        "the full bar, then the summary, expected in:\n{screen}"
+    );
+    assert!(screen.contains("/s · ETA "), "{screen}");
+    let _ = std::fs::remove_file(&file);
+    t.stop().await;
 }

@@ -8,6 +8,7 @@ use holdfast_common::topology::Names;
 
 /// Worker settings.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Worker")]
 pub struct WorkerSettings {
     /// Unacknowledged jobs one worker holds, which is also how many run at once.
     #[arg(long, env = "HOLDFAST_WORKER_PREFETCH", default_value_t = 64)]
@@ -60,6 +61,7 @@ pub enum GeneratorKind {
 
 /// Settings of the built-in generators.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Generator")]
 pub struct GeneratorSettings {
     /// The generator to run.
     #[arg(long, env = "HOLDFAST_GENERATOR", value_enum, default_value_t = GeneratorKind::Simulate)]

@@ -43,6 +43,10 @@ pub enum DatabaseError {
     Migrate(#[from] refinery::Error),
     #[error("building the connection pool failed: {0}")]
     Pool(String),
+    /// The server answers, but the database in the URL does not exist
+    /// (SQLSTATE 3D000): waiting will not help; `migrate` creates it.
+    #[error("database `{name}` does not exist on {server}: run `holdfast migrate` to create it")]
+    Missing { name: String, server: String },
 }
 
 /// `host:port/dbname` of a URL, with its `sslmode` and `sslrootcert` when
@@ -195,7 +199,38 @@ pub async fn migrate(url: &str) -> Result<MigrationReport, DatabaseError> {
 }
 
 /// A connection pool for the ledger, with TLS as the URL's `sslmode` says
-/// (the CA file is read once, here).
+/// (the CA file is read once, here), whose first connection is opened at
+/// once, so that a database that does not exist fails here, at once and
+/// naming it ([`DatabaseError::Missing`]), rather than after the ledger's
+/// retries as "temporarily unavailable". Any other failure to connect is left
+/// to the ledger, which retries it (a server restarting comes back).
+pub async fn connect_pool(url: &str, size: usize) -> Result<Pool, DatabaseError> {
+    let pool = pool(url, size)?;
+    match pool.get().await {
+        Err(deadpool_postgres::PoolError::Backend(e))
+            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) =>
+        {
+            let target = Target::parse(url)?;
+            let cfg = &target.config;
+            let host = match cfg.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(s)) => s.clone(),
+                #[cfg(unix)]
+                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => String::new(),
+            };
+            let port = cfg.get_ports().first().copied().unwrap_or(5432);
+            Err(DatabaseError::Missing {
+                name: cfg.get_dbname().unwrap_or_default().to_string(),
+                server: format!("{host}:{port}"),
+            })
+        }
+        // The connection goes back to the pool for the first query.
+        _ => Ok(pool),
+    }
+}
+
+/// A connection pool for the ledger (connections are opened on first use),
+/// with TLS as the URL's `sslmode` says (the CA file is read once, here).
 pub fn pool(url: &str, size: usize) -> Result<Pool, DatabaseError> {
     let target = Target::parse(url)?;
     let config = ManagerConfig {

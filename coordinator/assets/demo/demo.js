@@ -124,6 +124,61 @@ async function api(method, path, body) {
   return { status: res.status, ok: res.ok, data };
 }
 
+// The API's answer for an account that does not exist (404, problem type
+// `urn:holdfast:problem:unknown-account`).
+function isUnknownAccount(r) {
+  const type = r.data && typeof r.data.type === "string" ? r.data.type : "";
+  return r.status === 404 && type.endsWith(":unknown-account");
+}
+
+// What a new account gets from the page's "Create" button (demo mode only).
+const NEW_ACCOUNT_CREDITS = 200;
+
+function code(text) {
+  const c = document.createElement("code");
+  c.textContent = text;
+  return c;
+}
+
+// One message for an account that does not exist: how to create it, and in
+// demo mode (HOLDFAST_DEMO_GRANTS=1) a button that does, with credits.
+function showMissingAccount(id) {
+  const preview = $("preview");
+  preview.dataset.state = "missing";
+  const text = document.createElement("p");
+  text.id = "missing-account";
+  text.className = "preview-text";
+  text.append(
+    `Account “${id}” does not exist yet. An operator creates it with `,
+    code(`holdfast account grant ${id} ${NEW_ACCOUNT_CREDITS} --create`),
+    " (or an admin key with ",
+    code(`POST /v1/accounts/${encodeURIComponent(id)}/grants {"amount": ${NEW_ACCOUNT_CREDITS}, "create": true}`),
+    "); then this page prices the batch.",
+  );
+  const parts = [text];
+  if (document.body.dataset.demoGrants === "on") {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.id = "create-account";
+    button.textContent = `Create “${id}” with ${credits(NEW_ACCOUNT_CREDITS)}`;
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      const r = await api("POST", "/demo/grant", { account_id: id, amount: NEW_ACCOUNT_CREDITS });
+      if (!r.ok) {
+        showError(problemText(r));
+        button.disabled = false;
+        return;
+      }
+      showError("");
+      refresh();
+    });
+    parts.push(button);
+  }
+  preview.replaceChildren(...parts);
+  $("balance").textContent = "\u00a0";
+  $("generate-all").disabled = true;
+}
+
 function problemText(r) {
   const d = r.data || {};
   if (Array.isArray(d.errors) && d.errors.length) {
@@ -199,6 +254,9 @@ async function refreshBalance() {
     const a = r.data;
     $("balance").textContent =
       `Balance ${credits(a.balance)} · held ${n(a.held)} · available ${n(a.available)}`;
+  } else if (isUnknownAccount(r)) {
+    // The preview area says it once, with what to do.
+    $("balance").textContent = "\u00a0";
   } else {
     $("balance").textContent = problemText(r);
   }
@@ -224,6 +282,10 @@ async function refresh() {
   refreshBalance();
   const r = await api("POST", "/v1/preview", charged({ account_id: id, items: requestItems() }));
   if (seq !== previewSeq) return; // a newer preview is on its way
+  if (isUnknownAccount(r)) {
+    showMissingAccount(id);
+    return;
+  }
   if (!r.ok) {
     preview.dataset.state = "error";
     preview.textContent = problemText(r);

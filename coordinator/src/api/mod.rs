@@ -79,6 +79,7 @@ use crate::config::CoordinatorConfig;
 
 /// Settings of the HTTP API role.
 #[derive(Args, Clone)]
+#[command(next_help_heading = "HTTP API")]
 pub struct ApiSettings {
     /// A bearer token with the admin scope, besides the API keys: the
     /// credential to create the first keys with. Unset: only API keys are
@@ -87,7 +88,7 @@ pub struct ApiSettings {
     pub admin_token: Option<String>,
 
     /// A file holding the admin token (e.g. a Docker secret); replaces
-    /// --admin-token. Read by [`ApiSettings::load_secret_files`].
+    /// --admin-token.
     #[arg(
         long,
         env = "HOLDFAST_ADMIN_TOKEN_FILE",

@@ -30,7 +30,10 @@ pub(crate) async fn small_batches(
     roles: Vec<(u32, String)>,
     n: usize,
 ) -> anyhow::Result<(f64, CpuSplit)> {
-    eprintln!("bench: end to end, {n} batches of 10 items on one account");
+    holdfast::progress::phase(
+        "bench",
+        format!("end to end, {n} batches of 10 items on one account"),
+    );
     let small = numbered("small-", n, 10, hot);
     let cpu = CpuMeter::start(roles);
     let started = Instant::now();
@@ -48,7 +51,7 @@ pub(crate) async fn large_batch(
     roles: Vec<(u32, String)>,
     items: usize,
 ) -> anyhow::Result<(f64, CpuSplit)> {
-    eprintln!("bench: end to end, one batch of {items} items");
+    holdfast::progress::phase("bench", format!("end to end, one batch of {items} items"));
     let cpu = CpuMeter::start(roles);
     let started = Instant::now();
     publish_all(
@@ -68,7 +71,7 @@ pub(crate) async fn growth(
     ledger: &Ledger,
     items: usize,
 ) -> anyhow::Result<Vec<(usize, f64)>> {
-    eprintln!("bench: time per item by batch size");
+    holdfast::progress::phase("bench", "time per item by batch size");
     let mut per_item = Vec::new();
     for (k, size) in [10usize, 100, 1_000, 10_000].into_iter().enumerate() {
         let prefix = format!("growth{k}-");
@@ -95,13 +98,16 @@ pub(crate) async fn decisions(
     ledger: &Ledger,
     n: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    eprintln!("bench: decisions on one hot account ({n} requests)");
+    holdfast::progress::phase(
+        "bench",
+        format!("decisions on one hot account ({n} requests)"),
+    );
     let bodies = numbered("dh-", n, 1, hot);
     let started = Instant::now();
     publish_all(producer, &bodies).await?;
     let done = wait_decided(ledger, "dh-", bodies.len() as i64).await?;
     let hot = bodies.len() as f64 / (done - started).as_secs_f64();
-    eprintln!("bench: decisions over 100 accounts");
+    holdfast::progress::phase("bench", "decisions over 100 accounts");
     for a in 0..100 {
         ledger
             .grant(&format!("acct-{a}"), 1_000_000, None, true)

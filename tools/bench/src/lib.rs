@@ -88,9 +88,12 @@ async fn measure_spenders(
     args: &BenchArgs,
     r: &mut BenchReport,
 ) -> anyhow::Result<()> {
-    eprintln!(
-        "bench: ledger decisions, plain against a three-level spender path ({} rounds, alternating)",
-        args.grant_rounds
+    holdfast::progress::phase(
+        "bench",
+        format!(
+            "ledger decisions, plain against a three-level spender path ({} rounds, alternating)",
+            args.grant_rounds
+        ),
     );
     let sp =
         spender_decisions::rates(conn, args.grant_rounds, r.pg_clients, r.ledger_group).await?;
@@ -129,21 +132,27 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     ledger
         .grant("hot", 1_000_000_000, Some("bench"), true)
         .await?;
-    eprintln!(
-        "bench: ledger decisions ({} requests, {} clients, {} per transaction)",
-        args.decisions * 5,
-        r.pg_clients,
-        coordinator.coordinator_prefetch
+    holdfast::progress::phase(
+        "bench",
+        format!(
+            "ledger decisions ({} requests, {} clients, {} per transaction)",
+            args.decisions * 5,
+            r.pg_clients,
+            coordinator.coordinator_prefetch
+        ),
     );
     r.ledger_group = usize::from(coordinator.coordinator_prefetch);
     (
         r.ledger_decisions_hot_account_per_s,
         r.ledger_decisions_many_accounts_per_s,
     ) = ledger_decisions::rates(&conn, args.decisions * 5, r.pg_clients, r.ledger_group).await?;
-    eprintln!(
-        "bench: ledger decisions, one grant against five ({} rounds of {} requests each, alternating)",
-        args.grant_rounds,
-        r.pg_clients * r.ledger_group * grant_decisions::PER_ROUND
+    holdfast::progress::phase(
+        "bench",
+        format!(
+            "ledger decisions, one grant against five ({} rounds of {} requests each, alternating)",
+            args.grant_rounds,
+            r.pg_clients * r.ledger_group * grant_decisions::PER_ROUND
+        ),
     );
     let g = grant_decisions::rates(&conn, args.grant_rounds, r.pg_clients, r.ledger_group).await?;
     r.ledger_decisions_one_grant_per_s = g.one_per_s;
@@ -207,7 +216,10 @@ async fn measure_ceilings(
     let prefetch = holdfast::fleet::FleetSettings::default()
         .worker
         .worker_prefetch;
-    eprintln!("bench: broker ceiling ({} messages)", args.broker_messages);
+    holdfast::progress::phase(
+        "bench",
+        format!("broker ceiling ({} messages)", args.broker_messages),
+    );
     let cpu = CpuMeter::start(vec![]);
     r.broker_ceiling_msgs_per_s = ceilings::broker(
         &conn.amqp_url,
@@ -221,9 +233,12 @@ async fn measure_ceilings(
         "broker ceiling, {} messages",
         args.broker_messages
     )));
-    eprintln!(
-        "bench: PostgreSQL hot-row ceiling ({} s, {} clients)",
-        args.pg_seconds, r.pg_clients
+    holdfast::progress::phase(
+        "bench",
+        format!(
+            "PostgreSQL hot-row ceiling ({} s, {} clients)",
+            args.pg_seconds, r.pg_clients
+        ),
     );
     r.pg_hot_row_updates_per_s =
         ceilings::pg_hot_row(&conn.database_url, r.pg_clients, args.pg_seconds).await?;
@@ -250,7 +265,7 @@ async fn measure_latency(
     r: &mut BenchReport,
 ) -> anyhow::Result<()> {
     let (conn, names, queues) = (fleet.conn, fleet.names, fleet.queues);
-    eprintln!("bench: decision latency at half load");
+    holdfast::progress::phase("bench", "decision latency at half load");
     r.latency_rate_per_s = (r.decisions_hot_account_per_s / 2.0).max(1.0);
     (r.decision_latency_ms_p50, r.decision_latency_ms_p99) = latency::decisions(
         conn,
@@ -262,7 +277,7 @@ async fn measure_latency(
         args.latency_seconds,
     )
     .await?;
-    eprintln!("bench: the broker's own round trip at the same rate");
+    holdfast::progress::phase("bench", "the broker's own round trip at the same rate");
     (r.broker_round_trip_ms_p50, r.broker_round_trip_ms_p99) = latency::broker_round_trip(
         conn,
         names,
@@ -274,7 +289,7 @@ async fn measure_latency(
     .await?;
     fleet.children.signal("worker", "CONT").await?;
     end_to_end::wait_closed(fleet.ledger, "dm-", args.decisions as i64).await?;
-    eprintln!("bench: decision latency at half load, workers running");
+    holdfast::progress::phase("bench", "decision latency at half load, workers running");
     (
         r.decision_latency_busy_ms_p50,
         r.decision_latency_busy_ms_p99,
@@ -298,7 +313,7 @@ async fn measure_naive(
     ledger: &Ledger,
     r: &mut BenchReport,
 ) -> anyhow::Result<()> {
-    eprintln!("bench: naive per-item quota baseline");
+    holdfast::progress::phase("bench", "naive per-item quota baseline");
     let naive = naive::run(conn, 40, 10, 5, r.pg_clients).await?;
     r.naive_items_per_s = naive.items_per_s;
     r.naive_batches_half_done = naive.half_done;

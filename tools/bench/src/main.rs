@@ -45,7 +45,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(mut cli: Cli) -> anyhow::Result<()> {
     cli.conn.load_secret_files()?;
-    let r = holdfast_bench::run(&cli.conn, &cli.args).await?;
+    let r = holdfast_bench::run(&cli.conn, &cli.args).await;
+    holdfast::progress::phase_done(Some(if r.is_ok() { "done" } else { "failed" }));
+    let r = r?;
     if cli.json {
         report::json(&r);
     } else {

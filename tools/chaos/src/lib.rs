@@ -107,17 +107,14 @@ async fn run_scenarios(services: &mut Services, args: &ChaosArgs) -> Vec<Row> {
         if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
             continue;
         }
-        eprintln!("chaos: {name} ...");
-        let started = Instant::now();
+        // A spinner with the scenario and its time on a terminal; a line
+        // when it starts and one when it ends otherwise.
+        holdfast::progress::phase("chaos", name);
         let row = match scenarios::run(name, services, &args.log_dir, settle).await {
             Ok(row) => row,
             Err(e) => Row::broken(name, &e),
         };
-        eprintln!(
-            "chaos: {name}: {} in {:.0}s",
-            if row.passed { "ok" } else { "FAILED" },
-            started.elapsed().as_secs_f64()
-        );
+        holdfast::progress::phase_done(Some(if row.passed { "ok" } else { "FAILED" }));
         rows.push(row);
     }
     rows
