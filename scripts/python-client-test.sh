@@ -17,6 +17,9 @@
 #   HOLDFAST_TEST_HTTP_URL   the HTTP API
 #   HOLDFAST_TEST_KEY        a producer API key of every account
 #   HOLDFAST_TEST_NAMESPACE  the fleet's namespace
+#   HOLDFAST_TEST_PRODUCER_AMQP_URL  the same broker as a least-privilege
+#                            producer user (scripts/rabbitmq-users.sh; only
+#                            with a virtual host of our own)
 #   HOLDFAST_BIN, HOLDFAST_DATABASE_URL   the CLI, for accounts and credits
 #
 # Extra arguments go to pytest (`bash scripts/python-client-test.sh -k events`).
@@ -61,23 +64,8 @@ RUN_ID="$(date +%s)_$$"
 DB="hf_pyclient_${RUN_ID}"
 NS="hf-pyclient-${RUN_ID}"
 VHOST=""
-AMQP_URL="$AMQP_BASE/%2f"
-if rabbitmqctl -q add_vhost "$NS" >/dev/null 2>&1; then
-    VHOST="$NS"
-    rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
-    AMQP_URL="$AMQP_BASE/$VHOST"
-else
-    log "rabbitmqctl unavailable: using the default virtual host"
-fi
-PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+PRODUCER_USER=""
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/holdfast-pyclient.XXXXXX")"
-export HOLDFAST_DATABASE_URL="$PG_BASE/$DB"
-export HOLDFAST_AMQP_URL="$AMQP_URL"
-export HOLDFAST_NAMESPACE="$NS"
-export HOLDFAST_TEST_AMQP_URL="$AMQP_URL"
-export HOLDFAST_TEST_HTTP_URL="http://127.0.0.1:$PORT"
-export HOLDFAST_TEST_NAMESPACE="$NS"
-
 SERVER_PID=""
 STATUS=1
 cleanup() {
@@ -90,6 +78,9 @@ cleanup() {
         done
         kill -0 "$SERVER_PID" 2>/dev/null && kill -KILL "$SERVER_PID"
         wait "$SERVER_PID" 2>/dev/null
+    fi
+    if [ -n "$PRODUCER_USER" ]; then
+        rabbitmqctl -q delete_user -- "$PRODUCER_USER" >/dev/null 2>&1 || log "could not delete user $PRODUCER_USER"
     fi
     if [ -n "$VHOST" ]; then
         rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || log "could not delete vhost $VHOST"
@@ -108,6 +99,35 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+AMQP_URL="$AMQP_BASE/%2f"
+if rabbitmqctl -q add_vhost "$NS" >/dev/null 2>&1; then
+    VHOST="$NS"
+    rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
+    AMQP_URL="$AMQP_BASE/$VHOST"
+else
+    log "rabbitmqctl unavailable: using the default virtual host"
+fi
+PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export HOLDFAST_DATABASE_URL="$PG_BASE/$DB"
+export HOLDFAST_AMQP_URL="$AMQP_URL"
+export HOLDFAST_NAMESPACE="$NS"
+export HOLDFAST_TEST_AMQP_URL="$AMQP_URL"
+export HOLDFAST_TEST_HTTP_URL="http://127.0.0.1:$PORT"
+export HOLDFAST_TEST_NAMESPACE="$NS"
+
+# A least-privilege producer broker user (docs/security.md, "Broker users"):
+# it may publish to the intake and use its own reply queues, nothing more.
+if [ -n "$VHOST" ]; then
+    PRODUCER_USER="$NS-producer"
+    PRODUCER_PASSWORD="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    HOLDFAST="$HOLDFAST_BIN" RABBITMQ_VHOST="$VHOST" \
+        bash scripts/rabbitmq-users.sh create producer "$PRODUCER_USER" "$PRODUCER_PASSWORD" >/dev/null ||
+        die "could not create the producer broker user"
+    BROKER="${AMQP_BASE#*://}"
+    export HOLDFAST_TEST_PRODUCER_AMQP_URL="amqp://$PRODUCER_USER:$PRODUCER_PASSWORD@${BROKER#*@}/$VHOST"
+fi
+
 
 # ------------------------------------------------------------------ fleet
 "$HOLDFAST_BIN" migrate >"$WORK/migrate.log" 2>&1 || die "holdfast migrate failed (see $WORK/migrate.log)"
