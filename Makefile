@@ -13,7 +13,7 @@ help:
 	@echo "make test      run the workspace tests (nextest if installed)"
 	@echo "make lint      check formatting and run clippy with warnings denied"
 	@echo "make fmt       format the code"
-	@echo "make ci        what CI runs (.ci/run): lint, test, chaos, fuzz, observability, browser"
+	@echo "make ci        what CI runs (.ci/run): lint, test, chaos, fuzz, observability, browser, python-client"
 	@echo "make fleet     start 2 coordinators, 3 workers, 1 reconciler as local processes"
 	@echo "make fleet-status / make fleet-stop   inspect or stop that fleet"
 	@echo "make compose-secrets  passwords and URLs for docker/compose.yml in docker/secrets/"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench     measure throughput, latency and memory against the machine ceilings (holdfast-bench)"
 	@echo "make browser   end-to-end tests of the reference page /demo in Chromium (Playwright)"
 	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked (holdfast-chaos)"
+	@echo "make python-client  the Python producer client (clients/python): mypy --strict, pytest against a real fleet"
 
 services:
 	bash scripts/services.sh
@@ -53,7 +54,7 @@ fmt:
 	cargo fmt --all
 
 # The same steps, in the same order, as .ci/run.
-ci: lint test chaos fuzz observability browser
+ci: lint test chaos fuzz observability browser python-client
 
 # The compose fleet of docker/compose.yml as local processes, on the local
 # services (scripts/fleet.sh; settings in its header). Returns once every
@@ -112,3 +113,11 @@ browser: services
 chaos: services
 	cargo build --quiet --bin holdfast
 	cargo run --quiet -p holdfast-chaos
+
+# The Python producer client (clients/python): a virtualenv with the package
+# and its test extras from PyPI, mypy --strict, then pytest against a fleet on
+# a database, namespace and virtual host of its own, all removed afterwards
+# (scripts/python-client-test.sh).
+.PHONY: python-client
+python-client: services
+	bash scripts/python-client-test.sh
