@@ -236,12 +236,14 @@ class Client:
         decided = False
         last: Mapping[str, Any] | None = None
         # Look the batch up first (it may have closed before the queue was
-        # bound), then whenever no event came for a poll interval.
-        look = True
+        # bound), then every poll interval however busy the exchange is.
+        next_look = loop.time()
         try:
             while True:
-                info = await self._look_up(batch_id) if look else None
-                look = False
+                info = None
+                if self._http_url is not None and loop.time() >= next_look:
+                    info = await self._look_up(batch_id)
+                    next_look = loop.time() + self.poll_interval
                 if info is not None:
                     if not decided:
                         decided = True
@@ -262,7 +264,9 @@ class Client:
                             figures=info.figures,
                         )
                     last = figures
-                wait = self.poll_interval if self._http_url is not None else None
+                wait = None
+                if self._http_url is not None:
+                    wait = max(next_look - loop.time(), 0.0)
                 if deadline is not None:
                     left = deadline - loop.time()
                     if left <= 0:
@@ -275,9 +279,14 @@ class Client:
                 try:
                     message = await asyncio.wait_for(events.get(), wait)
                 except asyncio.TimeoutError:
-                    look = True
                     continue
-                event = parse_event(message)
+                try:
+                    event = parse_event(message)
+                except ProtocolError as e:
+                    # Every batch's events pass here; one this version cannot
+                    # read must not end the following of another.
+                    log.warning("unreadable event skipped: %s", e)
+                    continue
                 if getattr(event, "batch_id", None) != batch_id:
                     continue
                 if isinstance(event, Decision):
@@ -542,4 +551,4 @@ def _login(amqp_url: str) -> str:
     return urllib.parse.unquote(user) if user else "guest"
 
 
-__all__ = ["Client", "Request", "HoldfastError"]
+__all__ = ["Client", "Request"]
