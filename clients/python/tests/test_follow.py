@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import aio_pika
 import pytest
 from conftest import Fleet
 
@@ -123,3 +124,27 @@ async def test_the_http_api_needs_a_valid_key(fleet: Fleet) -> None:
     async with Client(fleet.amqp_url, namespace=fleet.namespace) as c:
         with pytest.raises(NotConfigured):
             await c.batch("anything")
+
+
+async def test_events_skip_what_they_cannot_read(
+    client: Client, fleet: Fleet, new_account: Callable[[int], str]
+) -> None:
+    """Every batch's events reach the private queue: one this version cannot
+    read (or another batch's) does not end the following of this one."""
+    account = new_account(100)
+    batch = Batch(account, [Item("a", 10, payload={"simulate": {"latency_ms": 800}})])
+    following = asyncio.create_task(collect(client, batch.batch_id))
+    await asyncio.sleep(0.3)
+    conn = await aio_pika.connect(fleet.amqp_url)
+    try:
+        channel = await conn.channel()
+        events = await channel.get_exchange(f"{fleet.namespace}.events", ensure=False)
+        for body in [b"{not json", b'{"event": "gossip"}', b'{"event": "progress"}']:
+            await events.publish(aio_pika.Message(body), routing_key="batch.progress")
+    finally:
+        await conn.close()
+
+    assert isinstance(await client.submit(batch), Granted)
+    got = await following
+
+    assert [type(e) for e in got if not isinstance(e, Progress)] == [Granted, Completed]
