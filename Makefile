@@ -16,7 +16,7 @@ help:
 	@echo "make fmt       format the code"
 	@echo "make schemas   write the JSON Schemas of the wire messages to docs/schemas/ (from the code)"
 	@echo "make contract  validate docs/asyncapi.yaml with the AsyncAPI CLI (npm)"
-	@echo "make ci        what CI runs (.ci/run): lint, contract, test, chaos, fuzz, observability, browser"
+	@echo "make ci        what CI runs (.ci/run): lint, contract, test, chaos, fuzz, observability, browser, python-client"
 	@echo "make fleet     start 2 coordinators, 3 workers, 1 reconciler as local processes"
 	@echo "make fleet-status / make fleet-stop   inspect or stop that fleet"
 	@echo "make compose-secrets  passwords and URLs for docker/compose.yml in docker/secrets/"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench     measure throughput, latency and memory against the machine ceilings (holdfast-bench)"
 	@echo "make browser   end-to-end tests of the reference page /demo in Chromium (Playwright)"
 	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked (holdfast-chaos)"
+	@echo "make python-client  the Python producer client (clients/python): mypy --strict, pytest against a real fleet"
 
 services:
 	bash scripts/services.sh
@@ -74,7 +75,7 @@ contract:
 	bash scripts/asyncapi-validate.sh
 
 # The same steps, in the same order, as .ci/run.
-ci: lint contract test chaos fuzz observability browser
+ci: lint contract test chaos fuzz observability browser python-client
 
 # The compose fleet of docker/compose.yml as local processes, on the local
 # services (scripts/fleet.sh; settings in its header). Returns once every
@@ -133,3 +134,11 @@ browser: services
 chaos: services
 	cargo build --quiet --bin holdfast
 	cargo run --quiet -p holdfast-chaos
+
+# The Python producer client (clients/python): a virtualenv with the package
+# and its test extras from PyPI, mypy --strict, then pytest against a fleet on
+# a database, namespace and virtual host of its own, all removed afterwards
+# (scripts/python-client-test.sh).
+.PHONY: python-client
+python-client: services
+	bash scripts/python-client-test.sh
