@@ -21,6 +21,7 @@ mod intake_properties;
 mod ledger_properties;
 mod limits;
 mod long_ids;
+mod outbox;
 mod pipeline;
 mod reconnect;
 mod recovery;

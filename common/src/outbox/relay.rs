@@ -200,7 +200,11 @@ pub async fn run(
 ) {
     let name = format!("holdfast-relay/{}", names.namespace);
     topology::supervise("relay", "outbox", &name, shutdown.clone(), || async {
-        let conn = topology::connect(&amqp_url, &name).await?;
+        // Connecting retries for about a minute: stop waiting at shutdown.
+        let conn = tokio::select! {
+            c = topology::connect(&amqp_url, &name) => c?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
         let lost = topology::watch(&conn);
         tokio::pin!(lost);
         let publisher = Publisher::new(&conn).await?;
