@@ -374,6 +374,45 @@ async fn a_batchs_later_events_wait_while_another_relay_holds_an_earlier_one() {
     listener.close().await;
 }
 
+/// A completed summary whose producer's reply queue is gone (it was
+/// exclusive to a connection that closed): the event still goes out, the
+/// pass succeeds and the rows are deleted.
+#[tokio::test]
+async fn a_summary_to_a_reply_queue_that_is_gone_does_not_hold_up_the_relay() {
+    let t = TestFleet::start_with(fast_settings(), Default::default(), None).await;
+    t.grant("acme", 1_000).await;
+    let mut listener = Listener::bind(&t).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("gone{i:02}")).collect();
+    for id in &ids {
+        let req = batch(id, 2);
+        let mut input = reserve_input(&req, Duration::from_secs(60), Duration::from_secs(30));
+        input.reply_to = Some(format!("{}.gone-reply-queue", t.names.namespace));
+        input.correlation_id = Some(id.clone());
+        granted(&t.ledger.reserve(&input).await.unwrap().decision);
+        assert_eq!(
+            t.ledger.settle(&done(id, 0..2)).await.unwrap().closed.len(),
+            1
+        );
+    }
+    let conn = topology::connect(&t.conn.amqp_url, "test-relay")
+        .await
+        .unwrap();
+    let publisher = Publisher::new(&conn).await.unwrap();
+    assert_eq!(
+        relay_once(t.ledger.pool(), &publisher, &t.names, 100)
+            .await
+            .unwrap(),
+        (40, 40)
+    );
+    assert_eq!(outbox_rows(&t.ledger).await, 0);
+    let seen = listener.drain(Duration::from_millis(800)).await;
+    let events = by_batch(&seen, 1);
+    assert_eq!(events.len(), 20);
+    assert!(events.values().all(|k| k == &["decision", "completed"]));
+    topology::close(&conn, "bye").await;
+    listener.close().await;
+}
+
 #[tokio::test]
 async fn a_batch_has_exactly_one_completed_row() {
     let t = TestFleet::start_with(fast_settings(), Default::default(), None).await;

@@ -23,13 +23,40 @@ use crate::events::{reply_properties, ReplyTo};
 use crate::ledger::{Ledger, LedgerError};
 use crate::supervise::guard;
 use crate::telemetry::record;
-use crate::topology::{self, json_properties, short, Confirms, Names, Publisher, SessionError};
+use crate::topology::{self, json_properties, short, BrokerError, Names, Publisher, SessionError};
+use lapin::{Confirmation, PublisherConfirm};
 
 /// Rows claimed per pass.
 pub const CLAIM_LIMIT: i64 = 500;
 
 /// Confirms awaited per window within a pass.
 const CONFIRM_WINDOW: usize = 500;
+
+/// The broker's confirms of a pass, awaited in windows. Any `Ack` will do:
+/// an event nobody is bound to and a summary whose reply queue is gone are
+/// both fine (and with confirms answered several at a time, the client may
+/// attach a reply's return to the event's ack). A `Nack` fails the pass.
+struct Acks(Vec<PublisherConfirm>);
+
+impl Acks {
+    async fn push(&mut self, confirm: PublisherConfirm) -> Result<(), BrokerError> {
+        self.0.push(confirm);
+        if self.0.len() >= CONFIRM_WINDOW {
+            self.wait().await?;
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<(), BrokerError> {
+        for confirm in self.0.drain(..) {
+            match confirm.await? {
+                Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                Confirmation::Nack(_) => return Err(BrokerError::Nacked("an outbox event".into())),
+            }
+        }
+        Ok(())
+    }
+}
 
 /// One claimed row.
 struct Row {
@@ -77,7 +104,7 @@ pub async fn relay_once(
     }
     let ready = publishable(&tx, &claimed).await?;
     let exchange = names.events();
-    let mut confirms = Confirms::new(CONFIRM_WINDOW);
+    let mut confirms = Acks(Vec::new());
     let mut sent = Vec::with_capacity(ready.len());
     for row in claimed.iter().filter(|r| ready.contains(&r.id)) {
         publish(publisher, &exchange, row, &mut confirms).await?;
@@ -139,7 +166,7 @@ async fn publish(
     publisher: &Publisher,
     exchange: &str,
     row: &Row,
-    confirms: &mut Confirms,
+    confirms: &mut Acks,
 ) -> Result<(), SessionError> {
     // Built by Holdfast and checked by the table: always a short string.
     let id = short("an event's message_id", &row.message_id)?;
@@ -155,7 +182,7 @@ async fn publish(
         )
         .await
         .map_err(topology::BrokerError::from)?;
-    confirms.push(confirm, exchange, false).await?;
+    confirms.push(confirm).await?;
     let Some(queue) = row.reply_to.as_deref() else {
         return Ok(());
     };
@@ -170,8 +197,9 @@ async fn publish(
         return Ok(());
     }
     let props = reply_properties(&to).with_message_id(id);
+    // Mandatory: a queue that is gone returns it, which is fine (see `Acks`).
     let confirm = publisher.publish("", queue, &row.body, props).await?;
-    confirms.push(confirm, queue, true).await?;
+    confirms.push(confirm).await?;
     Ok(())
 }
 
