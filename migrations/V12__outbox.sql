@@ -24,8 +24,11 @@ CREATE TABLE outbox (
     batch_id        text NOT NULL,
     kind            text NOT NULL CHECK (kind IN ('decision', 'progress', 'completed')),
     routing_key     text NOT NULL CHECK (octet_length(routing_key) BETWEEN 1 AND 255),
-    reply_to        text CHECK (octet_length(reply_to) BETWEEN 1 AND 255),
-    correlation_id  text CHECK (octet_length(correlation_id) <= 255),
+    -- Not checked here: the batch row already holds them as the producer sent
+    -- them, and a close must never fail on them; the relay leaves out what an
+    -- AMQP short string cannot carry.
+    reply_to        text,
+    correlation_id  text,
     body            bytea NOT NULL,
     message_id      text NOT NULL CHECK (octet_length(message_id) BETWEEN 1 AND 255),
     created_at      timestamptz NOT NULL DEFAULT now()
