@@ -686,10 +686,12 @@ async fn reserve(conn: &Connections, args: ReserveArgs, json: bool) -> anyhow::R
     }
 }
 
-/// Cancel a batch in the ledger; when it closed at once, announce it like a worker would.
+/// Cancel a batch in the ledger; when it closed at once, its completed event
+/// is in the outbox: relay it now rather than wait for a fleet's relay.
 async fn cancel_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Result<i32> {
     use holdfast_common::ledger::LedgerError;
-    let cancelled = match ledger(conn).await?.cancel_batch(id).await {
+    let ledger = ledger(conn).await?;
+    let cancelled = match ledger.cancel_batch(id).await {
         Ok(c) => c,
         Err(e @ (LedgerError::NotFound(_) | LedgerError::WrongState(_))) => {
             report::error(e);
@@ -697,10 +699,10 @@ async fn cancel_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Resul
         }
         Err(e) => return Err(e.into()),
     };
-    if let Some(closed) = &cancelled.closed {
-        if let Err(e) = announce_closed(conn, closed).await {
+    if cancelled.closed.is_some() {
+        if let Err(e) = relay_now(conn, &ledger).await {
             report::error(format_args!(
-                "warning: the batch is cancelled but its completed event was not published: {e:#}"
+                "warning: the batch is cancelled; its completed event waits in the outbox for a running fleet's relay ({e:#})"
             ));
         }
     }
@@ -723,9 +725,9 @@ async fn cancel_batch(conn: &Connections, id: &str, json: bool) -> anyhow::Resul
     Ok(0)
 }
 
-async fn announce_closed(
+async fn relay_now(
     conn: &Connections,
-    closed: &holdfast_common::ledger::ClosedBatch,
+    ledger: &holdfast_common::ledger::Ledger,
 ) -> anyhow::Result<()> {
     let names = Names::new(conn.namespace.clone());
     let amqp = tokio::time::timeout(
@@ -735,7 +737,14 @@ async fn announce_closed(
     .await
     .context("connecting to RabbitMQ timed out")??;
     let publisher = holdfast_common::topology::Publisher::new(&amqp).await?;
-    holdfast_common::events::completed(&publisher, &names, std::slice::from_ref(closed)).await?;
+    let relayed = holdfast_common::outbox::relay::relay_once(
+        ledger.pool(),
+        &publisher,
+        &names,
+        holdfast_common::outbox::relay::CLAIM_LIMIT,
+    )
+    .await;
     holdfast_common::topology::close(&amqp, "done").await;
+    relayed?;
     Ok(())
 }

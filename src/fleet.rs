@@ -57,6 +57,16 @@ pub struct FleetSettings {
         help_heading = "Reconciler"
     )]
     pub audit_every: u64,
+    /// How often the outbox relay looks for events to publish, in ms, besides
+    /// being woken by this process's own commits (the safety net for rows
+    /// other processes left behind).
+    #[arg(long, env = "HOLDFAST_OUTBOX_POLL_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub outbox_poll_ms: u64,
+    /// Run no outbox relay in this process (events wait in the outbox for
+    /// another process's relay). For tests and fault drills.
+    #[arg(long, env = "HOLDFAST_OUTBOX_RELAY_OFF", default_value_t = false)]
+    pub outbox_relay_off: bool,
 }
 
 /// Where the HTTP API listens; `off` for nowhere.
@@ -250,6 +260,22 @@ impl Fleet {
                     tracing::error!(error = format!("{e:#}"), "HTTP API stopped");
                 }
             });
+        }
+        // The outbox relay: every role writes events (decisions, progress,
+        // completions) to the outbox; this publishes them.
+        let any = roles.coordinator || roles.worker || roles.reconciler || roles.api;
+        if any && !settings.outbox_relay_off {
+            tasks.spawn(holdfast_common::outbox::relay::run(
+                ledger.clone(),
+                conn.amqp_url.clone(),
+                names.clone(),
+                // 0 (a `Default` of the settings): the flag's default.
+                Duration::from_millis(match settings.outbox_poll_ms {
+                    0 => 500,
+                    ms => ms.max(10),
+                }),
+                shutdown.clone(),
+            ));
         }
         tasks.close();
         Ok(Fleet {

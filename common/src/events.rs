@@ -1,8 +1,10 @@
-//! Telling producers what happened: decisions and batch summaries go to the
-//! request's `reply_to` (with its `correlation_id`) and to the events exchange.
+//! Answering producers directly: a decision goes to the request's
+//! `reply_to` (with its `correlation_id`), and a rejection also to the events
+//! exchange. Every other event (a decision the ledger took, progress, a
+//! batch's completion and its summary to `reply_to`) goes through the
+//! transactional outbox ([`crate::outbox`]).
 
-use crate::ledger::ClosedBatch;
-use crate::messages::{BatchFigures, Decision, Event};
+use crate::messages::{Decision, Event};
 use crate::topology::{json_properties, short, BrokerError, Confirms, Names, Publisher};
 
 /// Where to answer a request.
@@ -61,7 +63,10 @@ async fn reply(
     confirms.push(confirm, queue, true).await
 }
 
-/// Send `decision` to the reply queue (if any) and as a `decision.<kind>` event.
+/// Send a `rejected` decision to the reply queue (if any) and as a
+/// `decision.rejected` event, and wait for the confirms. No ledger change
+/// causes a rejection, so it does not go through the outbox: the request is
+/// acknowledged only after this, and sent again if it fails.
 pub async fn decision(
     publisher: &Publisher,
     names: &Names,
@@ -69,84 +74,29 @@ pub async fn decision(
     decision: &Decision,
 ) -> Result<(), BrokerError> {
     let mut confirms = Confirms::new(usize::MAX);
-    send_decision(publisher, names, to, decision, &mut confirms).await?;
+    let event = Event::Decision(decision.clone());
+    let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
+    reply(publisher, to, &body, &mut confirms).await?;
+    let exchange = names.events();
+    let confirm = publisher
+        .send_event(&exchange, &event.routing_key(), &body)
+        .await?;
+    confirms.push(confirm, &exchange, false).await?;
     confirms.wait().await
 }
 
-/// Like [`decision`], leaving the confirms to the caller (many decisions share one wait).
-pub async fn send_decision(
+/// Send a decision the ledger took (granted, insufficient) to the reply
+/// queue, if any, leaving the confirm to the caller (many decisions share one
+/// wait). Its `decision.<kind>` event is not sent here: the ledger wrote it
+/// to the outbox with the decision ([`crate::outbox`]). The producer hears
+/// the decision again if the request comes back (the ledger replays it).
+pub async fn send_reply(
     publisher: &Publisher,
-    names: &Names,
     to: &ReplyTo,
     decision: &Decision,
     confirms: &mut Confirms,
 ) -> Result<(), BrokerError> {
     let event = Event::Decision(decision.clone());
     let body = event.to_wire().map_err(BrokerError::Encode)?;
-    reply(publisher, to, &body, confirms).await?;
-    let exchange = names.events();
-    let confirm = publisher
-        .send_event(&exchange, &event.routing_key(), &body)
-        .await?;
-    confirms.push(confirm, &exchange, false).await
-}
-
-/// Announce closed batches: `batch.completed` events, and the summary to each
-/// reply queue; every message is published before the confirms are awaited.
-pub async fn completed(
-    publisher: &Publisher,
-    names: &Names,
-    closed: &[ClosedBatch],
-) -> Result<(), BrokerError> {
-    let exchange = names.events();
-    let mut confirms = Confirms::new(1_000);
-    for b in closed {
-        let event = Event::Completed {
-            batch_id: b.batch_id.clone(),
-            account_id: b.account_id.clone(),
-            state: b.state.to_string(),
-            figures: b.figures.clone(),
-        };
-        let body = event.to_wire().map_err(BrokerError::Encode)?;
-        let to = ReplyTo {
-            queue: b.reply_to.clone(),
-            correlation_id: b.correlation_id.clone(),
-            amqp_user_id: None,
-        };
-        reply(publisher, &to, &body, &mut confirms).await?;
-        let confirm = publisher
-            .send_event(&exchange, &event.routing_key(), &body)
-            .await?;
-        confirms.push(confirm, &exchange, false).await?;
-    }
-    confirms.wait().await?;
-    for b in closed {
-        tracing::info!(batch_id = %b.batch_id, state = %b.state, captured = b.figures.captured,
-            released = b.figures.released, "batch closed");
-    }
-    Ok(())
-}
-
-/// Coalesced `batch.progress` events, one per (batch, account, figures),
-/// published together and confirmed with one wait.
-pub async fn progress(
-    publisher: &Publisher,
-    names: &Names,
-    batches: &[(String, String, BatchFigures)],
-) -> Result<(), BrokerError> {
-    let exchange = names.events();
-    let mut confirms = Confirms::new(1_000);
-    for (batch_id, account_id, figures) in batches {
-        let event = Event::Progress {
-            batch_id: batch_id.clone(),
-            account_id: account_id.clone(),
-            figures: figures.clone(),
-        };
-        let body = event.to_wire().map_err(BrokerError::Encode)?;
-        let confirm = publisher
-            .send_event(&exchange, &event.routing_key(), &body)
-            .await?;
-        confirms.push(confirm, &exchange, false).await?;
-    }
-    confirms.wait().await
+    reply(publisher, to, &body, confirms).await
 }

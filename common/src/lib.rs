@@ -9,7 +9,8 @@
 //! - [`messages`]: the JSON wire types exchanged over RabbitMQ.
 //! - [`pricing`]: which items of a batch fit the credits available, and the human sentence.
 //! - [`topology`]: AMQP names and declarations, the confirming publisher, sessions.
-//! - [`events`]: publishing decisions, progress and completions to producers.
+//! - [`events`]: answering producers directly (replies, rejections).
+//! - [`outbox`]: events written with the ledger change that causes them, and their relay.
 //! - [`dispatch`]: publishing a batch's item jobs with publisher confirms.
 //! - [`config`]: settings from flags, `HOLDFAST_*` variables and local defaults.
 //! - [`telemetry`]: logs and the Prometheus metrics, recorded in one place.
@@ -25,6 +26,7 @@ pub mod events;
 pub mod faults;
 pub mod ledger;
 pub mod messages;
+pub mod outbox;
 pub mod pricing;
 pub mod schemas;
 pub mod supervise;

@@ -123,6 +123,10 @@ pub mod record {
         // Nothing is stuck until an audit says otherwise: the series exists
         // from the start, so its alert can be checked against any process.
         gauge!("holdfast_ledger_stuck").set(0.0);
+        // Nothing waits in the outbox until a relay reads it.
+        gauge!("holdfast_outbox_depth").set(0.0);
+        gauge!("holdfast_outbox_relay_lag_seconds").set(0.0);
+        counter!("holdfast_outbox_relayed_total").absolute(0);
         // Registered with no observation: rendered with every bucket at 0.
         let _ = histogram!("holdfast_reservation_seconds");
         let _ = histogram!("holdfast_item_seconds");
@@ -264,6 +268,7 @@ pub mod record {
         ("worker", "jobs"),
         ("worker", "settler"),
         ("reconciler", "sweep"),
+        ("relay", "outbox"),
         ("api", "http"),
     ];
 
@@ -271,6 +276,18 @@ pub mod record {
     /// and was kept going. `role` and `task` come from [`TASKS`].
     pub fn task_panic(role: &'static str, task: &'static str) {
         counter!("holdfast_task_panics_total", "role" => role, "task" => task).increment(1);
+    }
+
+    /// The outbox as a relay read it: rows waiting, and the age of the oldest
+    /// (the relay lag; 0 when nothing waits).
+    pub fn outbox(rows: i64, lag_seconds: f64) {
+        gauge!("holdfast_outbox_depth").set(rows as f64);
+        gauge!("holdfast_outbox_relay_lag_seconds").set(lag_seconds);
+    }
+
+    /// Events a relay published, confirmed and deleted from the outbox.
+    pub fn outbox_relayed(events: usize) {
+        counter!("holdfast_outbox_relayed_total").increment(events as u64);
     }
 
     /// An ack or reject that reached no broker (channel gone): the message comes back.

@@ -155,14 +155,8 @@ impl Decider {
             };
             tracing::info!(batch_id = %request.batch_id, account_id = %request.account_id,
                 decision = reserved.decision.kind(), replayed = reserved.replayed, "decided");
-            events::send_decision(
-                &self.publisher,
-                &self.config.names,
-                reply,
-                &reserved.decision,
-                &mut confirms,
-            )
-            .await?;
+            // The reply only: the event is in the outbox, written with the decision.
+            events::send_reply(&self.publisher, reply, &reserved.decision, &mut confirms).await?;
             if reserved.needs_dispatch {
                 granted.push((*i, request, reserved.replayed, reserved.dispatch_now));
             }

@@ -12,7 +12,6 @@
 //! Several reconcilers may run: each claim is `FOR UPDATE SKIP LOCKED`.
 
 use crate::config::ReconcilerConfig;
-use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::faults::panic_point;
 use holdfast_common::ledger::Ledger;
@@ -97,8 +96,8 @@ impl Reconciler {
         let mut count = 0;
         loop {
             let (closed, advanced) = self.ledger.close_finished(CLAIM_LIMIT).await?;
+            // Their completed events are in the outbox, written with the close.
             count += closed.len();
-            events::completed(&self.publisher, names, &closed).await?;
             for batch_id in &advanced {
                 let (ledger, publisher) = (&self.ledger, &self.publisher);
                 dispatch(ledger, publisher, names, batch_id, Attempt::First, window).await?;
@@ -119,7 +118,6 @@ impl Reconciler {
                 tracing::warn!(batch_id = %b.batch_id, failed = b.figures.failed, released = b.figures.released,
                     "batch passed its execution deadline; unsettled items failed");
             }
-            events::completed(&self.publisher, &self.config.names, &expired).await?;
             if (expired.len() as i64) < CLAIM_LIMIT {
                 return Ok(count);
             }

@@ -226,9 +226,7 @@ async fn poisoned(
             Ok(cancelled) => {
                 tracing::warn!(batch_id = %id, state = %cancelled.state,
                     "cancelled the batch of a request that kept panicking; its credits are released");
-                if let Some(closed) = cancelled.closed {
-                    events::completed(&decider.publisher, &decider.config.names, &[closed]).await?;
-                }
+                // A batch that closed at once: its completed event is in the outbox.
                 answered = true;
             }
             // Denied, finished, or never decided: it holds nothing.

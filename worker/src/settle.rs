@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use holdfast_common::dispatch::dispatch;
-use holdfast_common::events;
 use holdfast_common::faults::crash_point;
 use holdfast_common::ledger::{wait_out, Ledger, Settled, Settlement};
 use holdfast_common::messages::Attempt;
 use holdfast_common::supervise::guard;
 use holdfast_common::telemetry::record;
-use holdfast_common::topology::{requeue, Names, Publisher};
+use holdfast_common::topology::{requeue, Publisher};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use tokio::sync::mpsc;
@@ -37,7 +36,6 @@ pub(crate) async fn settle_loop(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) {
-    let names = &config.names;
     let max = config.settings.settle_batch.max(1);
     let mut progress: std::collections::BTreeSet<String> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_millis(
@@ -51,7 +49,7 @@ pub(crate) async fn settle_loop(
                 None => break,
             },
             _ = tick.tick() => {
-                publish_progress(&ledger, &publisher, names, &mut progress).await;
+                write_progress(&ledger, &mut progress).await;
                 continue;
             }
         };
@@ -93,7 +91,7 @@ pub(crate) async fn settle_loop(
             }
         }
     }
-    publish_progress(&ledger, &publisher, names, &mut progress).await;
+    write_progress(&ledger, &mut progress).await;
 }
 
 /// Capture one batch of finished items, ack their jobs after the commit,
@@ -138,8 +136,11 @@ pub(crate) async fn settle_and_ack(
     for closed in &report.closed {
         progress.remove(&closed.batch_id);
     }
-    if let Err(e) = events::completed(publisher, names, &report.closed).await {
-        tracing::warn!(error = %e, "could not announce a closed batch");
+    // The closed batches' completed events were written to the outbox with
+    // the capture; this process's relay publishes them.
+    for b in &report.closed {
+        tracing::info!(batch_id = %b.batch_id, state = %b.state, captured = b.figures.captured,
+            released = b.figures.released, "batch closed");
     }
     // Sequential batches whose next chunk this settle reserved: send its jobs
     // (a reconciler does it after the lease if this fails).
@@ -172,30 +173,19 @@ pub(crate) async fn settle_patiently(
 }
 
 /// One `batch.progress` event for each batch settled since the last one,
-/// with its figures as they are now.
-pub(crate) async fn publish_progress(
+/// with its figures as they are now, written to the outbox (coalesced: at
+/// most one per batch per interval, whatever the number of items settled).
+pub(crate) async fn write_progress(
     ledger: &Ledger,
-    publisher: &Publisher,
-    names: &Names,
     progress: &mut std::collections::BTreeSet<String>,
 ) {
     if progress.is_empty() {
         return;
     }
     let ids: Vec<&str> = progress.iter().map(String::as_str).collect();
-    let figures = match ledger.figures(&ids).await {
-        // A batch that finished meanwhile gets its `completed` event instead.
-        Ok(f) => f
-            .into_iter()
-            .filter(|(.., f)| f.pending > 0)
-            .collect::<Vec<_>>(),
-        Err(e) => {
-            tracing::debug!(error = %e, "progress figures not read");
-            return;
-        }
-    };
-    progress.clear();
-    if let Err(e) = events::progress(publisher, names, &figures).await {
-        tracing::debug!(error = %e, "progress events not sent");
+    if let Err(e) = ledger.write_progress(&ids).await {
+        // A snapshot, superseded by the next one or the completed event.
+        tracing::debug!(error = %e, "progress events not written");
     }
+    progress.clear();
 }

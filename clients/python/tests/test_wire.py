@@ -1,5 +1,5 @@
 """Reading and writing the wire format: unknown fields are ignored, and the
-request carries no ``schema_version`` until REQUEST_SCHEMA_VERSION says so."""
+request carries the ``schema_version`` REQUEST_SCHEMA_VERSION says (none when it is None)."""
 
 from __future__ import annotations
 
@@ -80,13 +80,13 @@ def test_a_missing_field_is_named() -> None:
         parse_event({"event": "gossip"})
 
 
-def test_requests_carry_no_schema_version_until_told(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_carry_the_schema_version(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = Batch("acme", [Item("a", 5, priority=2, payload={"p": 1})], batch_id="b-1")
+    assert batch.to_json()["schema_version"] == 1
+    monkeypatch.setattr(requests_module, "REQUEST_SCHEMA_VERSION", None)
     assert batch.to_json() == {
         "batch_id": "b-1",
         "account_id": "acme",
         "mode": "all_or_nothing",
         "items": [{"item_id": "a", "estimated_cost": 5, "priority": 2, "payload": {"p": 1}}],
     }
-    monkeypatch.setattr(requests_module, "REQUEST_SCHEMA_VERSION", 1)
-    assert batch.to_json()["schema_version"] == 1

@@ -66,6 +66,7 @@ impl Ledger {
             })
             .await?;
         if let Some(c) = &cancelled.closed {
+            self.wake_relay();
             crate::telemetry::record::closed(std::slice::from_ref(c));
         }
         tracing::info!(%batch_id, state = %cancelled.state, "batch cancel requested");

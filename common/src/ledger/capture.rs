@@ -84,6 +84,9 @@ impl Ledger {
             return Ok(SettleReport::default());
         }
         let report = self.retrying("settle", || self.settle_once(items)).await?;
+        if !report.closed.is_empty() {
+            self.wake_relay();
+        }
         crate::telemetry::record::settled(items, &report);
         Ok(report)
     }

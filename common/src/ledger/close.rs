@@ -234,7 +234,7 @@ pub(super) async fn close_batches(
         .into_iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
-    Ok(figures
+    let closed: Vec<ClosedBatch> = figures
         .into_iter()
         .map(|(batch_id, account_id, figures)| {
             let (reply_to, correlation_id, seconds) =
@@ -249,7 +249,13 @@ pub(super) async fn close_batches(
                 seconds,
             }
         })
-        .collect())
+        .collect();
+    // Their `completed` events, in this transaction: a batch closes once (only
+    // an open hold is closed above), so it has one; `outbox_one_completed`
+    // refuses a second while the first waits for its relay.
+    let events: Vec<_> = closed.iter().map(crate::outbox::completed).collect();
+    crate::outbox::write(tx, &events).await?;
+    Ok(closed)
 }
 
 /// Current figures of `batch_ids`: counts per item state and credits.
@@ -320,6 +326,9 @@ impl Ledger {
                 Ok(finished)
             })
             .await?;
+        if !finished.closed.is_empty() {
+            self.wake_relay();
+        }
         crate::telemetry::record::closed(&finished.closed);
         Ok((finished.closed, finished.advanced))
     }

@@ -113,6 +113,9 @@ impl Ledger {
                 Ok(closed)
             })
             .await?;
+        if !closed.is_empty() {
+            self.wake_relay();
+        }
         crate::telemetry::record::closed(&closed);
         Ok(closed)
     }

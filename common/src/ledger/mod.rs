@@ -55,10 +55,12 @@ mod stuck;
 mod views;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
+use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -252,12 +254,16 @@ pub struct Ledger {
     /// The dispatch lease of a sequential batch's next chunk (see
     /// [`Ledger::with_dispatch_grace`]).
     dispatch_grace: Duration,
+    /// Wakes this process's outbox relay after a commit that wrote events
+    /// (see [`crate::outbox::relay`]); shared by every clone.
+    wake: Arc<Notify>,
 }
 
 impl Ledger {
     pub fn new(pool: Pool) -> Self {
         Self {
             pool,
+            wake: Arc::new(Notify::new()),
             retry: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(50))
                 .with_max_delay(Duration::from_secs(2))
@@ -277,6 +283,18 @@ impl Ledger {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// What this process's outbox relay waits on: notified after every commit
+    /// that wrote outbox rows. In memory, never `NOTIFY` (see `crate::outbox`).
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Wake the relay: call after committing outbox rows. A wake with no
+    /// relay waiting is kept for its next wait.
+    pub(crate) fn wake_relay(&self) {
+        self.wake.notify_one();
     }
 
     /// Run `op` again with backoff while it fails transiently.

@@ -55,6 +55,50 @@ impl Ledger {
         .await
     }
 
+    /// Write a `batch.progress` event to the outbox for each of `batch_ids`
+    /// still running with items pending, with its figures as they are now
+    /// (a coalesced snapshot; a batch that closed has its `completed` event
+    /// instead). The batch rows are locked (`FOR NO KEY UPDATE`, in id order,
+    /// like every writer of a batch's events) so that the snapshot's row
+    /// takes its place in the batch's event order: never after its
+    /// `completed`. Returns how many were written.
+    pub async fn write_progress(&self, batch_ids: &[&str]) -> Result<usize> {
+        if batch_ids.is_empty() {
+            return Ok(0);
+        }
+        let written = self
+            .retrying("progress", || async {
+                let mut client = self.pool.get().await?;
+                let tx = client.transaction().await?;
+                let open: Vec<String> = tx
+                    .query(
+                        "SELECT id FROM batches
+                         WHERE id = ANY($1) AND state IN ('granted', 'dispatched', 'cancelling')
+                         ORDER BY id FOR NO KEY UPDATE",
+                        &[&batch_ids],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let open: Vec<&str> = open.iter().map(String::as_str).collect();
+                let events: Vec<_> = figures_of(&tx, &open)
+                    .await?
+                    .iter()
+                    .filter(|(.., f)| f.pending > 0)
+                    .map(|(batch, account, f)| crate::outbox::progress(batch, account, f))
+                    .collect();
+                crate::outbox::write(&tx, &events).await?;
+                tx.commit().await?;
+                Ok(events.len())
+            })
+            .await?;
+        if written > 0 {
+            self.wake_relay();
+        }
+        Ok(written)
+    }
+
     /// The state of each item and of its batch, keyed by (batch, item);
     /// items that do not exist are absent. Workers look before they run: a
     /// duplicate job must not pay for the work twice, and a cancelled batch

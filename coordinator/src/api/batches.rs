@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use holdfast_common::events::{self, ReplyTo};
+use holdfast_common::events::ReplyTo;
 use holdfast_common::ledger::{BatchState, BatchView};
 use holdfast_common::messages::{BatchFigures, BatchRequest, Decision};
 use serde::Serialize;
@@ -181,16 +181,8 @@ pub async fn cancel(
         };
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     };
-    // Closed here rather than by a worker: announce it like a worker would.
-    // The ledger already closed the batch, so a broker failure is logged, not answered.
-    let announced = match s.broker.publisher().await {
-        Ok(p) => events::completed(&p, &s.config.names, std::slice::from_ref(&closed)).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = announced {
-        s.broker.forget().await;
-        tracing::warn!(batch_id = %id, error = %e, "batch cancelled; its completed event could not be published");
-    }
+    // Closed here rather than by a worker: its completed event was written to
+    // the outbox with the close, and this process's relay publishes it.
     let body = CancelResponse {
         batch_id: closed.batch_id,
         state: closed.state,

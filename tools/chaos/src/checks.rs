@@ -9,7 +9,9 @@
 //! - overspend: `available < 0` in any sample, or captures above a hold or
 //!   above an item's reservation;
 //! - open holds: holds still open after the fleet settled;
-//! - drift: what `holdfast audit` reports.
+//! - drift: what `holdfast audit` reports;
+//! - events lost: closed batches whose `completed` event never arrived
+//!   (counted by [`crate::events`], not from the ledger).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,9 @@ pub struct Counts {
     pub overspend: i64,
     pub open_holds: i64,
     pub drift: i64,
+    /// Batches the ledger closed whose `batch.completed` event never reached
+    /// the harness's queue (see [`crate::events`]); filled in by the stage.
+    pub events_lost: i64,
 }
 
 impl Counts {
@@ -43,6 +48,7 @@ impl Counts {
             && self.overspend == 0
             && self.open_holds == 0
             && self.drift == 0
+            && self.events_lost == 0
     }
 }
 
@@ -134,6 +140,7 @@ pub async fn count(ledger: &Ledger, sent: &Sent, negative_samples: u64) -> anyho
         overspend: negative_samples as i64 + scalar(ledger, OVER_CAPTURES).await?,
         open_holds: scalar(ledger, OPEN_HOLDS).await?,
         drift: drift.len() as i64,
+        events_lost: 0,
     })
 }
 

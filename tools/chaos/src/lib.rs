@@ -13,6 +13,7 @@
 //! hold, fails the run; [`print`] shows the [`Report`] as a table.
 
 mod checks;
+mod events;
 mod load;
 mod report;
 mod scenarios;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 pub use checks::{count, Counts, Sent};
+pub use events::{events_lost, Arrived};
 pub use report::{print, Report, Row};
 pub use services::ServiceSettings;
 pub use services::Services;

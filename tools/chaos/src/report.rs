@@ -65,7 +65,7 @@ pub struct Report {
 /// Print the table (and under it, what failed and the notes).
 pub fn print(report: &Report) {
     println!(
-        "{:<28} {:>7} {:>6} {:>6} {:>5} {:>6} {:>9} {:>10} {:>5} {:>9}  result",
+        "{:<28} {:>7} {:>6} {:>6} {:>5} {:>6} {:>9} {:>10} {:>5} {:>11} {:>9}  result",
         "scenario",
         "batches",
         "items",
@@ -75,12 +75,13 @@ pub fn print(report: &Report) {
         "overspend",
         "open holds",
         "drift",
+        "events lost",
         "recover s"
     );
     for r in &report.rows {
         let c = &r.counts;
         println!(
-            "{:<28} {:>7} {:>6} {:>6} {:>5} {:>6} {:>9} {:>10} {:>5} {:>9}  {}",
+            "{:<28} {:>7} {:>6} {:>6} {:>5} {:>6} {:>9} {:>10} {:>5} {:>11} {:>9}  {}",
             r.scenario,
             c.batches,
             c.items,
@@ -90,6 +91,7 @@ pub fn print(report: &Report) {
             c.overspend,
             c.open_holds,
             c.drift,
+            c.events_lost,
             r.recover_secs
                 .map_or("never".to_string(), |s| format!("{s:.1}")),
             if r.passed { "ok" } else { "FAILED" }

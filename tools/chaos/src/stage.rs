@@ -12,6 +12,7 @@ use holdfast_common::ledger::Ledger;
 use holdfast_common::topology::Names;
 
 use crate::checks::{self, Sampler, Sent};
+use crate::events::{self, EventAudit};
 use crate::load::{Load, Request, ACCOUNT};
 use crate::report::Row;
 use crate::services::Services;
@@ -57,6 +58,8 @@ pub struct Stage<'a> {
     notes: Vec<String>,
     sampler: Option<Sampler>,
     recover_secs: Option<f64>,
+    /// The harness's queue of `batch.completed` events, bound from the start.
+    events: EventAudit,
 }
 
 impl<'a> Stage<'a> {
@@ -81,13 +84,16 @@ impl<'a> Stage<'a> {
         let _ = std::fs::remove_dir_all(&log_dir);
         std::fs::create_dir_all(&log_dir)?;
         let sampler = Some(Sampler::start(ledger.clone()));
+        let names = Names::new(conn.namespace.clone());
+        let queues = QueueSettings::default();
+        let events = EventAudit::bind(&conn.amqp_url, &names, &queues).await?;
         Ok(Stage {
             name,
             services,
-            names: Names::new(conn.namespace.clone()),
+            names,
             conn,
             ledger,
-            queues: QueueSettings::default(),
+            queues,
             log_dir,
             processes: Vec::new(),
             started: 0,
@@ -97,6 +103,7 @@ impl<'a> Stage<'a> {
             notes: Vec::new(),
             sampler,
             recover_secs: None,
+            events,
         })
     }
 
@@ -259,7 +266,26 @@ impl<'a> Stage<'a> {
             Some(s) => s.finish().await,
             None => (0, 0),
         };
-        let counts = checks::count(&self.ledger, &sent, negative).await?;
+        let mut counts = checks::count(&self.ledger, &sent, negative).await?;
+        // Every closed batch's completed event, once the relays had their chance.
+        let waiting = events::wait_relayed(&self.ledger, Duration::from_secs(30)).await?;
+        let arrived = self.events.collect().await?;
+        let lost = events::events_lost(&self.ledger, &arrived).await?;
+        counts.events_lost = lost.len() as i64;
+        let received: usize = arrived.completed.values().sum();
+        self.notes.push(format!(
+            "{received} completed event(s) for {} batch(es), {} duplicate(s) (same message_id){}",
+            arrived.completed.len(),
+            received - arrived.completed.len(),
+            if waiting > 0 {
+                format!(", {waiting} still in the outbox")
+            } else {
+                String::new()
+            }
+        ));
+        if !lost.is_empty() {
+            tracing::error!(scenario = self.name, ?lost, "completed events lost");
+        }
         for mut p in self.processes.drain(..) {
             let (ended, _, killed) = p.terminate(Duration::from_secs(20)).await;
             if killed || ended != Ended::Exited(0) {

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use holdfast_chaos::{count, Sent};
+use holdfast_chaos::{count, events_lost, Arrived, Sent};
 use holdfast_common::messages::BatchRequest;
 use support::*;
 
@@ -70,4 +70,26 @@ async fn the_checker_counts_what_was_planted() {
     // The stuck batch's hold and the soft hold.
     assert_eq!(dirty.open_holds, 2, "{dirty:?}");
     assert!(dirty.drift > 0, "{dirty:?}");
+}
+
+/// The events check counts a closed batch whose `completed` event did not
+/// arrive, and only that one.
+#[tokio::test]
+async fn the_events_check_counts_a_completed_event_that_never_arrived() {
+    let mut t = TestFleet::start().await;
+    t.grant("acme", 1_000).await;
+    for id in ["heard", "unheard"] {
+        granted(&t.submit(&request(id, "acme", 2, 10)).await);
+        t.wait_closed(id).await;
+    }
+    let mut arrived = Arrived::default();
+    assert_eq!(
+        events_lost(&t.ledger, &arrived).await.unwrap(),
+        ["heard", "unheard"]
+    );
+    arrived.completed.insert("heard".into(), 2);
+    assert_eq!(events_lost(&t.ledger, &arrived).await.unwrap(), ["unheard"]);
+    arrived.completed.insert("unheard".into(), 1);
+    assert!(events_lost(&t.ledger, &arrived).await.unwrap().is_empty());
+    t.stop().await;
 }

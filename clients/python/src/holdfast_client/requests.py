@@ -15,11 +15,11 @@ from typing import Any
 
 #: The ``schema_version`` written into every request, or ``None`` to send none.
 #:
-#: Absent means version 1 to the coordinator. This is the one place to set it
-#: once coordinators that understand the field are deployed everywhere the
-#: client runs; every request body is built by :meth:`Batch.to_json`, which
-#: reads it.
-REQUEST_SCHEMA_VERSION: int | None = None
+#: Absent means version 1 to the coordinator, and a coordinator from before the
+#: field ignores it (readers ignore fields they do not know), so sending it is
+#: safe against every coordinator. Every request body is built by
+#: :meth:`Batch.to_json`, which reads it.
+REQUEST_SCHEMA_VERSION: int | None = 1
 
 
 class Mode(str, Enum):

@@ -6,7 +6,7 @@ use super::super::{Cached, HoldState, LedgerError, Result};
 use crate::messages::{Draw, LeftOut, Mode};
 use crate::pricing::{self};
 
-use super::rows::{insert_batches, insert_items, NewBatch, NewGrant};
+use super::rows::{insert_batches, insert_items, write_decisions, NewBatch, NewGrant};
 use super::{rfc3339, ReserveInput, Reserved};
 
 /// Grant a batch from a soft hold: no second credit check, provided the hold
@@ -145,6 +145,7 @@ pub(super) async fn consume_reservation(
     let batch = NewBatch::granted(input, fingerprint, grant, item_ids, left_out);
     insert_batches(&tx, std::slice::from_ref(&batch)).await?;
     insert_items(&tx, std::slice::from_ref(&batch)).await?;
+    write_decisions(&tx, std::slice::from_ref(&batch)).await?;
     tx.commit().await?;
     Ok(Reserved {
         decision: batch.decision,

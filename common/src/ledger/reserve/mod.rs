@@ -197,6 +197,7 @@ impl Ledger {
             })
             .await?;
         if !reserved.replayed {
+            self.wake_relay();
             crate::telemetry::record::decided(&reserved.decision, started.elapsed());
         }
         Ok(reserved)
@@ -348,10 +349,14 @@ impl Ledger {
         insert_holds(&tx, &new_batches).await?;
         insert_batches(&tx, &new_batches).await?;
         insert_items(&tx, &new_batches).await?;
+        write_decisions(&tx, &new_batches).await?;
         // Last: the account rows and their grants, so that their lock lasts
         // one statement per account.
         take_from_grants(&tx, &new_batches).await?;
         tx.commit().await?;
+        if !new_batches.is_empty() {
+            self.wake_relay();
+        }
         Ok(results)
     }
 }

@@ -426,3 +426,16 @@ pub(super) async fn insert_items(tx: &Transaction<'_>, batches: &[NewBatch<'_>])
     .await?;
     Ok(())
 }
+
+/// The `decision.<kind>` event of each new batch, to the outbox in the
+/// reservation's transaction: a decision that commits is announced, one
+/// that rolls back never is. A replayed decision writes nothing (its event
+/// was written when it was first decided).
+pub(super) async fn write_decisions(tx: &Transaction<'_>, batches: &[NewBatch<'_>]) -> Result<()> {
+    let events: Vec<_> = batches
+        .iter()
+        .filter_map(|b| crate::outbox::decision(&b.decision))
+        .collect();
+    crate::outbox::write(tx, &events).await?;
+    Ok(())
+}

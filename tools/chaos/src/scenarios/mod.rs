@@ -6,7 +6,8 @@
 //!
 //! - [`crashes`]: role processes aborting at crash points, two reconcilers;
 //! - [`jobs`]: a poison job, a slow consumer past its deadline, a rolling restart;
-//! - [`restarts`]: the broker and the database restarted under load;
+//! - [`restarts`]: the broker and the database restarted under load, and the
+//!   broker gone at the instant batches complete;
 //! - [`concurrency`]: 64 producers on one hot account;
 //! - [`spenders`]: 64 producers over a spender tree, a coordinator and workers killed.
 
@@ -35,6 +36,7 @@ pub const ALL: &[&str] = &[
     "slow-consumer-deadline",
     "worker-rolling-restart",
     "rabbitmq-restart",
+    "broker-outage-at-completion",
     "postgresql-restart",
     "concurrency-64-producers",
     "spenders-64-producers-kills",
@@ -62,6 +64,7 @@ pub async fn run(
         "slow-consumer-deadline" => jobs::slow_consumer_deadline(stage, settle).await,
         "worker-rolling-restart" => jobs::rolling_restart(stage, settle).await,
         "rabbitmq-restart" => restarts::rabbitmq(stage, settle).await,
+        "broker-outage-at-completion" => restarts::outage_at_completion(stage, settle).await,
         "postgresql-restart" => restarts::postgresql(stage, settle).await,
         "concurrency-64-producers" => concurrency::run(stage, settle).await,
         "spenders-64-producers-kills" => spenders::run(stage, settle).await,

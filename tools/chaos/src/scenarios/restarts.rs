@@ -93,6 +93,59 @@ pub async fn rabbitmq(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row>
     s.finish(sent).await
 }
 
+/// Closed batches (completed, expired, cancelled).
+async fn closed(s: &Stage<'_>) -> anyhow::Result<i64> {
+    s.scalar("SELECT count(*) FROM batches WHERE state IN ('completed', 'expired', 'cancelled')")
+        .await
+}
+
+/// RabbitMQ dies (SIGKILL) at the instant the first batches complete (the
+/// harness polls the ledger every 5 ms and kills the node as soon as one
+/// closed), and stays away while the workers finish the jobs they hold:
+/// batches whose last items those were close in the ledger with no broker
+/// to tell. Their `completed` events wait in the outbox and must all arrive
+/// once it is back.
+pub async fn outage_at_completion(mut s: Stage<'_>, settle: Duration) -> anyhow::Result<Row> {
+    s.grant(1_000_000).await?;
+    s.fleet(1, 2, 1, &[])?;
+    // Batches of 1 to 3 items of 600 ms, sent faster than the two workers
+    // (16 jobs at once each) run them: when the first batch completes, the
+    // workers hold whole batches, which complete while the broker is away.
+    let load = s.load(plans(s.name, 6, 10, 1..4, 600), 300);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while closed(&s).await? == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = closed(&s).await?;
+    let started = Instant::now();
+    s.services.rabbit.kill().await?;
+    s.fault("RabbitMQ killed as the first batches completed");
+    s.expect(
+        first > 0,
+        format!("{first} batch(es) closed when RabbitMQ was killed"),
+    );
+    // Away for 8 s: the workers settle the items they had, closing batches.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let closed_away = closed(&s).await? - first;
+    let waiting = s
+        .scalar("SELECT count(*) FROM outbox WHERE kind = 'completed'")
+        .await?;
+    s.services.rabbit.start().await?;
+    s.fault(format!(
+        "RabbitMQ started again ({:.1}s away)",
+        started.elapsed().as_secs_f64()
+    ));
+    s.expect(
+        waiting > 0,
+        format!(
+            "{closed_away} batch(es) closed while RabbitMQ was away; {waiting} completed event(s) waited in the outbox"
+        ),
+    );
+    let sent = load.finish().await?;
+    s.settle(&sent, Instant::now(), settle).await;
+    s.finish(sent).await
+}
+
 /// PostgreSQL crashes (immediate stop: every backend killed, recovery at the
 /// next start) while batches run: once restarted at once, once after 30 s
 /// away. Roles retry with backoff; nothing is lost or captured twice.

@@ -173,15 +173,22 @@ impl Rabbit {
         stopped.map(drop)
     }
 
+    /// Kill the node with SIGKILL, at once (no `rabbitmqctl`, which takes
+    /// a second or two to start): its clients lose their connections now.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.server.take() {
+            kill_group(&mut child);
+            child.wait().await?;
+        }
+        Ok(())
+    }
+
     /// Stop (orderly, or with SIGKILL when `kill`) and start again; returns
     /// how long the broker was away.
     pub async fn restart(&mut self, kill: bool) -> anyhow::Result<Duration> {
         let started = Instant::now();
         if kill {
-            if let Some(mut child) = self.server.take() {
-                kill_group(&mut child);
-                child.wait().await?;
-            }
+            self.kill().await?;
         } else {
             self.stop().await?;
         }
