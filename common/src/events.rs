@@ -75,7 +75,7 @@ pub async fn decision(
 ) -> Result<(), BrokerError> {
     let mut confirms = Confirms::new(usize::MAX);
     let event = Event::Decision(decision.clone());
-    let body = serde_json::to_vec(&event).map_err(BrokerError::Encode)?;
+    let body = event.to_wire().map_err(BrokerError::Encode)?;
     reply(publisher, to, &body, &mut confirms).await?;
     let exchange = names.events();
     let confirm = publisher
