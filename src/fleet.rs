@@ -64,7 +64,8 @@ pub struct FleetSettings {
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub outbox_poll_ms: u64,
     /// Run no outbox relay in this process (events wait in the outbox for
-    /// another process's relay). For tests and fault drills.
+    /// another process's relay). Only a process that runs a coordinator
+    /// relays at all. For tests and fault drills.
     #[arg(long, env = "HOLDFAST_OUTBOX_RELAY_OFF", default_value_t = false)]
     pub outbox_relay_off: bool,
 }
@@ -262,9 +263,12 @@ impl Fleet {
             });
         }
         // The outbox relay: every role writes events (decisions, progress,
-        // completions) to the outbox; this publishes them.
-        let any = roles.coordinator || roles.worker || roles.reconciler || roles.api;
-        if any && !settings.outbox_relay_off {
+        // completions) to the outbox; processes that run a coordinator publish
+        // them. Only a coordinator's broker user may write to the default
+        // exchange (a completed summary goes to its producer's reply queue,
+        // which only that exchange reaches); a worker's or reconciler's may
+        // not, or it could reach the requests queue by name.
+        if roles.coordinator && !settings.outbox_relay_off {
             tasks.spawn(holdfast_common::outbox::relay::run(
                 ledger.clone(),
                 conn.amqp_url.clone(),

@@ -112,8 +112,12 @@ async fn publish_job(
     confirms: &mut Confirms,
 ) -> Result<(), BrokerError> {
     crate::faults::panic_point("dispatch.job", &names.namespace);
-    let queue = names.jobs();
+    // Through the dispatch exchange, not the default one: a worker's or
+    // reconciler's broker user may write there and nowhere a request goes.
+    let exchange = names.dispatch();
     let (body, props) = job_message(message)?;
-    let confirm = publisher.publish("", &queue, &body, props).await?;
-    confirms.push(confirm, &queue, false).await
+    let confirm = publisher
+        .publish(&exchange, crate::topology::DISPATCH_KEY, &body, props)
+        .await?;
+    confirms.push(confirm, &exchange, false).await
 }

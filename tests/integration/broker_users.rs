@@ -3,7 +3,7 @@
 //! against real broker users: each test creates its own (unique names) with
 //! `rabbitmqctl` and deletes them afterwards.
 
-use holdfast::fleet::Roles;
+use holdfast::fleet::{Fleet, Roles};
 use holdfast::producer::Producer;
 use holdfast_common::config::QueueSettings;
 use holdfast_common::topology::{BrokerRole, Names};
@@ -189,6 +189,11 @@ async fn a_worker_user_consumes_jobs_but_cannot_publish_or_consume_requests() {
     )
     .await;
     assert!(why.contains("ACCESS_REFUSED"), "{why}");
+    // Nor through the default exchange, which reaches every queue by name.
+    for queue in [names.requests(), names.previews(), names.jobs()] {
+        let why = refused_publish(&conn, "", &queue, BasicProperties::default()).await;
+        assert!(why.contains("ACCESS_REFUSED"), "{queue}: {why}");
+    }
     for queue in [names.requests(), names.previews()] {
         let why = refused_consume(&conn, &queue).await;
         assert!(why.contains("ACCESS_REFUSED"), "{queue}: {why}");
@@ -401,4 +406,70 @@ async fn submit_wait_as_a_producer_user_does_without_progress_events() {
     );
     let _ = std::fs::remove_file(&file);
     fleet.stop().await;
+}
+
+/// Every role as its own least-privilege broker user, as
+/// scripts/rabbitmq-users.sh makes them, each in a fleet of its own: the
+/// coordinator decides and relays the events and summaries, the worker runs
+/// the jobs and dispatches a sequential batch's next chunks, the reconciler
+/// sweeps; the producer hears the decisions and the summaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_role_does_its_work_as_its_own_broker_user() {
+    let mut t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;
+    let names = t.names.clone();
+    let base = t.conn.amqp_url.clone();
+    let coordinator = BrokerUser::create(BrokerRole::Coordinator, &names, &base);
+    let worker = BrokerUser::create(BrokerRole::Worker, &names, &base);
+    let reconciler = BrokerUser::create(BrokerRole::Reconciler, &names, &base);
+    let producer = BrokerUser::create(BrokerRole::Producer, &names, &base);
+    let generator = holdfast_worker::build_generator(&t.settings.generator).unwrap();
+    let only = |f: fn(&mut Roles)| {
+        let mut r = Roles::default();
+        f(&mut r);
+        r
+    };
+    for (user, roles, declare) in [
+        (&coordinator, Roles::COORDINATOR, true),
+        (&worker, only(|r| r.worker = true), false),
+        (&reconciler, only(|r| r.reconciler = true), false),
+    ] {
+        let mut conn = t.conn.clone();
+        conn.amqp_url = user.url.clone();
+        let mut settings = t.settings.clone();
+        settings.queues.declare = declare;
+        let fleet = Fleet::start_with(&conn, &settings, roles, generator.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{} starts: {e:#}", user.name));
+        t.fleets.push(fleet);
+    }
+    t.ledger.create_account("acme").await.unwrap();
+    t.grant("acme", 1_000).await;
+
+    let mut client = producer_of(&producer, &names).await;
+    // Three chunks of the default ten: the worker dispatches the later two.
+    let mut seq = request("ru-seq", "acme", 25, 2);
+    seq["mode"] = serde_json::json!("sequential");
+    for (id, body) in [
+        ("ru-plain", request("ru-plain", "acme", 5, 10)),
+        ("ru-seq", seq),
+    ] {
+        let d = client
+            .submit(body.to_string().as_bytes(), id, WAIT)
+            .await
+            .expect("a decision");
+        granted(&d);
+    }
+    for id in ["ru-plain", "ru-seq"] {
+        client
+            .completed_for(id, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("the summary of {id}: {e:#}"));
+        let closed = t.wait_closed(id).await;
+        assert_eq!(closed.state, "completed", "{id}: {closed:?}");
+    }
+    let seq = t.wait_closed("ru-seq").await;
+    assert_eq!(seq.figures.succeeded, 25, "every chunk ran: {seq:?}");
+    t.assert_exact().await;
+    client.close().await;
+    t.stop().await;
 }

@@ -11,6 +11,9 @@ use crate::config::QueueSettings;
 
 use super::BrokerError;
 
+/// The routing key of item jobs on the dispatch exchange ([`Names::dispatch`]).
+pub const DISPATCH_KEY: &str = "jobs";
+
 /// The names of one namespace.
 #[derive(Clone, Debug)]
 pub struct Names {
@@ -52,10 +55,18 @@ impl Names {
     pub fn intake(&self) -> String {
         format!("{}.intake", self.namespace)
     }
+    /// Direct exchange every role publishes item jobs to: routing key `jobs`
+    /// reaches the jobs queue and nothing else. Workers (a sequential batch's
+    /// next chunk) and reconcilers (re-dispatches) publish jobs through it,
+    /// so their broker users need no write on the default exchange, which
+    /// reaches every queue by name (the requests queue included).
+    pub fn dispatch(&self) -> String {
+        format!("{}.dispatch", self.namespace)
+    }
 
     /// Every queue and exchange name of the namespace (docs/asyncapi.yaml
     /// describes each one; a test keeps the two in step).
-    pub fn all(&self) -> [String; 8] {
+    pub fn all(&self) -> [String; 9] {
         [
             self.requests(),
             self.jobs(),
@@ -65,6 +76,7 @@ impl Names {
             self.jobs_dead(),
             self.previews(),
             self.intake(),
+            self.dispatch(),
         ]
     }
 
@@ -89,6 +101,7 @@ impl Names {
             "jobs.dead",
             "previews",
             "intake",
+            "dispatch",
         ];
         match role {
             BrokerRole::Producer => Permissions {
@@ -96,16 +109,19 @@ impl Names {
                 write: one_of(&["intake"]),
                 read: REPLY_QUEUES.into(),
             },
-            // `amq.default`: a batch's `completed` summary goes to its
-            // producer's reply queue, which only the default exchange reaches.
+            // Jobs through the dispatch exchange (a sequential batch's next
+            // chunk), parked jobs to the dead-letter exchange; events and
+            // summaries go through the outbox, relayed by coordinators. No
+            // write on `amq.default`: it reaches every queue by name.
             BrokerRole::Worker => Permissions {
                 configure: NOTHING.into(),
-                write: format!("^(amq\\.default|{ns}\\.(events|dead))$"),
+                write: one_of(&["dispatch", "dead"]),
                 read: one_of(&["jobs"]),
             },
+            // Re-dispatched jobs through the dispatch exchange.
             BrokerRole::Reconciler => Permissions {
                 configure: NOTHING.into(),
-                write: format!("^(amq\\.default|{ns}\\.(events|dead))$"),
+                write: one_of(&["dispatch", "dead"]),
                 read: NOTHING.into(),
             },
             BrokerRole::Coordinator => Permissions {
@@ -306,6 +322,23 @@ pub async fn declare(
             )
             .await?;
     }
+    channel
+        .exchange_declare(
+            names.dispatch().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            names.jobs().into(),
+            names.dispatch().into(),
+            DISPATCH_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -322,7 +355,12 @@ pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError>
             .queue_delete(q.into(), QueueDeleteOptions::default())
             .await?;
     }
-    for x in [names.events(), names.dead_exchange(), names.intake()] {
+    for x in [
+        names.events(),
+        names.dead_exchange(),
+        names.intake(),
+        names.dispatch(),
+    ] {
         channel
             .exchange_delete(x.into(), ExchangeDeleteOptions::default())
             .await?;
@@ -362,7 +400,7 @@ mod tests {
         assert_eq!(p.read, r"^amq\.gen-.*$");
         let w = names.permissions(BrokerRole::Worker);
         assert_eq!(w.configure, "^$");
-        assert_eq!(w.write, r"^(amq\.default|t\.1\+x\.(events|dead))$");
+        assert_eq!(w.write, r"^t\.1\+x\.(dispatch|dead)$");
         assert_eq!(w.read, r"^t\.1\+x\.(jobs)$");
         let c = names.permissions(BrokerRole::Coordinator);
         assert!(c.configure.contains(r"requests\.dead|"), "{}", c.configure);
