@@ -611,6 +611,14 @@ async fn explain_silence(
             d.messages,
             names.namespace
         ),
+        // A summary is published by a coordinator's outbox relay, not by the
+        // worker that closed the batch: workers alone do not send it.
+        Ok(d) if awaited != "decision" => anyhow::anyhow!(
+            "{waited}, though {} consumer(s) read `{queue}` ({} message(s) waiting there): the summary is published by a coordinator's outbox relay, so check that a coordinator runs with namespace `{}`; workers may also be busy or unable to reach PostgreSQL (see their logs), or raise --timeout",
+            d.consumers,
+            d.messages,
+            names.namespace
+        ),
         Ok(d) => anyhow::anyhow!(
             "{waited}, though {} consumer(s) read `{queue}` ({} message(s) waiting there): they may be busy or unable to reach PostgreSQL (see their logs), or raise --timeout",
             d.consumers,
