@@ -83,12 +83,18 @@ impl Producer {
         names: &Names,
         queues: &QueueSettings,
     ) -> anyhow::Result<Self> {
-        let conn =
-            topology::connect(amqp_url, &format!("holdfast-producer/{}", names.namespace)).await?;
-        let user_id = amqp_url
-            .parse::<lapin::uri::AMQPUri>()
-            .ok()
-            .map(|u| u.authority.userinfo.username);
+        let (conn, node) =
+            topology::connect_node(amqp_url, &format!("holdfast-producer/{}", names.namespace))
+                .await?;
+        // The login of the node connected to: each URL of a list has its own.
+        let user_id = topology::Brokers::parse(amqp_url).ok().map(|mut b| {
+            b.get(node.position - 1)
+                .uri
+                .authority
+                .userinfo
+                .username
+                .clone()
+        });
         let channel = conn.create_channel().await?;
         topology::declare(&channel, names, queues).await?;
         let queue = channel

@@ -87,7 +87,7 @@ impl std::fmt::Debug for Connections {
         f.debug_struct("Connections")
             .field("database_url", &redact_url(&self.database_url))
             .field("database_url_file", &self.database_url_file)
-            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("amqp_url", &redact_url_list(&self.amqp_url))
             .field("amqp_url_file", &self.amqp_url_file)
             .field("namespace", &self.namespace)
             .field("db_pool_size", &self.db_pool_size)
@@ -135,6 +135,15 @@ pub fn read_secret(path: &Path) -> Result<String, SecretError> {
         return Err(SecretError::Empty(path.to_owned()));
     }
     Ok(secret.to_string())
+}
+
+/// Every URL of a comma-separated list (`HOLDFAST_AMQP_URL` may name the
+/// nodes of a cluster) with its password replaced by `***`.
+pub fn redact_url_list(list: &str) -> String {
+    list.split(',')
+        .map(redact_url)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `url` with its password replaced by `***`, for logs and `Debug`: both
@@ -216,6 +225,17 @@ pub struct QueueSettings {
     /// broker user without configure permissions: see docs/security.md).
     #[arg(long = "amqp-declare", env = "HOLDFAST_AMQP_DECLARE", default_value_t = true, action = clap::ArgAction::Set)]
     pub declare: bool,
+    /// Members of each new quorum queue (`x-quorum-initial-group-size`), so
+    /// the queues spread over a cluster; unset: the broker's default (every
+    /// node of the cluster, up to its `quorum_cluster_size`). Queues that
+    /// exist already keep theirs: RabbitMQ refuses a declaration with another
+    /// value (see docs/operations.md, "RabbitMQ cluster").
+    #[arg(
+        long,
+        env = "HOLDFAST_QUORUM_INITIAL_GROUP_SIZE",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 impl Default for QueueSettings {
@@ -224,6 +244,7 @@ impl Default for QueueSettings {
             request_delivery_limit: 20,
             job_delivery_limit: 5,
             declare: true,
+            quorum_initial_group_size: None,
         }
     }
 }
@@ -270,6 +291,44 @@ mod tests {
             shown.contains("amqp://holdfast:***@rabbitmq:5672/%2f"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn every_password_of_a_broker_list_is_hidden() {
+        let conn = Connections {
+            amqp_url: "amqp://a:mq-s3cret1@mq1:5672/%2f,amqps://b:mq-s3cret2@mq2:5671/%2f".into(),
+            ..Default::default()
+        };
+        let shown = format!("{conn:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("amqp://a:***@mq1:5672/%2f,amqps://b:***@mq2:5671/%2f"),
+            "{shown}"
+        );
+    }
+
+    #[derive(Parser)]
+    struct Queues {
+        #[command(flatten)]
+        queues: QueueSettings,
+    }
+
+    #[test]
+    fn the_quorum_group_size_is_unset_unless_given() {
+        let parse = |args: &[&str]| {
+            let command = Queues::command().mut_args(|arg| arg.env(None));
+            command
+                .try_get_matches_from(args)
+                .and_then(|m| Queues::from_arg_matches(&m))
+                .map(|q| q.queues.quorum_initial_group_size)
+        };
+        assert_eq!(parse(&["t"]).unwrap(), None);
+        assert_eq!(
+            parse(&["t", "--quorum-initial-group-size", "3"]).unwrap(),
+            Some(3)
+        );
+        assert!(parse(&["t", "--quorum-initial-group-size", "0"]).is_err());
+        assert!(parse(&["t", "--quorum-initial-group-size", "x"]).is_err());
     }
 
     #[test]

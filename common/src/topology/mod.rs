@@ -19,11 +19,13 @@
 
 use lapin::types::ShortString;
 
+mod brokers;
 mod endpoint;
 mod names;
 mod publisher;
 mod session;
 
+pub use brokers::{current_nodes, describe_list, BrokerNode, Brokers, ATTEMPT_TIMEOUT};
 pub use endpoint::Endpoint;
 pub use names::*;
 pub use publisher::*;
@@ -47,6 +49,12 @@ pub enum BrokerError {
     Unroutable(String, String),
     #[error("the connection to RabbitMQ closed")]
     Closed,
+    /// A node did not complete the connection in time.
+    #[error("RabbitMQ at {0} did not accept a connection within {1:?}")]
+    Timeout(String, std::time::Duration),
+    /// Every node of a list refused; the last node's error is the source.
+    #[error("none of the {0} RabbitMQ nodes accepted a connection; the last: {1}")]
+    NoNode(usize, Box<BrokerError>),
     #[error("RabbitMQ cancelled the consumer of {0}")]
     ConsumerCancelled(String),
     /// A value longer than an AMQP short string allows (255 bytes): a bug or
@@ -84,7 +92,11 @@ impl BrokerError {
 }
 
 /// `host:port/vhost` of an AMQP URL, for messages: never the password.
+/// A comma-separated list is described URL by URL.
 pub fn describe(url: &str) -> String {
+    if url.contains(',') {
+        return describe_list(url);
+    }
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
     rest.split('?').next().unwrap_or(rest).to_string()

@@ -192,12 +192,13 @@ pub fn parse_namespace(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn quorum_args(names: &Names, dead_key: &str, delivery_limit: u32) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
+fn quorum_args(
+    names: &Names,
+    settings: &QueueSettings,
+    dead_key: &str,
+    delivery_limit: u32,
+) -> FieldTable {
+    let mut t = plain_quorum(settings);
     t.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongInt(delivery_limit as i32),
@@ -222,12 +223,20 @@ fn quorum_args(names: &Names, dead_key: &str, delivery_limit: u32) -> FieldTable
     t
 }
 
-fn plain_quorum() -> FieldTable {
+/// A quorum queue's type and, when set, its initial group size. Unset, the
+/// argument is left out: queues declared before the setting existed match.
+fn plain_quorum(settings: &QueueSettings) -> FieldTable {
     let mut t = FieldTable::default();
     t.insert(
         "x-queue-type".into(),
         AMQPValue::LongString(LongString::from("quorum")),
     );
+    if let Some(size) = settings.quorum_initial_group_size {
+        t.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongInt(size.min(i32::MAX as u32) as i32),
+        );
+    }
     t
 }
 
@@ -271,7 +280,7 @@ pub async fn declare(
         (names.jobs_dead(), "jobs"),
     ] {
         channel
-            .queue_declare(queue.clone().into(), durable_queue, plain_quorum())
+            .queue_declare(queue.clone().into(), durable_queue, plain_quorum(settings))
             .await?;
         channel
             .queue_bind(
@@ -287,18 +296,22 @@ pub async fn declare(
         .queue_declare(
             names.requests().into(),
             durable_queue,
-            quorum_args(names, "requests", settings.request_delivery_limit),
+            quorum_args(names, settings, "requests", settings.request_delivery_limit),
         )
         .await?;
     channel
         .queue_declare(
             names.jobs().into(),
             durable_queue,
-            quorum_args(names, "jobs", settings.job_delivery_limit),
+            quorum_args(names, settings, "jobs", settings.job_delivery_limit),
         )
         .await?;
     channel
-        .queue_declare(names.previews().into(), durable_queue, plain_quorum())
+        .queue_declare(
+            names.previews().into(),
+            durable_queue,
+            plain_quorum(settings),
+        )
         .await?;
     channel
         .exchange_declare(

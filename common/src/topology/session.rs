@@ -9,7 +9,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::config::QueueSettings;
 
-use super::{declare, BrokerError, Endpoint, Names, Publisher};
+use super::{declare, describe, BrokerError, BrokerNode, Brokers, Names, Publisher};
 
 /// The AMQP frame size Holdfast asks for unless the URL names one
 /// (`?frame_max=`). lapin keeps two ring buffers of 32 frames per
@@ -21,11 +21,19 @@ pub const FRAME_MAX: u32 = 32 * 1024;
 
 /// Connect, retrying with backoff for about a minute while the broker is
 /// away. A URL, CA file or certificate that cannot work fails at once.
+///
+/// `url` may be a comma-separated list of the nodes of one cluster (see
+/// [`Brokers`]): each round of attempts tries every node once, starting at
+/// the node after the one the connection named `name` was on last (the first
+/// node the first time), and the backoff runs between rounds.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let mut endpoint = Endpoint::parse(url)?;
-    endpoint.uri.query.frame_max.get_or_insert(FRAME_MAX);
-    let conn = (|| endpoint.connect(props.clone()))
+    connect_node(url, name).await.map(|(conn, _)| conn)
+}
+
+/// [`connect`], also saying which node of the list the connection went to.
+pub async fn connect_node(url: &str, name: &str) -> Result<(Connection, BrokerNode), BrokerError> {
+    let brokers = brokers_of(url)?;
+    (|| connect_round(&brokers, name))
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))
@@ -34,10 +42,43 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
         )
         .when(|e| !e.is_permanent())
         .notify(|e, after| {
-            tracing::warn!(error = %e, ?after, broker = %endpoint.describe(), "connecting to RabbitMQ: retrying")
+            tracing::warn!(error = %e, ?after, broker = %describe(url), "connecting to RabbitMQ: retrying")
         })
-        .await?;
-    Ok(conn)
+        .await
+}
+
+/// One round of [`connect_node`]: every node of `url` tried once, without
+/// waiting between rounds (for callers with their own retry and timeout).
+pub async fn connect_once(url: &str, name: &str) -> Result<(Connection, BrokerNode), BrokerError> {
+    connect_round(&brokers_of(url)?, name).await
+}
+
+fn brokers_of(url: &str) -> Result<Brokers, BrokerError> {
+    let mut brokers = Brokers::parse(url)?;
+    for i in 0..brokers.len() {
+        brokers.get(i).uri.query.frame_max.get_or_insert(FRAME_MAX);
+    }
+    Ok(brokers)
+}
+
+async fn connect_round(
+    brokers: &Brokers,
+    name: &str,
+) -> Result<(Connection, BrokerNode), BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let start = super::brokers::next_start(name);
+    let (index, conn) = brokers.connect_round(start, &props).await?;
+    let node = brokers.node(index);
+    super::brokers::record(name, index, node.clone());
+    tracing::info!(
+        connection = name,
+        broker = %node.endpoint,
+        position = node.position,
+        nodes = brokers.len(),
+        "connected to RabbitMQ node {}",
+        node.address
+    );
+    Ok((conn, node))
 }
 
 /// Resolves when `conn` fails (closed by the broker, network error). Every
@@ -196,21 +237,21 @@ pub async fn close_channel(channel: &Channel, reason: &str) {
 
 /// True when RabbitMQ accepts a connection (for readiness probes).
 pub async fn ping(url: &str) -> bool {
-    let Ok(endpoint) = Endpoint::parse(url) else {
-        return false;
-    };
-    match tokio::time::timeout(
-        Duration::from_secs(3),
-        endpoint.connect(ConnectionProperties::default()),
-    )
-    .await
-    {
-        Ok(Ok(conn)) => {
+    ping_node(url).await.is_some()
+}
+
+/// The first node of the list `url` that accepts a connection (for
+/// readiness probes), trying each once; `None` when none does.
+pub async fn ping_node(url: &str) -> Option<BrokerNode> {
+    let mut brokers = Brokers::parse(url).ok()?;
+    for index in 0..brokers.len() {
+        let attempt = brokers.get(index).connect(ConnectionProperties::default());
+        if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
             close(&conn, "ping").await;
-            true
+            return Some(brokers.node(index));
         }
-        _ => false,
     }
+    None
 }
 
 /// A consuming session: one connection (watched), one consuming channel with

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use holdfast_common::config::QueueSettings;
 use holdfast_common::topology::{self, BrokerError, Names, Publisher};
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use tokio::sync::Mutex;
 
 /// How long one request waits for a new connection.
@@ -70,9 +70,8 @@ impl Broker {
     }
 
     async fn connect(&self) -> Result<Link, BrokerError> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("holdfast-api/{}", self.names.namespace).into());
-        let connection = topology::Endpoint::parse(&self.url)?.connect(props).await?;
+        let name = format!("holdfast-api/{}", self.names.namespace);
+        let (connection, _node) = topology::connect_once(&self.url, &name).await?;
         let channel = connection.create_channel().await?;
         topology::declare(&channel, &self.names, &self.queues).await?;
         topology::close_channel(&channel, "declared").await;

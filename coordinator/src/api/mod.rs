@@ -64,6 +64,7 @@ use axum::{Json, Router};
 use clap::Args;
 use holdfast_common::ledger::Ledger;
 use holdfast_common::supervise::Heartbeat;
+use holdfast_common::topology::BrokerNode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -480,6 +481,13 @@ pub struct Readiness {
     pub postgres: bool,
     /// RabbitMQ accepts a connection.
     pub rabbitmq: bool,
+    /// The RabbitMQ node that answered this probe: the first of the
+    /// configured list that accepts a connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerNode>,
+    /// The node each RabbitMQ connection of this process is on (or was on
+    /// last), by connection name (`<role>/<namespace>`).
+    pub broker_connections: std::collections::BTreeMap<String, BrokerNode>,
     /// Seconds since this process's reconciler last finished a sweep; absent
     /// when the process runs no reconciler.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -498,10 +506,11 @@ pub struct Readiness {
     )
 )]
 async fn ready(State(s): State<ApiState>) -> Response {
-    let (postgres, rabbitmq) = tokio::join!(
+    let (postgres, broker) = tokio::join!(
         s.ledger.ping(),
-        holdfast_common::topology::ping(&s.config.amqp_url)
+        holdfast_common::topology::ping_node(&s.config.amqp_url)
     );
+    let rabbitmq = broker.is_some();
     let sweep = s.sweeps.as_ref().map(|(beat, interval)| {
         let age = beat.age();
         (age, age <= *interval * STALE_SWEEPS)
@@ -511,6 +520,10 @@ async fn ready(State(s): State<ApiState>) -> Response {
         return Json(Readiness {
             postgres,
             rabbitmq,
+            broker,
+            broker_connections: holdfast_common::topology::current_nodes()
+                .into_iter()
+                .collect(),
             last_sweep_secs: sweep.map(|(age, _)| age.as_secs_f64()),
         })
         .into_response();
