@@ -9,6 +9,7 @@ mod api;
 mod api_keys;
 mod bad_input;
 mod breakdown;
+mod broker_list;
 mod broker_users;
 mod cli;
 mod concurrency;
