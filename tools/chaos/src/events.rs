@@ -13,7 +13,7 @@ use holdfast_common::ledger::Ledger;
 use holdfast_common::messages::Event;
 use holdfast_common::topology::{self, Names};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 
 /// The harness's queue of completed events for one namespace.
 pub struct EventAudit {
@@ -42,13 +42,26 @@ impl EventAudit {
         let conn = topology::connect(amqp_url, "holdfast-chaos-events").await?;
         let ch = conn.create_channel().await?;
         topology::declare(&ch, names, queues).await?;
+        // On a cluster (a group size is set) a quorum queue, so that the
+        // loss of the node it is on loses no event.
+        let mut args = FieldTable::default();
+        if let Some(size) = queues.quorum_initial_group_size {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongInt(size as i32),
+            );
+        }
         ch.queue_declare(
             queue.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await?;
         ch.queue_bind(

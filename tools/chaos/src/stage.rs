@@ -107,6 +107,24 @@ impl<'a> Stage<'a> {
         })
     }
 
+    /// Move the stage to another broker (`amqp_url` may be a list of
+    /// nodes) with queue settings `queues`, before any process starts: the
+    /// events audit binds again there.
+    pub async fn on_broker(
+        &mut self,
+        amqp_url: String,
+        queues: QueueSettings,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.started == 0,
+            "move the stage before starting processes"
+        );
+        self.conn.amqp_url = amqp_url;
+        self.queues = queues;
+        self.events = EventAudit::bind(&self.conn.amqp_url, &self.names, &self.queues).await?;
+        Ok(())
+    }
+
     /// Start a role process outside the stage's fleet (the caller owns it: a victim).
     pub fn process(
         &mut self,
@@ -243,6 +261,17 @@ impl<'a> Stage<'a> {
         std::fs::read_to_string(self.log_dir.join(format!("{name}.log")))
             .map(|s| s.contains(needle))
             .unwrap_or(false)
+    }
+
+    /// How many process logs of the stage contain `needle` more than once
+    /// (a role that reconnected logs its connection again).
+    pub fn logs_repeating(&self, needle: &str) -> usize {
+        let Ok(dir) = std::fs::read_dir(&self.log_dir) else {
+            return 0;
+        };
+        dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .filter(|log| log.matches(needle).count() > 1)
+            .count()
     }
 
     /// Wait for the fleet to settle (every request decided, every batch

@@ -9,8 +9,11 @@
 //! - [`restarts`]: the broker and the database restarted under load, and the
 //!   broker gone at the instant batches complete;
 //! - [`concurrency`]: 64 producers on one hot account;
-//! - [`spenders`]: 64 producers over a spender tree, a coordinator and workers killed.
+//! - [`spenders`]: 64 producers over a spender tree, a coordinator and workers killed;
+//! - [`cluster`]: a three-node RabbitMQ cluster losing the leaders of the jobs and
+//!   requests queues in turn.
 
+mod cluster;
 mod concurrency;
 mod crashes;
 mod jobs;
@@ -38,6 +41,7 @@ pub const ALL: &[&str] = &[
     "rabbitmq-restart",
     "broker-outage-at-completion",
     "postgresql-restart",
+    "rabbitmq-node-loss",
     "concurrency-64-producers",
     "spenders-64-producers-kills",
 ];
@@ -66,6 +70,7 @@ pub async fn run(
         "rabbitmq-restart" => restarts::rabbitmq(stage, settle).await,
         "broker-outage-at-completion" => restarts::outage_at_completion(stage, settle).await,
         "postgresql-restart" => restarts::postgresql(stage, settle).await,
+        "rabbitmq-node-loss" => cluster::node_loss(stage, settle).await,
         "concurrency-64-producers" => concurrency::run(stage, settle).await,
         "spenders-64-producers-kills" => spenders::run(stage, settle).await,
         other => anyhow::bail!("no scenario `{other}`"),

@@ -21,12 +21,14 @@
 pub mod certs;
 mod host;
 mod postgres;
+mod rabbit_cluster;
 mod rabbitmq;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 pub use postgres::Postgres;
+pub use rabbit_cluster::{RabbitCluster, NODES as CLUSTER_NODES};
 pub use rabbitmq::Rabbit;
 
 /// Both throwaway services under one directory. Fields drop in order: the

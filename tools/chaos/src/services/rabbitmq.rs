@@ -36,6 +36,20 @@ impl Rabbit {
         dist_port: u16,
         tls: Option<&TlsFiles>,
     ) -> anyhow::Result<Self> {
+        let cookie = uuid::Uuid::new_v4().simple().to_string();
+        Self::create_in(&root.join("rabbitmq"), node, port, dist_port, tls, &cookie).await
+    }
+
+    /// Prepare `dir` and start node `node` there with Erlang cookie
+    /// `cookie` (nodes of one cluster share theirs).
+    pub async fn create_in(
+        dir: &Path,
+        node: &str,
+        port: u16,
+        dist_port: u16,
+        tls: Option<&TlsFiles>,
+        cookie: &str,
+    ) -> anyhow::Result<Self> {
         ensure_free(port, "RabbitMQ")?;
         ensure_free(dist_port, "RabbitMQ distribution")?;
         let server = Path::new(RABBITMQ_BIN).join("rabbitmq-server");
@@ -44,7 +58,7 @@ impl Rabbit {
             "no {} (the rabbitmq-server package; scripts/services.sh installs it)",
             server.display()
         );
-        let dir = root.join("rabbitmq");
+        let dir = dir.to_path_buf();
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
@@ -67,9 +81,12 @@ impl Rabbit {
         std::fs::write(dir.join("rabbitmq.conf"), listeners)?;
         std::fs::write(dir.join("enabled_plugins"), "")?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
-        let cookie = dir.join(".erlang.cookie");
-        std::fs::write(&cookie, uuid::Uuid::new_v4().simple().to_string())?;
-        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+        let cookie_file = dir.join(".erlang.cookie");
+        std::fs::write(&cookie_file, cookie)?;
+        std::fs::set_permissions(
+            &cookie_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o400),
+        )?;
         let mut rabbit = Self {
             dir,
             node: node.to_string(),
@@ -171,6 +188,11 @@ impl Rabbit {
             }
         }
         stopped.map(drop)
+    }
+
+    /// True while the node was started and not stopped or killed since.
+    pub fn running(&self) -> bool {
+        self.server.is_some()
     }
 
     /// Kill the node with SIGKILL, at once (no `rabbitmqctl`, which takes
