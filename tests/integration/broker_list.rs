@@ -104,3 +104,42 @@ async fn a_list_skips_a_dead_node_and_reconnects_after_the_broker_closes_connect
     t.assert_exact().await;
     t.stop().await;
 }
+
+/// The group size is part of a queue's declaration: a namespace declared
+/// without it keeps working for processes that do not set it, and RabbitMQ
+/// refuses to declare it again with another size (docs/operations.md).
+#[tokio::test]
+async fn the_group_size_of_existing_queues_cannot_change() {
+    use holdfast_common::config::QueueSettings;
+    use holdfast_common::topology::{self, Names};
+    let conn = unique_connections();
+    let _cleanup = Cleanup { conn: conn.clone() };
+    let names = Names::new(conn.namespace.clone());
+    let declare = |size: Option<u32>| {
+        let url = conn.amqp_url.clone();
+        let names = names.clone();
+        async move {
+            let c = topology::connect(&url, "holdfast-test-declare")
+                .await
+                .unwrap();
+            let ch = c.create_channel().await.unwrap();
+            let settings = QueueSettings {
+                quorum_initial_group_size: size,
+                ..QueueSettings::default()
+            };
+            let r = topology::declare(&ch, &names, &settings).await;
+            topology::close(&c, "declared").await;
+            r
+        }
+    };
+    declare(None).await.expect("a first declaration");
+    declare(None).await.expect("the same again");
+    let changed = declare(Some(2)).await;
+    let e = changed
+        .expect_err("another group size is refused")
+        .to_string();
+    assert!(
+        e.contains("PRECONDITION_FAILED") || e.contains("inequivalent"),
+        "{e}"
+    );
+}
