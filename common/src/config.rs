@@ -226,8 +226,8 @@ pub struct QueueSettings {
     #[arg(long = "amqp-declare", env = "HOLDFAST_AMQP_DECLARE", default_value_t = true, action = clap::ArgAction::Set)]
     pub declare: bool,
     /// Members of each new quorum queue (`x-quorum-initial-group-size`), so
-    /// the queues spread over a cluster; unset: the broker's default (every
-    /// node of the cluster, up to its `quorum_cluster_size`). Queues that
+    /// the queues spread over a cluster; unset: the broker's default (its
+    /// `quorum_cluster_size`, 3 unless configured). Queues that
     /// exist already keep theirs: RabbitMQ refuses a declaration with another
     /// value (see docs/operations.md, "RabbitMQ cluster").
     #[arg(

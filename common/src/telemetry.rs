@@ -290,6 +290,12 @@ pub mod record {
         counter!("holdfast_outbox_relayed_total").increment(events as u64);
     }
 
+    /// A RabbitMQ connection opened to the node at `address` (`host:port`
+    /// of the configured list: a bounded label).
+    pub fn broker_connected(address: &str) {
+        counter!("holdfast_broker_connections_total", "node" => address.to_string()).increment(1);
+    }
+
     /// An ack or reject that reached no broker (channel gone): the message comes back.
     pub fn ack_lost() {
         counter!("holdfast_acks_lost_total").increment(1);

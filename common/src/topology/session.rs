@@ -70,6 +70,7 @@ async fn connect_round(
     let (index, conn) = brokers.connect_round(start, &props).await?;
     let node = brokers.node(index);
     super::brokers::record(name, index, node.clone());
+    crate::telemetry::record::broker_connected(&node.address);
     tracing::info!(
         connection = name,
         broker = %node.endpoint,
