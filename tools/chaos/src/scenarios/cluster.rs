@@ -99,9 +99,17 @@ async fn drive(
     for (what, queue) in [("jobs", s.names.jobs()), ("requests", s.names.requests())] {
         let leader = cluster.leader(&queue).await?;
         let node = cluster.nodes[leader].node.clone();
-        let open = s
-            .scalar("SELECT count(*) FROM batches WHERE state IN ('granted', 'dispatched', 'cancelling')")
-            .await?;
+        // Strike while batches run (waiting up to 10 s for one).
+        let waiting = Instant::now();
+        let open = loop {
+            let open = s
+                .scalar("SELECT count(*) FROM batches WHERE state IN ('granted', 'dispatched', 'cancelling')")
+                .await?;
+            if open > 0 || waiting.elapsed() > Duration::from_secs(10) {
+                break open;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let killed = Instant::now();
         cluster.nodes[leader].kill().await?;
         s.fault(format!(
