@@ -20,13 +20,12 @@
 
 pub mod certs;
 mod host;
-mod postgres;
 mod rabbitmq;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-pub use postgres::Postgres;
+pub use holdfast_harness::postgres::Postgres;
 pub use rabbitmq::Rabbit;
 
 /// Both throwaway services under one directory. Fields drop in order: the
