@@ -23,6 +23,7 @@ help:
 	@echo "make observability  check the dashboard and alerts against a live fleet"
 	@echo "make fuzz      fuzz the HTTP API against its OpenAPI document (schemathesis)"
 	@echo "make bench     measure throughput, latency and memory against the machine ceilings (holdfast-bench)"
+	@echo "make bench-profile  PostgreSQL per statement and per item, on a throwaway cluster (holdfast-bench --profile-pg)"
 	@echo "make browser   end-to-end tests of the reference page /demo in Chromium (Playwright)"
 	@echo "make chaos     fault injection against real processes on throwaway services, ledger checked (holdfast-chaos)"
 	@echo "make python-client  the Python producer client (clients/python): mypy --strict, pytest against a real fleet"
@@ -116,6 +117,13 @@ fuzz: services
 bench: services
 	cargo build --release --quiet --bin holdfast
 	cargo run --release --quiet -p holdfast-bench
+
+# PostgreSQL per statement, per item, on a throwaway cluster with
+# pg_stat_statements (docs/performance.md, "Where PostgreSQL's time goes").
+.PHONY: bench-profile
+bench-profile: services
+	cargo build --release --quiet --bin holdfast
+	cargo run --release --quiet -p holdfast-bench -- --profile-pg
 
 # End-to-end tests of the reference page (/demo) in Debian's Chromium with
 # playwright-core; saves docs/screenshots/*.png (scripts/browser-test.sh).

@@ -22,6 +22,7 @@ mod grant_decisions;
 mod latency;
 mod ledger_decisions;
 mod naive;
+pub mod profile;
 mod queues;
 mod report;
 mod requests;
@@ -79,6 +80,14 @@ pub struct BenchArgs {
     /// decisions through a three-level spender path), `--grant-rounds` rounds.
     #[arg(long)]
     pub spenders_only: bool,
+    /// Instead of the bench: profile PostgreSQL per statement over the
+    /// end-to-end phases, on a throwaway cluster with pg_stat_statements
+    /// (see docs/performance.md).
+    #[arg(long)]
+    pub profile_pg: bool,
+    /// Port of the throwaway PostgreSQL of `--profile-pg`.
+    #[arg(long, default_value_t = 5439)]
+    pub profile_pg_port: u16,
 }
 
 /// Plain ledger decisions against decisions charged to a three-level
@@ -91,7 +100,7 @@ async fn measure_spenders(
     holdfast::progress::phase(
         "bench",
         format!(
-            "ledger decisions, plain against a three-level spender path ({} rounds, alternating)",
+            "ledger decisions, plain against a three-level spender path, alone and on four grants ({} rounds, alternating)",
             args.grant_rounds
         ),
     );
@@ -100,7 +109,10 @@ async fn measure_spenders(
     r.ledger_decisions_plain_per_s = sp.plain_per_s;
     r.ledger_decisions_three_level_spender_per_s = sp.three_level_per_s;
     r.spender_decisions_per_side = sp.decisions;
+    r.ledger_decisions_four_grants_three_level_spender_per_s = sp.four_grants_three_level_per_s;
     r.ratio_three_level_spender_to_plain_time_per_decision = sp.plain_per_s / sp.three_level_per_s;
+    r.ratio_four_grants_three_level_spender_to_plain_time_per_decision =
+        sp.plain_per_s / sp.four_grants_three_level_per_s;
     Ok(())
 }
 
@@ -112,6 +124,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     conn.namespace = format!("{}-bench-{}", conn.namespace, std::process::id());
     database::drop_database(&conn.database_url).await?;
     database::migrate(&conn.database_url).await?;
+    cpu::use_postgres_server(cpu::postmaster_of(&conn.database_url).await?);
     let names = Names::new(conn.namespace.clone());
     let queues = QueueSettings::default();
     let coordinator = CoordinatorSettings::default();
@@ -198,6 +211,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     producer.close().await;
 
     measure_naive(&conn, &ledger, &mut r).await?;
+    r.cpu_per_item(args);
     r.ratio_e2e_to_broker = r.e2e_small_batches_items_per_s / r.broker_ceiling_msgs_per_s;
     r.ratio_decisions_to_hot_row = r.decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
     r.ratio_ledger_decisions_to_hot_row =

@@ -45,6 +45,17 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(mut cli: Cli) -> anyhow::Result<()> {
     cli.conn.load_secret_files()?;
+    if cli.args.profile_pg {
+        let p = holdfast_bench::profile::run(&cli.conn, &cli.args).await;
+        holdfast::progress::phase_done(Some(if p.is_ok() { "done" } else { "failed" }));
+        let p = p?;
+        if cli.json {
+            report::json(&p);
+        } else {
+            holdfast_bench::profile::print(&p);
+        }
+        return Ok(());
+    }
     let r = holdfast_bench::run(&cli.conn, &cli.args).await;
     holdfast::progress::phase_done(Some(if r.is_ok() { "done" } else { "failed" }));
     let r = r?;

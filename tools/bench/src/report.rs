@@ -1,8 +1,19 @@
 //! The report: one run's figures, and the table they print as.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
-use crate::cpu::CpuSplit;
+use crate::cpu::{CpuSplit, POSTGRESQL};
+use crate::BenchArgs;
+
+/// The end-to-end phases the CPU per item is read for, as keyed in JSON.
+pub const SMALL_BATCHES: &str = "small_batches";
+pub const LARGE_BATCH: &str = "large_batch";
+
+/// Targets of the CPU figures.
+pub const TARGET_RATIO_CPU_ITEM_TO_MESSAGE: f64 = 2.5;
+pub const TARGET_PG_CPU_US_PER_ITEM: f64 = 110.0;
 
 /// One run's figures.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -33,6 +44,9 @@ pub struct BenchReport {
     pub ledger_decisions_plain_per_s: f64,
     /// The same charged to a key under a member under a team, each limited.
     pub ledger_decisions_three_level_spender_per_s: f64,
+    /// The same on accounts with four grants (decisions drawing from one or
+    /// two), charged to the same three-level path.
+    pub ledger_decisions_four_grants_three_level_spender_per_s: f64,
     /// Decisions timed on each of those two sides.
     pub spender_decisions_per_side: usize,
     pub decision_latency_ms_p50: f64,
@@ -59,8 +73,58 @@ pub struct BenchReport {
     /// Time per decision through a three-level spender path over that of a
     /// plain one (target ≤ 1.3).
     pub ratio_three_level_spender_to_plain_time_per_decision: f64,
-    /// Where the CPU went in the end-to-end phases.
+    /// Time per decision on four grants through a three-level spender path
+    /// over that of a plain one (target ≤ 1.3).
+    pub ratio_four_grants_three_level_spender_to_plain_time_per_decision: f64,
+    /// Where the CPU went in the broker ceiling and the end-to-end phases.
     pub cpu: Vec<CpuSplit>,
+    /// CPU µs per item of each end-to-end phase (`small_batches`,
+    /// `large_batch`), summed over every process: the roles, PostgreSQL,
+    /// RabbitMQ and the bench.
+    pub cpu_us_per_item: BTreeMap<String, f64>,
+    /// CPU µs per message of the broker ceiling (published, confirmed,
+    /// delivered, acked), summed over RabbitMQ and the bench.
+    pub cpu_us_per_message: f64,
+    /// `cpu_us_per_item` over `cpu_us_per_message`, per phase (target ≤ 2.5).
+    pub ratio_cpu_item_to_message: BTreeMap<String, f64>,
+    /// PostgreSQL's CPU µs per item (every process of the server, ended
+    /// backends included), per phase (target ≤ 110).
+    pub pg_cpu_us_per_item: BTreeMap<String, f64>,
+}
+
+impl BenchReport {
+    /// Fill the CPU-per-item figures from the CPU splits (the broker ceiling
+    /// first, then the two end-to-end phases, as [`crate::run`] pushes them).
+    pub(crate) fn cpu_per_item(&mut self, args: &BenchArgs) {
+        let Some(broker) = self.cpu.first() else {
+            return;
+        };
+        self.cpu_us_per_message = broker.total_seconds() * 1e6 / args.broker_messages.max(1) as f64;
+        let phases = [
+            (SMALL_BATCHES, args.small_batches * 10),
+            (LARGE_BATCH, args.large_batch),
+        ];
+        for ((key, items), split) in phases.into_iter().zip(self.cpu.iter().skip(1)) {
+            let items = items.max(1) as f64;
+            let per_item = split.total_seconds() * 1e6 / items;
+            self.cpu_us_per_item.insert(key.into(), per_item);
+            self.pg_cpu_us_per_item
+                .insert(key.into(), split.seconds_of(POSTGRESQL) * 1e6 / items);
+            if self.cpu_us_per_message > 0.0 {
+                self.ratio_cpu_item_to_message
+                    .insert(key.into(), per_item / self.cpu_us_per_message);
+            }
+        }
+    }
+}
+
+/// `yes` or `no`: whether `value` is within `target` (at most).
+fn met(value: Option<&f64>, target: f64) -> &'static str {
+    match value {
+        Some(v) if *v <= target => "yes",
+        Some(_) => "no",
+        None => "-",
+    }
 }
 
 /// The machine, as the report's title names it: cores and memory.
@@ -105,6 +169,35 @@ pub fn print(r: &BenchReport) {
     }
     for (role, mib) in &r.peak_rss_mib {
         println!("  {:<52} {:>12.1}", format!("peak RSS MiB, {role}"), mib);
+    }
+    println!(
+        "  {:<52} {:>12.1}",
+        "CPU µs per message, broker ceiling", r.cpu_us_per_message
+    );
+    for (key, label) in [
+        (SMALL_BATCHES, "10-item batches"),
+        (LARGE_BATCH, "one large batch"),
+    ] {
+        let per_item = r.cpu_us_per_item.get(key);
+        let ratio = r.ratio_cpu_item_to_message.get(key);
+        let pg = r.pg_cpu_us_per_item.get(key);
+        println!(
+            "  {:<52} {:>12.1}",
+            format!("CPU µs per item, {label}"),
+            per_item.copied().unwrap_or_default()
+        );
+        println!(
+            "  {:<52} {:>12} {}",
+            format!("  ratio item / message, {label} (≤ {TARGET_RATIO_CPU_ITEM_TO_MESSAGE})"),
+            format!("{:.2}", ratio.copied().unwrap_or_default()),
+            met(ratio, TARGET_RATIO_CPU_ITEM_TO_MESSAGE)
+        );
+        println!(
+            "  {:<52} {:>12} {}",
+            format!("  PostgreSQL CPU µs per item, {label} (≤ {TARGET_PG_CPU_US_PER_ITEM})"),
+            format!("{:.1}", pg.copied().unwrap_or_default()),
+            met(pg, TARGET_PG_CPU_US_PER_ITEM)
+        );
     }
     for split in &r.cpu {
         println!(
@@ -254,6 +347,27 @@ fn rows(r: &BenchReport) -> Vec<(String, String)> {
             format!(
                 "{:.2}",
                 r.ratio_three_level_spender_to_plain_time_per_decision
+            ),
+        ),
+        (
+            format!(
+                "ledger decisions/s, four grants, three-level spender ({} per tx)",
+                r.ledger_group
+            ),
+            format!(
+                "{:.0}",
+                r.ledger_decisions_four_grants_three_level_spender_per_s
+            ),
+        ),
+        (
+            "ratio time per decision, four grants + three-level / plain (≤ 1.3)".into(),
+            format!(
+                "{:.2} {}",
+                r.ratio_four_grants_three_level_spender_to_plain_time_per_decision,
+                met(
+                    Some(&r.ratio_four_grants_three_level_spender_to_plain_time_per_decision),
+                    1.3
+                )
             ),
         ),
     ]

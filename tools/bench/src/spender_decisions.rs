@@ -2,9 +2,11 @@
 //! member of it, a key of the member, each with a limit) beside plain
 //! decisions on accounts without spenders, in alternating rounds of the same
 //! run: what reading the spender path and charging every level costs the
-//! decision.
+//! decision. A third side combines both costs: accounts with four grants
+//! ([`FOUR`], so that decisions burn down across two of them) charged to the
+//! same three-level path.
 //!
-//! Both sides have one grant per account and decide the same 10-credit
+//! The first two sides have one grant per account and decide the same 10-credit
 //! batches; between rounds (off the clock) the batches are expired, which
 //! releases their holds at the account and at every spender level, so the
 //! limits never bind.
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_common::config::Connections;
 use holdfast_common::database;
-use holdfast_common::ledger::{Ledger, ReserveInput, SpenderSpec};
+use holdfast_common::ledger::{GrantSource, GrantSpec, Ledger, ReserveInput, SpenderSpec};
 use holdfast_common::messages::{BatchRequest, Decision, LimitPeriod};
 
 use crate::requests::request;
@@ -21,19 +23,32 @@ use crate::requests::request;
 /// Batches each account decides per round, one group per transaction.
 pub(crate) const PER_ROUND: usize = 3;
 
-/// The two sides, and what they measured.
+/// The four grants of a combined account, in burn-down order, for batches
+/// of 10 credits: (grant id, source, priority, amount). A round's three
+/// batches draw 8 + 2, 5 + 5 and 10 credits: 2, 2 and 1 grants. The last
+/// grant never runs low.
+const FOUR: [(&str, GrantSource, i32, i64); 4] = [
+    ("plan", GrantSource::Plan, 0, 8),
+    ("top-up", GrantSource::Purchase, 1, 7),
+    ("manual", GrantSource::Manual, 1, 3),
+    ("purchase", GrantSource::Purchase, 2, 1_000_000_000),
+];
+
+/// The three sides, and what they measured.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SpenderRates {
     /// Decisions/s on accounts without spenders.
     pub plain_per_s: f64,
     /// Decisions/s charged to a key under a member under a team.
     pub three_level_per_s: f64,
+    /// Decisions/s on accounts with four grants, charged to the same path.
+    pub four_grants_three_level_per_s: f64,
     /// Decisions timed on each side.
     pub decisions: usize,
 }
 
 /// Alternate `rounds` rounds of each side (after one untimed warm-up round
-/// of each), the side that goes first swapping every round, in a database
+/// of each), the order rotating every round, in a database
 /// of their own (`<bench database>_spenders`, removed afterwards). In a
 /// round, `clients` tasks each decide [`PER_ROUND`] groups of `group`
 /// requests, one per account, on accounts of their own.
@@ -48,14 +63,15 @@ pub(crate) async fn rates(
     database::migrate(&url).await?;
     let ledger = Ledger::new(database::pool(&url, clients.max(1))?);
     let sides = [
-        Side::new("plain", clients, group, None),
-        Side::new("tree", clients, group, Some("key")),
+        Side::new("plain", clients, group, None, false),
+        Side::new("tree", clients, group, Some("key"), false),
+        Side::new("four", clients, group, Some("key"), true),
     ];
     set_up(&ledger, &sides).await?;
 
-    let mut time = [Duration::ZERO; 2];
+    let mut time = [Duration::ZERO; 3];
     for round in 0..=rounds {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let order = [round % 3, (round + 1) % 3, (round + 2) % 3];
         for s in order {
             let elapsed = decide_round(&ledger, &sides[s], round).await?;
             if round > 0 {
@@ -76,15 +92,18 @@ pub(crate) async fn rates(
     Ok(SpenderRates {
         plain_per_s: decisions as f64 / time[0].as_secs_f64(),
         three_level_per_s: decisions as f64 / time[1].as_secs_f64(),
+        four_grants_three_level_per_s: decisions as f64 / time[2].as_secs_f64(),
         decisions,
     })
 }
 
-/// One kind of account: `accounts[c]` are client `c`'s; requests name `spender`.
+/// One kind of account: `accounts[c]` are client `c`'s; requests name
+/// `spender`; `four_grants`: [`FOUR`] on each account instead of one grant.
 struct Side {
     name: &'static str,
     accounts: Vec<Vec<String>>,
     spender: Option<&'static str>,
+    four_grants: bool,
 }
 
 impl Side {
@@ -93,6 +112,7 @@ impl Side {
         clients: usize,
         group: usize,
         spender: Option<&'static str>,
+        four_grants: bool,
     ) -> Self {
         let accounts = (0..clients.max(1))
             .map(|c| {
@@ -105,6 +125,7 @@ impl Side {
             name,
             accounts,
             spender,
+            four_grants,
         }
     }
 
@@ -113,30 +134,38 @@ impl Side {
     }
 }
 
-/// One grant on every account; on the second side, the team → member → key
-/// path with limits that never bind (a month, a week, a day).
-async fn set_up(ledger: &Ledger, sides: &[Side; 2]) -> anyhow::Result<()> {
+/// One grant on every account of the first two sides, [`FOUR`] on the
+/// third; on the second and third, the team → member → key path with limits
+/// that never bind (a month, a week, a day). One task per client.
+async fn set_up(ledger: &Ledger, sides: &[Side; 3]) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
-    for (plain, tree) in sides[0].accounts.iter().zip(&sides[1].accounts) {
-        let (ledger, plain, tree) = (ledger.clone(), plain.clone(), tree.clone());
+    for c in 0..sides[0].accounts.len() {
+        let ledger = ledger.clone();
+        let mine: Vec<(Vec<String>, bool, bool)> = sides
+            .iter()
+            .map(|s| (s.accounts[c].clone(), s.spender.is_some(), s.four_grants))
+            .collect();
         tasks.push(tokio::spawn(async move {
-            for a in plain.iter().chain(&tree) {
-                ledger.grant(a, 1_000_000_000, Some("bench"), true).await?;
-            }
-            for a in &tree {
-                for (id, parent, period) in [
-                    ("team", None, LimitPeriod::Month),
-                    ("member", Some("team"), LimitPeriod::Week),
-                    ("key", Some("member"), LimitPeriod::Day),
-                ] {
-                    let spec = SpenderSpec {
-                        parent: parent.map(str::to_string),
-                        kind: Some(id.into()),
-                        limit: Some(100_000_000),
-                        period,
-                        anchor: None,
-                    };
-                    ledger.put_spender(a, id, &spec).await?;
+            for (accounts, spender, four) in &mine {
+                for a in accounts {
+                    if *four {
+                        for (id, source, priority, amount) in FOUR {
+                            let spec = GrantSpec {
+                                grant_id: Some(id.into()),
+                                amount,
+                                source,
+                                priority,
+                                expires_at: None,
+                                note: Some("bench".into()),
+                            };
+                            ledger.add_grant(a, &spec, true).await?;
+                        }
+                    } else {
+                        ledger.grant(a, 1_000_000_000, Some("bench"), true).await?;
+                    }
+                    if *spender {
+                        put_path(&ledger, a).await?;
+                    }
                 }
             }
             anyhow::Ok(())
@@ -144,6 +173,25 @@ async fn set_up(ledger: &Ledger, sides: &[Side; 2]) -> anyhow::Result<()> {
     }
     for t in tasks {
         t.await??;
+    }
+    Ok(())
+}
+
+/// The team → member → key path on account `a`.
+async fn put_path(ledger: &Ledger, a: &str) -> anyhow::Result<()> {
+    for (id, parent, period) in [
+        ("team", None, LimitPeriod::Month),
+        ("member", Some("team"), LimitPeriod::Week),
+        ("key", Some("member"), LimitPeriod::Day),
+    ] {
+        let spec = SpenderSpec {
+            parent: parent.map(str::to_string),
+            kind: Some(id.into()),
+            limit: Some(100_000_000),
+            period,
+            anchor: None,
+        };
+        ledger.put_spender(a, id, &spec).await?;
     }
     Ok(())
 }

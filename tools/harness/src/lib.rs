@@ -3,5 +3,7 @@
 //! `holdfast` binary ([`processes`]), and what `rabbitmqctl` says about their
 //! consumers ([`rabbitmqctl`], also read by the reconnect test).
 
+pub mod host;
+pub mod postgres;
 pub mod processes;
 pub mod rabbitmqctl;

@@ -3,7 +3,7 @@
 //! the TLS tests. Made with rcgen (ECDSA P-256) in memory; nothing of it
 //! outlives the run's directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use rcgen::{
@@ -22,14 +22,7 @@ pub struct ServerCert {
     pub key_pem: String,
 }
 
-/// The files a TLS listener needs: the CA's certificate (what clients
-/// trust), the server's certificate and its private key.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub use holdfast_harness::postgres::TlsFiles;
 
 impl Authority {
     /// A fresh CA whose certificate names `name`.

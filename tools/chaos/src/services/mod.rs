@@ -20,14 +20,13 @@
 
 pub mod certs;
 mod host;
-mod postgres;
 mod rabbit_cluster;
 mod rabbitmq;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-pub use postgres::Postgres;
+pub use holdfast_harness::postgres::Postgres;
 pub use rabbit_cluster::{RabbitCluster, NODES as CLUSTER_NODES};
 pub use rabbitmq::Rabbit;
 

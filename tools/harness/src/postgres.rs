@@ -1,7 +1,10 @@
-//! The throwaway PostgreSQL cluster: `initdb` into `<root>/pg` (as the
-//! `postgres` user when we are root: the server refuses to run as root), then
-//! `pg_ctl` starts, crashes and stops it. With TLS files it serves TLS only
-//! (`ssl=on`, and `hostssl` lines alone in `pg_hba.conf`).
+//! A throwaway PostgreSQL cluster (for the chaos run, and the bench's
+//! per-statement profile): `initdb` into `<root>/pg` (as the `postgres` user
+//! when we are root: the server refuses to run as root), then `pg_ctl`
+//! starts, crashes and stops it. With TLS files it serves TLS only
+//! (`ssl=on`, and `hostssl` lines alone in `pg_hba.conf`); extra server
+//! settings (`name=value`, e.g. `shared_preload_libraries=pg_stat_statements`)
+//! are passed to every start.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,8 +12,16 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
-use super::certs::TlsFiles;
-use super::host::{ensure_free, output};
+use crate::host::{ensure_free, output};
+
+/// The files a TLS listener needs: the CA's certificate (what clients
+/// trust), the server's certificate and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 /// Where the Debian packages (scripts/services.sh installs them) put the server binaries.
 const PG_LIB: &str = "/usr/lib/postgresql";
@@ -31,12 +42,32 @@ pub struct Postgres {
     running: bool,
     /// The server's certificate and key (copies the server may read) and the CA.
     tls: Option<TlsFiles>,
+    /// Extra server settings, `name=value`, passed as `-c` at every start.
+    settings: Vec<String>,
 }
 
 impl Postgres {
     /// `initdb` a fresh cluster in `<root>/pg` and start it on `port`, with
     /// a TLS-only listener when `tls` is given.
     pub async fn create(root: &Path, port: u16, tls: Option<&TlsFiles>) -> anyhow::Result<Self> {
+        Self::create_with(root, port, tls, &[]).await
+    }
+
+    /// [`Postgres::create`] with extra server settings (`name=value`), given
+    /// at every start.
+    pub async fn create_with(
+        root: &Path,
+        port: u16,
+        tls: Option<&TlsFiles>,
+        settings: &[&str],
+    ) -> anyhow::Result<Self> {
+        for s in settings {
+            anyhow::ensure!(
+                s.split_once('=').is_some_and(|(k, _)| !k.is_empty())
+                    && !s.contains(char::is_whitespace),
+                "PostgreSQL setting {s:?}: expected name=value without spaces"
+            );
+        }
         ensure_free(port, "PostgreSQL")?;
         let bin = newest_pg_bin()?;
         let dir = root.join("pg");
@@ -57,6 +88,7 @@ impl Postgres {
             as_postgres,
             running: false,
             tls: None,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         let data = pg.dir.join("data");
         output(
@@ -140,6 +172,9 @@ impl Postgres {
             self.port,
             self.dir.display()
         );
+        for s in &self.settings {
+            options.push_str(&format!(" -c {s}"));
+        }
         if let Some(tls) = &self.tls {
             options.push_str(&format!(
                 " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
