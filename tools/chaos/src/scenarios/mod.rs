@@ -10,9 +10,12 @@
 //!   broker gone at the instant batches complete;
 //! - [`concurrency`]: 64 producers on one hot account;
 //! - [`spenders`]: 64 producers over a spender tree, a coordinator and workers killed.
+//! - [`failover`]: a PostgreSQL primary with a synchronous standby, the
+//!   primary killed and the standby promoted; the fleet follows the multi-host URL.
 
 mod concurrency;
 mod crashes;
+mod failover;
 mod jobs;
 mod restarts;
 mod spenders;
@@ -38,6 +41,7 @@ pub const ALL: &[&str] = &[
     "rabbitmq-restart",
     "broker-outage-at-completion",
     "postgresql-restart",
+    "postgres-failover",
     "concurrency-64-producers",
     "spenders-64-producers-kills",
 ];
@@ -49,6 +53,10 @@ pub async fn run(
     log_dir: &Path,
     settle: Duration,
 ) -> anyhow::Result<Row> {
+    if name == "postgres-failover" {
+        // On a primary and standby of its own, not the shared throwaway cluster.
+        return failover::run(name, services, log_dir, settle).await;
+    }
     let stage = Stage::new(name, services, log_dir).await?;
     match name {
         "worker-kill-before-capture" => {

@@ -12,6 +12,10 @@ use tokio::process::Command;
 use super::certs::TlsFiles;
 use super::host::{ensure_free, output};
 
+/// A synchronous standby of such a cluster (the `postgres-failover` scenario).
+#[path = "pg_standby.rs"]
+mod standby;
+
 /// Where the Debian packages (scripts/services.sh installs them) put the server binaries.
 const PG_LIB: &str = "/usr/lib/postgresql";
 
