@@ -262,6 +262,13 @@ impl<'a> Stage<'a> {
             .unwrap_or(false)
     }
 
+    /// How many lines of a process's log contain `needle`.
+    pub fn log_count(&self, name: &str, needle: &str) -> usize {
+        std::fs::read_to_string(self.log_dir.join(format!("{name}.log")))
+            .map(|s| s.lines().filter(|l| l.contains(needle)).count())
+            .unwrap_or(0)
+    }
+
     /// Wait for the fleet to settle (every request decided, every batch
     /// closed, every hold resolved), and time the recovery: from the last
     /// fault, or without faults from `load_done`.
