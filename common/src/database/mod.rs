@@ -129,6 +129,7 @@ pub fn note_error(e: &tokio_postgres::Error) {
     if !is_failover_error(e) {
         return;
     }
+    crate::telemetry::record::database_failover_error();
     let now = Instant::now();
     let mut stale = STALE_BEFORE.lock().unwrap_or_else(|p| p.into_inner());
     let first = stale.is_none_or(|at| now.duration_since(at) > Duration::from_secs(1));
@@ -188,6 +189,7 @@ async fn note_connected(client: &tokio_postgres::Client) -> Result<(), tokio_pos
     let mut last = CONNECTED_TO.lock().unwrap_or_else(|p| p.into_inner());
     if last.as_deref() != Some(server.as_str()) {
         tracing::info!(server = %server, "connected to PostgreSQL {server}");
+        crate::telemetry::record::database_server_changed();
         *last = Some(server);
     }
     Ok(())
