@@ -127,6 +127,8 @@ pub mod record {
         gauge!("holdfast_outbox_depth").set(0.0);
         gauge!("holdfast_outbox_relay_lag_seconds").set(0.0);
         counter!("holdfast_outbox_relayed_total").absolute(0);
+        counter!("holdfast_database_server_changes_total").absolute(0);
+        counter!("holdfast_database_failover_errors_total").absolute(0);
         // Registered with no observation: rendered with every bucket at 0.
         let _ = histogram!("holdfast_reservation_seconds");
         let _ = histogram!("holdfast_item_seconds");
@@ -157,6 +159,18 @@ pub mod record {
 
     /// A group decision priced on credits another transaction spent
     /// meanwhile, decided again under the account lock.
+    /// A new database connection reached another server than the last one
+    /// (the first connection, and each failover).
+    pub fn database_server_changed() {
+        counter!("holdfast_database_server_changes_total").increment(1);
+    }
+
+    /// A statement failed because its server is read-only or going away
+    /// (SQLSTATE 25006, 57P01–57P03): the pools drop their connections.
+    pub fn database_failover_error() {
+        counter!("holdfast_database_failover_errors_total").increment(1);
+    }
+
     pub fn reservation_retried() {
         counter!("holdfast_reservation_retries_total").increment(1);
     }

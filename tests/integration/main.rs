@@ -23,6 +23,7 @@ mod intake_properties;
 mod ledger_properties;
 mod limits;
 mod long_ids;
+mod multi_host;
 mod outbox;
 mod pipeline;
 mod reconnect;

@@ -5,7 +5,10 @@
 
 pub mod ssl;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 pub use ssl::{SslMode, Target};
@@ -60,21 +63,136 @@ pub fn describe(url: &str) -> String {
 
 fn describe_target(target: &Target) -> String {
     let cfg = &target.config;
-    let host = cfg
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(s) => s.clone(),
-            #[cfg(unix)]
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .unwrap_or_default();
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    let place = format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or(""));
+    let place = format!("{}/{}", servers(cfg), cfg.get_dbname().unwrap_or(""));
     match target.describe_ssl() {
         ssl if ssl.is_empty() => place,
         ssl => format!("{place} ({ssl})"),
     }
+}
+
+/// Every `host:port` of a configuration, comma-separated, in the order
+/// they are tried (a multi-host URL names several; the port list holds one
+/// port for all of them or one each).
+fn servers(cfg: &tokio_postgres::Config) -> String {
+    let ports = cfg.get_ports();
+    let port = |i: usize| match ports.len() {
+        0 => 5432,
+        1 => ports[0],
+        _ => ports.get(i).copied().unwrap_or(5432),
+    };
+    let hosts = cfg.get_hosts();
+    if hosts.is_empty() {
+        return format!("localhost:{}", port(0));
+    }
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            };
+            format!("{host}:{}", port(i))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Connections opened before this instant are discarded when next taken
+/// from any pool of this process (see [`note_error`]).
+static STALE_BEFORE: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// The server this process's pools last connected to, and whether it was a
+/// primary: `127.0.0.1:5432 (primary)`.
+static CONNECTED_TO: Mutex<Option<String>> = Mutex::new(None);
+
+/// True for the errors of a server that is no longer (or not yet) the
+/// primary: SQLSTATE 25006 `read_only_sql_transaction` (a standby, or a
+/// primary demoted in place), 57P01 `admin_shutdown`, 57P02
+/// `crash_shutdown` and 57P03 `cannot_connect_now` (a server stopping,
+/// crashing or still starting up).
+pub fn is_failover_error(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code().map(|c| c.code()),
+        Some("25006" | "57P01" | "57P02" | "57P03")
+    )
+}
+
+/// Look at an error a statement returned: after a failover error
+/// ([`is_failover_error`]) every pooled connection of this process opened
+/// until now is discarded at its next checkout instead of being used again,
+/// so that no pool keeps talking to a demoted host; new connections go to
+/// whichever host the URL's `target_session_attrs` accepts. The ledger calls
+/// this for every error it sees.
+pub fn note_error(e: &tokio_postgres::Error) {
+    if !is_failover_error(e) {
+        return;
+    }
+    crate::telemetry::record::database_failover_error();
+    let now = Instant::now();
+    let mut stale = STALE_BEFORE.lock().unwrap_or_else(|p| p.into_inner());
+    let first = stale.is_none_or(|at| now.duration_since(at) > Duration::from_secs(1));
+    *stale = Some(now);
+    drop(stale);
+    if first {
+        tracing::warn!(
+            error = %crate::ledger::pg_message(e),
+            "PostgreSQL server is stopping or read-only: dropping pooled connections, reconnecting to the primary"
+        );
+    }
+}
+
+/// True when a connection created at `created` predates the last failover error.
+fn is_stale(created: Instant) -> bool {
+    STALE_BEFORE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some_and(|at| created <= at)
+}
+
+/// `host:port (primary)` of the server this process's pools last connected
+/// to, `None` before the first connection (for `/readyz` and logs).
+pub fn connected_to() -> Option<String> {
+    CONNECTED_TO
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+/// Ask a new connection which server it reached, and log
+/// `connected to PostgreSQL <host:port> (primary)` when that differs from
+/// the last one this process logged (its first connection, and after each
+/// failover).
+async fn note_connected(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .simple_query(
+            "SELECT coalesce(host(inet_server_addr()), 'local socket'), \
+                    coalesce(inet_server_port(), 0), pg_is_in_recovery()",
+        )
+        .await?;
+    let Some(row) = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    let role = match row.get(2) {
+        Some("t") => "standby, read-only",
+        _ => "primary",
+    };
+    let server = format!(
+        "{}:{} ({role})",
+        row.get(0).unwrap_or("?"),
+        row.get(1).unwrap_or("?")
+    );
+    let mut last = CONNECTED_TO.lock().unwrap_or_else(|p| p.into_inner());
+    if last.as_deref() != Some(server.as_str()) {
+        tracing::info!(server = %server, "connected to PostgreSQL {server}");
+        crate::telemetry::record::database_server_changed();
+        *last = Some(server);
+    }
+    Ok(())
 }
 
 /// One connection to `target`, with TLS as its `sslmode` says. Its
@@ -212,16 +330,9 @@ pub async fn connect_pool(url: &str, size: usize) -> Result<Pool, DatabaseError>
         {
             let target = Target::parse(url)?;
             let cfg = &target.config;
-            let host = match cfg.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(s)) => s.clone(),
-                #[cfg(unix)]
-                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                None => String::new(),
-            };
-            let port = cfg.get_ports().first().copied().unwrap_or(5432);
             Err(DatabaseError::Missing {
                 name: cfg.get_dbname().unwrap_or_default().to_string(),
-                server: format!("{host}:{port}"),
+                server: servers(cfg),
             })
         }
         // The connection goes back to the pool for the first query.
@@ -231,6 +342,13 @@ pub async fn connect_pool(url: &str, size: usize) -> Result<Pool, DatabaseError>
 
 /// A connection pool for the ledger (connections are opened on first use),
 /// with TLS as the URL's `sslmode` says (the CA file is read once, here).
+///
+/// With a multi-host URL (`postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write`)
+/// tokio-postgres tries the hosts in order and keeps the first that accepts
+/// writes. A connection is checked when taken from the pool: one that is
+/// closed (its server died or restarted) or that predates a failover error
+/// ([`note_error`]) is discarded and a new one opened; each new connection
+/// logs which server it reached when that changed ([`connected_to`]).
 pub fn pool(url: &str, size: usize) -> Result<Pool, DatabaseError> {
     let target = Target::parse(url)?;
     let config = ManagerConfig {
@@ -243,6 +361,68 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DatabaseError> {
     Pool::builder(manager)
         .max_size(size.max(1))
         .runtime(deadpool_postgres::Runtime::Tokio1)
+        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+            Box::pin(async move { note_connected(client).await.map_err(HookError::Backend) })
+        }))
+        .pre_recycle(deadpool_postgres::Hook::sync_fn(|_, metrics| {
+            if is_stale(metrics.created) {
+                Err(HookError::message("opened before a failover"))
+            } else {
+                Ok(())
+            }
+        }))
         .build()
         .map_err(|e| DatabaseError::Pool(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_names_every_host_and_no_password() {
+        let url = "postgresql://app:s3cret@10.0.0.1:5432,10.0.0.2:6432/ledger?target_session_attrs=read-write";
+        let target = Target::parse(url).unwrap();
+        assert_eq!(
+            target.config.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(describe(url), "10.0.0.1:5432,10.0.0.2:6432/ledger");
+        assert!(!describe(url).contains("s3cret"));
+
+        // In a URL each host takes its own port, 5432 when it names none.
+        let url = "postgres://app:pw@db1,db2,db3:6000/ledger?target_session_attrs=read-write&sslmode=require";
+        assert_eq!(
+            describe(url),
+            "db1:5432,db2:5432,db3:6000/ledger (sslmode=require)"
+        );
+        // In the key/value form one port may serve every host.
+        assert_eq!(
+            describe("host=db1,db2 port=6000 dbname=l"),
+            "db1:6000,db2:6000/l"
+        );
+        // No port: libpq's 5432.
+        assert_eq!(describe("postgres://u@a,b/db"), "a:5432,b:5432/db");
+
+        // The key/value form.
+        let kv = "host=db1,db2 port=5432,5433 user=app password='x y' dbname=ledger target_session_attrs=read-write";
+        assert_eq!(describe(kv), "db1:5432,db2:5433/ledger");
+        assert!(!describe(kv).contains("x y"));
+
+        // One host, as before.
+        assert_eq!(describe("postgres://u:p@h:5433/db"), "h:5433/db");
+        assert_eq!(
+            describe("postgres://u@h/db?target_session_attrs=bogus"),
+            "<unparsable URL>"
+        );
+    }
+
+    #[test]
+    fn connections_opened_before_a_failover_error_are_stale() {
+        let before = Instant::now();
+        *STALE_BEFORE.lock().unwrap() = Some(Instant::now());
+        let after = Instant::now() + Duration::from_millis(1);
+        assert!(is_stale(before));
+        assert!(!is_stale(after));
+    }
 }

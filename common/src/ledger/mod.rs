@@ -194,13 +194,17 @@ impl LedgerError {
 
 impl From<tokio_postgres::Error> for LedgerError {
     fn from(e: tokio_postgres::Error) -> Self {
+        crate::database::note_error(&e);
         let transient = match e.code() {
             None => true, // connection closed, I/O error
             Some(code) => {
                 let c = code.code();
                 // 08: connection exceptions, 40001/40P01: serialisation and
-                // deadlock, 57P: operator intervention (shutdown, restart), 53: resources.
+                // deadlock, 57P: operator intervention (shutdown, restart), 53:
+                // resources, 25006: a read-only server (a standby, or a
+                // primary being demoted: the next connection finds the new one).
                 c.starts_with("08")
+                    || *code == SqlState::READ_ONLY_SQL_TRANSACTION
                     || *code == SqlState::T_R_SERIALIZATION_FAILURE
                     || *code == SqlState::T_R_DEADLOCK_DETECTED
                     || c.starts_with("57P")

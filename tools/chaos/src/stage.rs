@@ -70,8 +70,20 @@ impl<'a> Stage<'a> {
         log_dir: &std::path::Path,
     ) -> anyhow::Result<Stage<'a>> {
         let ident = name.replace('-', "_");
+        let database_url = services.pg.url(&format!("chaos_{ident}"));
+        Self::on_database(name, services, log_dir, database_url).await
+    }
+
+    /// A fresh database at `database_url` (a cluster of the scenario's own)
+    /// and a namespace named after the scenario.
+    pub async fn on_database(
+        name: &'static str,
+        services: &'a mut Services,
+        log_dir: &std::path::Path,
+        database_url: String,
+    ) -> anyhow::Result<Stage<'a>> {
         let conn = Connections {
-            database_url: services.pg.url(&format!("chaos_{ident}")),
+            database_url,
             amqp_url: services.rabbit.url(),
             namespace: format!("chaos-{name}"),
             db_pool_size: 4,
@@ -192,6 +204,11 @@ impl<'a> Stage<'a> {
         )
     }
 
+    /// The names of the processes of the fleet (their log files are `<name>.log`).
+    pub fn fleet_names(&self) -> Vec<String> {
+        self.processes.iter().map(|p| p.name.clone()).collect()
+    }
+
     /// Take a process out of the fleet (to stop it).
     pub fn take(&mut self, role: &str) -> Option<RoleProcess> {
         let i = self.processes.iter().position(|p| p.role == role)?;
@@ -272,6 +289,13 @@ impl<'a> Stage<'a> {
         dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
             .filter(|log| log.matches(needle).count() > 1)
             .count()
+    }
+
+    /// How many lines of a process's log contain `needle`.
+    pub fn log_count(&self, name: &str, needle: &str) -> usize {
+        std::fs::read_to_string(self.log_dir.join(format!("{name}.log")))
+            .map(|s| s.lines().filter(|l| l.contains(needle)).count())
+            .unwrap_or(0)
     }
 
     /// Wait for the fleet to settle (every request decided, every batch

@@ -23,6 +23,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// A synchronous standby of such a cluster (the `postgres-failover` scenario).
+#[path = "pg_standby.rs"]
+mod standby;
+
 /// Where the Debian packages (scripts/services.sh installs them) put the server binaries.
 const PG_LIB: &str = "/usr/lib/postgresql";
 

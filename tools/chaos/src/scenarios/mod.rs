@@ -11,11 +11,14 @@
 //! - [`concurrency`]: 64 producers on one hot account;
 //! - [`spenders`]: 64 producers over a spender tree, a coordinator and workers killed;
 //! - [`cluster`]: a three-node RabbitMQ cluster losing the leaders of the jobs and
-//!   requests queues in turn.
+//!   requests queues in turn;
+//! - [`failover`]: a PostgreSQL primary with a synchronous standby, the
+//!   primary killed and the standby promoted; the fleet follows the multi-host URL.
 
 mod cluster;
 mod concurrency;
 mod crashes;
+mod failover;
 mod jobs;
 mod restarts;
 mod spenders;
@@ -42,6 +45,7 @@ pub const ALL: &[&str] = &[
     "broker-outage-at-completion",
     "postgresql-restart",
     "rabbitmq-node-loss",
+    "postgres-failover",
     "concurrency-64-producers",
     "spenders-64-producers-kills",
 ];
@@ -53,6 +57,10 @@ pub async fn run(
     log_dir: &Path,
     settle: Duration,
 ) -> anyhow::Result<Row> {
+    if name == "postgres-failover" {
+        // On a primary and standby of its own, not the shared throwaway cluster.
+        return failover::run(name, services, log_dir, settle).await;
+    }
     let stage = Stage::new(name, services, log_dir).await?;
     match name {
         "worker-kill-before-capture" => {
