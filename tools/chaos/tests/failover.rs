@@ -33,7 +33,9 @@ async fn a_standby_is_skipped_and_a_read_only_primary_is_left_for_the_promoted_o
     let url = format!(
         "postgresql://postgres@127.0.0.1:{STANDBY},127.0.0.1:{PRIMARY}/failover_test?target_session_attrs=read-write"
     );
-    database::migrate(&url).await.expect("migrate past the standby");
+    database::migrate(&url)
+        .await
+        .expect("migrate past the standby");
     let ledger = Ledger::new(database::pool(&url, 2).unwrap());
     ledger
         .grant("acct-ha", 100, Some("test"), true)
@@ -51,7 +53,10 @@ async fn a_standby_is_skipped_and_a_read_only_primary_is_left_for_the_promoted_o
         .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
         .await
         .unwrap();
-    admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     standby.promote().await.expect("promote the standby");
 
@@ -61,7 +66,10 @@ async fn a_standby_is_skipped_and_a_read_only_primary_is_left_for_the_promoted_o
         .grant("acct-ha", 50, Some("test"), false)
         .await
         .expect("the grant reaches the promoted standby");
-    assert_eq!(account.available, 150, "the synchronous standby had the first grant");
+    assert_eq!(
+        account.available, 150,
+        "the synchronous standby had the first grant"
+    );
     assert_eq!(
         database::connected_to().as_deref(),
         Some(format!("127.0.0.1:{STANDBY} (primary)").as_str())
