@@ -251,6 +251,7 @@ where
                JOIN pg_database d ON d.oid = s.dbid
               WHERE d.datname = current_database()
                 AND query NOT LIKE '%pg_stat_statements_reset%'
+                AND query NOT LIKE 'SELECT pg_stat_reset%'
               ORDER BY total_exec_time DESC",
             &[],
         )

@@ -25,8 +25,8 @@ pub(crate) const PER_ROUND: usize = 3;
 
 /// The four grants of a combined account, in burn-down order, for batches
 /// of 10 credits: (grant id, source, priority, amount). A round's three
-/// batches draw 8 + 2, 5 + 5 and 10 credits: 2, 2 and 1 grants. The last
-/// grant never runs low.
+/// batches draw 8 + 2, then 5 + 3 + 2, then 10 credits: 2, 3 and 1 grants
+/// (6 draws in 3 decisions). The last grant never runs low.
 const FOUR: [(&str, GrantSource, i32, i64); 4] = [
     ("plan", GrantSource::Plan, 0, 8),
     ("top-up", GrantSource::Purchase, 1, 7),
