@@ -15,6 +15,7 @@ mod cli;
 mod concurrency;
 mod contract;
 mod db_roles;
+mod decider;
 mod decisions;
 mod grants;
 mod grants_api;
