@@ -64,10 +64,6 @@ pub fn metrics() -> PrometheusHandle {
                 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
                 2500.0, 3600.0,
             ];
-            // Requests per decider transaction (powers of two up to the largest group).
-            let group = [
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-            ];
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full("holdfast_reservation_seconds".into()), &fast)
                 .and_then(|b| {
@@ -75,12 +71,6 @@ pub fn metrics() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full("holdfast_batch_seconds".into()), &batch)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("holdfast_decider_group_size".into()),
-                        &group,
-                    )
                 })
                 .expect("bucket lists are non-empty")
                 .install_recorder()
@@ -143,13 +133,6 @@ pub mod record {
         let _ = histogram!("holdfast_reservation_seconds");
         let _ = histogram!("holdfast_item_seconds");
         let _ = histogram!("holdfast_batch_seconds");
-        let _ = histogram!("holdfast_decider_group_size");
-    }
-
-    /// A coordinator's decider took `requests` requests (from any of its
-    /// consumers) into one ledger transaction.
-    pub fn decider_group(requests: usize) {
-        histogram!("holdfast_decider_group_size").record(requests as f64);
     }
 
     pub fn granted(source: GrantSource, amount: i64) {

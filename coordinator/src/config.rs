@@ -39,20 +39,6 @@ pub struct CoordinatorSettings {
     /// to its `account_id`, or it is rejected. Unset: off.
     #[arg(long, env = "HOLDFAST_AMQP_ACCOUNT_BINDINGS")]
     pub amqp_account_bindings: Option<AccountBindings>,
-    /// Most requests the process's decider takes into one ledger
-    /// transaction, from all its consumers together (0: no shared decider;
-    /// each consumer decides its own groups).
-    #[arg(long, env = "HOLDFAST_DECIDER_MAX_GROUP", default_value_t = 256)]
-    pub decider_max_group: usize,
-    /// Latency budget of one decider transaction, in milliseconds: a
-    /// transaction that takes longer halves the group size, one that takes
-    /// less than half of it doubles it (up to the maximum).
-    #[arg(long, env = "HOLDFAST_DECIDER_BUDGET_MS", default_value_t = 10)]
-    pub decider_budget_ms: u64,
-    /// Decider transactions in flight at once: the next group runs its
-    /// reads and inserts while the previous one commits.
-    #[arg(long, env = "HOLDFAST_DECIDER_PIPELINE", default_value_t = 2)]
-    pub decider_pipeline: usize,
 }
 
 impl Default for CoordinatorSettings {
@@ -65,9 +51,6 @@ impl Default for CoordinatorSettings {
             sequential_chunk: 10,
             max_reservation_ttl_secs: 900,
             amqp_account_bindings: None,
-            decider_max_group: 256,
-            decider_budget_ms: 10,
-            decider_pipeline: 2,
         }
     }
 }
@@ -75,16 +58,6 @@ impl Default for CoordinatorSettings {
 impl CoordinatorSettings {
     pub fn execution_timeout(&self) -> Duration {
         Duration::from_secs(self.execution_timeout_secs)
-    }
-
-    /// The process decider's settings, or `None` when it is off.
-    pub fn group(&self) -> Option<crate::group::GroupSettings> {
-        (self.decider_max_group > 0).then(|| crate::group::GroupSettings {
-            max_group: self.decider_max_group,
-            budget: Duration::from_millis(self.decider_budget_ms.max(1)),
-            pipeline: self.decider_pipeline.max(1),
-            queue: self.coordinator_consumers.max(1) * 2,
-        })
     }
 }
 

@@ -14,7 +14,6 @@ use holdfast_common::topology::{
     json_properties, parked_headers, BrokerError, Confirms, Publisher,
 };
 
-use crate::group::GroupDecider;
 use crate::intake;
 use holdfast_common::dispatch::{dispatch, dispatch_granted, DispatchError};
 
@@ -62,8 +61,6 @@ pub struct Decider {
     pub(crate) ledger: Ledger,
     pub(crate) config: CoordinatorConfig,
     pub(crate) publisher: Publisher,
-    /// The process's decider, which [`Decider::decide_together`] feeds.
-    group: Option<GroupDecider>,
 }
 
 impl Decider {
@@ -72,15 +69,7 @@ impl Decider {
             ledger,
             config,
             publisher,
-            group: None,
         }
-    }
-
-    /// A decider whose groups ([`Decider::decide_together`]) are decided by
-    /// the process's decider, together with the other consumers' groups.
-    pub fn with_group(mut self, group: Option<GroupDecider>) -> Self {
-        self.group = group;
-        self
     }
 
     /// Handle one request body: validate, reserve, answer, dispatch. Does not
@@ -114,24 +103,6 @@ impl Decider {
         &self,
         requests: &[(&[u8], ReplyTo)],
     ) -> Result<Published, BrokerError> {
-        self.decide(requests, None).await
-    }
-
-    /// [`Decider::decide_many`], with the ledger transaction shared with the
-    /// groups of the process's other consumers (when the process has a
-    /// decider). Panics if deciding this group panicked.
-    pub async fn decide_together(
-        &self,
-        requests: &[(&[u8], ReplyTo)],
-    ) -> Result<Published, BrokerError> {
-        self.decide(requests, self.group.as_ref()).await
-    }
-
-    async fn decide(
-        &self,
-        requests: &[(&[u8], ReplyTo)],
-        group: Option<&GroupDecider>,
-    ) -> Result<Published, BrokerError> {
         let mut outcomes: Vec<Option<Result<Outcome, LedgerError>>> =
             (0..requests.len()).map(|_| None).collect();
         let mut parsed = Vec::with_capacity(requests.len());
@@ -160,10 +131,7 @@ impl Decider {
         let decided = if inputs.is_empty() {
             vec![]
         } else {
-            let decided = match group {
-                Some(group) => group.reserve_many(&self.ledger, &inputs).await,
-                None => self.ledger.reserve_many(&inputs).await,
-            };
+            let decided = self.ledger.reserve_many(&inputs).await;
             crash_point("coordinator.after_reserve");
             decided
         };

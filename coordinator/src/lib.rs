@@ -18,8 +18,6 @@
 //! - [`config`]: the coordinator's and reconciler's settings and configurations.
 //! - [`intake`]: bytes → validated request, or a rejection naming each field.
 //! - [`decide`]: the decider: reserve in one transaction, answer, dispatch.
-//! - [`group`]: the process's decider, which decides every consumer's groups
-//!   together (group commit).
 //! - [`requests`]: the coordinator role (consume, decide, ack; poison requests parked).
 //! - [`previews`]: quota previews over AMQP.
 //! - [`reconcile`]: the reconciler role.
@@ -31,7 +29,6 @@ pub mod api;
 pub mod bindings;
 pub mod config;
 pub mod decide;
-pub mod group;
 pub mod intake;
 pub mod keys;
 pub mod previews;

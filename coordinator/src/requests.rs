@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::decide::{Decider, HandleError, Published};
-use crate::group::GroupDecider;
 
 fn reply_of(delivery: &Delivery) -> ReplyTo {
     ReplyTo::of(&delivery.properties)
@@ -32,30 +31,16 @@ fn reply_of(delivery: &Delivery) -> ReplyTo {
 /// consumers, each on its own connection, each restarted when it fails.
 pub async fn run(ledger: Ledger, config: CoordinatorConfig, shutdown: CancellationToken) {
     let tasks = tokio_util::task::TaskTracker::new();
-    // The process's decider: every consumer's groups go through it. It stops
-    // once the consumers (which hold its handles) are done and it has
-    // decided what they queued.
-    let group = config.settings.group().map(|settings| {
-        let (group, task) = GroupDecider::start(ledger.clone(), settings);
-        tasks.spawn(async move {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "the coordinator's decider ended abnormally");
-            }
-        });
-        group
-    });
     for n in 0..config.settings.coordinator_consumers.max(1) {
         let (ledger, config, shutdown) = (ledger.clone(), config.clone(), shutdown.clone());
-        let group = group.clone();
         tasks.spawn(async move {
             let name = format!("coordinator-{n}");
             topology::supervise("coordinator", "requests", &name, shutdown.clone(), || {
-                consume(&ledger, &config, group.clone(), &shutdown)
+                consume(&ledger, &config, &shutdown)
             })
             .await;
         });
     }
-    drop(group);
     {
         let (ledger, config, shutdown) = (ledger.clone(), config.clone(), shutdown.clone());
         tasks.spawn(async move {
@@ -77,7 +62,6 @@ pub async fn run(ledger: Ledger, config: CoordinatorConfig, shutdown: Cancellati
 async fn consume(
     ledger: &Ledger,
     config: &CoordinatorConfig,
-    group: Option<GroupDecider>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let mut session = topology::Session::open(
@@ -89,9 +73,11 @@ async fn consume(
         config.settings.coordinator_prefetch,
     )
     .await?;
-    let decider = Arc::new(
-        Decider::new(ledger.clone(), config.clone(), session.publisher.clone()).with_group(group),
-    );
+    let decider = Arc::new(Decider::new(
+        ledger.clone(),
+        config.clone(),
+        session.publisher.clone(),
+    ));
     tracing::info!(queue = %config.names.requests(), "coordinator consuming");
     let max = usize::from(config.settings.coordinator_prefetch).max(1);
     // The previous group's tail (its confirms, dispatch record and acks),
@@ -109,11 +95,7 @@ async fn consume(
             .iter()
             .map(|d| (d.data.as_slice(), reply_of(d)))
             .collect();
-        let decided = guard(
-            "coordinator",
-            "requests",
-            decider.decide_together(&requests),
-        );
+        let decided = guard("coordinator", "requests", decider.decide_many(&requests));
         let decided = session.while_connected(decided).await?;
         drop(requests);
         if let Some(previous) = tail.take() {

@@ -15,7 +15,6 @@ mod cli;
 mod concurrency;
 mod contract;
 mod db_roles;
-mod decider;
 mod decisions;
 mod grants;
 mod grants_api;

@@ -88,19 +88,6 @@ pub struct BenchArgs {
     /// Port of the throwaway PostgreSQL of `--profile-pg`.
     #[arg(long, default_value_t = 5439)]
     pub profile_pg_port: u16,
-    /// Measure only one part: `decisions` runs the PostgreSQL hot-row
-    /// ceiling, the ledger decision rates (plain, grants, spenders), the
-    /// decisions through the fleet and the decision latency, and skips the
-    /// broker ceiling, the end-to-end runs and the naive baseline.
-    #[arg(long, value_enum)]
-    pub only: Option<Only>,
-}
-
-/// The parts of the bench `--only` can pick.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Only {
-    /// Every decision measure and the hot-row ceiling they are read against.
-    Decisions,
 }
 
 /// Plain ledger decisions against decisions charged to a three-level
@@ -152,20 +139,7 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
         database::drop_database(&conn.database_url).await?;
         return Ok(r);
     }
-    let decisions_only = args.only == Some(Only::Decisions);
-    if decisions_only {
-        holdfast::progress::phase(
-            "bench",
-            format!(
-                "PostgreSQL hot-row ceiling ({} s, {} clients)",
-                args.pg_seconds, r.pg_clients
-            ),
-        );
-        r.pg_hot_row_updates_per_s =
-            ceilings::pg_hot_row(&conn.database_url, r.pg_clients, args.pg_seconds).await?;
-    } else {
-        measure_ceilings(&conn, args, &coordinator, &mut r).await?;
-    }
+    measure_ceilings(&conn, args, &coordinator, &mut r).await?;
 
     let ledger = Ledger::new(database::pool(&conn.database_url, 4)?);
     ledger
@@ -207,19 +181,15 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     end_to_end::warm_up(&producer, &ledger).await?;
-    if !decisions_only {
-        let (rate, split) =
-            end_to_end::small_batches(&producer, &ledger, children.pids(), args.small_batches)
-                .await?;
-        r.e2e_small_batches_items_per_s = rate;
-        r.cpu.push(split);
-        let (rate, split) =
-            end_to_end::large_batch(&producer, &ledger, children.pids(), args.large_batch).await?;
-        r.e2e_large_batch_items_per_s = rate;
-        r.cpu.push(split);
-        r.per_item_us_by_batch_size =
-            end_to_end::growth(&producer, &ledger, args.growth_items).await?;
-    }
+    let (rate, split) =
+        end_to_end::small_batches(&producer, &ledger, children.pids(), args.small_batches).await?;
+    r.e2e_small_batches_items_per_s = rate;
+    r.cpu.push(split);
+    let (rate, split) =
+        end_to_end::large_batch(&producer, &ledger, children.pids(), args.large_batch).await?;
+    r.e2e_large_batch_items_per_s = rate;
+    r.cpu.push(split);
+    r.per_item_us_by_batch_size = end_to_end::growth(&producer, &ledger, args.growth_items).await?;
 
     // Decisions alone: the worker paused, so jobs wait in the queue.
     children.signal("worker", "STOP").await?;
@@ -240,11 +210,9 @@ pub async fn run(conn: &Connections, args: &BenchArgs) -> anyhow::Result<BenchRe
     children.stop().await;
     producer.close().await;
 
-    if !decisions_only {
-        measure_naive(&conn, &ledger, &mut r).await?;
-        r.cpu_per_item(args);
-        r.ratio_e2e_to_broker = r.e2e_small_batches_items_per_s / r.broker_ceiling_msgs_per_s;
-    }
+    measure_naive(&conn, &ledger, &mut r).await?;
+    r.cpu_per_item(args);
+    r.ratio_e2e_to_broker = r.e2e_small_batches_items_per_s / r.broker_ceiling_msgs_per_s;
     r.ratio_decisions_to_hot_row = r.decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
     r.ratio_ledger_decisions_to_hot_row =
         r.ledger_decisions_hot_account_per_s / r.pg_hot_row_updates_per_s;
