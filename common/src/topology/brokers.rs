@@ -262,8 +262,7 @@ mod tests {
         let e = brokers
             .connect_round(1, &ConnectionProperties::default())
             .await
-            .err()
-            .expect("nothing listens");
+            .expect_err("nothing listens");
         assert!(!e.is_permanent());
         let shown = e.to_string();
         assert!(shown.contains("none of the 2 RabbitMQ nodes"), "{shown}");
