@@ -442,8 +442,9 @@ for path in sorted(glob.glob(os.path.join(fleet, "*.log"))):
         if fields.get("message") == "grant expired" and fields.get("account") == f"{ns}-grants":
             expired.add(fields.get("grant"))
         # A line about one of this run's batches names it in a batch_id field
-        # (lines about an account's grant name the account and the grant).
-        about = {k: v for k, v in fields.items() if k not in ("account", "grant")}
+        # (lines about an account's grant name the account and the grant; a
+        # connection's name, `<role>/<namespace>`, names no batch).
+        about = {k: v for k, v in fields.items() if k not in ("account", "grant", "connection")}
         if ns in json.dumps(about) and ns not in ids.get("batch_id", "") and "queue" not in fields:
             problems.append(f"{where}: mentions a batch without a batch_id field: {line[:200]}")
 expected = {f"{ns}-{b}" for b in ["gen-1", "gen-2", "gen-3", "gen-4", "gen-5", "fail", "overrun", "short", "bad"]}
