@@ -117,6 +117,9 @@ pub mod record {
         for queue in ["requests", "jobs"] {
             counter!("holdfast_dead_lettered_total", "queue" => queue).absolute(0);
         }
+        for of in ["batch", "item"] {
+            counter!("holdfast_worker_lookups_total", "of" => of).absolute(0);
+        }
         for (role, task) in TASKS {
             counter!("holdfast_task_panics_total", "role" => *role, "task" => *task).absolute(0);
         }
@@ -229,6 +232,13 @@ pub mod record {
     /// A job whose item was already settled, acknowledged without running.
     pub fn duplicate_job() {
         counter!("holdfast_items_total", "outcome" => "duplicate").increment(1);
+    }
+
+    /// Rows a worker read before running a group of jobs: `batch` states
+    /// for first deliveries (once per batch and time to live), `item` states
+    /// for redeliveries, re-dispatches and batches no longer running.
+    pub fn worker_lookup(of: &'static str, rows: usize) {
+        counter!("holdfast_worker_lookups_total", "of" => of).increment(rows as u64);
     }
 
     pub fn item_seconds(took: Duration) {

@@ -93,6 +93,114 @@ async fn process_one_runs_captures_and_acks_a_job_and_sees_a_duplicate() {
     t.stop().await;
 }
 
+/// Counts the items it generates.
+#[derive(Default)]
+struct Counting(std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl holdfast_worker::Generator for Counting {
+    fn name(&self) -> &str {
+        "counting"
+    }
+
+    async fn generate(
+        &self,
+        _job: &holdfast_common::messages::ItemJob,
+    ) -> Result<holdfast_worker::Generated, holdfast_worker::GeneratorError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test]
+async fn a_first_delivery_reads_its_batch_and_a_redelivery_or_redispatch_reads_its_item() {
+    let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
+    t.grant("acme", 100).await;
+    granted(&t.submit(&request("firsts", "acme", 3, 10)).await);
+    let amqp = lapin::Connection::connect(&t.conn.amqp_url, Default::default())
+        .await
+        .unwrap();
+    let channel = amqp.create_channel().await.unwrap();
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    let counting = Arc::new(Counting::default());
+    let generator: Arc<dyn holdfast_worker::Generator> = counting.clone();
+    let runs = || counting.0.load(std::sync::atomic::Ordering::SeqCst);
+    let config = worker_config(&t);
+    let process = |d| process_one(&t.ledger, generator.clone(), &publisher, &config, d);
+    let again = |body: &[u8]| {
+        let body = body.to_vec();
+        let publisher = &publisher;
+        let queue = t.names.jobs();
+        async move {
+            publisher
+                .publish_confirmed("", &queue, &body, Default::default())
+                .await
+                .unwrap();
+        }
+    };
+    let (d1, d2, d3) = (
+        t.next_job(&channel).await,
+        t.next_job(&channel).await,
+        t.next_job(&channel).await,
+    );
+    let first = d1.data.clone();
+    let mut job: holdfast_common::messages::ItemJob = serde_json::from_slice(&first).unwrap();
+    assert_eq!(job.attempt, 1);
+    assert!(matches!(
+        process(d1).await.unwrap(),
+        JobOutcome::Captured { captured: 10, .. }
+    ));
+    assert_eq!(runs(), 1);
+
+    // The same first-dispatch job published again and delivered for the
+    // first time: the worker reads only the batch (still running), so the
+    // generator runs; the capture finds the item settled and charges nothing.
+    again(&first).await;
+    let copy = t.next_job(&channel).await;
+    assert!(!copy.redelivered);
+    assert_eq!(process(copy).await.unwrap(), JobOutcome::Duplicate);
+    assert_eq!(runs(), 2);
+
+    // A re-dispatched job (attempt 2): the item is read, the generator does not run.
+    job.attempt = 2;
+    again(&serde_json::to_vec(&job).unwrap()).await;
+    let redispatched = t.next_job(&channel).await;
+    assert_eq!(process(redispatched).await.unwrap(), JobOutcome::Duplicate);
+    assert_eq!(runs(), 2);
+
+    // A job RabbitMQ delivers again (returned unacknowledged): the item is read.
+    again(&first).await;
+    let returned = t.next_job(&channel).await;
+    returned
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let redelivered = t.next_job(&channel).await;
+    assert!(redelivered.redelivered);
+    assert_eq!(process(redelivered).await.unwrap(), JobOutcome::Duplicate);
+    assert_eq!(runs(), 2);
+
+    // Cancelled: a first delivery reads the batch's state and settles the
+    // item uncharged, without running it.
+    t.ledger.cancel_batch("firsts").await.unwrap();
+    assert_eq!(process(d2).await.unwrap(), JobOutcome::Cancelled);
+    assert_eq!(process(d3).await.unwrap(), JobOutcome::Cancelled);
+    assert_eq!(runs(), 2);
+    let b = t.ledger.batch("firsts").await.unwrap().unwrap();
+    assert_eq!(
+        (b.state.as_str(), b.figures.succeeded, b.figures.cancelled),
+        ("cancelled", 1, 2)
+    );
+    assert_eq!(t.available("acme").await, 90);
+    t.assert_exact().await;
+    holdfast_common::topology::close(&amqp, "done").await;
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn one_sweep_expires_a_soft_hold_past_its_ttl_and_closes_an_overdue_batch() {
     let t = TestFleet::start_with(fast_settings(), Roles::default(), None).await;

@@ -28,6 +28,11 @@ pub struct WorkerSettings {
     /// At most one progress event per batch per this many milliseconds.
     #[arg(long, env = "HOLDFAST_PROGRESS_INTERVAL_MS", default_value_t = 1_000)]
     pub progress_interval_ms: u64,
+    /// How long, in milliseconds, a batch's state read for a first delivery
+    /// is used for the next ones (0: read it for every group of deliveries).
+    /// A cancel reaches the items that have not started within this time.
+    #[arg(long, env = "HOLDFAST_BATCH_STATE_TTL_MS", default_value_t = 250)]
+    pub batch_state_ttl_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -39,6 +44,7 @@ impl Default for WorkerSettings {
             generator_retry_ms: 200,
             shutdown_timeout_secs: 30,
             progress_interval_ms: 1_000,
+            batch_state_ttl_ms: 250,
         }
     }
 }

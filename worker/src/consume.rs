@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::batches::BatchStates;
 use crate::config::WorkerConfig;
 use crate::generator::Generator;
 use crate::job::{Item, JobOutcome, Step};
@@ -81,6 +82,7 @@ async fn session(
     ));
     let tasks = TaskTracker::new();
     let max = usize::from(config.settings.worker_prefetch).max(1);
+    let batches = BatchStates::new(Duration::from_millis(config.settings.batch_state_ttl_ms));
     let result = loop {
         match session.next_group(shutdown, max).await {
             Ok(group) if group.is_empty() => break Ok(()),
@@ -92,6 +94,7 @@ async fn session(
                     config: config.clone(),
                     done: Some(tx.clone()),
                     shutdown: shutdown.clone(),
+                    batches: batches.clone(),
                 };
                 let ackers: Vec<Acker> = group.iter().map(|d| d.acker.clone()).collect();
                 let started = guard("worker", "jobs", start_group(item, group, tasks.clone()));
@@ -132,8 +135,9 @@ async fn session(
     result
 }
 
-/// Look up the items of a group of deliveries in one query, then start a
-/// task for each job that still has work to do. Runs as a task of its own, so
+/// Find where the jobs of a group of deliveries stand (their batches' states
+/// for first deliveries, their items' otherwise: [`crate::batches`]), then
+/// start a task for each job that still has work to do. Runs as a task of its own, so
 /// the consumer goes on taking deliveries (the prefetch bounds them).
 pub(crate) async fn start_group(item: Item, group: Vec<Delivery>, tasks: TaskTracker) {
     let mut jobs = Vec::with_capacity(group.len());
@@ -149,11 +153,8 @@ pub(crate) async fn start_group(item: Item, group: Vec<Delivery>, tasks: TaskTra
     if jobs.is_empty() {
         return;
     }
-    let keys: Vec<(&str, &str)> = jobs
-        .iter()
-        .map(|(_, j)| (j.batch_id.as_str(), j.item_id.as_str()))
-        .collect();
-    let states = match item.item_states(&keys).await {
+    let keys: Vec<(&Delivery, &ItemJob)> = jobs.iter().map(|(d, j)| (d, j)).collect();
+    let states = match item.job_states(&keys).await {
         Ok(states) => states,
         Err(e) => {
             tracing::warn!(error = %e, jobs = jobs.len(), "no answer from the ledger; returning the jobs");
@@ -209,7 +210,7 @@ pub(crate) fn report(result: Result<(), SessionError>) {
 }
 
 /// Process one delivery of the jobs queue from start to end, as the worker
-/// role would, without a session or a settler: look the item up, run
+/// role would, without a session or a settler: find where it stands, run
 /// `generator`, capture, acknowledge, announce a batch it closes, and send a
 /// sequential batch's next chunk. For tests and tools that drive the worker
 /// one step at a time; a panic is not caught here.
@@ -227,6 +228,7 @@ pub async fn process_one(
         config: config.clone(),
         done: None,
         shutdown: CancellationToken::new(),
+        batches: BatchStates::new(Duration::ZERO),
     };
     let job = match serde_json::from_slice::<ItemJob>(&delivery.data) {
         Ok(job) => job,
@@ -237,9 +239,7 @@ pub async fn process_one(
         }
     };
     let key = (job.batch_id.clone(), job.item_id.clone());
-    let states = item
-        .item_states(&[(key.0.as_str(), key.1.as_str())])
-        .await?;
+    let states = item.job_states(&[(&delivery, &job)]).await?;
     let settlement = match item
         .run_job(&delivery, job, states.get(&key).copied())
         .await?

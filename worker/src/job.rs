@@ -1,4 +1,4 @@
-//! One job: look its item up, run the generator (retrying what is
+//! One job: know where its item stands ([`crate::batches`]), run the generator (retrying what is
 //! transient, catching a panic), and hand the outcome to the settler. A job
 //! whose item is settled already is acknowledged without running again.
 
@@ -18,6 +18,7 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::batches::BatchStates;
 use crate::config::WorkerConfig;
 use crate::generator::{Generated, Generator, GeneratorError};
 use crate::settle::Finished;
@@ -32,6 +33,8 @@ pub(crate) struct Item {
     /// The settler; `None` when the caller settles itself ([`process_one`]).
     pub(crate) done: Option<mpsc::Sender<Finished>>,
     pub(crate) shutdown: CancellationToken,
+    /// Batch states read recently, shared by every job of the session.
+    pub(crate) batches: BatchStates,
 }
 
 /// What became of one job ([`process_one`]).
@@ -160,6 +163,19 @@ impl Item {
     ) -> Result<ItemStates, holdfast_common::ledger::LedgerError> {
         wait_out("the jobs of a group", &self.shutdown, || {
             self.ledger.item_states(keys)
+        })
+        .await
+    }
+
+    /// The state of each batch among `ids` (absent: unknown), waiting out
+    /// an unavailable ledger as [`Item::item_states`] does.
+    pub(crate) async fn batch_states(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, BatchState>, holdfast_common::ledger::LedgerError>
+    {
+        wait_out("the batches of a group", &self.shutdown, || {
+            self.ledger.batch_states(ids)
         })
         .await
     }

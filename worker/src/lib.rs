@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! <ns>.jobs ─▶ consume (the role: a group of deliveries, one task per job)
-//!               └─▶ job     look the item up (a duplicate is acked, a cancelled batch's
-//!                           item settled uncharged), run the Generator, catch its panic
+//!               └─▶ job     where it stands: a first delivery from its batch's state (read
+//!                           once per batch, cached briefly), a redelivery from its item's
+//!                           (a duplicate is acked, a cancelled batch's item settled
+//!                           uncharged); run the Generator, catch its panic
 //!                    └─▶ settle  capture many items in one transaction (ledger::capture),
 //!                                ack after the commit, announce closed batches, send a
 //!                                sequential batch's next chunk, coalesce progress events
@@ -18,6 +20,7 @@
 //! - [`consume`]: the worker role.
 //! - [`config`]: the worker's settings.
 
+mod batches;
 pub mod config;
 pub mod consume;
 pub mod generator;

@@ -127,6 +127,25 @@ impl Ledger {
         .await
     }
 
+    /// The state of each known batch among `batch_ids`, in one query on the
+    /// batches' primary key. A worker asks this once per batch (and caches
+    /// it briefly) for first deliveries, instead of looking each item up.
+    pub async fn batch_states(&self, batch_ids: &[&str]) -> Result<HashMap<String, BatchState>> {
+        self.retrying("batch state", || async {
+            let client = self.pool.get().await?;
+            Ok(client
+                .query(
+                    "SELECT id, state FROM batches WHERE id = ANY($1::text[])",
+                    &[&batch_ids],
+                )
+                .await?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        })
+        .await
+    }
+
     /// The account of a batch; `None` if unknown (a cheap look-up before
     /// acting on a batch for someone who may use some accounts only).
     pub async fn batch_account(&self, batch_id: &str) -> Result<Option<String>> {
