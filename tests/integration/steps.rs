@@ -23,16 +23,22 @@ fn worker_config(t: &TestFleet) -> WorkerConfig {
     }
 }
 
-#[tokio::test]
-async fn process_one_runs_captures_and_acks_a_job_and_sees_a_duplicate() {
-    let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
-    t.grant("acme", 100).await;
-    granted(&t.submit(&request("steps", "acme", 2, 10)).await);
+/// A connection of the test's own, a channel to take jobs with, and a publisher.
+async fn broker(t: &TestFleet) -> (lapin::Connection, lapin::Channel, Publisher) {
     let amqp = lapin::Connection::connect(&t.conn.amqp_url, Default::default())
         .await
         .unwrap();
     let channel = amqp.create_channel().await.unwrap();
     let publisher = Publisher::new(&amqp).await.unwrap();
+    (amqp, channel, publisher)
+}
+
+#[tokio::test]
+async fn process_one_runs_captures_and_acks_a_job_and_sees_a_duplicate() {
+    let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
+    t.grant("acme", 100).await;
+    granted(&t.submit(&request("steps", "acme", 2, 10)).await);
+    let (amqp, channel, publisher) = broker(&t).await;
     let generator: Arc<dyn holdfast_worker::Generator> =
         holdfast_worker::build_generator(&t.settings.generator).unwrap();
     let config = worker_config(&t);
@@ -117,11 +123,7 @@ async fn a_first_delivery_reads_its_batch_and_a_redelivery_or_redispatch_reads_i
     let mut t = TestFleet::start_with(fast_settings(), Roles::COORDINATOR, None).await;
     t.grant("acme", 100).await;
     granted(&t.submit(&request("firsts", "acme", 3, 10)).await);
-    let amqp = lapin::Connection::connect(&t.conn.amqp_url, Default::default())
-        .await
-        .unwrap();
-    let channel = amqp.create_channel().await.unwrap();
-    let publisher = Publisher::new(&amqp).await.unwrap();
+    let (amqp, channel, publisher) = broker(&t).await;
     let counting = Arc::new(Counting::default());
     let generator: Arc<dyn holdfast_worker::Generator> = counting.clone();
     let runs = || counting.0.load(std::sync::atomic::Ordering::SeqCst);
@@ -171,14 +173,7 @@ async fn a_first_delivery_reads_its_batch_and_a_redelivery_or_redispatch_reads_i
     // A job RabbitMQ delivers again (returned unacknowledged): the item is read.
     again(&first).await;
     let returned = t.next_job(&channel).await;
-    returned
-        .acker
-        .nack(lapin::options::BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    holdfast_common::topology::requeue(&returned).await.unwrap();
     let redelivered = t.next_job(&channel).await;
     assert!(redelivered.redelivered);
     assert_eq!(process(redelivered).await.unwrap(), JobOutcome::Duplicate);

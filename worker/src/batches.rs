@@ -14,7 +14,7 @@
 //! `attempt` 1 (it is not, in any path the coordinator or reconciler takes),
 //! its generator would run twice; the capture still charges the item once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use holdfast_common::ledger::{BatchState, ItemState, LedgerError};
@@ -70,7 +70,7 @@ impl Item {
         jobs: &[(&Delivery, &ItemJob)],
     ) -> Result<ItemStates, LedgerError> {
         let (first, again): (Vec<_>, Vec<_>) = jobs.iter().partition(|(d, j)| first_delivery(d, j));
-        let mut batches = std::collections::HashMap::new();
+        let mut batches = HashMap::new();
         let mut unread = HashSet::new();
         for (_, job) in &first {
             match self.batches.get(&job.batch_id) {
